@@ -1,0 +1,41 @@
+"""errwrap: learn where a semantic-segmentation network is wrong, and correct it.
+
+Implements Gong et al., "Erroneous pixel prediction for semantic image segmentation",
+Computational Visual Media 8(1), 2022, as a wrapper around any segmentation network.
+"""
+
+import logging
+
+from .heads import DetailHead, ErrorHead, LearnedFusion, MixtureFusion, mixture_log_probs
+from .losses import (
+    ErrorCorrectionLoss,
+    LossOutput,
+    base_ce,
+    detail_loss,
+    error_loss,
+    error_target,
+    fused_nll,
+)
+from .wrapper import ErrorCorrectionOutput, ErrorCorrectionWrapper
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "ErrorCorrectionWrapper",
+    "ErrorCorrectionOutput",
+    "ErrorHead",
+    "DetailHead",
+    "MixtureFusion",
+    "LearnedFusion",
+    "mixture_log_probs",
+    "ErrorCorrectionLoss",
+    "LossOutput",
+    "error_target",
+    "error_loss",
+    "detail_loss",
+    "fused_nll",
+    "base_ce",
+]
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())

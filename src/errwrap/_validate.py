@@ -1,0 +1,130 @@
+"""The one place where errwrap checks what enters its public API.
+
+Every check raises ``TypeError`` (wrong kind of object or dtype) or ``ValueError`` (wrong shape,
+size or value) with a message that names what was expected and what was received. Checks are
+skipped while ``torch.compile``, ``torch.export``, ``torch.jit.trace`` or FX trace the code, so the
+hot path stays graph-friendly; checks that read tensor values (and so synchronise with the device)
+are kept out of ``forward`` and run only on labels and configs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "is_tracing",
+    "check_images",
+    "check_labels",
+    "check_logits",
+    "describe",
+]
+
+
+def is_tracing() -> bool:
+    """True while the code is being compiled, exported or traced (checks are skipped then)."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
+        return True
+    from torch.fx import _symbolic_trace
+
+    fx_check = getattr(_symbolic_trace, "is_fx_symbolic_tracing", None) or _symbolic_trace.is_fx_tracing
+    return bool(fx_check())
+
+
+def describe(obj: Any) -> str:
+    """A short description of ``obj`` for error messages: shape and dtype for tensors."""
+    if isinstance(obj, Tensor):
+        return f"Tensor of shape {tuple(obj.shape)} and dtype {obj.dtype}"
+    if isinstance(obj, Mapping):
+        return f"{type(obj).__name__} with keys {list(obj.keys())[:8]}"
+    if isinstance(obj, Sequence) and not isinstance(obj, str):
+        inner = ", ".join(describe(o) if isinstance(o, Tensor) else type(o).__name__ for o in obj[:4])
+        more = ", ..." if len(obj) > 4 else ""
+        return f"{type(obj).__name__} of length {len(obj)} ({inner}{more})"
+    return type(obj).__name__
+
+
+def check_images(x: Any, in_channels: int | None = None, name: str = "images") -> None:
+    """Check that ``x`` is a floating-point ``B x C x H x W`` tensor with ``in_channels`` channels."""
+    if is_tracing():
+        return
+    expected = f"a floating-point tensor of shape Bx{in_channels or 'C'}xHxW"
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name}: expected {expected}, got {describe(x)}")
+    if x.ndim != 4:
+        raise ValueError(f"{name}: expected {expected}, got {x.ndim}-d shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(
+            f"{name}: expected {expected}, got dtype {x.dtype}; convert integer images with "
+            "x.float() / 255 and normalise them as the base network expects"
+        )
+    if in_channels is not None and x.shape[1] != in_channels:
+        raise ValueError(
+            f"{name}: expected {in_channels} channels (Bx{in_channels}xHxW), "
+            f"got shape {tuple(x.shape)}"
+        )
+    if x.shape[0] == 0 or x.shape[2] == 0 or x.shape[3] == 0:
+        raise ValueError(f"{name}: expected a non-empty batch, got shape {tuple(x.shape)}")
+
+
+def check_logits(logits: Any, num_classes: int | None = None, name: str = "logits") -> None:
+    """Check that ``logits`` is a floating-point ``B x C x H x W`` tensor with ``num_classes`` channels."""
+    if is_tracing():
+        return
+    expected = f"a floating-point tensor of shape Bx{num_classes or 'C'}xHxW"
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"{name}: expected {expected}, got {describe(logits)}")
+    if logits.ndim != 4 or not logits.is_floating_point():
+        raise ValueError(f"{name}: expected {expected}, got {describe(logits)}")
+    if num_classes is not None and logits.shape[1] != num_classes:
+        raise ValueError(
+            f"{name}: expected {num_classes} channels (num_classes={num_classes}), "
+            f"got shape {tuple(logits.shape)}"
+        )
+
+
+def check_labels(
+    labels: Any,
+    num_classes: int,
+    ignore_index: int,
+    size: tuple[int, int] | None = None,
+    batch: int | None = None,
+    name: str = "labels",
+) -> None:
+    """Check that ``labels`` is an integer ``B x H x W`` map with values in ``[0, num_classes)``
+    or equal to ``ignore_index``; ``size`` and ``batch`` pin ``(H, W)`` and ``B`` when given.
+
+    This check reads the label values, so it synchronises with the label's device.
+    """
+    if is_tracing():
+        return
+    expected = "an integer (int64) tensor of shape BxHxW"
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"{name}: expected {expected}, got {describe(labels)}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(
+            f"{name}: expected {expected}, got dtype {labels.dtype}; class indices must be "
+            "integers (use labels.long())"
+        )
+    if labels.ndim != 3:
+        hint = " (drop the channel dimension with labels[:, 0])" if labels.ndim == 4 else ""
+        raise ValueError(f"{name}: expected {expected}, got shape {tuple(labels.shape)}{hint}")
+    if batch is not None and labels.shape[0] != batch:
+        raise ValueError(f"{name}: expected batch size {batch}, got shape {tuple(labels.shape)}")
+    if size is not None and tuple(labels.shape[-2:]) != tuple(size):
+        raise ValueError(
+            f"{name}: expected spatial size {tuple(size)} (the images' HxW), got "
+            f"{tuple(labels.shape[-2:])}; resize labels with nearest-neighbour interpolation"
+        )
+    if labels.numel() == 0:
+        return
+    bad = ((labels < 0) | (labels >= num_classes)) & (labels != ignore_index)
+    if bool(bad.any()):
+        values = torch.unique(labels[bad])[:8].tolist()
+        raise ValueError(
+            f"{name}: expected values in [0, {num_classes}) or ignore_index={ignore_index}, "
+            f"got {values}"
+        )

@@ -1,0 +1,114 @@
+"""The base-network protocol errwrap speaks, and the adapter interface that maps other
+networks onto it.
+
+The native protocol: ``base(x)`` returns ``(logits, features)`` or a mapping with keys
+``"logits"`` and ``"features"``; ``features`` is one tensor, a sequence of tensors, or a mapping of
+name to tensor. Adapters turn any other network into that form.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+from torch import Tensor, nn
+
+from .._validate import describe, is_tracing
+
+__all__ = ["BaseOutput", "BaseAdapter", "NativeAdapter", "parse_base_output", "normalize_features", "PROTOCOL_HELP"]
+
+PROTOCOL_HELP = (
+    "errwrap accepts a base network whose forward returns (logits, features) or a mapping with "
+    "keys 'logits' and 'features', where features is a tensor, a sequence of tensors or a mapping "
+    "of name to tensor (each Bx?xhxw); or a model family with a registered adapter (SMP, "
+    "torchvision, transformers); or any network with forward hooks on two of its modules: "
+    "ErrorCorrectionWrapper(model, low_level='backbone.layer1', high_level='decoder')"
+)
+
+
+class BaseOutput(NamedTuple):
+    """What every adapter returns: logits ``(B, C, h0, w0)`` and named 4-d feature maps."""
+
+    logits: Tensor
+    features: dict[str, Tensor]
+
+
+def normalize_features(features: Any) -> dict[str, Tensor]:
+    """Turn a tensor, a sequence or a mapping of 4-d tensors into an ordered ``name -> tensor``
+    dict; sequence items are named ``"0"``, ``"1"``, ...; a single tensor is ``"0"``."""
+    if isinstance(features, Tensor):
+        named = {"0": features}
+    elif isinstance(features, Mapping):
+        named = {str(k): v for k, v in features.items()}
+    elif isinstance(features, Sequence) and not isinstance(features, str):
+        named = {str(i): f for i, f in enumerate(features)}
+    else:
+        raise TypeError(f"base features: expected a tensor, a sequence or a mapping of tensors, got {describe(features)}. {PROTOCOL_HELP}")
+    if not is_tracing():
+        if not named:
+            raise ValueError(f"base features: expected at least one feature map, got none. {PROTOCOL_HELP}")
+        for name, f in named.items():
+            if not isinstance(f, Tensor) or f.ndim != 4:
+                raise TypeError(f"base feature {name!r}: expected a 4-d tensor BxCxhxw, got {describe(f)}")
+    return named
+
+
+def parse_base_output(out: Any) -> BaseOutput:
+    """Parse the native protocol; raise a ``TypeError`` that explains it otherwise."""
+    if isinstance(out, BaseOutput):
+        return out
+    if isinstance(out, Mapping):
+        if "logits" in out and "features" in out:
+            logits, features = out["logits"], out["features"]
+        else:
+            raise TypeError(
+                f"base output: got a mapping with keys {list(out.keys())[:8]}, expected keys "
+                f"'logits' and 'features'. {PROTOCOL_HELP}"
+            )
+    elif isinstance(out, (tuple, list)) and len(out) == 2 and isinstance(out[0], Tensor):
+        logits, features = out
+    else:
+        raise TypeError(f"base output: got {describe(out)}, which errwrap cannot read. {PROTOCOL_HELP}")
+    if not is_tracing() and (not isinstance(logits, Tensor) or logits.ndim != 4):
+        raise TypeError(f"base logits: expected a 4-d tensor BxCxhxw, got {describe(logits)}. {PROTOCOL_HELP}")
+    return BaseOutput(logits, normalize_features(features))
+
+
+class BaseAdapter:
+    """Runs a base network and returns a :class:`BaseOutput`.
+
+    Subclasses override :meth:`forward`; :meth:`detach` removes anything the adapter installed
+    on the model (hooks); :meth:`spec` describes the base as JSON data so that the Hub code can
+    rebuild it (``None`` when it cannot). Adapters hold no parameters: the wrapper owns the base.
+    """
+
+    name: str = "base"
+
+    def forward(self, model: nn.Module, x: Tensor) -> BaseOutput:
+        raise NotImplementedError
+
+    def __call__(self, model: nn.Module, x: Tensor) -> BaseOutput:
+        return self.forward(model, x)
+
+    def detach(self) -> None:
+        """Undo whatever the adapter did to the model (e.g. remove hooks)."""
+
+    def spec(self, model: nn.Module) -> dict[str, Any] | None:
+        """A JSON description of ``model`` from which errwrap can rebuild it, or ``None``."""
+        return None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class NativeAdapter(BaseAdapter):
+    """For networks that already speak the native protocol."""
+
+    name = "native"
+
+    def forward(self, model: nn.Module, x: Tensor) -> BaseOutput:
+        return parse_base_output(model(x))
+
+    def spec(self, model: nn.Module) -> dict[str, Any] | None:
+        to_spec = getattr(model, "errwrap_spec", None)
+        return to_spec() if callable(to_spec) else None

@@ -1,0 +1,236 @@
+"""The three heads of the method: error prediction, detail re-labelling, and fusion.
+
+See docs/method.md for which choices are the paper's and which are errwrap's own.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .layers import ConvNormAct, LayerSpec, resize
+
+__all__ = [
+    "confidence_cues",
+    "mixture_log_probs",
+    "ErrorHead",
+    "DetailHead",
+    "MixtureFusion",
+    "LearnedFusion",
+    "build_fusion",
+]
+
+
+def confidence_cues(probs: Tensor) -> Tensor:
+    """Per-pixel confidence cues of a softmax map: max probability, top-2 margin, and entropy
+    normalised by ``log(C)`` (all in ``[0, 1]``).
+
+    Shapes:
+        probs ``(B, C, H, W)`` with ``C >= 2`` -> ``(B, 3, H, W)``.
+    """
+    top2 = probs.topk(2, dim=1).values
+    max_prob = top2[:, :1]
+    margin = top2[:, :1] - top2[:, 1:2]
+    entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(dim=1, keepdim=True)
+    entropy = entropy / math.log(probs.shape[1])
+    return torch.cat([max_prob, margin, entropy], dim=1)
+
+
+def mixture_log_probs(base_logits: Tensor, detail_logits: Tensor, error_logits: Tensor) -> Tensor:
+    """Fused log-probabilities of the paper's mixture
+    ``p = (1 - p_err) * softmax(base) + p_err * softmax(detail)``, with ``p_err = sigmoid(error)``.
+
+    Computed in log space, ``logsumexp(logsigmoid(-e) + log_softmax(z0), logsigmoid(e) +
+    log_softmax(z1))``, so it stays finite for logits as large as ``±1e4`` and never takes
+    ``log(0)``. Half-precision inputs are computed (and returned) in float32.
+
+    Shapes:
+        base_logits, detail_logits ``(B, C, H, W)``; error_logits ``(B, 1, H, W)``;
+        returns ``(B, C, H, W)``.
+
+    Example:
+        >>> z0, z1, e = torch.randn(2, 5, 8, 8), torch.randn(2, 5, 8, 8), torch.randn(2, 1, 8, 8)
+        >>> mixture_log_probs(z0, z1, e).exp().sum(1).allclose(torch.ones(2, 8, 8))
+        True
+    """
+    dtype = torch.promote_types(base_logits.dtype, torch.float32)
+    keep = F.logsigmoid(-error_logits.to(dtype)) + F.log_softmax(base_logits.to(dtype), dim=1)
+    change = F.logsigmoid(error_logits.to(dtype)) + F.log_softmax(detail_logits.to(dtype), dim=1)
+    return torch.logaddexp(keep, change)
+
+
+class ErrorHead(nn.Module):
+    """Stage (i): predicts the logit of "the base network's label is wrong" for every pixel.
+
+    Input is the high-level feature concatenated with the base's softmax (resized to the
+    feature) and three confidence cues of it (max probability, margin, entropy). The base logits
+    are detached: the error head never trains the base.
+
+    Args:
+        feature_channels: channels of the high-level feature ``F_h``.
+        num_classes: number of classes ``C`` of the base logits.
+        channels: width of the conv blocks.
+        num_blocks: number of 3x3 conv-norm-act blocks.
+        norm_layer: normalisation, a name from ``errwrap.layers.NORM_LAYERS``.
+        act_layer: activation, a name from ``errwrap.layers.ACT_LAYERS``.
+        prior: initial error probability; the classifier's bias starts at ``logit(prior)``.
+
+    Shapes:
+        feature ``(B, feature_channels, h, w)``, base_logits ``(B, C, h0, w0)`` ->
+        error logits ``(B, 1, h, w)``.
+    """
+
+    def __init__(
+        self,
+        feature_channels: int,
+        num_classes: int,
+        channels: int = 64,
+        num_blocks: int = 2,
+        *,
+        norm_layer: LayerSpec = "batchnorm",
+        act_layer: LayerSpec = "relu",
+        prior: float = 0.1,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks: expected >= 1, got {num_blocks}")
+        if not 0.0 < prior < 1.0:
+            raise ValueError(f"prior: expected a probability in (0, 1), got {prior}")
+        dd = {"device": device, "dtype": dtype}
+        in_channels = feature_channels + num_classes + 3
+        blocks = [ConvNormAct(in_channels, channels, 3, norm_layer=norm_layer, act_layer=act_layer, **dd)]
+        blocks += [
+            ConvNormAct(channels, channels, 3, norm_layer=norm_layer, act_layer=act_layer, **dd)
+            for _ in range(num_blocks - 1)
+        ]
+        self.blocks = nn.Sequential(*blocks)
+        self.classifier = nn.Conv2d(channels, 1, 1, **dd)
+        nn.init.normal_(self.classifier.weight, std=0.01)
+        nn.init.constant_(self.classifier.bias, math.log(prior / (1.0 - prior)))
+
+    def forward(self, feature: Tensor, base_logits: Tensor) -> Tensor:
+        probs = torch.softmax(base_logits.detach().float(), dim=1)
+        probs = resize(probs, feature.shape[-2:])
+        cues = confidence_cues(probs)
+        x = torch.cat([feature, probs.to(feature.dtype), cues.to(feature.dtype)], dim=1)
+        return self.classifier(self.blocks(x))
+
+
+class DetailHead(nn.Module):
+    """Stage (ii): re-determines labels from high-resolution low-level features.
+
+    Input is the low-level feature, the high-level feature reduced by a 1x1 conv and upsampled,
+    and the error probability at the low-level resolution (which tells the head where to look).
+
+    Args:
+        low_channels: channels of the low-level feature ``F_l``.
+        high_channels: channels of the high-level feature ``F_h``.
+        num_classes: number of classes ``C``.
+        channels: width of the 3x3 conv blocks.
+        num_blocks: number of 3x3 conv-norm-act blocks.
+        reduce_channels: width ``F_h`` is reduced to; defaults to ``channels``.
+        norm_layer: normalisation, a name from ``errwrap.layers.NORM_LAYERS``.
+        act_layer: activation, a name from ``errwrap.layers.ACT_LAYERS``.
+
+    Shapes:
+        low ``(B, low_channels, hl, wl)``, high ``(B, high_channels, hh, wh)``,
+        error_prob ``(B, 1, hl, wl)`` -> detail logits ``(B, C, hl, wl)``.
+    """
+
+    def __init__(
+        self,
+        low_channels: int,
+        high_channels: int,
+        num_classes: int,
+        channels: int = 64,
+        num_blocks: int = 2,
+        *,
+        reduce_channels: int | None = None,
+        norm_layer: LayerSpec = "batchnorm",
+        act_layer: LayerSpec = "relu",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks: expected >= 1, got {num_blocks}")
+        dd = {"device": device, "dtype": dtype}
+        reduce_channels = reduce_channels or channels
+        self.reduce = ConvNormAct(high_channels, reduce_channels, 1, norm_layer=norm_layer, act_layer=act_layer, **dd)
+        in_channels = low_channels + reduce_channels + 1
+        blocks = [ConvNormAct(in_channels, channels, 3, norm_layer=norm_layer, act_layer=act_layer, **dd)]
+        blocks += [
+            ConvNormAct(channels, channels, 3, norm_layer=norm_layer, act_layer=act_layer, **dd)
+            for _ in range(num_blocks - 1)
+        ]
+        self.blocks = nn.Sequential(*blocks)
+        self.classifier = nn.Conv2d(channels, num_classes, 1, **dd)
+
+    def forward(self, low: Tensor, high: Tensor, error_prob: Tensor) -> Tensor:
+        high = resize(self.reduce(high), low.shape[-2:])
+        x = torch.cat([low, high.to(low.dtype), error_prob.to(low.dtype)], dim=1)
+        return self.classifier(self.blocks(x))
+
+
+class MixtureFusion(nn.Module):
+    """Stage (iii), the paper's mixture: no parameters, see :func:`mixture_log_probs`.
+
+    Shapes:
+        base_logits, detail_logits ``(B, C, H, W)``, error_logits ``(B, 1, H, W)`` ->
+        fused log-probabilities ``(B, C, H, W)``.
+    """
+
+    def forward(self, base_logits: Tensor, detail_logits: Tensor, error_logits: Tensor) -> Tensor:
+        return mixture_log_probs(base_logits, detail_logits, error_logits)
+
+
+class LearnedFusion(nn.Module):
+    """Stage (iii), learned gate: ``gate = e + conv([e, softmax(z0), softmax(z1)])``, then the
+    mixture with ``sigmoid(gate)`` in place of ``p_err``.
+
+    The conv starts at zero, so an untrained ``LearnedFusion`` equals :class:`MixtureFusion`
+    exactly; training moves the gate where the error head alone is not the best mixing weight.
+
+    Shapes:
+        as :class:`MixtureFusion`.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        kernel_size: int = 3,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.gate = nn.Conv2d(2 * num_classes + 1, 1, kernel_size, padding=kernel_size // 2, device=device, dtype=dtype)
+        nn.init.zeros_(self.gate.weight)
+        nn.init.zeros_(self.gate.bias)
+
+    def forward(self, base_logits: Tensor, detail_logits: Tensor, error_logits: Tensor) -> Tensor:
+        dtype = self.gate.weight.dtype
+        x = torch.cat(
+            [
+                error_logits.to(dtype),
+                torch.softmax(base_logits.to(dtype), dim=1),
+                torch.softmax(detail_logits.to(dtype), dim=1),
+            ],
+            dim=1,
+        )
+        gate = error_logits + self.gate(x).to(error_logits.dtype)
+        return mixture_log_probs(base_logits, detail_logits, gate)
+
+
+def build_fusion(kind: str, num_classes: int, device=None, dtype=None) -> nn.Module:
+    """``"mixture"`` (the paper's, default) or ``"learned"`` (a gate that starts as the mixture)."""
+    if kind == "mixture":
+        return MixtureFusion()
+    if kind == "learned":
+        return LearnedFusion(num_classes, device=device, dtype=dtype)
+    raise ValueError(f"fusion: expected 'mixture' or 'learned', got {kind!r}")

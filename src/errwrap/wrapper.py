@@ -1,0 +1,285 @@
+"""``ErrorCorrectionWrapper``: a segmentation network plus the error, detail and fusion heads."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from ._validate import check_images, check_logits, is_tracing
+from .adapters import BaseAdapter, BaseOutput, find_adapter
+from .heads import DetailHead, ErrorHead, build_fusion
+from .layers import resize
+
+__all__ = ["ErrorCorrectionOutput", "ErrorCorrectionWrapper"]
+
+logger = logging.getLogger(__name__)
+
+FeatureRef = int | str | None
+
+
+class ErrorCorrectionOutput(NamedTuple):
+    """What :class:`ErrorCorrectionWrapper` returns, always, every map at the input's ``(H, W)``.
+
+    Attributes:
+        logits: fused log-probabilities ``(B, C, H, W)``; ``argmax`` is the corrected label.
+        base_logits: the base network's logits, resized ``(B, C, H, W)``.
+        error_logits: logit that the base's label is wrong ``(B, 1, H, W)``.
+        detail_logits: the detail head's logits ``(B, C, H, W)``.
+    """
+
+    logits: Tensor
+    base_logits: Tensor
+    error_logits: Tensor
+    detail_logits: Tensor
+
+    @property
+    def error_prob(self) -> Tensor:
+        """Probability that the base's label is wrong, ``(B, H, W)`` in ``[0, 1]``."""
+        return torch.sigmoid(self.error_logits[:, 0].float())
+
+    @property
+    def labels(self) -> Tensor:
+        """Corrected labels ``(B, H, W)`` int64."""
+        return self.logits.argmax(dim=1)
+
+    @property
+    def base_labels(self) -> Tensor:
+        """The base network's labels ``(B, H, W)`` int64."""
+        return self.base_logits.argmax(dim=1)
+
+    @property
+    def probs(self) -> Tensor:
+        """Fused class probabilities ``(B, C, H, W)``, summing to 1 over ``C``."""
+        return self.logits.float().exp()
+
+
+def _select_adapter(base: nn.Module, adapter: BaseAdapter | str | None, low_level: FeatureRef, high_level: FeatureRef) -> BaseAdapter:
+    if isinstance(adapter, BaseAdapter):
+        return adapter
+    if adapter is not None and not isinstance(adapter, str):
+        raise TypeError(f"adapter: expected a BaseAdapter, an adapter name or None, got {type(adapter).__name__}")
+    return find_adapter(base, adapter)
+
+
+def _resolve_feature(ref: FeatureRef, features: dict[str, Tensor], role: str, default: str) -> str:
+    keys = list(features)
+    if ref is None:
+        return default
+    if isinstance(ref, bool) or not isinstance(ref, (int, str)):
+        raise TypeError(f"{role}: expected a feature index, a feature name or None, got {type(ref).__name__}")
+    if isinstance(ref, int):
+        if not -len(keys) <= ref < len(keys):
+            raise ValueError(f"{role}={ref}: the base returns {len(keys)} feature maps {keys}; expected an index in [{-len(keys)}, {len(keys)})")
+        return keys[ref]
+    if ref not in features:
+        raise ValueError(
+            f"{role}={ref!r}: not a feature of the base output; its features are {keys}. "
+            "To tap an inner module instead, pass module names (see errwrap.adapters)"
+        )
+    return ref
+
+
+class ErrorCorrectionWrapper(nn.Module):
+    """Wraps a segmentation network with an error head, a detail head and a fusion head.
+
+    Construction runs the base once, in eval mode and without gradients, on a
+    ``1 x in_channels x sample_size x sample_size`` input (random, from a private generator, on
+    the base's device and dtype) to read ``num_classes`` and the channels and resolutions of its
+    features; the base's train/eval modes are restored afterwards.
+
+    Args:
+        base: the segmentation network (native protocol or a family with an adapter).
+        num_classes: number of classes; inferred from the base's logits when ``None``, checked
+            against them otherwise.
+        low_level: which feature feeds the detail head (index or name); default: the feature of
+            finest resolution.
+        high_level: which feature feeds the error head (index or name); default: the last one.
+        in_channels: channels of the images the base takes.
+        adapter: a :class:`~errwrap.adapters.BaseAdapter`, a registered adapter name, or
+            ``None`` to choose one from the model's type.
+        error_channels, error_blocks: width and depth of the error head.
+        detail_channels, detail_blocks: width and depth of the detail head.
+        fusion: ``"mixture"`` (the paper's) or ``"learned"``.
+        norm_layer, act_layer: names from ``errwrap.layers`` used by both heads.
+        error_prior: initial error probability of the error head.
+        freeze_base: start with the base frozen (see :meth:`freeze_base`).
+        sample_size: side of the probe input used at construction.
+
+    Shapes:
+        input ``(B, in_channels, H, W)`` float -> :class:`ErrorCorrectionOutput`, every map
+        ``(B, *, H, W)``.
+
+    Example:
+        >>> wrap = ErrorCorrectionWrapper(my_model)             # doctest: +SKIP
+        >>> out = wrap(images)                                  # doctest: +SKIP
+        >>> out.error_prob.shape, out.labels.shape              # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        base: nn.Module,
+        num_classes: int | None = None,
+        *,
+        low_level: FeatureRef = None,
+        high_level: FeatureRef = None,
+        in_channels: int = 3,
+        adapter: BaseAdapter | str | None = None,
+        error_channels: int = 64,
+        error_blocks: int = 2,
+        detail_channels: int = 64,
+        detail_blocks: int = 2,
+        fusion: str = "mixture",
+        norm_layer: str = "batchnorm",
+        act_layer: str = "relu",
+        error_prior: float = 0.1,
+        freeze_base: bool = True,
+        sample_size: int = 64,
+    ) -> None:
+        super().__init__()
+        if not isinstance(base, nn.Module):
+            raise TypeError(f"base: expected a torch.nn.Module, got {type(base).__name__}")
+        self.base = base
+        self.adapter = _select_adapter(base, adapter, low_level, high_level)
+        probe = self._probe(in_channels, sample_size)
+        logits, features = probe.logits, probe.features
+        inferred = int(logits.shape[1])
+        if num_classes is not None and num_classes != inferred:
+            raise ValueError(f"num_classes={num_classes}, but the base returns logits with {inferred} channels (shape {tuple(logits.shape)})")
+        if inferred < 2:
+            raise ValueError(f"base logits: expected at least 2 classes, got shape {tuple(logits.shape)}")
+        finest = max(features, key=lambda k: features[k].shape[-2] * features[k].shape[-1])
+        self.low_key = _resolve_feature(low_level, features, "low_level", finest)
+        self.high_key = _resolve_feature(high_level, features, "high_level", list(features)[-1])
+        self.num_classes = inferred
+        self.in_channels = in_channels
+        low_channels = int(features[self.low_key].shape[1])
+        high_channels = int(features[self.high_key].shape[1])
+        param = next(iter(base.parameters()), None)
+        dd = {"device": param.device, "dtype": param.dtype} if param is not None and param.is_floating_point() else {}
+        self.error_head = ErrorHead(high_channels, inferred, error_channels, error_blocks, norm_layer=norm_layer, act_layer=act_layer, prior=error_prior, **dd)
+        self.detail_head = DetailHead(low_channels, high_channels, inferred, detail_channels, detail_blocks, norm_layer=norm_layer, act_layer=act_layer, **dd)
+        self.fusion = build_fusion(fusion, inferred, **dd)
+        self.head_config: dict[str, Any] = {
+            "num_classes": inferred,
+            "in_channels": in_channels,
+            "low_level": self.low_key,
+            "high_level": self.high_key,
+            "low_channels": low_channels,
+            "high_channels": high_channels,
+            "error_channels": error_channels,
+            "error_blocks": error_blocks,
+            "detail_channels": detail_channels,
+            "detail_blocks": detail_blocks,
+            "fusion": fusion,
+            "norm_layer": norm_layer,
+            "act_layer": act_layer,
+            "error_prior": error_prior,
+            "adapter": self.adapter.name,
+        }
+        self.base_frozen = False
+        self._trainable_base: list[str] = []
+        if freeze_base:
+            self.freeze_base()
+        logger.debug(
+            "wrapped %s: %d classes, low-level %r (%d ch, %s), high-level %r (%d ch, %s)",
+            type(base).__name__, inferred, self.low_key, low_channels, tuple(features[self.low_key].shape[-2:]),
+            self.high_key, high_channels, tuple(features[self.high_key].shape[-2:]),
+        )
+
+    # ------------------------------------------------------------------ construction helpers
+    def _probe(self, in_channels: int, sample_size: int) -> BaseOutput:
+        param = next(iter(self.base.parameters()), None)
+        device = param.device if param is not None else torch.device("cpu")
+        dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(1, in_channels, sample_size, sample_size, generator=generator).to(device=device, dtype=dtype)
+        modes = {m: m.training for m in self.base.modules()}
+        self.base.eval()
+        try:
+            with torch.no_grad():
+                out = self.adapter(self.base, x)
+        except (TypeError, ValueError):
+            raise
+        except Exception as exc:
+            raise RuntimeError(
+                f"running the base on a probe input of shape {tuple(x.shape)} failed ({type(exc).__name__}: {exc}); "
+                "pass sample_size= (e.g. 224) or in_channels= to match what the base accepts"
+            ) from exc
+        finally:
+            for m, mode in modes.items():
+                m.training = mode
+        check_logits(out.logits, name="base logits")
+        return out
+
+    # ------------------------------------------------------------------ freezing
+    def freeze_base(self) -> "ErrorCorrectionWrapper":
+        """Stop gradients into the base and keep it (norm statistics, dropout) in eval mode,
+        even after ``wrapper.train()``. The base then runs under ``torch.no_grad()``."""
+        if not self.base_frozen:
+            self._trainable_base = [n for n, p in self.base.named_parameters() if p.requires_grad]
+        for p in self.base.parameters():
+            p.requires_grad_(False)
+        self.base_frozen = True
+        self.base.eval()
+        return self
+
+    def unfreeze_base(self) -> "ErrorCorrectionWrapper":
+        """Let the base train again: restores ``requires_grad`` of the parameters that had it
+        before :meth:`freeze_base`, and the base follows the wrapper's train/eval mode."""
+        if self.base_frozen:
+            trainable = set(self._trainable_base)
+            for n, p in self.base.named_parameters():
+                p.requires_grad_(n in trainable)
+        self.base_frozen = False
+        self.base.train(self.training)
+        return self
+
+    def train(self, mode: bool = True) -> "ErrorCorrectionWrapper":
+        super().train(mode)
+        if self.base_frozen:
+            self.base.eval()
+        return self
+
+    # ------------------------------------------------------------------ parameters
+    def head_modules(self) -> dict[str, nn.Module]:
+        """The three heads by name (their state-dict prefixes)."""
+        return {"error_head": self.error_head, "detail_head": self.detail_head, "fusion": self.fusion}
+
+    def head_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters of the three heads (what frozen-base fine-tuning trains)."""
+        for module in self.head_modules().values():
+            yield from module.parameters()
+
+    # ------------------------------------------------------------------ forward
+    def forward_base(self, x: Tensor) -> BaseOutput:
+        """Run the base through its adapter (without gradients when the base is frozen)."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.base_frozen):
+            out = self.adapter(self.base, x)
+        if not is_tracing():
+            check_logits(out.logits, self.num_classes, name="base logits")
+        return out
+
+    def forward_heads(self, base_out: BaseOutput, size: tuple[int, int] | torch.Size) -> ErrorCorrectionOutput:
+        """Run the three heads on a base output and resize every map to ``size``."""
+        base_logits = base_out.logits
+        low = base_out.features[self.low_key]
+        high = base_out.features[self.high_key]
+        error = self.error_head(high, base_logits)
+        error_prob_low = resize(torch.sigmoid(error), low.shape[-2:]).detach()
+        detail = self.detail_head(low, high, error_prob_low)
+        base_logits = resize(base_logits, size)
+        detail = resize(detail, size)
+        error = resize(error, size)
+        fused = self.fusion(base_logits, detail, error)
+        return ErrorCorrectionOutput(fused, base_logits, error, detail)
+
+    def forward(self, x: Tensor) -> ErrorCorrectionOutput:
+        check_images(x, self.in_channels)
+        return self.forward_heads(self.forward_base(x), x.shape[-2:])
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes}, adapter={self.adapter.name!r}, low_level={self.low_key!r}, high_level={self.high_key!r}, base_frozen={self.base_frozen}"

@@ -1,0 +1,110 @@
+import math
+
+import pytest
+import torch
+
+from errwrap.heads import DetailHead, ErrorHead, LearnedFusion, MixtureFusion, confidence_cues, mixture_log_probs
+
+
+def test_confidence_cues_values():
+    probs = torch.tensor([0.7, 0.2, 0.1]).view(1, 3, 1, 1)
+    cues = confidence_cues(probs)[0, :, 0, 0]
+    entropy = -(0.7 * math.log(0.7) + 0.2 * math.log(0.2) + 0.1 * math.log(0.1)) / math.log(3)
+    assert torch.allclose(cues, torch.tensor([0.7, 0.5, entropy]), atol=1e-6)
+
+
+def test_confidence_cues_uniform_and_one_hot():
+    uniform = torch.full((1, 4, 2, 2), 0.25)
+    one_hot = torch.zeros(1, 4, 2, 2)
+    one_hot[:, 2] = 1.0
+    assert torch.allclose(confidence_cues(uniform)[:, 2], torch.ones(1, 2, 2))
+    assert torch.allclose(confidence_cues(one_hot), torch.tensor([1.0, 1.0, 0.0]).view(1, 3, 1, 1).expand(1, 3, 2, 2))
+
+
+@pytest.mark.parametrize("num_classes", [2, 19, 150])
+def test_mixture_is_normalised_distribution(num_classes):
+    torch.manual_seed(0)
+    z0, z1 = torch.randn(2, num_classes, 4, 4) * 3, torch.randn(2, num_classes, 4, 4) * 3
+    e = torch.randn(2, 1, 4, 4)
+    log_p = mixture_log_probs(z0, z1, e)
+    p_err = torch.sigmoid(e)
+    expected = (1 - p_err) * torch.softmax(z0, 1) + p_err * torch.softmax(z1, 1)
+    assert torch.allclose(log_p.exp(), expected, atol=1e-6)
+    assert torch.allclose(log_p.exp().sum(1), torch.ones(2, 4, 4), atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mixture_finite_for_extreme_logits(dtype):
+    z0 = torch.tensor([1e4, -1e4, 0.0]).view(1, 3, 1, 1).to(dtype)
+    z1 = torch.tensor([-1e4, 1e4, -1e4]).view(1, 3, 1, 1).to(dtype)
+    for e in (-1e4, 0.0, 1e4):
+        log_p = mixture_log_probs(z0, z1, torch.full((1, 1, 1, 1), e, dtype=dtype))
+        assert torch.isfinite(log_p).all()
+        assert log_p.dtype == torch.float32
+        assert torch.allclose(log_p.exp().sum(1), torch.ones(1, 1, 1))
+
+
+def test_mixture_limits_give_base_or_detail_labels():
+    torch.manual_seed(1)
+    z0, z1 = torch.randn(2, 6, 8, 8), torch.randn(2, 6, 8, 8)
+    never = mixture_log_probs(z0, z1, torch.full((2, 1, 8, 8), -float("inf")))
+    always = mixture_log_probs(z0, z1, torch.full((2, 1, 8, 8), float("inf")))
+    assert torch.equal(never.argmax(1), z0.argmax(1))
+    assert torch.equal(always.argmax(1), z1.argmax(1))
+    assert torch.allclose(never, torch.log_softmax(z0, 1), atol=1e-6)
+
+
+def test_mixture_gradient_finite_at_extremes():
+    z0 = torch.tensor([1e4, -1e4]).view(1, 2, 1, 1).requires_grad_()
+    z1 = torch.tensor([-1e4, 1e4]).view(1, 2, 1, 1).requires_grad_()
+    e = torch.full((1, 1, 1, 1), 3.0, requires_grad=True)
+    mixture_log_probs(z0, z1, e)[:, 0].sum().backward()
+    for t in (z0, z1, e):
+        assert torch.isfinite(t.grad).all()
+
+
+def test_learned_fusion_starts_as_mixture_and_learns():
+    torch.manual_seed(0)
+    z0, z1, e = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.randn(2, 1, 8, 8)
+    fusion = LearnedFusion(4)
+    assert torch.equal(fusion(z0, z1, e), MixtureFusion()(z0, z1, e))
+    fusion(z0, z1, e).sum().backward()
+    assert fusion.gate.weight.grad.abs().sum() > 0
+
+
+def test_error_head_shapes_and_prior():
+    head = ErrorHead(16, 5, channels=8, prior=0.2).eval()
+    feature, logits = torch.randn(2, 16, 4, 4), torch.randn(2, 5, 16, 16)
+    out = head(feature, logits)
+    assert out.shape == (2, 1, 4, 4)
+    assert head.classifier.bias.item() == pytest.approx(math.log(0.2 / 0.8))
+    with pytest.raises(ValueError, match="prior"):
+        ErrorHead(16, 5, prior=1.5)
+
+
+def test_error_head_does_not_backprop_into_base_logits():
+    head = ErrorHead(16, 5, channels=8)
+    logits = torch.randn(2, 5, 8, 8, requires_grad=True)
+    head(torch.randn(2, 16, 4, 4), logits).sum().backward()
+    assert logits.grad is None
+
+
+def test_detail_head_shapes():
+    head = DetailHead(8, 16, 7, channels=12, num_blocks=3)
+    out = head(torch.randn(2, 8, 16, 16), torch.randn(2, 16, 4, 4), torch.rand(2, 1, 16, 16))
+    assert out.shape == (2, 7, 16, 16)
+    assert len(head.blocks) == 3
+
+
+@pytest.mark.parametrize("norm", ["batchnorm", "groupnorm", "instancenorm", "none"])
+@pytest.mark.parametrize("act", ["relu", "gelu", "silu"])
+def test_heads_with_configurable_layers(norm, act):
+    head = ErrorHead(6, 3, channels=8, norm_layer=norm, act_layer=act)
+    assert head(torch.randn(2, 6, 4, 4), torch.randn(2, 3, 4, 4)).shape == (2, 1, 4, 4)
+
+
+def test_unknown_layer_names_are_refused():
+    with pytest.raises(ValueError, match="norm_layer"):
+        ErrorHead(6, 3, norm_layer="layernorm2000")
+    with pytest.raises(ValueError, match="act_layer"):
+        DetailHead(6, 6, 3, act_layer="swishy")

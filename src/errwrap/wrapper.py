@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from ._validate import check_images, check_logits, is_tracing
 from .adapters import BaseAdapter, BaseOutput, find_adapter
 from .heads import DetailHead, ErrorHead, build_fusion
+from .hub import HubMixin
 from .layers import resize
 
 __all__ = ["ErrorCorrectionOutput", "ErrorCorrectionWrapper"]
@@ -83,7 +84,7 @@ def _resolve_feature(ref: FeatureRef, features: dict[str, Tensor], role: str, de
     return ref
 
 
-class ErrorCorrectionWrapper(nn.Module):
+class ErrorCorrectionWrapper(nn.Module, HubMixin):
     """Wraps a segmentation network with an error head, a detail head and a fusion head.
 
     Construction runs the base once, in eval mode and without gradients, on a

@@ -1,0 +1,100 @@
+"""Safe file I/O: atomic writes (temporary file + rename) and checked safetensors loading."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import struct
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+__all__ = ["atomic_path", "write_text_atomic", "save_safetensors", "load_safetensors", "MAX_HEADER_BYTES"]
+
+#: Largest safetensors JSON header errwrap reads (a header lists names, dtypes, shapes, offsets:
+#: a few hundred bytes per tensor, so this allows well over 100k tensors).
+MAX_HEADER_BYTES = 64 * 1024 * 1024
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success it replaces ``path`` in one rename.
+
+    A crash or an exception before the end leaves the previous ``path`` (if any) intact and no
+    temporary file behind.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """Save ``tensors`` as safetensors, atomically; shared or strided tensors are copied."""
+    plain = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(plain, str(tmp), metadata=metadata)
+
+
+def _check_header(path: Path) -> dict[str, Any]:
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{path}: not a safetensors file (only {size} bytes; expected an 8-byte header length)")
+        (length,) = struct.unpack("<Q", head)
+        if length > MAX_HEADER_BYTES:
+            raise ValueError(f"{path}: safetensors header of {length} bytes is larger than the {MAX_HEADER_BYTES} errwrap reads; refusing it")
+        if length > size - 8:
+            raise ValueError(f"{path}: truncated or malformed safetensors file (header says {length} bytes, file has {size - 8} after the length)")
+        raw = f.read(length)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: malformed safetensors header ({exc})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: malformed safetensors header (expected a JSON object)")
+    return header
+
+
+def load_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Load a safetensors file after checking its header; return ``(tensors, metadata)``.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: the file is truncated, corrupt, or its header is oversized or malformed
+            (the message names the file).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such weights file")
+    header = _check_header(path)
+    metadata = header.get("__metadata__") or {}
+    if not isinstance(metadata, dict):
+        raise ValueError(f"{path}: malformed safetensors metadata (expected a JSON object)")
+    try:
+        tensors = load_file(str(path), device=str(device))
+    except (SafetensorError, RuntimeError, OSError) as exc:
+        raise ValueError(f"{path}: corrupt safetensors file ({exc})") from None
+    return tensors, {str(k): str(v) for k, v in metadata.items()}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import struct
@@ -15,7 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-__all__ = ["atomic_path", "write_text_atomic", "save_safetensors", "load_safetensors", "MAX_HEADER_BYTES"]
+__all__ = ["atomic_path", "write_text_atomic", "tensors_digest", "save_safetensors", "load_safetensors", "MAX_HEADER_BYTES", "CHECKSUM_KEY"]
 
 #: Largest safetensors JSON header errwrap reads (a header lists names, dtypes, shapes, offsets:
 #: a few hundred bytes per tensor, so this allows well over 100k tensors).
@@ -50,9 +51,24 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+CHECKSUM_KEY = "errwrap_sha256"
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over names, dtypes, shapes and bytes of ``tensors`` in sorted name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
-    """Save ``tensors`` as safetensors, atomically; shared or strided tensors are copied."""
+    """Save ``tensors`` as safetensors, atomically, with a SHA-256 of the tensors in the
+    metadata (checked by :func:`load_safetensors`); shared or strided tensors are copied."""
     plain = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    metadata = {**(metadata or {}), CHECKSUM_KEY: tensors_digest(plain)}
     with atomic_path(path) as tmp:
         save_file(plain, str(tmp), metadata=metadata)
 
@@ -97,4 +113,7 @@ def load_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu"
         tensors = load_file(str(path), device=str(device))
     except (SafetensorError, RuntimeError, OSError) as exc:
         raise ValueError(f"{path}: corrupt safetensors file ({exc})") from None
+    expected = metadata.get(CHECKSUM_KEY)
+    if expected is not None and tensors_digest(tensors) != expected:
+        raise ValueError(f"{path}: checksum mismatch, the weights were corrupted after they were written; refusing them")
     return tensors, {str(k): str(v) for k, v in metadata.items()}

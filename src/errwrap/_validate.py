@@ -20,6 +20,8 @@ __all__ = [
     "check_images",
     "check_labels",
     "check_logits",
+    "check_finite",
+    "check_norm_batch",
     "describe",
 ]
 
@@ -127,4 +129,30 @@ def check_labels(
         raise ValueError(
             f"{name}: expected values in [0, {num_classes}) or ignore_index={ignore_index}, "
             f"got {values}"
+        )
+
+
+def check_finite(t: Tensor, name: str) -> None:
+    """Raise ``ValueError`` when ``t`` holds NaN or Inf (reads values: synchronises)."""
+    if is_tracing():
+        return
+    bad = ~torch.isfinite(t)
+    if bool(bad.any()):
+        raise ValueError(
+            f"{name}: expected finite values, got {int(bad.sum())} NaN/Inf entries of {t.numel()}; "
+            "check the images (NaN/Inf pixels) and the base network"
+        )
+
+
+def check_norm_batch(module: torch.nn.Module, feature: Tensor, name: str) -> None:
+    """BatchNorm in training mode needs more than one value per channel: refuse a batch whose
+    ``B * h * w == 1`` with a message that says what to do (shape-only check)."""
+    if is_tracing() or not module.training:
+        return
+    if feature.shape[0] * feature.shape[-2] * feature.shape[-1] == 1 and any(
+        isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in module.modules()
+    ):
+        raise ValueError(
+            f"{name}: a BatchNorm head in training mode got a single value per channel (feature shape "
+            f"{tuple(feature.shape)}); use a larger batch or image, or build the wrapper with norm_layer='groupnorm'"
         )

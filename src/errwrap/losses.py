@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._validate import check_labels, check_logits, is_tracing
+from ._validate import check_finite, check_labels, check_logits, is_tracing
 from .layers import resize
 
 __all__ = [
@@ -170,7 +170,8 @@ class ErrorCorrectionLoss(nn.Module):
         gamma: focal loss exponent.
         max_pos_weight: clamp of the balanced BCE weight.
         ignore_index: label value that marks unlabeled pixels.
-        validate: check labels (dtype, shape, values); reads label values, so it syncs.
+        validate: check labels (dtype, shape, values) and that the base logits are finite;
+            reads values, so it synchronises with the device.
 
     Shapes:
         output: an :class:`~errwrap.ErrorCorrectionOutput` with maps at ``(H, W)``;
@@ -211,6 +212,7 @@ class ErrorCorrectionLoss(nn.Module):
             check_logits(output.logits, name="output.logits")
             b, c, h, w = output.logits.shape
             check_labels(labels, c, self.ignore_index, size=(h, w), batch=b)
+            check_finite(output.base_logits, "base logits")
         target = error_target(output.base_logits, labels, self.ignore_index)
         l_err = error_loss(output.error_logits, target, self.ignore_index, self.error_mode, self.gamma, self.max_pos_weight)
         l_detail = detail_loss(output.detail_logits, labels, target, self.focus, self.ignore_index)

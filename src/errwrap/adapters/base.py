@@ -83,6 +83,10 @@ class BaseAdapter:
     """
 
     name: str = "base"
+    #: ``torch.compile(fullgraph=True)`` traces this adapter without graph breaks.
+    compilable: bool = True
+    #: ``torch.export`` (and so ONNX export) can trace this adapter.
+    exportable: bool = True
 
     def forward(self, model: nn.Module, x: Tensor) -> BaseOutput:
         raise NotImplementedError

@@ -1,0 +1,72 @@
+"""Deployment: capability flags, each backed by a test; torch.export and ONNX of InferenceModule."""
+
+import pytest
+import torch
+
+from errwrap import ErrorCorrectionWrapper
+from errwrap.export import InferenceModule, export_onnx
+
+from .tiny import batch, tiny_base
+
+
+@pytest.fixture
+def wrap():
+    return ErrorCorrectionWrapper(tiny_base(returns="mapping")).eval()
+
+
+def test_capability_flags_native(wrap):
+    assert wrap._is_torch_compilable and wrap._is_torch_exportable and not wrap._is_torch_scriptable
+
+
+def test_inference_module_outputs(wrap):
+    x, _ = batch()
+    logits, error_prob = InferenceModule(wrap)(x)
+    out = wrap(x)
+    assert torch.equal(logits, out.logits) and torch.equal(error_prob, out.error_prob)
+    assert error_prob.shape == (2, 32, 32)
+
+
+def test_compile_fullgraph_matches_eager(wrap):
+    assert wrap._is_torch_compilable
+    x, _ = batch()
+    compiled = torch.compile(InferenceModule(wrap), fullgraph=True, backend="eager")
+    for a, b in zip(compiled(x), InferenceModule(wrap)(x)):
+        assert torch.equal(a, b)
+
+
+def test_torch_export_matches_eager_with_dynamic_batch(wrap):
+    assert wrap._is_torch_exportable
+    x, _ = batch()
+    batch_dim = torch.export.Dim("batch", min=1, max=16)
+    program = torch.export.export(InferenceModule(wrap), (x,), dynamic_shapes=({0: batch_dim},))
+    for xx in (x, torch.randn(5, 3, 32, 32)):
+        for a, b in zip(program.module()(xx), InferenceModule(wrap)(xx)):
+            assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_torchscript_is_not_supported_as_flagged(wrap):
+    assert not wrap._is_torch_scriptable
+    with pytest.raises(Exception):
+        torch.jit.script(wrap)
+
+
+@pytest.mark.slow
+@pytest.mark.optional
+def test_onnx_export_runs_in_onnxruntime(wrap, tmp_path):
+    pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+    x, _ = batch()
+    path = export_onnx(wrap, tmp_path / "errwrap.onnx", x)
+    assert [p.name for p in tmp_path.iterdir()] == ["errwrap.onnx"]
+    session = ort.InferenceSession(str(path))
+    for xx in (x, torch.randn(3, 3, 32, 32)):
+        logits, error_prob = session.run(None, {session.get_inputs()[0].name: xx.numpy()})
+        ref_logits, ref_prob = InferenceModule(wrap)(xx)
+        assert logits.shape == tuple(ref_logits.shape)
+        assert torch.allclose(torch.from_numpy(logits), ref_logits, atol=1e-4)
+        assert torch.allclose(torch.from_numpy(error_prob), ref_prob, atol=1e-5)
+
+
+def test_onnx_export_refuses_training_mode(wrap, tmp_path):
+    with pytest.raises(ValueError, match="eval mode"):
+        export_onnx(wrap.train(), tmp_path / "m.onnx", batch()[0])

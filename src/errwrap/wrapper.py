@@ -9,7 +9,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from ._validate import check_images, check_logits, is_tracing
+from ._validate import check_images, check_logits, check_norm_batch, is_tracing
 from .adapters import BaseAdapter, BaseOutput, find_adapter
 from .heads import DetailHead, ErrorHead, build_fusion
 from .hub import HubMixin
@@ -216,6 +216,22 @@ class ErrorCorrectionWrapper(nn.Module, HubMixin):
         check_logits(out.logits, name="base logits")
         return out
 
+    # ------------------------------------------------------------------ capabilities
+    @property
+    def _is_torch_scriptable(self) -> bool:
+        """TorchScript is not supported (the output NamedTuple has properties; use export)."""
+        return False
+
+    @property
+    def _is_torch_compilable(self) -> bool:
+        """``torch.compile(wrapper, fullgraph=True)`` works for this base's adapter."""
+        return bool(getattr(self.adapter, "compilable", True))
+
+    @property
+    def _is_torch_exportable(self) -> bool:
+        """``torch.export`` and ONNX export of :class:`~errwrap.export.InferenceModule` work."""
+        return bool(getattr(self.adapter, "exportable", True))
+
     # ------------------------------------------------------------------ freezing
     def freeze_base(self) -> "ErrorCorrectionWrapper":
         """Stop gradients into the base and keep it (norm statistics, dropout) in eval mode,
@@ -269,6 +285,7 @@ class ErrorCorrectionWrapper(nn.Module, HubMixin):
         base_logits = base_out.logits
         low = base_out.features[self.low_key]
         high = base_out.features[self.high_key]
+        check_norm_batch(self.error_head, high, "error head")
         error = self.error_head(high, base_logits)
         error_prob_low = resize(torch.sigmoid(error), low.shape[-2:]).detach()
         detail = self.detail_head(low, high, error_prob_low)

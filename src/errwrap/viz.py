@@ -1,0 +1,228 @@
+"""Pictures: colour palettes, an error-probability heat map, and the six-tile panel
+``image | ground truth | base | error probability | corrected | changed pixels``.
+
+Everything returns NumPy ``uint8`` arrays (``H x W x 3``) or Pillow images; nothing is shown.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from ._io import atomic_path
+
+__all__ = [
+    "CITYSCAPES_PALETTE",
+    "generated_palette",
+    "ade20k_palette",
+    "palette_for",
+    "colorize",
+    "heatmap",
+    "to_uint8_image",
+    "make_panel",
+    "save_label_png",
+    "save_heatmap_png",
+    "PANEL_TITLES",
+    "PANEL_GAP",
+    "PANEL_TITLE_HEIGHT",
+]
+
+#: The 19 Cityscapes training classes' official colours (road, sidewalk, ..., bicycle).
+CITYSCAPES_PALETTE = np.array(
+    [
+        (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153),
+        (153, 153, 153), (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152),
+        (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142), (0, 0, 70),
+        (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32),
+    ],
+    dtype=np.uint8,
+)
+
+PANEL_TITLES = ("image", "ground truth", "base", "error probability", "corrected", "changed pixels")
+PANEL_GAP = 4
+PANEL_TITLE_HEIGHT = 16
+IGNORE_COLOR = (0, 0, 0)
+
+
+def generated_palette(num_classes: int) -> np.ndarray:
+    """Distinct colours for any number of classes (bit-interleaved, as in the PASCAL VOC
+    colour map), ``num_classes x 3`` uint8; class 0 is not black so it differs from 'ignore'."""
+    out = np.zeros((num_classes, 3), dtype=np.uint8)
+    for i in range(num_classes):
+        c, r, g, b = i + 1, 0, 0, 0
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        out[i] = (r, g, b)
+    return out
+
+
+def ade20k_palette() -> np.ndarray:
+    """150 distinct colours for ADE20K's classes (errwrap's generated palette, not the
+    benchmark's own colour table)."""
+    return generated_palette(150)
+
+
+def palette_for(num_classes: int, name: str | None = None) -> np.ndarray:
+    """``"cityscapes"`` (19 classes), ``"ade20k"`` (150) or ``"generated"``; ``None`` picks
+    Cityscapes for 19 classes and the generated palette otherwise."""
+    if name is None:
+        name = "cityscapes" if num_classes == 19 else "generated"
+    if name == "cityscapes":
+        if num_classes > len(CITYSCAPES_PALETTE):
+            raise ValueError(f"palette 'cityscapes' has 19 colours, got num_classes={num_classes}")
+        return CITYSCAPES_PALETTE[:num_classes]
+    if name == "ade20k":
+        return ade20k_palette()[:num_classes] if num_classes <= 150 else generated_palette(num_classes)
+    if name == "generated":
+        return generated_palette(num_classes)
+    raise ValueError(f"palette: expected 'cityscapes', 'ade20k' or 'generated', got {name!r}")
+
+
+def _numpy(x: torch.Tensor | np.ndarray) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def colorize(labels: torch.Tensor | np.ndarray, palette: np.ndarray, ignore_index: int = 255) -> np.ndarray:
+    """Label map ``H x W`` -> ``H x W x 3`` uint8; ``ignore_index`` (and any value outside the
+    palette) is black."""
+    labels = _numpy(labels).astype(np.int64)
+    if labels.ndim != 2:
+        raise ValueError(f"labels: expected an HxW map, got shape {labels.shape}")
+    valid = (labels >= 0) & (labels < len(palette)) & (labels != ignore_index)
+    out = np.zeros((*labels.shape, 3), dtype=np.uint8)
+    out[valid] = palette[labels[valid]]
+    return out
+
+
+# Anchor colours of a dark-to-bright perceptual ramp (black, purple, red, orange, pale yellow).
+_RAMP = np.array([(0, 0, 4), (87, 16, 110), (188, 55, 84), (249, 142, 9), (252, 255, 164)], dtype=np.float64)
+
+
+def heatmap(prob: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Probability map ``H x W`` in ``[0, 1]`` -> ``H x W x 3`` uint8, dark (0) to bright (1)."""
+    p = np.clip(_numpy(prob).astype(np.float64), 0.0, 1.0)
+    if p.ndim != 2:
+        raise ValueError(f"prob: expected an HxW map, got shape {p.shape}")
+    pos = p * (len(_RAMP) - 1)
+    lo = np.floor(pos).astype(np.int64).clip(0, len(_RAMP) - 2)
+    frac = (pos - lo)[..., None]
+    return np.round(_RAMP[lo] * (1 - frac) + _RAMP[lo + 1] * frac).astype(np.uint8)
+
+
+def to_uint8_image(
+    image: torch.Tensor | np.ndarray,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> np.ndarray:
+    """A ``3 x H x W`` float image (in ``[0, 1]``, or normalised with ``mean``/``std``) ->
+    ``H x W x 3`` uint8."""
+    x = _numpy(image).astype(np.float64)
+    if x.ndim != 3 or x.shape[0] not in (1, 3):
+        raise ValueError(f"image: expected a 3xHxW (or 1xHxW) array, got shape {x.shape}")
+    if mean is not None and std is not None:
+        x = x * np.asarray(std, dtype=np.float64)[:, None, None] + np.asarray(mean, dtype=np.float64)[:, None, None]
+    x = np.repeat(x, 3, axis=0) if x.shape[0] == 1 else x
+    return np.round(np.clip(x, 0.0, 1.0) * 255).astype(np.uint8).transpose(1, 2, 0)
+
+
+def _changed(base: np.ndarray, corrected: np.ndarray, gt: np.ndarray | None, ignore_index: int) -> np.ndarray:
+    """Green: fixed by the correction; red: broken by it; yellow: changed where unlabeled or
+    still wrong; dark grey: unchanged."""
+    out = np.full((*base.shape, 3), 40, dtype=np.uint8)
+    changed = base != corrected
+    if gt is None:
+        out[changed] = (255, 255, 255)
+        return out
+    labelled = gt != ignore_index
+    out[changed] = (255, 210, 0)
+    out[changed & labelled & (corrected == gt)] = (0, 200, 0)
+    out[changed & labelled & (base == gt)] = (220, 0, 0)
+    return out
+
+
+def make_panel(
+    image: torch.Tensor | np.ndarray,
+    base_labels: torch.Tensor | np.ndarray,
+    error_prob: torch.Tensor | np.ndarray,
+    corrected: torch.Tensor | np.ndarray,
+    *,
+    ground_truth: torch.Tensor | np.ndarray | None = None,
+    palette: np.ndarray | None = None,
+    num_classes: int | None = None,
+    ignore_index: int = 255,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    titles: bool = True,
+) -> Image.Image:
+    """The six-tile panel ``image | ground truth | base | error probability | corrected |
+    changed pixels`` as an RGB Pillow image.
+
+    Size: width ``6 * W + 5 * PANEL_GAP``, height ``H + PANEL_TITLE_HEIGHT`` (``H`` without
+    titles). Without ground truth its tile is grey. In the last tile green pixels were fixed by
+    the correction, red ones broken, yellow ones changed but still wrong (or unlabeled).
+
+    Shapes:
+        image ``3 x H x W`` float; labels and error_prob ``H x W``.
+    """
+    base = _numpy(base_labels).astype(np.int64)
+    fixed = _numpy(corrected).astype(np.int64)
+    gt = None if ground_truth is None else _numpy(ground_truth).astype(np.int64)
+    h, w = base.shape
+    if palette is None:
+        top = int(max(base.max(), fixed.max(), 0)) + 1
+        palette = palette_for(num_classes or top)
+    img = to_uint8_image(image, mean, std)
+    for name, arr in (("image", img[..., 0]), ("error_prob", _numpy(error_prob)), ("corrected", fixed), ("ground_truth", gt)):
+        if arr is not None and arr.shape[:2] != (h, w):
+            raise ValueError(f"{name}: expected spatial size {(h, w)} like base_labels, got {arr.shape[:2]}")
+    tiles = [
+        img,
+        colorize(gt, palette, ignore_index) if gt is not None else np.full((h, w, 3), 128, dtype=np.uint8),
+        colorize(base, palette, ignore_index),
+        heatmap(error_prob),
+        colorize(fixed, palette, ignore_index),
+        _changed(base, fixed, gt, ignore_index),
+    ]
+    top = PANEL_TITLE_HEIGHT if titles else 0
+    panel = Image.new("RGB", (6 * w + 5 * PANEL_GAP, h + top), (255, 255, 255))
+    draw = ImageDraw.Draw(panel)
+    for i, (tile, title) in enumerate(zip(tiles, PANEL_TITLES)):
+        x = i * (w + PANEL_GAP)
+        panel.paste(Image.fromarray(tile), (x, top))
+        if titles:
+            draw.text((x + 2, 2), title, fill=(0, 0, 0))
+    return panel
+
+
+def save_label_png(labels: torch.Tensor | np.ndarray, path: str | os.PathLike, palette: np.ndarray) -> Path:
+    """Save a label map as an indexed (palette) PNG whose pixel values are the class ids."""
+    arr = _numpy(labels).astype(np.int64)
+    if arr.min(initial=0) < 0 or arr.max(initial=0) > 255:
+        raise ValueError(f"labels: a palette PNG holds values 0..255, got range [{arr.min()}, {arr.max()}]")
+    if arr.ndim != 2:
+        raise ValueError(f"labels: expected an HxW map, got shape {arr.shape}")
+    img = Image.frombytes("P", (arr.shape[1], arr.shape[0]), np.ascontiguousarray(arr.astype(np.uint8)).tobytes())
+    flat = np.zeros((256, 3), dtype=np.uint8)
+    flat[: len(palette)] = palette[:256]
+    img.putpalette(flat.reshape(-1).tolist())
+    return _save(img, path)
+
+
+def save_heatmap_png(prob: torch.Tensor | np.ndarray, path: str | os.PathLike) -> Path:
+    """Save an error-probability map as a heat-map PNG."""
+    return _save(Image.fromarray(heatmap(prob)), path)
+
+
+def _save(img: Image.Image, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")
+    return path

@@ -1,0 +1,304 @@
+"""Per-pixel error scores behind one interface: the error head and the baselines it must beat.
+
+Every score is a callable ``score(wrapper, images, base_logits=None, output=None)`` returning a
+:class:`ScoreOutput`: an error score in ``[0, 1]`` of shape ``(B, H, W)`` at the input's
+resolution (high = "the base's label here is probably wrong") and the base logits whose argmax
+is the prediction the score judges. Every score here judges the *deterministic base
+prediction*, so all of them rank the same errors and their metrics are comparable.
+
+``base_logits`` (the base logits at input resolution) and ``output`` (an
+:class:`~errwrap.ErrorCorrectionOutput`) let a caller that already ran the networks reuse
+them; the score then only pays for what it adds. Scores run without gradients.
+
+=================  =============================================  ===========================
+score              definition                                     cost beyond the base pass
+=================  =============================================  ===========================
+``error_head``     ``out.error_prob`` of the wrapper              the heads (one wrapper pass)
+``msp``            ``1 - max_c softmax(z0)_c``                    a softmax
+``entropy``        ``H(softmax(z0)) / log C``                     a softmax
+``mc_dropout``     predictive entropy (or variance) over T        T more base passes
+                   dropout-perturbed base passes
+=================  =============================================  ===========================
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .layers import resize
+
+__all__ = [
+    "ScoreOutput",
+    "ErrorScore",
+    "ErrorHeadScore",
+    "MSPScore",
+    "EntropyScore",
+    "MCDropoutScore",
+    "msp_score",
+    "entropy_score",
+    "SCORES",
+    "build_score",
+    "find_classifier",
+]
+
+logger = logging.getLogger(__name__)
+
+_DROPOUT_TYPES = (nn.modules.dropout._DropoutNd,)
+
+
+class ScoreOutput(NamedTuple):
+    """A per-pixel error score and the base logits it refers to.
+
+    Attributes:
+        score: error score ``(B, H, W)`` in ``[0, 1]``, high where an error is predicted.
+        base_logits: base logits ``(B, C, H, W)`` at input resolution; their argmax is the
+            prediction whose errors the score ranks.
+    """
+
+    score: Tensor
+    base_logits: Tensor
+
+    @property
+    def prediction(self) -> Tensor:
+        """The judged prediction ``(B, H, W)`` int64."""
+        return self.base_logits.argmax(dim=1)
+
+
+def msp_score(logits: Tensor) -> Tensor:
+    """``1 - max softmax``: in ``[0, 1 - 1/C]``.
+
+    Shapes:
+        logits ``(B, C, H, W)`` -> ``(B, H, W)``.
+    """
+    return 1.0 - torch.softmax(logits.float(), dim=1).amax(dim=1)
+
+
+def _entropy_of_probs(probs: Tensor) -> Tensor:
+    entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(dim=1)
+    return (entropy / math.log(probs.shape[1])).clamp_(0.0, 1.0)
+
+
+def entropy_score(logits: Tensor) -> Tensor:
+    """Entropy of the softmax divided by ``log C``: in ``[0, 1]`` (1 = uniform).
+
+    Shapes:
+        logits ``(B, C, H, W)`` with ``C >= 2`` -> ``(B, H, W)``.
+    """
+    log_probs = torch.log_softmax(logits.float(), dim=1)
+    entropy = -(log_probs.exp() * log_probs).sum(dim=1)
+    return (entropy / math.log(logits.shape[1])).clamp_(0.0, 1.0)
+
+
+def _base_logits(wrapper: nn.Module, images: Tensor) -> Tensor:
+    return resize(wrapper.forward_base(images).logits, images.shape[-2:])
+
+
+class ErrorScore:
+    """Interface of an error score; subclasses implement :meth:`compute`.
+
+    Attributes:
+        name: the key under which reports list the score.
+    """
+
+    name: ClassVar[str] = "score"
+
+    def compute(self, wrapper: nn.Module, images: Tensor, base_logits: Tensor | None, output: Any) -> ScoreOutput:
+        raise NotImplementedError
+
+    def __call__(self, wrapper: nn.Module, images: Tensor, base_logits: Tensor | None = None, output: Any = None) -> ScoreOutput:
+        """Score ``images`` ``(B, C_in, H, W)``; reuse ``base_logits``/``output`` when given."""
+        with torch.no_grad():
+            return self.compute(wrapper, images, base_logits, output)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class ErrorHeadScore(ErrorScore):
+    """The wrapper's own error probability ``out.error_prob`` (one wrapper pass)."""
+
+    name = "error_head"
+
+    def compute(self, wrapper, images, base_logits=None, output=None) -> ScoreOutput:
+        out = output if output is not None else wrapper(images)
+        return ScoreOutput(out.error_prob, out.base_logits)
+
+
+class MSPScore(ErrorScore):
+    """Maximum softmax probability baseline: ``1 - max_c softmax(z0)_c`` (Hendrycks & Gimpel)."""
+
+    name = "msp"
+
+    def compute(self, wrapper, images, base_logits=None, output=None) -> ScoreOutput:
+        logits = base_logits if base_logits is not None else _base_logits(wrapper, images)
+        return ScoreOutput(msp_score(logits), logits)
+
+
+class EntropyScore(ErrorScore):
+    """Softmax entropy baseline, normalised by ``log C`` into ``[0, 1]``."""
+
+    name = "entropy"
+
+    def compute(self, wrapper, images, base_logits=None, output=None) -> ScoreOutput:
+        logits = base_logits if base_logits is not None else _base_logits(wrapper, images)
+        return ScoreOutput(entropy_score(logits), logits)
+
+
+def find_classifier(base: nn.Module, num_classes: int) -> str:
+    """Name of the last ``Conv2d`` in ``base`` with ``num_classes`` output channels (module
+    registration order), where :class:`MCDropoutScore` inserts dropout when the base has none."""
+    found = [name for name, m in base.named_modules() if isinstance(m, nn.Conv2d) and m.out_channels == num_classes]
+    if not found:
+        raise ValueError(
+            f"MC dropout: the base has no dropout layer and no Conv2d with num_classes={num_classes} output channels "
+            "to insert one before; pass classifier='module.name' (the layer that produces the logits)"
+        )
+    return found[-1]
+
+
+class MCDropoutScore(ErrorScore):
+    """Monte Carlo dropout: ``T`` stochastic passes of the base with dropout on.
+
+    During the ``T`` passes (only) the base is put in eval mode and its dropout modules in train
+    mode, so norm layers keep their running statistics; every module's mode is restored
+    afterwards. If the base has no dropout module, ``Dropout2d(p)`` is applied to the input of
+    its classifier (``classifier``, or :func:`find_classifier`) by a temporary forward pre-hook,
+    removed after the passes, and an INFO message says so. The passes draw their randomness from
+    ``torch.manual_seed(seed)`` inside ``torch.random.fork_rng``, so results depend on ``seed``
+    only and the caller's random state is untouched.
+
+    The score is computed from the ``T`` softmax maps ``p_t`` (at input resolution):
+
+    * ``"entropy"``: predictive entropy of the mean, ``H(mean_t p_t) / log C`` in ``[0, 1]``;
+    * ``"msp"``: ``1 - max_c (mean_t p_t)_c`` in ``[0, 1 - 1/C]``;
+    * ``"variance"``: total variance ``sum_c Var_t(p_t,c)`` (population variance over passes),
+      in ``[0, 1 - 1/C]``; it is 0 for ``T = 1``.
+
+    The prediction it judges is the deterministic base's argmax (``base_logits`` when given,
+    else one extra pass with the base in eval mode), so it ranks the same errors as every
+    other score.
+    Cost: ``T`` base passes per image (``T + 1`` without ``base_logits``). With ``T = 1`` and no
+    active dropout (``p = 0``) the ``"entropy"`` and ``"msp"`` statistics equal
+    :class:`EntropyScore` and :class:`MSPScore`.
+
+    Args:
+        T: number of stochastic passes.
+        seed: seed of the dropout masks.
+        statistic: ``"entropy"``, ``"msp"`` or ``"variance"``.
+        p: drop probability of the inserted ``Dropout2d`` (used only when the base has no
+            dropout module).
+        classifier: name of the module (in ``wrapper.base``) before which to insert dropout;
+            default: :func:`find_classifier`.
+    """
+
+    name = "mc_dropout"
+    STATISTICS: ClassVar[tuple[str, ...]] = ("entropy", "msp", "variance")
+
+    def __init__(self, T: int = 10, seed: int = 0, statistic: str = "entropy", p: float = 0.1, classifier: str | None = None) -> None:
+        if isinstance(T, bool) or not isinstance(T, int) or T < 1:
+            raise ValueError(f"T: expected a positive int, got {T!r}")
+        if statistic not in self.STATISTICS:
+            raise ValueError(f"statistic: expected one of {self.STATISTICS}, got {statistic!r}")
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"p: expected a probability in [0, 1), got {p!r}")
+        self.T = T
+        self.seed = seed
+        self.statistic = statistic
+        self.p = p
+        self.classifier = classifier
+        self._announced = False
+
+    def __repr__(self) -> str:
+        return f"MCDropoutScore(T={self.T}, seed={self.seed}, statistic={self.statistic!r}, p={self.p})"
+
+    def _install_dropout(self, base: nn.Module, num_classes: int) -> tuple[list[nn.Module], Any]:
+        dropouts = [m for m in base.modules() if isinstance(m, _DROPOUT_TYPES)]
+        if dropouts:
+            return dropouts, None
+        name = self.classifier or find_classifier(base, num_classes)
+        module = base.get_submodule(name)
+        p = self.p
+        if not self._announced:
+            logger.info("MC dropout: the base has no dropout layer; applying Dropout2d(p=%g) to the input of %r during the %d passes", p, name, self.T)
+            self._announced = True
+
+        def pre_hook(_module: nn.Module, args: tuple) -> tuple:
+            x = args[0]
+            dropped = F.dropout2d(x, p, training=True) if x.ndim in (3, 4) else F.dropout(x, p, training=True)
+            return (dropped, *args[1:])
+
+        return [], module.register_forward_pre_hook(pre_hook)
+
+    def sample_probs(self, wrapper: nn.Module, images: Tensor, deterministic: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Mean and total variance over the ``T`` passes of the base softmax, and (when
+        ``deterministic``) the logits of one pass with dropout off, all at input resolution.
+
+        Shapes:
+            images ``(B, C_in, H, W)`` -> mean ``(B, C, H, W)``, variance ``(B, H, W)``,
+            logits ``(B, C, H, W)`` or ``None``.
+        """
+        base = wrapper.base
+        modes = {m: m.training for m in base.modules()}
+        devices = [images.device] if images.device.type == "cuda" else []
+        hook = None
+        try:
+            base.eval()
+            with torch.no_grad():
+                logits = _base_logits(wrapper, images) if deterministic else None
+                dropouts, hook = self._install_dropout(base, wrapper.num_classes)
+                for m in dropouts:
+                    m.train()
+                with torch.random.fork_rng(devices=devices):
+                    torch.manual_seed(self.seed)
+                    mean = sq = None
+                    for _ in range(self.T):
+                        probs = torch.softmax(_base_logits(wrapper, images).float(), dim=1)
+                        mean = probs.clone() if mean is None else mean.add_(probs)
+                        sq = probs.square() if sq is None else sq.add_(probs.square())
+        finally:
+            if hook is not None:
+                hook.remove()
+            for m, mode in modes.items():
+                m.training = mode
+        mean = mean / self.T
+        variance = (sq / self.T - mean.square()).clamp_min(0).sum(dim=1)
+        return mean, variance, logits
+
+    def compute(self, wrapper, images, base_logits=None, output=None) -> ScoreOutput:
+        mean, variance, logits = self.sample_probs(wrapper, images, deterministic=base_logits is None)
+        if base_logits is None:
+            base_logits = logits
+        if self.statistic == "entropy":
+            score = _entropy_of_probs(mean)
+        elif self.statistic == "msp":
+            score = 1.0 - mean.amax(dim=1)
+        else:
+            score = variance.clamp(0.0, 1.0)
+        return ScoreOutput(score, base_logits)
+
+
+SCORES: dict[str, Callable[..., ErrorScore]] = {
+    ErrorHeadScore.name: ErrorHeadScore,
+    MSPScore.name: MSPScore,
+    EntropyScore.name: EntropyScore,
+    MCDropoutScore.name: MCDropoutScore,
+}
+
+
+def build_score(name: str | ErrorScore, **kwargs: Any) -> ErrorScore:
+    """A score from its name in :data:`SCORES` (``kwargs`` go to its constructor), or the score
+    itself when one is passed."""
+    if isinstance(name, ErrorScore):
+        return name
+    if not isinstance(name, str):
+        raise TypeError(f"score: expected a name or an ErrorScore, got {type(name).__name__}")
+    if name not in SCORES:
+        raise ValueError(f"score: unknown name {name!r}; expected one of {sorted(SCORES)}")
+    return SCORES[name](**kwargs)

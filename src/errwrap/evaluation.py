@@ -1,0 +1,396 @@
+"""``evaluate``: segmentation, error detection, calibration and timing of a wrapper on a data set.
+
+One pass over a loader computes, in constant memory (see :mod:`errwrap.metrics`):
+
+* segmentation metrics of the base prediction and of the fused (corrected) prediction;
+* error-detection metrics of the error head and of every baseline score, where an *error* is a
+  labelled pixel whose *base* label is wrong (what the error head predicts);
+* expected calibration error of the base softmax and of the fused probabilities;
+* wall time per image of the base pass, the wrapper pass, and each baseline's extra work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._validate import check_images, check_labels, describe
+from .layers import resize
+from .metrics import (
+    DEFAULT_SCORE_BINS,
+    CalibrationMetrics,
+    CalibrationResult,
+    ErrorDetectionMetrics,
+    ErrorDetectionResult,
+    SegmentationMetrics,
+    SegmentationResult,
+)
+from .scores import ErrorHeadScore, ErrorScore, MCDropoutScore, build_score
+
+__all__ = ["EvaluationReport", "evaluate", "unpack_batch"]
+
+logger = logging.getLogger(__name__)
+
+
+def _nan_to_none(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return None if math.isnan(obj) else obj
+    if isinstance(obj, Mapping):
+        return {k: _nan_to_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_nan_to_none(v) for v in obj]
+    return obj
+
+
+def _none_to_nan(value: Any) -> Any:
+    if value is None:
+        return float("nan")
+    if isinstance(value, list):
+        return [_none_to_nan(v) for v in value]
+    return value
+
+
+def _result_from_dict(cls: type, data: Mapping[str, Any]) -> Any:
+    missing = [f for f in cls._fields if f not in data]
+    if missing:
+        raise ValueError(f"{cls.__name__}: missing keys {missing} in {sorted(data)}")
+    return cls(**{f: _none_to_nan(data[f]) for f in cls._fields})
+
+
+def _fmt(value: float, percent: bool = True) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{100 * value:.2f}" if percent else f"{value:.4f}"
+
+
+@dataclasses.dataclass
+class EvaluationReport:
+    """Everything :func:`evaluate` measured. Rates are fractions in ``[0, 1]``, times seconds.
+
+    Attributes:
+        base: segmentation metrics of the base network's labels.
+        fused: segmentation metrics of the wrapper's fused labels.
+        error_detection: per score name (``"error_head"``, ``"msp"``, ...), its error-detection
+            metrics; errors are labelled pixels where the base label is wrong.
+        calibration: ``"base"`` (softmax of the base logits) and ``"fused"`` calibration.
+        num_images: images evaluated.
+        num_pixels: labelled (not ignored) pixels evaluated.
+        time_per_image: seconds per image: ``"base_forward"``, ``"wrapper_forward"`` (base +
+            heads + fusion), for each baseline the time it adds to a base pass
+            ``"extra/<name>"`` (MSP/entropy: a softmax; MC dropout: ``T`` base passes), and for
+            each score its total cost ``"score/<name>"`` (the error head: the wrapper pass; a
+            baseline: the base pass plus its extra time).
+        config: the settings of the evaluation (bins, ``T``, ``ignore_index``, ...).
+    """
+
+    base: SegmentationResult
+    fused: SegmentationResult
+    error_detection: dict[str, ErrorDetectionResult]
+    calibration: dict[str, CalibrationResult]
+    num_images: int
+    num_pixels: int
+    time_per_image: dict[str, float]
+    config: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def miou_gain(self) -> float:
+        """``fused.miou - base.miou``."""
+        return self.fused.miou - self.base.miou
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON data; ``nan`` becomes ``None``."""
+        data = {
+            "base": self.base._asdict(),
+            "fused": self.fused._asdict(),
+            "error_detection": {k: v._asdict() for k, v in self.error_detection.items()},
+            "calibration": {k: v._asdict() for k, v in self.calibration.items()},
+            "num_images": self.num_images,
+            "num_pixels": self.num_pixels,
+            "time_per_image": dict(self.time_per_image),
+            "config": dict(self.config),
+        }
+        return _nan_to_none(data)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "EvaluationReport":
+        """Inverse of :meth:`to_dict` (``None`` becomes ``nan``)."""
+        if not isinstance(data, Mapping):
+            raise TypeError(f"from_dict: expected a mapping, got {type(data).__name__}")
+        return cls(
+            base=_result_from_dict(SegmentationResult, data["base"]),
+            fused=_result_from_dict(SegmentationResult, data["fused"]),
+            error_detection={k: _result_from_dict(ErrorDetectionResult, v) for k, v in data["error_detection"].items()},
+            calibration={k: _result_from_dict(CalibrationResult, v) for k, v in data["calibration"].items()},
+            num_images=int(data["num_images"]),
+            num_pixels=int(data["num_pixels"]),
+            time_per_image={k: _none_to_nan(v) for k, v in data["time_per_image"].items()},
+            config=dict(data.get("config", {})),
+        )
+
+    def to_json(self, path: str | Path | None = None, indent: int = 2) -> str:
+        """The report as JSON text (strict: no ``NaN`` literals); also written to ``path`` if given."""
+        text = json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+        if path is not None:
+            Path(path).write_text(text + "\n", encoding="utf-8")
+        return text
+
+    @classmethod
+    def from_json(cls, text_or_path: str | Path) -> "EvaluationReport":
+        """Read a report from JSON text or from a ``.json`` file."""
+        text = str(text_or_path)
+        if not text.lstrip().startswith("{"):
+            text = Path(text_or_path).read_text(encoding="utf-8")
+        return cls.from_dict(json.loads(text))
+
+    # ------------------------------------------------------------------ display
+    def table(self) -> str:
+        """A readable text table of the report (percentages, milliseconds)."""
+        lines = [f"errwrap evaluation: {self.num_images} images, {self.num_pixels} labelled pixels"]
+        lines.append("")
+        lines.append(f"{'segmentation':<14}{'mIoU':>8}{'pixAcc':>8}{'mAcc':>8}{'ECE':>8}")
+        for name, seg in (("base", self.base), ("fused", self.fused)):
+            ece = self.calibration[name].ece if name in self.calibration else float("nan")
+            lines.append(f"{name:<14}{_fmt(seg.miou):>8}{_fmt(seg.pixel_accuracy):>8}{_fmt(seg.mean_accuracy):>8}{_fmt(ece):>8}")
+        lines.append(f"{'gain':<14}{_fmt(self.miou_gain):>8}")
+        lines.append("")
+        lines.append(f"per-class IoU  base : {' '.join(_fmt(v) for v in self.base.iou)}")
+        lines.append(f"per-class IoU  fused: {' '.join(_fmt(v) for v in self.fused.iou)}")
+        lines.append("")
+        first = next(iter(self.error_detection.values()), None)
+        rate = _fmt(first.error_rate) if first is not None else "n/a"
+        lines.append(f"error detection (errors = wrong base labels, {rate}% of pixels; higher is better except FPR95)")
+        lines.append(f"{'score':<14}{'AUROC':>8}{'AUPR-E':>8}{'AUPR-S':>8}{'FPR95':>8}{'bound':>8}{'ms/img':>9}")
+        for name, r in self.error_detection.items():
+            t = self.time_per_image.get(f"score/{name}", float("nan"))
+            ms = "n/a" if math.isnan(t) else f"{1000 * t:.2f}"
+            bound = max(r.auroc_bound, r.aupr_error_bound, r.aupr_success_bound, r.fpr95_bound)
+            lines.append(f"{name:<14}{_fmt(r.auroc):>8}{_fmt(r.aupr_error):>8}{_fmt(r.aupr_success):>8}{_fmt(r.fpr95):>8}{_fmt(bound):>8}{ms:>9}")
+        lines.append("")
+        lines.append("(bound: largest binning error bound of the four, in points; ms/img: total cost of the score)")
+        times = ", ".join(f"{k} {1000 * v:.2f} ms" for k, v in self.time_per_image.items() if not k.startswith("score/"))
+        lines.append(f"time per image: {times}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def unpack_batch(batch: Any) -> tuple[Tensor, Tensor]:
+    """``(images, labels)`` from a batch that is a ``(images, labels, ...)`` sequence or a mapping
+    with keys ``"image"``/``"label"`` (or ``"images"``/``"labels"``)."""
+    if isinstance(batch, Mapping):
+        image_key = next((k for k in ("image", "images", "pixel_values") if k in batch), None)
+        label_key = next((k for k in ("label", "labels", "mask") if k in batch), None)
+        if image_key is None or label_key is None:
+            raise ValueError(f"batch: expected a mapping with keys 'image' and 'label', got keys {list(batch)[:8]}")
+        return batch[image_key], batch[label_key]
+    if isinstance(batch, Sequence) and not isinstance(batch, str) and len(batch) >= 2:
+        return batch[0], batch[1]
+    raise TypeError(f"batch: expected (images, labels) or a mapping with 'image' and 'label', got {describe(batch)}")
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _default_device(wrapper: nn.Module) -> torch.device:
+    param = next(iter(wrapper.parameters()), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _dist_initialized() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def _sum_over_processes(values: list[float]) -> list[float]:
+    import torch.distributed as dist
+
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    buffer = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(buffer)
+    return buffer.cpu().tolist()
+
+
+def evaluate(
+    wrapper: nn.Module,
+    loader: Iterable[Any],
+    baselines: Sequence[str | ErrorScore] = ("msp", "entropy"),
+    mc_dropout_T: int = 10,
+    ignore_index: int = 255,
+    device: torch.device | str | None = None,
+    max_batches: int | None = None,
+    progress: bool | Callable[[int], None] | None = None,
+    *,
+    score_bins: int = DEFAULT_SCORE_BINS,
+    calibration_bins: int = 15,
+    mc_dropout_seed: int = 0,
+    mc_dropout_p: float = 0.1,
+) -> EvaluationReport:
+    """Evaluate a wrapper (base vs corrected segmentation, error scores, calibration, timing).
+
+    The wrapper runs in eval mode without gradients; the mode of every module is restored
+    afterwards. When ``torch.distributed`` is initialised, every process evaluates its own
+    part of the data and the counts (and timings) are summed over processes, so every process
+    returns the same report.
+
+    Args:
+        wrapper: an :class:`~errwrap.ErrorCorrectionWrapper` (anything with ``forward_base``,
+            ``num_classes`` and a call returning an ``ErrorCorrectionOutput``).
+        loader: yields ``(images, labels)`` or mappings with ``"image"`` and ``"label"``;
+            labels at the images' resolution.
+        baselines: scores to compare with the error head: names in
+            :data:`errwrap.scores.SCORES` (``"msp"``, ``"entropy"``, ``"mc_dropout"``) or
+            :class:`~errwrap.scores.ErrorScore` objects.
+        mc_dropout_T: passes of ``"mc_dropout"`` (used only when it is listed).
+        ignore_index: label of unlabelled pixels, left out of every metric.
+        device: where the batches go; default: the device of the wrapper's parameters (the
+            wrapper itself is never moved).
+        max_batches: stop after this many batches.
+        progress: ``True`` for a tqdm bar, or a callable ``f(batch_index)`` called after each
+            batch.
+        score_bins: histogram bins of the error-detection metrics.
+        calibration_bins: bins of the ECE.
+        mc_dropout_seed, mc_dropout_p: seed and inserted-dropout probability of ``"mc_dropout"``.
+
+    Returns:
+        An :class:`EvaluationReport`.
+
+    Example:
+        >>> report = evaluate(wrapper, val_loader, baselines=("msp", "entropy"))  # doctest: +SKIP
+        >>> print(report.table())                                                 # doctest: +SKIP
+    """
+    if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1):
+        raise ValueError(f"max_batches: expected a positive int or None, got {max_batches!r}")
+    num_classes = int(wrapper.num_classes)
+    scores: dict[str, ErrorScore] = {}
+    for spec in baselines:
+        if spec == "mc_dropout":
+            score = MCDropoutScore(T=mc_dropout_T, seed=mc_dropout_seed, p=mc_dropout_p)
+        else:
+            score = build_score(spec)
+        if score.name == ErrorHeadScore.name or score.name in scores:
+            raise ValueError(f"baselines: expected distinct baseline names other than 'error_head', got {list(baselines)}")
+        scores[score.name] = score
+    wrapper_device = _default_device(wrapper)
+    device = torch.device(device) if device is not None else wrapper_device
+    if device.type != wrapper_device.type or (device.index is not None and wrapper_device.index is not None and device != wrapper_device):
+        raise ValueError(f"device={device}, but the wrapper's parameters are on {wrapper_device}; move the wrapper first (wrapper.to(device))")
+
+    seg = {"base": SegmentationMetrics(num_classes, ignore_index), "fused": SegmentationMetrics(num_classes, ignore_index)}
+    cal = {k: CalibrationMetrics(num_classes, calibration_bins, ignore_index) for k in ("base", "fused")}
+    det = {name: ErrorDetectionMetrics(score_bins) for name in [ErrorHeadScore.name, *scores]}
+    seconds = {"base_forward": 0.0, "wrapper_forward": 0.0, **{f"extra/{n}": 0.0 for n in scores}}
+    num_images = 0
+
+    iterator: Iterable[Any] = loader
+    if progress is True:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(loader, desc="evaluate", total=max_batches)
+    callback = progress if callable(progress) else None
+
+    modes = {m: m.training for m in wrapper.modules()}
+    wrapper.eval()
+    error_head = ErrorHeadScore()
+    try:
+        with torch.no_grad():
+            for index, batch in enumerate(iterator):
+                if max_batches is not None and index >= max_batches:
+                    break
+                images, labels = unpack_batch(batch)
+                check_images(images, getattr(wrapper, "in_channels", None))
+                images = images.to(device)
+                check_labels(labels, num_classes, ignore_index, size=tuple(images.shape[-2:]), batch=images.shape[0])
+                labels = labels.to(device).long()
+                size = images.shape[-2:]
+
+                _synchronize(device)
+                start = time.perf_counter()
+                base_logits = resize(wrapper.forward_base(images).logits, size)
+                _synchronize(device)
+                seconds["base_forward"] += time.perf_counter() - start
+
+                start = time.perf_counter()
+                out = wrapper(images)
+                _synchronize(device)
+                seconds["wrapper_forward"] += time.perf_counter() - start
+
+                outputs = {ErrorHeadScore.name: error_head(wrapper, images, output=out)}
+                for name, score in scores.items():
+                    _synchronize(device)
+                    start = time.perf_counter()
+                    outputs[name] = score(wrapper, images, base_logits=base_logits)
+                    _synchronize(device)
+                    seconds[f"extra/{name}"] += time.perf_counter() - start
+
+                valid = labels != ignore_index
+                for name, scored in outputs.items():
+                    det[name].update(scored.score, scored.prediction != labels, valid)
+                seg["base"].update(out.base_labels, labels)
+                seg["fused"].update(out.labels, labels)
+                cal["base"].update(torch.softmax(out.base_logits.float(), dim=1), labels)
+                cal["fused"].update(out.probs, labels)
+                num_images += int(images.shape[0])
+                if callback is not None:
+                    callback(index)
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+    if _dist_initialized():
+        for metric in [*seg.values(), *cal.values(), *det.values()]:
+            metric.sync()
+        keys = list(seconds)
+        summed = _sum_over_processes([float(num_images), *(seconds[k] for k in keys)])
+        num_images = int(summed[0])
+        seconds = dict(zip(keys, summed[1:]))
+    if num_images == 0:
+        raise ValueError("loader: expected at least one batch of images, got none")
+
+    per_image = {k: v / num_images for k, v in seconds.items()}
+    time_per_image = {"base_forward": per_image["base_forward"], "wrapper_forward": per_image["wrapper_forward"]}
+    time_per_image[f"score/{ErrorHeadScore.name}"] = per_image["wrapper_forward"]
+    for name in scores:
+        time_per_image[f"extra/{name}"] = per_image[f"extra/{name}"]
+        time_per_image[f"score/{name}"] = per_image["base_forward"] + per_image[f"extra/{name}"]
+    base_result = seg["base"].compute()
+    config = {
+        "num_classes": num_classes,
+        "ignore_index": ignore_index,
+        "score_bins": score_bins,
+        "calibration_bins": calibration_bins,
+        "scores": {name: repr(s) for name, s in scores.items()},
+        "device": str(device),
+        "world_size": _world_size(),
+    }
+    report = EvaluationReport(
+        base=base_result,
+        fused=seg["fused"].compute(),
+        error_detection={name: m.compute() for name, m in det.items()},
+        calibration={k: m.compute() for k, m in cal.items()},
+        num_images=num_images,
+        num_pixels=base_result.num_pixels,
+        time_per_image=time_per_image,
+        config=config,
+    )
+    logger.info("evaluated %d images: base mIoU %.4f, fused mIoU %.4f", num_images, report.base.miou, report.fused.miou)
+    return report
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if _dist_initialized() else 1

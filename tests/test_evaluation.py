@@ -1,0 +1,152 @@
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from errwrap import ErrorCorrectionWrapper
+from errwrap.evaluation import EvaluationReport, evaluate, unpack_batch
+from errwrap.metrics import CalibrationMetrics, ErrorDetectionMetrics, SegmentationMetrics
+from errwrap.scores import MSPScore, entropy_score, msp_score
+
+NUM_CLASSES = 4
+
+
+class StrideTwoBase(nn.Module):
+    """A few convs; logits at stride 2 and a list of features (native protocol)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.BatchNorm2d(8), nn.ReLU())
+        self.down = nn.Sequential(nn.Conv2d(8, 16, 3, 2, 1), nn.BatchNorm2d(16), nn.ReLU())
+        self.up = nn.Conv2d(16 + 8, 8, 3, 1, 1)
+        self.classifier = nn.Conv2d(8, NUM_CLASSES, 1)
+
+    def forward(self, x):
+        f1 = self.stem(x)
+        f2 = self.down(f1)
+        up = nn.functional.interpolate(f2, size=f1.shape[-2:], mode="bilinear", align_corners=False)
+        return self.classifier(torch.relu(self.up(torch.cat([up, f1], 1)))), [f1, f2]
+
+
+def _wrapper(seed=0):
+    torch.manual_seed(seed)
+    return ErrorCorrectionWrapper(StrideTwoBase(), sample_size=32)
+
+
+def _loader(n=3, batch_size=2, size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(n):
+        images = torch.randn(batch_size, 3, size, size, generator=g)
+        labels = torch.randint(0, NUM_CLASSES, (batch_size, size, size), generator=g)
+        labels[:, :3, :] = 255
+        batches.append((images, labels))
+    return batches
+
+
+def test_evaluate_matches_metrics_computed_by_hand():
+    wrap = _wrapper()
+    loader = _loader()
+    report = evaluate(wrap, loader, baselines=("msp", "entropy"))
+    seg_base, seg_fused = SegmentationMetrics(NUM_CLASSES), SegmentationMetrics(NUM_CLASSES)
+    det = {k: ErrorDetectionMetrics() for k in ("error_head", "msp", "entropy")}
+    ece = CalibrationMetrics(NUM_CLASSES)
+    wrap.eval()
+    with torch.no_grad():
+        for x, y in loader:
+            out = wrap(x)
+            seg_base.update(out.base_labels, y)
+            seg_fused.update(out.labels, y)
+            errors, valid = out.base_labels != y, y != 255
+            det["error_head"].update(out.error_prob, errors, valid)
+            det["msp"].update(msp_score(out.base_logits), errors, valid)
+            det["entropy"].update(entropy_score(out.base_logits), errors, valid)
+            ece.update(out.probs, y)
+    assert report.num_images == 6
+    assert report.num_pixels == 6 * 29 * 32
+    assert report.base.miou == seg_base.compute().miou
+    assert report.fused.iou == seg_fused.compute().iou
+    assert list(report.error_detection) == ["error_head", "msp", "entropy"]
+    for name, metric in det.items():
+        assert report.error_detection[name] == metric.compute()
+    assert report.calibration["fused"].ece == pytest.approx(ece.compute().ece)
+    assert report.error_detection["msp"].num_pixels == report.num_pixels
+    assert 0 < report.error_detection["msp"].error_rate < 1
+    assert report.miou_gain == report.fused.miou - report.base.miou
+    t = report.time_per_image
+    assert set(t) == {"base_forward", "wrapper_forward", "extra/msp", "extra/entropy", "score/error_head", "score/msp", "score/entropy"}
+    assert all(v > 0 for v in t.values())
+    assert t["score/msp"] == pytest.approx(t["base_forward"] + t["extra/msp"])
+
+
+def test_evaluate_restores_modes_and_accepts_dict_batches():
+    wrap = _wrapper().train()
+    modes = {n: m.training for n, m in wrap.named_modules()}
+    state = {k: v.clone() for k, v in wrap.state_dict().items()}
+    batches = [{"image": x, "label": y} for x, y in _loader(n=2)]
+    seen = []
+    report = evaluate(wrap, batches, baselines=(), progress=seen.append, max_batches=1)
+    assert {n: m.training for n, m in wrap.named_modules()} == modes
+    assert all(torch.equal(v, state[k]) for k, v in wrap.state_dict().items())  # eval: no BN updates
+    assert report.num_images == 2 and seen == [0]
+    assert list(report.error_detection) == ["error_head"]
+    tuple_report = evaluate(wrap, _loader(n=2), baselines=(), max_batches=1)
+    assert tuple_report.to_dict()["error_detection"] == report.to_dict()["error_detection"]
+
+
+def test_evaluate_with_mc_dropout_costs_T_passes():
+    wrap = _wrapper()
+    calls = []
+    handle = wrap.base.register_forward_hook(lambda *_: calls.append(1))
+    report = evaluate(wrap, _loader(n=1), baselines=("msp", "mc_dropout"), mc_dropout_T=5)
+    handle.remove()
+    # per batch: base pass, wrapper pass, T dropout passes (MSP reuses the base logits)
+    assert len(calls) == 2 + 5
+    mc = report.error_detection["mc_dropout"]
+    assert 0 <= mc.auroc <= 1 and mc.num_errors == report.error_detection["msp"].num_errors
+    assert "MCDropoutScore(T=5" in report.config["scores"]["mc_dropout"]
+
+
+def test_report_json_round_trip(tmp_path):
+    report = evaluate(_wrapper(), _loader(n=2), baselines=("msp",))
+    report.base.iou[0] = float("nan")  # a class absent from labels and predictions
+    text = report.to_json(tmp_path / "report.json")
+    assert "NaN" not in text and json.loads(text)["base"]["iou"][0] is None
+    again = EvaluationReport.from_json(tmp_path / "report.json")
+    assert math.isnan(again.base.iou[0])
+    assert again.to_dict() == report.to_dict()
+    assert EvaluationReport.from_dict(json.loads(text)).to_json() == text
+    assert EvaluationReport.from_json(text).error_detection["msp"] == report.error_detection["msp"]
+
+
+def test_report_table_lists_every_score():
+    report = evaluate(_wrapper(), _loader(n=1), baselines=("msp", "entropy"))
+    table = report.table()
+    assert str(report) == table
+    for word in ("mIoU", "base", "fused", "error_head", "msp", "entropy", "AUROC", "FPR95", "ECE"):
+        assert word in table
+    msp_line = next(line for line in table.splitlines() if line.startswith("msp"))
+    assert f"{100 * report.error_detection['msp'].auroc:.2f}" in msp_line
+
+
+def test_evaluate_errors():
+    wrap = _wrapper()
+    with pytest.raises(ValueError, match="at least one batch"):
+        evaluate(wrap, [])
+    with pytest.raises(ValueError, match="max_batches"):
+        evaluate(wrap, _loader(), max_batches=0)
+    with pytest.raises(ValueError, match="distinct"):
+        evaluate(wrap, _loader(), baselines=("msp", MSPScore()))
+    with pytest.raises(ValueError, match="unknown name"):
+        evaluate(wrap, _loader(), baselines=("odin",))
+    x, y = _loader(n=1)[0]
+    with pytest.raises(ValueError, match="spatial size"):
+        evaluate(wrap, [(x, y[:, :16])])
+    with pytest.raises(ValueError, match="keys 'image' and 'label'"):
+        unpack_batch({"img": x})
+    with pytest.raises(TypeError, match="batch"):
+        unpack_batch(x)
+    with pytest.raises(ValueError, match="wrapper's parameters are on cpu"):
+        evaluate(wrap, _loader(), device="meta")

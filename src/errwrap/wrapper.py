@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ._validate import check_images, check_logits, check_norm_batch, is_tracing
-from .adapters import BaseAdapter, BaseOutput, find_adapter
+from .adapters import BaseAdapter, BaseOutput, HooksAdapter, NativeAdapter, find_adapter
 from .heads import DetailHead, ErrorHead, build_fusion
 from .hub import HubMixin
 from .layers import resize
@@ -58,12 +58,29 @@ class ErrorCorrectionOutput(NamedTuple):
         return self.logits.float().exp()
 
 
+def _hooks_adapter(base: nn.Module, low_level: FeatureRef, high_level: FeatureRef) -> HooksAdapter:
+    for role, ref in (("low_level", low_level), ("high_level", high_level)):
+        if ref is not None and not isinstance(ref, str):
+            raise ValueError(f"{role}={ref!r}: errwrap taps modules of the base with hooks here, so expected a module name or None, got {type(ref).__name__}")
+    return HooksAdapter(base, low_level, high_level)  # type: ignore[arg-type]
+
+
 def _select_adapter(base: nn.Module, adapter: BaseAdapter | str | None, low_level: FeatureRef, high_level: FeatureRef) -> BaseAdapter:
+    """The adapter: the one given; ``"hooks"`` taps the modules named by ``low_level`` and
+    ``high_level``; otherwise the registered family adapter for ``base``, or, for a native-protocol
+    model, hooks when ``low_level``/``high_level`` name modules of ``base``."""
     if isinstance(adapter, BaseAdapter):
         return adapter
     if adapter is not None and not isinstance(adapter, str):
         raise TypeError(f"adapter: expected a BaseAdapter, an adapter name or None, got {type(adapter).__name__}")
-    return find_adapter(base, adapter)
+    if adapter == HooksAdapter.name:
+        return _hooks_adapter(base, low_level, high_level)
+    chosen = find_adapter(base, adapter)
+    if isinstance(chosen, NativeAdapter):
+        modules = {name for name, _ in base.named_modules() if name}
+        if any(isinstance(ref, str) and ref in modules for ref in (low_level, high_level)):
+            return _hooks_adapter(base, low_level, high_level)
+    return chosen
 
 
 def _resolve_feature(ref: FeatureRef, features: dict[str, Tensor], role: str, default: str) -> str:
@@ -79,7 +96,7 @@ def _resolve_feature(ref: FeatureRef, features: dict[str, Tensor], role: str, de
     if ref not in features:
         raise ValueError(
             f"{role}={ref!r}: not a feature of the base output; its features are {keys}. "
-            "To tap an inner module instead, pass module names (see errwrap.adapters)"
+            "To tap an inner module instead, pass module names (with adapter='hooks' for a model family errwrap knows)"
         )
     return ref
 
@@ -96,11 +113,13 @@ class ErrorCorrectionWrapper(nn.Module, HubMixin):
         base: the segmentation network (native protocol or a family with an adapter).
         num_classes: number of classes; inferred from the base's logits when ``None``, checked
             against them otherwise.
-        low_level: which feature feeds the detail head (index or name); default: the feature of
-            finest resolution.
-        high_level: which feature feeds the error head (index or name); default: the last one.
+        low_level: which feature feeds the detail head (index, feature name, or the name of a
+            module of ``base`` to tap with a forward hook); default: the adapter's choice
+            (``adapter.default_features``), else the feature of finest resolution.
+        high_level: which feature feeds the error head (same forms); default: the adapter's
+            choice, else the last one.
         in_channels: channels of the images the base takes.
-        adapter: a :class:`~errwrap.adapters.BaseAdapter`, a registered adapter name, or
+        adapter: a :class:`~errwrap.adapters.BaseAdapter`, a registered adapter name, ``"hooks"``, or
             ``None`` to choose one from the model's type.
         error_channels, error_blocks: width and depth of the error head.
         detail_channels, detail_blocks: width and depth of the detail head.
@@ -152,9 +171,13 @@ class ErrorCorrectionWrapper(nn.Module, HubMixin):
             raise ValueError(f"num_classes={num_classes}, but the base returns logits with {inferred} channels (shape {tuple(logits.shape)})")
         if inferred < 2:
             raise ValueError(f"base logits: expected at least 2 classes, got shape {tuple(logits.shape)}")
-        finest = max(features, key=lambda k: features[k].shape[-2] * features[k].shape[-1])
-        self.low_key = _resolve_feature(low_level, features, "low_level", finest)
-        self.high_key = _resolve_feature(high_level, features, "high_level", list(features)[-1])
+        default_low, default_high = getattr(self.adapter, "default_features", (None, None))
+        if default_low not in features:
+            default_low = max(features, key=lambda k: features[k].shape[-2] * features[k].shape[-1])  # the finest
+        if default_high not in features:
+            default_high = list(features)[-1]
+        self.low_key = _resolve_feature(low_level, features, "low_level", default_low)
+        self.high_key = _resolve_feature(high_level, features, "high_level", default_high)
         self.num_classes = inferred
         self.in_channels = in_channels
         low_channels = int(features[self.low_key].shape[1])

@@ -2,6 +2,12 @@
 
 from .base import PROTOCOL_HELP, BaseAdapter, BaseOutput, NativeAdapter, normalize_features, parse_base_output
 from .registry import find_adapter, register_adapter, registered_adapters, unregister_adapter
+from .hooks import FeatureTap, HooksAdapter, logits_from_output
+from .smp import SMPAdapter
+from .torchvision import TorchvisionSegmentationAdapter
+from .transformers import TransformersAdapter
+from .specs import build_base
+from . import builtin  # noqa: F401  registers the SMP, torchvision and transformers adapters
 
 __all__ = [
     "PROTOCOL_HELP",
@@ -14,4 +20,11 @@ __all__ = [
     "register_adapter",
     "registered_adapters",
     "unregister_adapter",
+    "FeatureTap",
+    "HooksAdapter",
+    "logits_from_output",
+    "SMPAdapter",
+    "TorchvisionSegmentationAdapter",
+    "TransformersAdapter",
+    "build_base",
 ]

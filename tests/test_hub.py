@@ -151,7 +151,7 @@ def test_push_to_hub_sends_the_saved_files(monkeypatch):
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", fake_create_repo)
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", fake_upload_folder)
     wrap = _trained_like()
-    assert wrap.push_to_hub("org/name", heads_only=True, private=True, metrics={"segmentation": {"base": {"miou": 0.5}, "fused": {"miou": 0.6}}}) == "commit-info"
+    assert wrap.push_to_hub("org/name", heads_only=True, private=True, metrics={"base": {"miou": 0.5}, "fused": {"miou": 0.6}, "num_images": 3}) == "commit-info"
     assert calls["create"] == ("org/name", {"private": True, "exist_ok": True, "repo_type": "model"})
     repo, files, kwargs = calls["upload"]
     assert repo == "org/name" and set(files) == {CONFIG_NAME, WEIGHTS_NAME, CARD_NAME}

@@ -37,7 +37,7 @@ WEIGHTS_NAME = "model.safetensors"
 CARD_NAME = "README.md"
 FORMAT_VERSION = 1
 
-_TOP_KEYS = {"errwrap_version", "format_version", "heads", "heads_only", "base", "class_names", "adapter_options"}
+_TOP_KEYS = {"errwrap_version", "format_version", "heads", "heads_only", "base", "class_names", "adapter_options", "preprocessing"}
 _INT_KEYS = ("num_classes", "in_channels", "low_channels", "high_channels", "error_channels", "error_blocks", "detail_channels", "detail_blocks")
 _STR_KEYS = ("low_level", "high_level", "fusion", "norm_layer", "act_layer", "adapter")
 _HEAD_KEYS = set(_INT_KEYS) | set(_STR_KEYS) | {"error_prior"}
@@ -103,6 +103,14 @@ def parse_config(raw: Any, source: str = CONFIG_NAME) -> dict[str, Any]:
         raise ValueError(f"{source}: 'class_names' must be a list of strings")
     if names is not None and len(names) != heads["num_classes"]:
         raise ValueError(f"{source}: {len(names)} class_names for num_classes={heads['num_classes']}")
+    pre = raw.get("preprocessing")
+    if pre is not None:
+        ok = isinstance(pre, dict) and set(pre) <= {"mean", "std"} and all(
+            isinstance(pre.get(k), list) and len(pre[k]) == heads["in_channels"] and all(isinstance(v, (int, float)) for v in pre[k])
+            for k in ("mean", "std")
+        )
+        if not ok:
+            raise ValueError(f"{source}: 'preprocessing' must be {{'mean': [...], 'std': [...]}} with {heads['in_channels']} numbers each")
     return raw
 
 
@@ -133,7 +141,10 @@ class HubMixin:
     """Adds ``save_pretrained``, ``from_pretrained`` and ``push_to_hub`` to the wrapper."""
 
     head_config: dict[str, Any]
+    #: Names of the classes, saved in ``config.json``.
     class_names: list[str] | None = None
+    #: How images are normalised for the base, ``{"mean": [...], "std": [...]}`` (for the CLI).
+    preprocessing: dict[str, list[float]] | None = None
 
     # ------------------------------------------------------------------ config
     def hub_config(self, *, heads_only: bool = False, class_names: list[str] | None = None) -> dict[str, Any]:
@@ -150,6 +161,7 @@ class HubMixin:
             "base": spec,
             "class_names": list(names) if names is not None else None,
             "adapter_options": self.adapter.options() if hasattr(self.adapter, "options") else {},  # type: ignore[attr-defined]
+            "preprocessing": self.preprocessing,
         }
         try:
             json.dumps(config, allow_nan=False)
@@ -264,6 +276,7 @@ class HubMixin:
         tensors, _ = load_safetensors(weights_path)
         wrapper._load_checked(tensors, heads_only, str(weights_path))
         wrapper.class_names = config.get("class_names")
+        wrapper.preprocessing = config.get("preprocessing")
         if device is not None or dtype is not None:
             wrapper.to(device=device, dtype=dtype)
         return wrapper

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any
 
@@ -27,23 +26,25 @@ def _fmt(value: Any) -> str:
 
 
 def _metrics_section(metrics: dict[str, Any]) -> list[str]:
+    """Tables from an evaluation report's ``to_dict()`` (``base``/``fused`` segmentation,
+    ``error_detection`` per score, ``calibration``)."""
     lines = ["## Evaluation", ""]
-    seg = metrics.get("segmentation") or {}
-    if seg:
-        lines += ["| output | mIoU | pixel accuracy |", "|---|---|---|"]
+    if "base" in metrics or "fused" in metrics:
+        lines += ["| output | mIoU | pixel accuracy | ECE |", "|---|---|---|---|"]
+        calibration = metrics.get("calibration") or {}
         for name in ("base", "fused"):
-            if name in seg:
-                lines.append(f"| {name} | {_fmt(seg[name].get('miou'))} | {_fmt(seg[name].get('pixel_accuracy'))} |")
+            seg = metrics.get(name) or {}
+            ece = (calibration.get(name) or {}).get("ece")
+            lines.append(f"| {name} | {_fmt(seg.get('miou'))} | {_fmt(seg.get('pixel_accuracy'))} | {_fmt(ece)} |")
         lines.append("")
-    det = metrics.get("error_detection") or {}
-    if det:
+    detection = metrics.get("error_detection") or {}
+    if detection:
         lines += ["| error score | AUROC | AUPR-Error | AUPR-Success | FPR@95%TPR |", "|---|---|---|---|---|"]
-        for name, m in det.items():
+        for name, m in detection.items():
             lines.append(f"| {name} | {_fmt(m.get('auroc'))} | {_fmt(m.get('aupr_error'))} | {_fmt(m.get('aupr_success'))} | {_fmt(m.get('fpr95'))} |")
         lines.append("")
-    rest = {k: v for k, v in metrics.items() if k not in ("segmentation", "error_detection")}
-    if rest:
-        lines += ["Full report:", "", "```json", json.dumps(rest, indent=2, default=str)[:4000], "```", ""]
+    if metrics.get("num_images") is not None:
+        lines += [f"On {metrics['num_images']} images ({metrics.get('num_pixels')} labelled pixels).", ""]
     return lines
 
 

@@ -161,7 +161,8 @@ class EvaluationReport:
         for name, seg in (("base", self.base), ("fused", self.fused)):
             ece = self.calibration[name].ece if name in self.calibration else float("nan")
             lines.append(f"{name:<14}{_fmt(seg.miou):>8}{_fmt(seg.pixel_accuracy):>8}{_fmt(seg.mean_accuracy):>8}{_fmt(ece):>8}")
-        lines.append(f"{'gain':<14}{_fmt(self.miou_gain):>8}")
+        gain = "n/a" if math.isnan(self.miou_gain) else f"{100 * self.miou_gain:+.2f}"
+        lines.append(f"{'fused - base':<14}{gain:>8}")
         lines.append("")
         lines.append(f"per-class IoU  base : {' '.join(_fmt(v) for v in self.base.iou)}")
         lines.append(f"per-class IoU  fused: {' '.join(_fmt(v) for v in self.fused.iou)}")

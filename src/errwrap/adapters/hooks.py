@@ -159,6 +159,8 @@ class HooksAdapter(BaseAdapter):
         for role, ref in (("low_level", low_level), ("high_level", high_level)):
             if ref is not None and not isinstance(ref, str):
                 raise TypeError(f"{role}: expected a module name, got {type(ref).__name__}")
+            if ref is not None:
+                module_or_error(model, ref, role)
         self.low_level, self.high_level = low_level, high_level
         self.logits_fn = logits_fn or logits_from_output
         self.tap = FeatureTap(model, names, role="low_level" if low_level is not None else "high_level")

@@ -1,0 +1,405 @@
+import gc
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from errwrap.adapters import PROTOCOL_HELP, BaseAdapter, BaseOutput, NativeAdapter, find_adapter, register_adapter, registered_adapters, unregister_adapter
+from errwrap.adapters.hooks import FeatureTap, HooksAdapter, logits_from_output
+from errwrap.adapters.specs import build_base
+from errwrap.adapters.transformers import DECODE_TAPS
+from errwrap.losses import ErrorCorrectionLoss
+from errwrap.wrapper import ErrorCorrectionWrapper
+
+from .tiny import batch
+
+SIZE = 64
+
+
+def _at_input(logits, size=(SIZE, SIZE)):
+    if logits.shape[-2:] == size:
+        return logits
+    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+
+
+def _check_wrapped(wrap, reference_logits, x, num_classes):
+    """Shapes at input resolution and base logits equal to the unwrapped model's."""
+    wrap.eval()
+    with torch.no_grad():
+        out = wrap(x)
+    b, _, h, w = x.shape
+    assert out.logits.shape == out.base_logits.shape == out.detail_logits.shape == (b, num_classes, h, w)
+    assert out.error_logits.shape == (b, 1, h, w)
+    assert torch.equal(out.base_logits, _at_input(reference_logits, (h, w)))
+    return out
+
+
+def _train_heads(wrap, steps=20, num_classes=5, size=32):
+    """20 AdamW steps on the heads only: the loss drops and the base stays bitwise unchanged."""
+    images, labels = batch(n=2, size=size, num_classes=num_classes, seed=1)
+    before = {k: v.clone() for k, v in wrap.base.state_dict().items()}
+    opt = torch.optim.AdamW(wrap.head_parameters(), lr=1e-3)
+    loss_fn = ErrorCorrectionLoss()
+    wrap.train()
+    losses = []
+    for _ in range(steps):
+        loss = loss_fn(wrap(images), labels).total
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    after = wrap.base.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert losses[-1] < losses[0]
+    return losses
+
+
+def _same_architecture(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return list(sa) == list(sb) and all(sa[k].shape == sb[k].shape for k in sa)
+
+
+# ---------------------------------------------------------------------------------------- SMP
+smp = pytest.importorskip("segmentation_models_pytorch")
+
+
+def _smp(arch, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    return smp.create_model(arch, encoder_name="resnet18", encoder_weights=None, classes=5, **kwargs).eval()
+
+
+SMP_CASES = {
+    "unet": {"encoder_depth": 3, "decoder_channels": (16, 8, 8)},
+    "fpn": {"decoder_pyramid_channels": 32, "decoder_segmentation_channels": 32},
+    "deeplabv3plus": {"decoder_channels": 16},
+    "segformer": {"decoder_segmentation_channels": 16},
+    "pspnet": {"decoder_channels": 16},
+}
+
+
+@pytest.mark.parametrize("arch", list(SMP_CASES))
+def test_smp_outputs_features_and_spec(arch):
+    model = _smp(arch, **SMP_CASES[arch])
+    wrap = ErrorCorrectionWrapper(model)
+    assert wrap.adapter.name == "smp"
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        reference = model(x)
+    _check_wrapped(wrap, reference, x, 5)
+    features = wrap.forward_base(x).features
+    assert list(features)[-1] == "decoder" and wrap.high_key == "decoder"
+    assert wrap.low_key == "enc2" and features["enc2"].shape[-2:] == (SIZE // 4, SIZE // 4)
+    assert torch.equal(features["enc0"], x)
+    spec = json.loads(json.dumps(wrap.adapter.spec(model)))
+    assert spec["family"] == "smp" and spec["config"]["arch"] == arch and spec["config"]["encoder_weights"] is None
+    assert _same_architecture(build_base(spec), model)
+
+
+def test_smp_aux_head_and_input_check():
+    model = _smp("fpn", aux_params={"classes": 3}, **SMP_CASES["fpn"])
+    wrap = ErrorCorrectionWrapper(model)
+    x = torch.randn(1, 3, SIZE, SIZE)
+    with torch.no_grad():
+        masks, _ = model(x)
+    _check_wrapped(wrap, masks, x, 5)
+    with pytest.raises(RuntimeError, match="divisible by 32"):
+        wrap.forward_base(torch.randn(1, 3, 40, 40))  # SMP's own input check, replicated
+
+
+@pytest.mark.slow
+def test_smp_head_training_keeps_base_frozen():
+    wrap = ErrorCorrectionWrapper(_smp("unet", **SMP_CASES["unet"]), error_channels=16, detail_channels=16)
+    _train_heads(wrap)
+
+
+def test_smp_module_names_need_hooks_adapter():
+    model = _smp("unet", **SMP_CASES["unet"])
+    wrap = ErrorCorrectionWrapper(model, adapter="hooks", low_level="encoder.layer1", high_level="decoder")
+    assert isinstance(wrap.adapter, HooksAdapter)
+    x = torch.randn(1, 3, SIZE, SIZE)
+    with torch.no_grad():
+        _check_wrapped(wrap, model(x), x, 5)
+    with pytest.raises(ValueError, match="adapter='hooks'"):
+        ErrorCorrectionWrapper(model, low_level="encoder.layer1")
+
+
+# ---------------------------------------------------------------------------------- torchvision
+def _tv(name, seed=0, **kwargs):
+    segmentation = pytest.importorskip("torchvision.models.segmentation")
+    torch.manual_seed(seed)
+    return getattr(segmentation, name)(weights=None, weights_backbone=None, num_classes=5, **kwargs).eval()
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "keys"),
+    [
+        ("lraspp_mobilenet_v3_large", {}, ["low", "high"]),
+        ("deeplabv3_mobilenet_v3_large", {"aux_loss": True}, ["low", "backbone", "high"]),
+        pytest.param("fcn_resnet50", {}, ["low", "backbone", "high"], marks=pytest.mark.slow),
+    ],
+)
+def test_torchvision_outputs_features_and_spec(name, kwargs, keys):
+    model = _tv(name, **kwargs)
+    wrap = ErrorCorrectionWrapper(model, error_channels=16, detail_channels=16)
+    assert wrap.adapter.name == "torchvision"
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        reference = model(x)["out"]
+    _check_wrapped(wrap, reference, x, 5)
+    features = wrap.forward_base(x).features
+    assert list(features) == keys and (wrap.low_key, wrap.high_key) == ("low", "high")
+    stride = 8 if name.startswith("lraspp") else 4
+    assert features["low"].shape[-2:] == (SIZE // stride, SIZE // stride)
+    if "backbone" in features:
+        last_conv = list(model.classifier.children())[-1]
+        with torch.no_grad():
+            assert torch.equal(_at_input(last_conv(features["high"])), reference)
+    spec = wrap.adapter.spec(model)
+    expected = {"name": name, "num_classes": 5} if name.startswith("lraspp") else {"name": name, "num_classes": 5, "aux_loss": kwargs.get("aux_loss", False)}
+    assert spec == {"family": "torchvision", "config": expected}
+    assert _same_architecture(build_base(spec), model)
+
+
+@pytest.mark.slow
+def test_torchvision_head_training_keeps_base_frozen():
+    wrap = ErrorCorrectionWrapper(_tv("lraspp_mobilenet_v3_large"), error_channels=16, detail_channels=16)
+    _train_heads(wrap)
+
+
+# ---------------------------------------------------------------------------------- transformers
+def _segformer(seed=0):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    config = transformers.SegformerConfig(
+        num_encoder_blocks=4, depths=[1, 1, 1, 1], sr_ratios=[8, 4, 2, 1], hidden_sizes=[8, 16, 24, 32],
+        num_attention_heads=[1, 1, 2, 2], decoder_hidden_size=16, num_labels=5,
+    )  # fmt: skip
+    return transformers.SegformerForSemanticSegmentation(config).eval()
+
+
+def _upernet(seed=0):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    backbone = transformers.ConvNextConfig(hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1], out_features=["stage1", "stage2", "stage3", "stage4"])
+    config = transformers.UperNetConfig(backbone_config=backbone, hidden_size=16, num_labels=5, use_auxiliary_head=False)
+    return transformers.UperNetForSemanticSegmentation(config).eval()
+
+
+@pytest.mark.parametrize(("make", "low"), [(_segformer, "hidden0"), (_upernet, "hidden1")])
+def test_transformers_outputs_features_and_spec(make, low):
+    model = make()
+    tapped = dict(model.named_modules())[DECODE_TAPS[type(model).__name__][0]]
+    wrap = ErrorCorrectionWrapper(model, error_channels=16, detail_channels=16)
+    assert wrap.adapter.name == "transformers"
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        reference = model(pixel_values=x).logits
+    _check_wrapped(wrap, reference, x, 5)
+    features = wrap.forward_base(x).features
+    assert (wrap.low_key, wrap.high_key) == (low, "decode_head")
+    assert features[low].shape[-2:] == (SIZE // 4, SIZE // 4)
+    assert features["decode_head"].shape == (2, 16, SIZE // 4, SIZE // 4)
+    if type(model).__name__.startswith("Segformer"):  # the fused feature is the classifier's input (dropout is off in eval)
+        with torch.no_grad():
+            assert torch.equal(model.decode_head.classifier(features["decode_head"]), reference)
+    spec = json.loads(json.dumps(wrap.adapter.spec(model)))
+    assert spec["family"] == "transformers" and spec["class"] == type(model).__name__
+    assert _same_architecture(build_base(spec), model)
+    assert len(tapped._forward_hooks) == 1
+    wrap.adapter.detach()
+    assert not tapped._forward_hooks
+
+
+def test_transformers_head_training_keeps_base_frozen():
+    wrap = ErrorCorrectionWrapper(_segformer(), error_channels=16, detail_channels=16)
+    _train_heads(wrap)
+
+
+# ---------------------------------------------------------------------------------- hooks
+class PlainNet(nn.Module):
+    """A network errwrap has no adapter for: returns logits only (or a mapping/tuple)."""
+
+    def __init__(self, returns="tensor", num_classes=5):
+        super().__init__()
+        self.returns = returns
+        self.backbone = nn.Sequential(
+            nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.BatchNorm2d(8), nn.ReLU()),
+            nn.Sequential(nn.Conv2d(8, 12, 3, 2, 1), nn.BatchNorm2d(12), nn.ReLU()),
+            nn.Sequential(nn.Conv2d(12, 16, 3, 2, 1), nn.BatchNorm2d(16), nn.ReLU()),
+        )
+        self.decoder = nn.Sequential(nn.Conv2d(16, 16, 3, 1, 1), nn.ReLU())
+        self.classifier = nn.Conv2d(16, num_classes, 1)
+
+    def forward(self, x):
+        logits = F.interpolate(self.classifier(self.decoder(self.backbone(x))), size=x.shape[-2:], mode="bilinear", align_corners=False)
+        if self.returns == "mapping":
+            return {"out": logits, "aux": logits}
+        if self.returns == "tuple":
+            return logits, "something else"
+        if self.returns == "string":
+            return "not logits"
+        return logits
+
+
+def _plain(returns="tensor", seed=0):
+    torch.manual_seed(seed)
+    return PlainNet(returns).eval()
+
+
+@pytest.mark.parametrize("returns", ["tensor", "mapping", "tuple"])
+def test_hooks_adapter_from_module_names(returns):
+    model = _plain(returns)
+    wrap = ErrorCorrectionWrapper(model, low_level="backbone.0", high_level="decoder", error_channels=8, detail_channels=8)
+    assert isinstance(wrap.adapter, HooksAdapter)
+    assert (wrap.low_key, wrap.high_key) == ("backbone.0", "decoder")
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        reference = logits_from_output(model(x))
+        features = wrap.forward_base(x).features
+        assert torch.equal(features["backbone.0"], model.backbone[0](x))
+    _check_wrapped(wrap, reference, x, 5)
+    assert features["decoder"].shape == (2, 16, SIZE // 8, SIZE // 8)
+
+
+def test_hooks_one_module_feeds_both_heads():
+    wrap = ErrorCorrectionWrapper(_plain(), high_level="decoder", error_channels=8, detail_channels=8)
+    assert (wrap.low_key, wrap.high_key) == ("decoder", "decoder")
+
+
+def test_hooks_head_training_keeps_base_frozen():
+    wrap = ErrorCorrectionWrapper(_plain(), low_level="backbone.0", high_level="decoder", error_channels=8, detail_channels=8)
+    _train_heads(wrap)
+
+
+def test_hooks_removed_on_detach_and_on_garbage_collection():
+    model = _plain()
+    x = torch.randn(1, 3, SIZE, SIZE)
+    with torch.no_grad():
+        expected = model(x)
+    wrap = ErrorCorrectionWrapper(model, low_level="backbone.1", high_level="decoder")
+    assert len(model.backbone[1]._forward_hooks) == 1 and len(model.decoder._forward_hooks) == 1
+    wrap.adapter.detach()
+    assert not model.backbone[1]._forward_hooks and not model.decoder._forward_hooks
+    wrap.adapter.detach()  # idempotent
+
+    wrap = ErrorCorrectionWrapper(model, low_level="backbone.1", high_level="decoder")
+    with torch.no_grad():
+        wrap(x)
+    assert len(model.decoder._forward_hooks) == 1
+    del wrap
+    gc.collect()
+    assert all(not m._forward_hooks for m in model.modules())
+    with torch.no_grad():
+        assert torch.equal(model(x), expected)
+
+
+def test_unknown_module_name_lists_close_names():
+    with pytest.raises(ValueError, match=r"close names: \['decoder'") as info:
+        ErrorCorrectionWrapper(_plain(), adapter="hooks", low_level="backbone.0", high_level="decodr")
+    assert "high_level='decodr'" in str(info.value)
+    with pytest.raises(ValueError, match="module name"):
+        ErrorCorrectionWrapper(_plain(), low_level="backbone.0", high_level=0)
+
+
+def test_unreadable_output_explains_the_protocol():
+    with pytest.raises(TypeError) as info:
+        ErrorCorrectionWrapper(_plain("tensor"))
+    assert PROTOCOL_HELP in str(info.value) and "low_level=" in str(info.value)
+    with pytest.raises(TypeError, match="logits_fn"):
+        ErrorCorrectionWrapper(_plain("string"), low_level="backbone.0", high_level="decoder")
+
+
+def test_logits_fn_and_feature_tap():
+    model = _plain("string")
+    adapter = HooksAdapter(model, "backbone.0", "decoder", logits_fn=lambda out: model.last_logits)
+    model.register_forward_hook(lambda m, a, o: setattr(m, "last_logits", m.classifier(m.decoder(m.backbone(a[0])))))
+    out = adapter(model, torch.randn(1, 3, 32, 32))
+    assert out.logits.shape == (1, 5, 4, 4) and list(out.features) == ["backbone.0", "decoder"]
+    tap = FeatureTap(model, ["backbone.2"])
+    assert tap.active
+    del tap
+    gc.collect()
+    assert not model.backbone[2]._forward_hooks
+
+
+# ---------------------------------------------------------------------------------- registry
+class MyNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Conv2d(3, 6, 3, 2, 1)
+        self.head = nn.Conv2d(6, 3, 1)
+
+    def forward(self, x):
+        return {"masks": self.head(self.body(x))}
+
+
+class MyNetAdapter(BaseAdapter):
+    name = "mynet"
+
+    def forward(self, model, x):
+        feature = model.body(x)
+        return BaseOutput(model.head(feature), {"body": feature})
+
+
+def test_register_and_unregister_an_adapter():
+    register_adapter("mynet", lambda m: isinstance(m, MyNet), lambda model: MyNetAdapter())
+    try:
+        assert registered_adapters()[0] == "mynet"  # user adapters (priority 0) before the built-ins (-10)
+        torch.manual_seed(0)
+        model = MyNet().eval()
+        wrap = ErrorCorrectionWrapper(model, error_channels=8, detail_channels=8)
+        assert isinstance(wrap.adapter, MyNetAdapter) and wrap.head_config["adapter"] == "mynet"
+        x = torch.randn(1, 3, 32, 32)
+        with torch.no_grad():
+            _check_wrapped(wrap, model(x)["masks"], x, 3)
+    finally:
+        unregister_adapter("mynet")
+    assert "mynet" not in registered_adapters()
+    assert isinstance(find_adapter(MyNet()), NativeAdapter)
+
+
+def test_user_adapter_wins_over_builtin():
+    model = _plain()
+    smp_model = _smp("unet", **SMP_CASES["unet"])
+    register_adapter("my-smp", lambda m: type(m).__name__ == "Unet", lambda model: MyNetAdapter())
+    try:
+        assert isinstance(find_adapter(smp_model), MyNetAdapter)
+    finally:
+        unregister_adapter("my-smp")
+    assert find_adapter(smp_model).name == "smp" and isinstance(find_adapter(model), NativeAdapter)
+
+
+def test_importing_errwrap_imports_no_model_family():
+    code = (
+        "import sys, errwrap, errwrap.adapters; "
+        "print([m for m in ('segmentation_models_pytorch', 'transformers', 'torchvision.models.segmentation') if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "[]"
+
+
+# ---------------------------------------------------------------------------------- build_base
+@pytest.mark.parametrize(
+    ("spec", "match"),
+    [
+        ({"family": "os.system", "config": {}}, "unknown family 'os.system'"),
+        ({"family": "smp", "config": {"arch": "evilnet"}}, "unknown arch 'evilnet'"),
+        ({"family": "torchvision", "config": {"name": "resnet50"}}, "unknown name 'resnet50'"),
+        ({"family": "torchvision", "config": {"name": "fcn_resnet50", "weights": "DEFAULT"}}, "unknown config keys"),
+        ({"family": "transformers", "class": "AutoModel", "config": {}}, "unknown class 'AutoModel'"),
+        ({"family": "errwrap.DeepLabV3Plus", "config": {"encoder_name": "resnet18", "code": "x"}}, "unknown config keys"),
+        ({"family": "smp"}, "'config' mapping"),
+    ],
+)
+def test_build_base_allow_list(spec, match):
+    with pytest.raises(ValueError, match=match):
+        build_base(spec)
+
+
+def test_build_base_never_downloads():
+    spec = {"family": "errwrap.DeepLabV3Plus", "config": {"encoder_name": "resnet18", "num_classes": 3, "pretrained": True}}
+    assert build_base(spec).config["pretrained"] is False

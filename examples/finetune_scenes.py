@@ -1,0 +1,131 @@
+"""Quick, runnable example (about a minute on a laptop CPU, no data to download):
+
+1. train a small segmentation network on errwrap's generated Scenes for a few hundred steps;
+2. wrap it with ErrorCorrectionWrapper and fine-tune the three heads with the base frozen;
+3. compare mIoU of the base and of the corrected output, and how well the error map finds the
+   base's mistakes (AUROC), on a held-out split.
+
+    python examples/finetune_scenes.py                 # defaults: ~1 minute
+    python examples/finetune_scenes.py --base-steps 1500 --head-steps 600   # longer
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from errwrap import ErrorCorrectionLoss, ErrorCorrectionWrapper
+from errwrap.data import Scenes, make_loader
+from errwrap.training import finetune
+
+
+def conv_bn_relu(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, dilation, dilation=dilation, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class SmallSegNet(nn.Module):
+    """A small encoder with a stride-8 context stage; logits at stride 4. Returns
+    ``(logits, [low, high])``: errwrap's native protocol."""
+
+    def __init__(self, num_classes: int, width: int = 24) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(conv_bn_relu(3, width, 2), conv_bn_relu(width, width))
+        self.low = nn.Sequential(conv_bn_relu(width, 2 * width, 2), conv_bn_relu(2 * width, 2 * width))  # stride 4
+        self.high = nn.Sequential(conv_bn_relu(2 * width, 4 * width, 2), conv_bn_relu(4 * width, 4 * width, dilation=2))  # stride 8
+        self.fuse = conv_bn_relu(6 * width, 2 * width)
+        self.classifier = nn.Conv2d(2 * width, num_classes, 1)
+
+    def forward(self, x: torch.Tensor):
+        low = self.low(self.stem(x))
+        high = self.high(low)
+        up = F.interpolate(high, size=low.shape[-2:], mode="bilinear", align_corners=False)
+        return self.classifier(self.fuse(torch.cat([low, up], 1))), [low, high]
+
+
+@torch.no_grad()
+def evaluate(wrapper: ErrorCorrectionWrapper, loader, num_classes: int) -> dict[str, float]:
+    """mIoU of the base and of the corrected labels, and AUROC of the error map."""
+    wrapper.eval()
+    conf_base = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    conf_fused = torch.zeros_like(conf_base)
+    scores, wrong = [], []
+    for images, labels in loader:
+        out = wrapper(images)
+        for conf, pred in ((conf_base, out.base_labels), (conf_fused, out.labels)):
+            conf += torch.bincount(labels.flatten() * num_classes + pred.flatten(), minlength=num_classes**2).reshape(num_classes, num_classes)
+        scores.append(out.error_prob.flatten())
+        wrong.append((out.base_labels != labels).flatten())
+
+    def miou(conf: torch.Tensor) -> float:
+        inter = conf.diag().float()
+        union = conf.sum(0).float() + conf.sum(1).float() - inter
+        return float((inter / union.clamp_min(1))[union > 0].mean())
+
+    s, y = torch.cat(scores), torch.cat(wrong).float()
+    order = s.argsort()  # AUROC = P(score of a wrong pixel > score of a right one), by ranks
+    ranks = torch.empty_like(s)
+    ranks[order] = torch.arange(1, len(s) + 1, dtype=s.dtype)
+    n_pos, n_neg = y.sum(), (1 - y).sum()
+    auroc = float((ranks[y.bool()].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg).clamp_min(1))
+    return {"base_miou": miou(conf_base), "fused_miou": miou(conf_fused), "error_rate": float(y.mean()), "error_auroc": auroc}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--train-images", type=int, default=1024)
+    parser.add_argument("--val-images", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--base-steps", type=int, default=300)
+    parser.add_argument("--head-steps", type=int, default=150)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.manual_seed(args.seed)
+
+    train = Scenes(args.train_images, size=args.size, seed=args.seed, split="train", cache=True)
+    val = Scenes(args.val_images, size=args.size, seed=args.seed, split="val", cache=True)
+    loader = make_loader(train, args.batch_size, seed=args.seed)
+    val_loader = make_loader(val, args.batch_size, shuffle=False, drop_last=False)
+
+    # 1. The "existing model": a small network trained with cross-entropy.
+    start = time.perf_counter()
+    base = SmallSegNet(Scenes.num_classes)
+    optimizer = torch.optim.AdamW(base.parameters(), lr=3e-3, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=args.base_steps)
+    base.train()
+    step = 0
+    while step < args.base_steps:
+        for images, labels in loader:
+            logits, _ = base(images)
+            loss = F.cross_entropy(F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False), labels, ignore_index=255)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            step += 1
+            if step == args.base_steps:
+                break
+    logging.info("base trained: %d steps in %.1f s, last loss %.3f", step, time.perf_counter() - start, loss.item())
+
+    # 2. Wrap it and fine-tune the heads (base frozen: the default loss has w_base = 0).
+    wrapper = ErrorCorrectionWrapper(base, error_channels=32, detail_channels=32)
+    before = evaluate(wrapper, val_loader, Scenes.num_classes)
+    start = time.perf_counter()
+    result = finetune(wrapper, loader, steps=args.head_steps, lr=2e-3, warmup_steps=10, loss=ErrorCorrectionLoss(), seed=args.seed, log_every=50)
+    logging.info("heads fine-tuned: %d steps in %.1f s", result.step, time.perf_counter() - start)
+    after = evaluate(wrapper, val_loader, Scenes.num_classes)
+
+    logging.info("validation (%d images of %dx%d):", len(val), args.size, args.size)
+    logging.info("  base mIoU       %.3f", after["base_miou"])
+    logging.info("  corrected mIoU  %.3f  (heads before training: %.3f)", after["fused_miou"], before["fused_miou"])
+    logging.info("  base error rate %.3f of pixels; error-map AUROC %.3f (untrained heads: %.3f)", after["error_rate"], after["error_auroc"], before["error_auroc"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""Data for training and evaluating errwrap models: datasets on their usual layouts, joint
+image/label transforms, built-in generated :class:`Scenes`, and :func:`make_loader`."""
+
+from .datasets import ADE20K, ADE20K_CLASSES, CITYSCAPES_CLASSES, CITYSCAPES_LABEL_TO_TRAIN, Cityscapes, SegmentationFolder
+from .loader import make_loader
+from .scenes import SCENE_CLASSES, Scenes, render_scene
+from .transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ColorJitter,
+    Compose,
+    Normalize,
+    RandomCrop,
+    RandomHorizontalFlip,
+    RandomScale,
+    Resize,
+)
+
+__all__ = [
+    "Cityscapes",
+    "ADE20K",
+    "SegmentationFolder",
+    "CITYSCAPES_CLASSES",
+    "CITYSCAPES_LABEL_TO_TRAIN",
+    "ADE20K_CLASSES",
+    "Scenes",
+    "SCENE_CLASSES",
+    "render_scene",
+    "make_loader",
+    "Compose",
+    "Resize",
+    "RandomScale",
+    "RandomCrop",
+    "RandomHorizontalFlip",
+    "ColorJitter",
+    "Normalize",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+]

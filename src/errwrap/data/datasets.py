@@ -1,0 +1,276 @@
+"""Segmentation datasets on their usual directory layouts: Cityscapes, ADE20K, and plain folders.
+
+Each item is ``(image, label)``: image ``(3, H, W)`` float32 in ``[0, 1]`` (or whatever the joint
+``transform`` makes of it), label ``(H, W)`` int64 with ``ignore_index`` (255) for unlabeled
+pixels. Datasets expose ``num_classes``, ``class_names`` and ``ignore_index``. A wrong layout
+raises ``FileNotFoundError`` naming the path that was expected.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset
+
+__all__ = [
+    "CITYSCAPES_CLASSES",
+    "CITYSCAPES_LABEL_TO_TRAIN",
+    "ADE20K_CLASSES",
+    "SegmentationFolder",
+    "Cityscapes",
+    "ADE20K",
+    "load_image",
+    "load_mask",
+]
+
+JointTransform = Callable[[Tensor, Tensor], "tuple[Tensor, Tensor]"]
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+MASK_EXTENSIONS = (".png", ".bmp", ".tif", ".tiff")
+
+CITYSCAPES_CLASSES: tuple[str, ...] = (
+    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
+    "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
+    "motorcycle", "bicycle",
+)
+
+#: The official Cityscapes table (cityscapesScripts ``labels.py``): label id -> train id; every
+#: id not listed (0-6, 9, 10, 14-16, 18, 29, 30, and -1 license plate) maps to 255.
+CITYSCAPES_LABEL_TO_TRAIN: dict[int, int] = {
+    7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10,
+    24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18,
+}
+
+ADE20K_CLASSES: tuple[str, ...] = (
+    "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass",
+    "cabinet", "sidewalk", "person", "earth", "door", "table", "mountain", "plant", "curtain",
+    "chair", "car", "water", "painting", "sofa", "shelf", "house", "sea", "mirror", "rug", "field",
+    "armchair", "seat", "fence", "desk", "rock", "wardrobe", "lamp", "bathtub", "railing",
+    "cushion", "base", "box", "column", "signboard", "chest of drawers", "counter", "sand", "sink",
+    "skyscraper", "fireplace", "refrigerator", "grandstand", "path", "stairs", "runway", "case",
+    "pool table", "pillow", "screen door", "stairway", "river", "bridge", "bookcase", "blind",
+    "coffee table", "toilet", "flower", "book", "hill", "bench", "countertop", "stove", "palm",
+    "kitchen island", "computer", "swivel chair", "boat", "bar", "arcade machine", "hovel", "bus",
+    "towel", "light", "truck", "tower", "chandelier", "awning", "streetlight", "booth",
+    "television receiver", "airplane", "dirt track", "apparel", "pole", "land", "bannister",
+    "escalator", "ottoman", "bottle", "buffet", "poster", "stage", "van", "ship", "fountain",
+    "conveyer belt", "canopy", "washer", "plaything", "swimming pool", "stool", "barrel",
+    "basket", "waterfall", "tent", "bag", "minibike", "cradle", "oven", "ball", "food", "step",
+    "tank", "trade name", "microwave", "pot", "animal", "bicycle", "lake", "dishwasher", "screen",
+    "blanket", "sculpture", "hood", "sconce", "vase", "traffic light", "tray", "ashcan", "fan",
+    "pier", "crt screen", "plate", "monitor", "bulletin board", "shower", "radiator", "glass",
+    "clock", "flag",
+)
+
+_CITYSCAPES_LUT = np.full(256, 255, dtype=np.uint8)
+for _label_id, _train_id in CITYSCAPES_LABEL_TO_TRAIN.items():
+    _CITYSCAPES_LUT[_label_id] = _train_id
+
+
+def load_image(path: str | os.PathLike) -> Tensor:
+    """Read an image file as RGB, ``(3, H, W)`` float32 in ``[0, 1]``."""
+    with Image.open(path) as im:
+        array = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+def load_mask(path: str | os.PathLike) -> np.ndarray:
+    """Read a single-channel label image (``L``, ``P``, ``I`` or ``I;16``) as an ``(H, W)`` int64 array."""
+    with Image.open(path) as im:
+        if im.mode not in ("L", "P", "I", "I;16", "1"):
+            raise ValueError(f"{path}: expected a single-channel label image (mode L, P, I or I;16), got mode {im.mode}")
+        return np.asarray(im).astype(np.int64)
+
+
+def _require_dir(path: Path, what: str) -> None:
+    if not path.is_dir():
+        raise FileNotFoundError(f"{what}: expected the directory {path}, which does not exist")
+
+
+def _check_split(split: str, allowed: Sequence[str]) -> None:
+    if split not in allowed:
+        raise ValueError(f"split: expected one of {list(allowed)}, got {split!r}")
+
+
+class _PairDataset(Dataset):
+    """Shared item loading for datasets of ``(image path, label path)`` pairs."""
+
+    num_classes: int | None
+    class_names: list[str] | None
+    ignore_index: int
+
+    def __init__(self, pairs: list[tuple[Path, Path]], transform: JointTransform | None) -> None:
+        self.pairs = pairs
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def _labels(self, raw: np.ndarray, path: Path) -> np.ndarray:
+        return raw
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        image_path, label_path = self.pairs[index]
+        image = load_image(image_path)
+        label = torch.from_numpy(self._labels(load_mask(label_path), label_path))
+        if label.shape != image.shape[-2:]:
+            raise ValueError(f"{label_path}: label of size {tuple(label.shape)}, but its image {image_path.name} is {tuple(image.shape[-2:])}")
+        if self.transform is not None:
+            image, label = self.transform(image, label)
+        return image, label
+
+
+class SegmentationFolder(_PairDataset):
+    """Images in one directory and label masks in another, paired by file stem.
+
+    Args:
+        images_dir: the images (``.png``, ``.jpg``, ``.jpeg``, ``.bmp``, ``.tif``, ``.webp``).
+        masks_dir: single-channel label images with the same stems (``.png``, ``.bmp``, ``.tif``).
+        num_classes: when given, each mask is checked to hold only ``0..num_classes-1`` and
+            ``ignore_index``.
+        ignore_index: label value of unlabeled pixels.
+        class_names: optional names (length ``num_classes``).
+        transform: a joint transform ``(image, label) -> (image, label)``.
+
+    Raises:
+        FileNotFoundError: a directory is missing or empty.
+        ValueError: some stems have an image but no mask, or a mask but no image (listed).
+    """
+
+    def __init__(
+        self,
+        images_dir: str | os.PathLike,
+        masks_dir: str | os.PathLike,
+        num_classes: int | None = None,
+        ignore_index: int = 255,
+        class_names: Sequence[str] | None = None,
+        transform: JointTransform | None = None,
+    ) -> None:
+        images_dir, masks_dir = Path(images_dir), Path(masks_dir)
+        _require_dir(images_dir, "images_dir")
+        _require_dir(masks_dir, "masks_dir")
+        images = {p.stem: p for p in sorted(images_dir.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS}
+        masks = {p.stem: p for p in sorted(masks_dir.iterdir()) if p.suffix.lower() in MASK_EXTENSIONS}
+        if not images:
+            raise FileNotFoundError(f"images_dir: expected image files ({', '.join(IMAGE_EXTENSIONS)}) in {images_dir}, found none")
+        no_mask = sorted(set(images) - set(masks))
+        no_image = sorted(set(masks) - set(images))
+        if no_mask or no_image:
+            raise ValueError(
+                f"images and masks must pair by file stem; {len(no_mask)} image(s) without a mask in {masks_dir}: {no_mask[:10]}"
+                f"{' ...' if len(no_mask) > 10 else ''}; {len(no_image)} mask(s) without an image in {images_dir}: {no_image[:10]}"
+                f"{' ...' if len(no_image) > 10 else ''}"
+            )
+        if class_names is not None and num_classes is not None and len(class_names) != num_classes:
+            raise ValueError(f"class_names: expected {num_classes} names, got {len(class_names)}")
+        super().__init__([(images[s], masks[s]) for s in sorted(images)], transform)
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.class_names = list(class_names) if class_names is not None else ([str(i) for i in range(num_classes)] if num_classes else None)
+
+    def _labels(self, raw: np.ndarray, path: Path) -> np.ndarray:
+        if self.num_classes is not None:
+            bad = (raw >= self.num_classes) & (raw != self.ignore_index) | (raw < 0)
+            if bad.any():
+                values = sorted(set(np.unique(raw[bad]).tolist()))[:10]
+                raise ValueError(f"{path}: label values {values} are neither in 0..{self.num_classes - 1} nor ignore_index={self.ignore_index}")
+        return raw
+
+
+class Cityscapes(_PairDataset):
+    """Cityscapes fine annotations, 19 training classes (255: ignored).
+
+    Layout (as downloaded from cityscapes-dataset.com)::
+
+        root/leftImg8bit/{split}/{city}/{name}_leftImg8bit.png
+        root/gtFine/{split}/{city}/{name}_gtFine_labelIds.png       (or _labelTrainIds.png)
+
+    ``*_gtFine_labelTrainIds.png`` (written by cityscapesScripts' ``createTrainIdLabelImgs``) is
+    used when present; otherwise ``*_gtFine_labelIds.png`` is mapped with the official table
+    :data:`CITYSCAPES_LABEL_TO_TRAIN`.
+
+    Args:
+        root: the directory that holds ``leftImg8bit`` and ``gtFine``.
+        split: ``"train"``, ``"val"`` or ``"test"`` (test labels are not public: all ignored).
+        transform: a joint transform.
+    """
+
+    num_classes = 19
+    class_names = list(CITYSCAPES_CLASSES)
+    ignore_index = 255
+
+    def __init__(self, root: str | os.PathLike, split: str = "train", transform: JointTransform | None = None) -> None:
+        _check_split(split, ("train", "val", "test"))
+        root = Path(root)
+        image_root, label_root = root / "leftImg8bit" / split, root / "gtFine" / split
+        _require_dir(image_root, "Cityscapes images")
+        _require_dir(label_root, "Cityscapes labels")
+        pairs, missing = [], []
+        for image in sorted(image_root.glob("*/*_leftImg8bit.png")):
+            stem = image.name[: -len("_leftImg8bit.png")]
+            city = label_root / image.parent.name
+            train_ids, label_ids = city / f"{stem}_gtFine_labelTrainIds.png", city / f"{stem}_gtFine_labelIds.png"
+            if train_ids.is_file():
+                pairs.append((image, train_ids))
+            elif label_ids.is_file():
+                pairs.append((image, label_ids))
+            else:
+                missing.append(str(label_ids))
+        if not pairs and not missing:
+            raise FileNotFoundError(f"Cityscapes images: expected files {image_root}/<city>/*_leftImg8bit.png, found none")
+        if missing:
+            raise FileNotFoundError(f"Cityscapes labels: {len(missing)} image(s) have no label; expected e.g. {missing[0]} (or *_gtFine_labelTrainIds.png)")
+        super().__init__(pairs, transform)
+
+    def _labels(self, raw: np.ndarray, path: Path) -> np.ndarray:
+        if path.name.endswith("_labelTrainIds.png"):
+            return np.where(raw < self.num_classes, raw, self.ignore_index)
+        return _CITYSCAPES_LUT[np.clip(raw, 0, 255)].astype(np.int64)
+
+
+class ADE20K(_PairDataset):
+    """ADE20K scene parsing (SceneParsing / ADEChallengeData2016), 150 classes.
+
+    Layout::
+
+        root/images/{training,validation}/ADE_*.jpg
+        root/annotations/{training,validation}/ADE_*.png
+
+    ``root`` may be ``ADEChallengeData2016`` itself or the directory that holds it. Label 0
+    ("other") becomes 255 (ignored) and every other label ``k`` becomes ``k - 1``
+    ("reduce zero label", as in the usual DeepLabv3+ / mmsegmentation setting).
+
+    Args:
+        root: see above.
+        split: ``"train"`` (``training``) or ``"val"`` (``validation``).
+        transform: a joint transform.
+    """
+
+    num_classes = 150
+    class_names = list(ADE20K_CLASSES)
+    ignore_index = 255
+
+    def __init__(self, root: str | os.PathLike, split: str = "train", transform: JointTransform | None = None) -> None:
+        _check_split(split, ("train", "val"))
+        root = Path(root)
+        if not (root / "images").is_dir() and (root / "ADEChallengeData2016").is_dir():
+            root = root / "ADEChallengeData2016"
+        folder = {"train": "training", "val": "validation"}[split]
+        image_root, label_root = root / "images" / folder, root / "annotations" / folder
+        _require_dir(image_root, "ADE20K images")
+        _require_dir(label_root, "ADE20K annotations")
+        images = sorted(image_root.glob("*.jpg"))
+        if not images:
+            raise FileNotFoundError(f"ADE20K images: expected files {image_root}/*.jpg, found none")
+        missing = [str(label_root / f"{p.stem}.png") for p in images if not (label_root / f"{p.stem}.png").is_file()]
+        if missing:
+            raise FileNotFoundError(f"ADE20K annotations: {len(missing)} image(s) have no annotation; expected e.g. {missing[0]}")
+        super().__init__([(p, label_root / f"{p.stem}.png") for p in images], transform)
+
+    def _labels(self, raw: np.ndarray, path: Path) -> np.ndarray:
+        return np.where((raw == 0) | (raw > self.num_classes), self.ignore_index, raw - 1)

@@ -16,6 +16,18 @@ from .losses import (
     error_target,
     fused_nll,
 )
+from .evaluation import EvaluationReport, evaluate
+from .metrics import (
+    CalibrationMetrics,
+    CalibrationResult,
+    ErrorDetectionMetrics,
+    ErrorDetectionResult,
+    SegmentationMetrics,
+    SegmentationResult,
+    exact_error_detection,
+)
+from .scores import EntropyScore, ErrorHeadScore, ErrorScore, MCDropoutScore, MSPScore, ScoreOutput
+from .training import FinetuneResult, NonFiniteLossError, finetune
 from .wrapper import ErrorCorrectionOutput, ErrorCorrectionWrapper
 
 __version__ = "0.1.0"
@@ -36,6 +48,24 @@ __all__ = [
     "detail_loss",
     "fused_nll",
     "base_ce",
+    "finetune",
+    "FinetuneResult",
+    "NonFiniteLossError",
+    "evaluate",
+    "EvaluationReport",
+    "SegmentationMetrics",
+    "ErrorDetectionMetrics",
+    "CalibrationMetrics",
+    "SegmentationResult",
+    "ErrorDetectionResult",
+    "CalibrationResult",
+    "exact_error_detection",
+    "ErrorScore",
+    "ScoreOutput",
+    "ErrorHeadScore",
+    "MSPScore",
+    "EntropyScore",
+    "MCDropoutScore",
 ]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._validate import is_tracing
 from .layers import ConvNormAct, LayerSpec, resize
 
 __all__ = [
@@ -186,7 +187,13 @@ class MixtureFusion(nn.Module):
     """
 
     def forward(self, base_logits: Tensor, detail_logits: Tensor, error_logits: Tensor) -> Tensor:
-        return mixture_log_probs(base_logits, detail_logits, error_logits)
+        # Compilers and tracers get the plain ops (inductor fuses them itself); eager runs the
+        # memory-light fused op (Triton on CUDA when available), see errwrap.ops.fusion.
+        if is_tracing():
+            return mixture_log_probs(base_logits, detail_logits, error_logits)
+        from .ops.fusion import fused_mixture_log_probs  # heads <- ops.fusion imports heads
+
+        return fused_mixture_log_probs(base_logits, detail_logits, error_logits)
 
 
 class LearnedFusion(nn.Module):

@@ -1,0 +1,276 @@
+"""The ``errwrap`` command line: ``demo``, ``predict``, ``evaluate`` and ``finetune``.
+
+Every failure the user can fix (a missing file, an unknown model, a wrong data layout) is one
+line on stderr and exit code 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main", "build_parser", "parse_data_spec"]
+
+DATA_KINDS = ("scenes", "cityscapes", "ade20k", "folder")
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line."""
+
+
+def _say(message: str) -> None:
+    print(message, flush=True)
+
+
+# ---------------------------------------------------------------------- data and model
+def parse_data_spec(spec: str, split: str, transform: Any = None, size: int | None = None):
+    """``KIND:PATH`` -> a dataset. Kinds: ``scenes[:N]`` (built-in, N images), ``cityscapes:ROOT``,
+    ``ade20k:ROOT``, ``folder:IMAGES_DIR,MASKS_DIR``."""
+    from . import data
+
+    kind, _, rest = spec.partition(":")
+    kind = kind.lower()
+    if kind == "scenes":
+        n = int(rest) if rest else 200
+        return data.Scenes(n, size=size or 128, seed=0, split=split, transform=transform)
+    if kind not in DATA_KINDS:
+        raise CLIError(f"--data {spec!r}: unknown kind {kind!r}; expected one of {', '.join(k + ':PATH' for k in DATA_KINDS)}")
+    if not rest:
+        raise CLIError(f"--data {spec!r}: expected {kind}:PATH")
+    if kind == "cityscapes":
+        return data.Cityscapes(rest, split=split, transform=transform)
+    if kind == "ade20k":
+        return data.ADE20K(rest, split=split, transform=transform)
+    images, _, masks = rest.partition(",")
+    if not masks:
+        raise CLIError(f"--data {spec!r}: expected folder:IMAGES_DIR,MASKS_DIR")
+    return data.SegmentationFolder(images, masks, transform=transform)
+
+
+def _check_classes(dataset, wrap, spec: str) -> None:
+    n = getattr(dataset, "num_classes", None)
+    if n is not None and n != wrap.num_classes:
+        raise CLIError(f"--data {spec}: the data has {n} classes, the model {wrap.num_classes}")
+
+
+def _load_model(location: str, device: str | None):
+    from .wrapper import ErrorCorrectionWrapper
+
+    try:
+        return ErrorCorrectionWrapper.from_pretrained(location, device=device).eval()
+    except FileNotFoundError as exc:
+        raise CLIError(f"--model {location}: {exc}") from None
+
+
+def _normalizer(wrap):
+    from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, Normalize
+
+    pre = getattr(wrap, "preprocessing", None) or {}
+    mean, std = pre.get("mean", IMAGENET_MEAN), pre.get("std", IMAGENET_STD)
+    return Normalize(mean, std), mean, std
+
+
+def _read_image(path: Path):
+    import numpy as np
+    import torch
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        raise CLIError(f"{path}: no such image file")
+    try:
+        with Image.open(path) as img:
+            arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    except (UnidentifiedImageError, OSError) as exc:
+        raise CLIError(f"{path}: not an image Pillow can read ({exc})") from None
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+# ---------------------------------------------------------------------- commands
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import DemoConfig, run_demo
+
+    cfg = DemoConfig(minutes=args.minutes, seed=args.seed)
+    if args.quick:
+        cfg = DemoConfig(minutes=min(args.minutes, 0.5), seed=args.seed, image_size=64, train_images=64, val_images=16, panels=2, mc_dropout=False)
+    _say(f"errwrap demo: budget {cfg.minutes:g} min, output {args.out}")
+    result = run_demo(args.out, cfg, say=_say)
+    report = result.report
+    _say("")
+    _say(report.table())
+    _say("")
+    head = report.error_detection["error_head"]
+    msp = report.error_detection["msp"]
+    _say(f"before/after: mIoU {100 * report.base.miou:.2f} -> {100 * report.fused.miou:.2f} ({100 * report.miou_gain:+.2f} points); "
+         f"AUPR-Error error head {100 * head.aupr_error:.2f} vs MSP {100 * msp.aupr_error:.2f}")
+    _say(f"wrote {len(result.files)} files to {result.out_dir} in {result.seconds:.0f} s "
+         f"(base {result.base_steps} steps, heads {result.head_steps} steps)")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import torch
+
+    from .viz import make_panel, palette_for, save_heatmap_png, save_label_png
+
+    paths = [Path(p) for p in args.images]
+    images = [_read_image(p) for p in paths]  # fail on a bad file before loading the model
+    wrap = _load_model(args.model, args.device)
+    normalize, mean, std = _normalizer(wrap)
+    palette = palette_for(wrap.num_classes, args.palette)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = next(wrap.parameters()).device
+    for path, image in zip(paths, images):
+        x, _ = normalize(image, torch.zeros(image.shape[-2:], dtype=torch.long))
+        with torch.no_grad():
+            o = wrap(x[None].to(device))
+        labels, error, base = o.labels[0].cpu(), o.error_prob[0].cpu(), o.base_labels[0].cpu()
+        save_label_png(labels, out / f"{path.stem}_labels.png", palette)
+        save_heatmap_png(error, out / f"{path.stem}_error.png")
+        make_panel(x, base, error, labels, palette=palette, mean=mean, std=std).save(out / f"{path.stem}_panel.png")
+        changed = float((labels != base).float().mean())
+        _say(f"{path}: mean error probability {float(error.mean()):.3f}, {100 * changed:.2f}% of pixels re-labelled -> {out}/{path.stem}_*.png")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from torch.utils.data import DataLoader
+
+    from .evaluation import evaluate
+
+    wrap = _load_model(args.model, args.device)
+    normalize, _, _ = _normalizer(wrap)
+    dataset = parse_data_spec(args.data, args.split, transform=normalize, size=args.size)
+    _check_classes(dataset, wrap, args.data)
+    if len(dataset) == 0:
+        raise CLIError(f"--data {args.data}: no images found for split {args.split!r}")
+    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers)
+    baselines = tuple(b for b in args.baselines.split(",") if b)
+    start = time.perf_counter()
+    report = evaluate(wrap, loader, baselines=baselines, mc_dropout_T=args.mc_T, max_batches=args.max_batches)
+    _say(report.table())
+    _say(f"evaluated {report.num_images} images in {time.perf_counter() - start:.1f} s")
+    if args.json:
+        report.to_json(args.json)
+        _say(f"wrote {args.json}")
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from . import data as D
+    from .training import finetune
+
+    wrap = _load_model(args.model, args.device)
+    normalize, _, _ = _normalizer(wrap)
+    transforms = [D.RandomHorizontalFlip()]
+    if args.crop:
+        transforms = [D.RandomScale(0.5, 2.0), D.RandomCrop(args.crop), D.RandomHorizontalFlip()]
+    dataset = parse_data_spec(args.data, "train", transform=D.Compose([*transforms, normalize]), size=args.size)
+    _check_classes(dataset, wrap, args.data)
+    if len(dataset) == 0:
+        raise CLIError(f"--data {args.data}: no training images found")
+    loader = D.make_loader(dataset, batch_size=args.batch_size, shuffle=True, seed=args.seed, num_workers=args.workers, drop_last=True)
+    result = finetune(wrap, loader, steps=args.steps, lr=args.lr, precision=args.precision, seed=args.seed,
+                      checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
+                      resume=args.resume)
+    last = result.history[-1] if result.history else {}
+    _say(f"fine-tuned {args.steps} steps; last losses: " + ", ".join(f"{k} {v:.4f}" for k, v in last.items() if isinstance(v, float)))
+    wrap.save_pretrained(args.out, training={"data": args.data, "steps": args.steps, "lr": args.lr})
+    _say(f"saved to {args.out}")
+    return 0
+
+
+# ---------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="errwrap", description="Predict where a segmentation network is wrong, and correct it.")
+    parser.add_argument("--version", action="version", version=f"errwrap {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("demo", help="train, wrap, fine-tune and evaluate on the built-in scenes (CPU, ~5 min)",
+                       description="On the built-in Scenes: train a small DeepLabV3+ base, wrap it, fine-tune the heads with the "
+                                   "base frozen, evaluate on a held-out split, print a before/after table, and write metrics.json, "
+                                   "a saved model and picture panels to --out.")
+    p.add_argument("--out", default="errwrap-demo", help="output directory (default: errwrap-demo)")
+    p.add_argument("--minutes", type=float, default=5.0, help="time budget in minutes (default: 5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="a tiny run of a few seconds (smoke test; numbers are meaningless)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("predict", help="corrected labels, error map and panel for images",
+                       description="For each image write OUT/STEM_labels.png (palette PNG of corrected class ids), "
+                                   "OUT/STEM_error.png (error-probability heat map) and OUT/STEM_panel.png.")
+    p.add_argument("--model", required=True, help="a saved model directory or a Hub repo id")
+    p.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--palette", choices=["cityscapes", "ade20k", "generated"], default=None)
+    p.add_argument("--device", default=None, help="e.g. cpu, cuda (default: cpu)")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("evaluate", help="metrics report: segmentation, error detection, calibration, timing",
+                       description="Evaluate a model on a data set: base vs corrected mIoU, error head vs baselines (AUROC, "
+                                   "AUPR-Error, AUPR-Success, FPR95), ECE and time per image. DATA is scenes[:N], "
+                                   "cityscapes:ROOT, ade20k:ROOT or folder:IMAGES_DIR,MASKS_DIR.")
+    p.add_argument("--model", required=True, help="a saved model directory or a Hub repo id")
+    p.add_argument("--data", required=True, metavar="KIND:PATH")
+    p.add_argument("--split", default="val", help="data split (default: val)")
+    p.add_argument("--size", type=int, default=None, help="image size for scenes (default: 128)")
+    p.add_argument("--baselines", default="msp,entropy", help="comma-separated: msp, entropy, mc_dropout (default: msp,entropy)")
+    p.add_argument("--mc-T", type=int, default=10, help="passes of MC dropout (default: 10)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--max-batches", type=int, default=None)
+    p.add_argument("--json", default=None, help="also write the report as JSON here")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("finetune", help="fine-tune the heads (base frozen) and save the model",
+                       description="Fine-tune a saved model's heads with the base frozen on DATA (scenes[:N], cityscapes:ROOT, "
+                                   "ade20k:ROOT or folder:IMAGES_DIR,MASKS_DIR) and save it to --out.")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True, metavar="KIND:PATH")
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--crop", type=int, default=None, help="random scale (0.5-2) and crop to this size")
+    p.add_argument("--size", type=int, default=None, help="image size for scenes")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--checkpoint-dir", default=None)
+    p.add_argument("--checkpoint-every", type=int, default=None)
+    p.add_argument("--resume", default=None, help="a checkpoint directory, or 'latest'")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_finetune)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``errwrap`` console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("errwrap: interrupted", file=sys.stderr)
+        return 130
+    except (CLIError, FileNotFoundError, NotADirectoryError, ValueError, TypeError, RuntimeError, OSError, json.JSONDecodeError) as exc:
+        if args.debug:
+            raise
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"errwrap: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

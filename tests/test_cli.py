@@ -1,0 +1,99 @@
+"""The errwrap command line: errors are one line and exit 2; predict writes the documented files."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from errwrap import ErrorCorrectionWrapper
+from errwrap.cli import build_parser, main
+from errwrap.models import DeepLabV3Plus
+from errwrap.viz import PANEL_GAP, PANEL_TITLE_HEIGHT
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    base = DeepLabV3Plus("resnet18", num_classes=11, aspp_channels=16, decoder_channels=16, low_level_channels=8)
+    wrap = ErrorCorrectionWrapper(base, error_channels=8, detail_channels=8)
+    wrap.preprocessing = {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+    path = tmp_path_factory.mktemp("model")
+    wrap.save_pretrained(path, class_names=[f"c{i}" for i in range(11)])
+    return path
+
+
+def test_help_for_every_command(capsys):
+    for command in ([], ["demo"], ["predict"], ["evaluate"], ["finetune"]):
+        with pytest.raises(SystemExit) as info:
+            main([*command, "--help"])
+        assert info.value.code == 0
+        assert "usage: errwrap" in capsys.readouterr().out
+    assert {"demo", "predict", "evaluate", "finetune"} <= set(build_parser()._subparsers._group_actions[0].choices)
+
+
+def test_predict_writes_labels_error_map_and_panel(model_dir, tmp_path, capsys):
+    image_path = tmp_path / "street.png"
+    Image.fromarray((np.random.default_rng(0).random((40, 56, 3)) * 255).astype(np.uint8)).save(image_path)
+    out = tmp_path / "out"
+    assert main(["predict", "--model", str(model_dir), str(image_path), "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["street_error.png", "street_labels.png", "street_panel.png"]
+    labels = Image.open(out / "street_labels.png")
+    assert labels.mode == "P" and labels.size == (56, 40)
+    assert np.asarray(labels).max() < 11
+    assert Image.open(out / "street_error.png").size == (56, 40)
+    panel = Image.open(out / "street_panel.png")
+    assert panel.size == (6 * 56 + 5 * PANEL_GAP, 40 + PANEL_TITLE_HEIGHT)
+    assert "re-labelled" in capsys.readouterr().out
+
+
+def test_evaluate_prints_table_and_writes_json(model_dir, tmp_path, capsys):
+    report = tmp_path / "report.json"
+    assert main(["evaluate", "--model", str(model_dir), "--data", "scenes:4", "--size", "32", "--json", str(report)]) == 0
+    text = capsys.readouterr().out
+    assert "error_head" in text and "msp" in text
+    data = json.loads(report.read_text())
+    assert data["num_images"] == 4 and 0.0 <= data["base"]["miou"] <= 1.0
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["predict", "--model", "/definitely/not/here", "x.png", "--out", "o"], "no such image file"),
+        (["evaluate", "--model", "/definitely/not/here", "--data", "scenes:2"], "--model /definitely/not/here"),
+        (["evaluate", "--model", "MODEL", "--data", "nonsense:/x"], "unknown kind 'nonsense'"),
+        (["evaluate", "--model", "MODEL", "--data", "cityscapes:/definitely/not/here"], "leftImg8bit"),
+        (["evaluate", "--model", "MODEL", "--data", "folder:/only-images"], "folder:IMAGES_DIR,MASKS_DIR"),
+        (["evaluate", "--model", "MODEL", "--data", "ade20k:/definitely/not/here"], "images/validation"),
+    ],
+)
+def test_errors_are_one_line_with_exit_code_2(model_dir, argv, message, capsys):
+    argv = [str(model_dir) if a == "MODEL" else a for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("errwrap: error: ") and message in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_finetune_command_saves_a_loadable_model(model_dir, tmp_path, capsys):
+    out = tmp_path / "tuned"
+    assert main(["finetune", "--model", str(model_dir), "--data", "scenes:4", "--size", "32", "--steps", "2", "--batch-size", "2", "--out", str(out)]) == 0
+    tuned = ErrorCorrectionWrapper.from_pretrained(out)
+    before = ErrorCorrectionWrapper.from_pretrained(model_dir)
+    assert not torch.equal(tuned.error_head.classifier.weight, before.error_head.classifier.weight)
+    assert torch.equal(tuned.base.classifier.weight, before.base.classifier.weight) if hasattr(tuned.base, "classifier") else True
+    assert tuned.preprocessing == {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+
+
+@pytest.mark.slow
+def test_demo_quick_runs_end_to_end(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "before/after: mIoU" in text
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"report", "demo"} <= set(metrics)
+    assert (out / "model" / "model.safetensors").is_file()
+    assert len(list((out / "panels").glob("panel_*.png"))) == 2
+    assert ErrorCorrectionWrapper.from_pretrained(out / "model").num_classes == 11

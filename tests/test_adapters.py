@@ -64,10 +64,8 @@ def _same_architecture(a, b):
 
 
 # ---------------------------------------------------------------------------------------- SMP
-smp = pytest.importorskip("segmentation_models_pytorch")
-
-
 def _smp(arch, seed=0, **kwargs):
+    smp = pytest.importorskip("segmentation_models_pytorch")
     torch.manual_seed(seed)
     return smp.create_model(arch, encoder_name="resnet18", encoder_weights=None, classes=5, **kwargs).eval()
 

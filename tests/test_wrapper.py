@@ -261,3 +261,30 @@ def test_wrapper_keeps_no_reference_cycles_to_base_hooks():
     del wrap
     gc.collect()
     assert not base._forward_hooks and not base._forward_pre_hooks
+
+
+def test_register_adapter_as_class_decorator():
+    from errwrap.adapters import BaseAdapter, BaseOutput, register_adapter, unregister_adapter
+
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+
+        def forward(self, x):
+            return {"scores": self.conv(x)}
+
+    @register_adapter("odd-family", lambda m: isinstance(m, Odd))
+    class OddAdapter(BaseAdapter):
+        name = "odd-family"
+
+        def forward(self, model, x):
+            y = model(x)["scores"]
+            return BaseOutput(y, {"0": y})
+
+    try:
+        wrap = ErrorCorrectionWrapper(Odd())
+        assert isinstance(wrap.adapter, OddAdapter)
+        assert wrap(torch.randn(1, 3, 16, 16)).logits.shape == (1, 4, 16, 16)
+    finally:
+        unregister_adapter("odd-family")

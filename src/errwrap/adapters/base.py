@@ -88,6 +88,9 @@ class BaseAdapter:
     #: ``torch.export`` (and so ONNX export) can trace this adapter.
     exportable: bool = True
 
+    def __init__(self, model: nn.Module | None = None) -> None:
+        """Registered adapters are built as ``factory(model)``; the base class ignores ``model``."""
+
     def forward(self, model: nn.Module, x: Tensor) -> BaseOutput:
         raise NotImplementedError
 

@@ -28,6 +28,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 __all__ = [
     "TensorMemory",
     "bar_plot",
+    "demo_config",
+    "scenes_val_loader",
     "environment",
     "finish",
     "format_table",
@@ -283,3 +285,47 @@ def bar_plot(
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
     return path
+
+
+# ---------------------------------------------------------------------- trained demo models
+DEMO_DEFAULTS: dict[str, Any] = {
+    "image_size": 96,
+    "train_images": 1000,
+    "val_images": 120,
+    "batch_size": 8,
+    "encoder": "resnet18",
+    "base_share": 0.5,
+    "heads_share": 0.3,
+    "base_lr": 2e-3,
+    "heads_lr": 2e-3,
+    "max_base_steps": 3000,
+    "max_head_steps": 2000,
+}
+DEMO_TINY: dict[str, Any] = {
+    **DEMO_DEFAULTS,
+    "image_size": 32,
+    "train_images": 16,
+    "val_images": 8,
+    "batch_size": 4,
+    "max_base_steps": 6,
+    "max_head_steps": 4,
+}
+
+
+def demo_config(minutes: float, seed: int, tiny: bool, mc_dropout: bool, **overrides: Any) -> Any:
+    """A ``DemoConfig`` with every field set here (``demo.py``'s defaults may change)."""
+    from errwrap.demo import DemoConfig
+
+    fields = dict(DEMO_TINY if tiny else DEMO_DEFAULTS)
+    fields.update({k: v for k, v in overrides.items() if v is not None})
+    return DemoConfig(minutes=minutes, seed=seed, panels=0, mc_dropout=mc_dropout, **fields)
+
+
+def scenes_val_loader(num_images: int, size: int, seed: int, batch_size: int) -> Any:
+    """The held-out ``Scenes`` split the demo evaluates on (same seed and size give the same images)."""
+    from torch.utils.data import DataLoader
+
+    from errwrap.data import IMAGENET_MEAN, IMAGENET_STD, Normalize, Scenes
+
+    val = Scenes(num_images, size=size, seed=seed, split="val", transform=Normalize(IMAGENET_MEAN, IMAGENET_STD), cache=True)
+    return DataLoader(val, batch_size=batch_size, shuffle=False, num_workers=0)

@@ -1,0 +1,104 @@
+"""Smoke tests of the benchmark scripts: each runs at ``--tiny`` size in a subprocess and its JSON
+output and ``SUMMARY`` line are checked, so the scripts cannot silently rot.
+
+Each script imports torch and trains or times real (tiny) models, which takes longer than a few
+seconds on 2 cores, so every test here is marked slow.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+
+pytestmark = pytest.mark.slow
+
+
+def _run(script: str, tmp: Path, *extra: str) -> tuple[dict, dict, str]:
+    out_json = tmp / f"{script}.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / f"{script}.py"), "--tiny", "--json", str(out_json), *extra],
+        capture_output=True, text=True, timeout=600, cwd=tmp,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("SUMMARY "), proc.stdout[-2000:]
+    summary = json.loads(last[len("SUMMARY "):])
+    data = json.loads(out_json.read_text())
+    assert data["summary"] == summary
+    assert data["versions"]["torch"] and data["date"] and data["machine"]["cpu_count"] >= 1
+    return summary, data, proc.stdout
+
+
+def _is_rate(v: float) -> bool:
+    return isinstance(v, float) and 0.0 <= v <= 1.0
+
+
+@pytest.fixture(scope="module")
+def tmp(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("bench")
+
+
+def test_help_lists_the_options():
+    for script, option in (("overhead", "--channels-last"), ("mc_dropout", "--model"), ("training_cost", "--encoder"), ("quality", "--minutes")):
+        proc = subprocess.run([sys.executable, str(BENCH / f"{script}.py"), "--help"], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0 and option in proc.stdout and "--json" in proc.stdout and "--tiny" in proc.stdout
+
+
+def test_overhead(tmp):
+    summary, data, stdout = _run("overhead", tmp, "--plot", str(tmp / "overhead.png"))
+    assert summary["benchmark"] == "overhead" and summary["size"] == [64, 128]
+    (model,) = summary["models"].values()
+    assert model["width"] == 64 and 0 < model["error_ratio"] < 20 and 0 < model["all_ratio"] < 20
+    assert 0 < model["added_params_pct_of_reference"] < 5  # a few hundred thousand parameters on 40 M
+    rows = {r["variant"]: r for r in data["results"][0]["rows"]}
+    assert set(rows) == {"base", "error@64", "all@64", "error@16", "all@16"}
+    # parameters and FLOPs are exact counts: the heads only add, and a wider head adds more
+    assert rows["base"]["added_params"] == 0 and rows["base"]["ratio"]["median"] == 1.0
+    assert 0 < rows["error@16"]["added_params"] < rows["error@64"]["added_params"] < rows["all@64"]["added_params"]
+    assert rows["base"]["gflops"] < rows["error@64"]["gflops"] < rows["all@64"]["gflops"]
+    assert rows["all@16"]["gflops"] < rows["all@64"]["gflops"]
+    assert 0 < rows["base"]["peak_memory_mb"] <= rows["all@64"]["peak_memory_mb"]
+    assert all(len(t) == 3 and min(t) > 0 for t in data["results"][0]["times_s"].values())
+    assert (tmp / "overhead.png").stat().st_size > 1000 and "targets" in stdout
+
+
+def test_training_cost(tmp):
+    summary, data, _ = _run("training_cost", tmp)
+    assert summary["benchmark"] == "training_cost" and summary["encoder"] == "resnet18"
+    assert set(summary["seconds_per_step"]) == {"base", "heads", "joint"}
+    assert all(v > 0 for v in summary["seconds_per_step"].values())
+    assert 0 < summary["heads_ratio"] < 20 and 0 < summary["joint_ratio"] < 20
+    assert summary["heads_target_met"] == (summary["heads_ratio"] <= 0.6)
+    assert summary["joint_target_met"] == (summary["joint_ratio"] <= 1.25)
+
+
+def test_quality_then_mc_dropout_on_its_model(tmp):
+    summary, data, stdout = _run("quality", tmp, "--seeds", "0", "--out", str(tmp / "q"))
+    assert summary["seeds"] == [0] and set(summary["aupr_error"]) == {"error_head", "msp", "entropy", "mc_dropout"}
+    for key in ("aupr_error", "fpr95", "auroc"):
+        assert all(_is_rate(v) for v in summary[key].values()), summary[key]
+    assert _is_rate(summary["miou_base"]) and _is_rate(summary["miou_fused"]) and _is_rate(summary["ece_fused"])
+    agg = data["aggregate"]["error_detection"]["error_head"]["aupr_error"]
+    assert agg["n"] == 1 and agg["std"] == 0.0 and math.isclose(agg["mean"], summary["aupr_error"]["error_head"])
+    met = summary["targets_met"]
+    assert met["AUPR-Error: error head >= MSP + 5 points"] == (summary["aupr_error"]["error_head"] >= summary["aupr_error"]["msp"] + 0.05)
+    assert "| target" in stdout
+
+    model = tmp / "q" / "seed0" / "model"
+    assert (model / "config.json").exists()
+    summary, data, _ = _run("mc_dropout", tmp, "--model", str(model))
+    assert summary["benchmark"] == "mc_dropout" and summary["T"] == [2, 3]
+    assert set(summary["aupr_error"]) == {"error_head", "msp", "entropy", "mc_dropout T=2", "mc_dropout T=3"}
+    assert all(_is_rate(v) for v in summary["aupr_error"].values())
+    assert all(0 < s < 1000 for s in summary["speedup_vs_mc_T10"].values())
+    # the same model and held-out images as quality.py's evaluation: the error head's AUPR agrees
+    assert math.isclose(summary["aupr_error"]["error_head"], agg["mean"], rel_tol=1e-6)
+    assert data["model"]["image_size"] == 32 and data["model"]["val_images"] == 8

@@ -28,7 +28,6 @@ import os
 import random
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -37,9 +36,9 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from ._io import load_safetensors, save_safetensors, write_text_atomic
 from .losses import ErrorCorrectionLoss
 
 __all__ = ["FinetuneResult", "NonFiniteLossError", "finetune", "lr_factor", "load_checkpoint_weights"]
@@ -209,9 +208,7 @@ class _Batches:
 
 # ---------------------------------------------------------------------------- checkpoints
 def _checkpoint_weights(wrapper: nn.Module, base_trained: bool) -> dict[str, Tensor]:
-    state = wrapper.state_dict()
-    # Clones: safetensors refuses tensors that share storage.
-    return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items() if base_trained or not k.startswith("base.")}
+    return {k: v for k, v in wrapper.state_dict().items() if base_trained or not k.startswith("base.")}
 
 
 def _write_checkpoint(directory: Path, step: int, weights: dict[str, Tensor], state: dict[str, Any]) -> Path:
@@ -221,15 +218,12 @@ def _write_checkpoint(directory: Path, step: int, weights: dict[str, Tensor], st
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt", "library": "errwrap", "step": str(step)})
+    save_safetensors(weights, tmp / "model.safetensors", metadata={"format": "pt", "library": "errwrap", "step": str(step)})
     torch.save(state, tmp / "state.pt")
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    fd, name = tempfile.mkstemp(prefix=".latest.", dir=directory)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(final.name + "\n")
-    os.replace(name, directory / "latest")
+    write_text_atomic(directory / "latest", final.name + "\n")
     return final
 
 
@@ -260,7 +254,7 @@ def load_checkpoint_weights(wrapper: nn.Module, checkpoint: str | os.PathLike) -
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint: expected {path}, which does not exist")
     param = next(iter(wrapper.parameters()), None)
-    tensors = load_file(str(path), device=str(param.device if param is not None else "cpu"))
+    tensors, _ = load_safetensors(path, device=param.device if param is not None else "cpu")
     current = wrapper.state_dict()
     unexpected = sorted(set(tensors) - set(current))
     missing = sorted(k for k in current if not k.startswith("base.") and k not in tensors)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from errwrap import ErrorCorrectionLoss, ErrorCorrectionWrapper
+from errwrap import ErrorCorrectionLoss, ErrorCorrectionWrapper, evaluate
 from errwrap.data import Scenes, make_loader
 from errwrap.training import finetune
 
@@ -45,34 +45,6 @@ class SmallSegNet(nn.Module):
         high = self.high(low)
         up = F.interpolate(high, size=low.shape[-2:], mode="bilinear", align_corners=False)
         return self.classifier(self.fuse(torch.cat([low, up], 1))), [low, high]
-
-
-@torch.no_grad()
-def evaluate(wrapper: ErrorCorrectionWrapper, loader, num_classes: int) -> dict[str, float]:
-    """mIoU of the base and of the corrected labels, and AUROC of the error map."""
-    wrapper.eval()
-    conf_base = torch.zeros(num_classes, num_classes, dtype=torch.long)
-    conf_fused = torch.zeros_like(conf_base)
-    scores, wrong = [], []
-    for images, labels in loader:
-        out = wrapper(images)
-        for conf, pred in ((conf_base, out.base_labels), (conf_fused, out.labels)):
-            conf += torch.bincount(labels.flatten() * num_classes + pred.flatten(), minlength=num_classes**2).reshape(num_classes, num_classes)
-        scores.append(out.error_prob.flatten())
-        wrong.append((out.base_labels != labels).flatten())
-
-    def miou(conf: torch.Tensor) -> float:
-        inter = conf.diag().float()
-        union = conf.sum(0).float() + conf.sum(1).float() - inter
-        return float((inter / union.clamp_min(1))[union > 0].mean())
-
-    s, y = torch.cat(scores), torch.cat(wrong).float()
-    order = s.argsort()  # AUROC = P(score of a wrong pixel > score of a right one), by ranks
-    ranks = torch.empty_like(s)
-    ranks[order] = torch.arange(1, len(s) + 1, dtype=s.dtype)
-    n_pos, n_neg = y.sum(), (1 - y).sum()
-    auroc = float((ranks[y.bool()].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg).clamp_min(1))
-    return {"base_miou": miou(conf_base), "fused_miou": miou(conf_fused), "error_rate": float(y.mean()), "error_auroc": auroc}
 
 
 def main() -> None:
@@ -116,16 +88,15 @@ def main() -> None:
 
     # 2. Wrap it and fine-tune the heads (base frozen: the default loss has w_base = 0).
     wrapper = ErrorCorrectionWrapper(base, error_channels=32, detail_channels=32)
-    before = evaluate(wrapper, val_loader, Scenes.num_classes)
+    before = evaluate(wrapper, val_loader)
     start = time.perf_counter()
     result = finetune(wrapper, loader, steps=args.head_steps, lr=args.head_lr, warmup_steps=10, loss=ErrorCorrectionLoss(), seed=args.seed, log_every=50)
     logging.info("heads fine-tuned: %d steps in %.1f s", result.step, time.perf_counter() - start)
-    after = evaluate(wrapper, val_loader, Scenes.num_classes)
+    after = evaluate(wrapper, val_loader)
 
-    logging.info("validation (%d images of %dx%d):", len(val), args.size, args.size)
-    logging.info("  base mIoU       %.3f", after["base_miou"])
-    logging.info("  corrected mIoU  %.3f  (heads before training: %.3f)", after["fused_miou"], before["fused_miou"])
-    logging.info("  base error rate %.3f of pixels; error-map AUROC %.3f (untrained heads: %.3f)", after["error_rate"], after["error_auroc"], before["error_auroc"])
+    print(f"validation ({len(val)} images of {args.size}x{args.size}):")
+    print(after.table())
+    print(f"untrained heads: corrected mIoU {before.fused.miou:.3f}, error-map AUROC {before.error_detection['error_head'].auroc:.3f}")
 
 
 if __name__ == "__main__":

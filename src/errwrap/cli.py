@@ -96,9 +96,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import DemoConfig, run_demo
 
     cfg = DemoConfig(minutes=args.minutes, seed=args.seed)
+    progress = logging.StreamHandler(sys.stdout)  # the fine-tuning loop's progress lines
+    progress.setFormatter(logging.Formatter("  %(message)s"))
+    train_log = logging.getLogger("errwrap.training")
+    train_log.addHandler(progress)
+    train_log.setLevel(logging.INFO)
     if args.quick:
-        cfg = DemoConfig(minutes=min(args.minutes, 0.5), seed=args.seed, image_size=64, train_images=64, val_images=16, panels=2, mc_dropout=False)
-    _say(f"errwrap demo: budget {cfg.minutes:g} min, output {args.out}")
+        cfg = DemoConfig(minutes=0.1, seed=args.seed, image_size=64, train_images=64, val_images=16, panels=2, mc_dropout=False)
+    _say(f"errwrap demo: {cfg.scaled(cfg.base_steps)} base steps, {cfg.scaled(cfg.head_steps)} head steps, output {args.out}")
     result = run_demo(args.out, cfg, say=_say)
     report = result.report
     _say("")
@@ -200,7 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "base frozen, evaluate on a held-out split, print a before/after table, and write metrics.json, "
                                    "a saved model and picture panels to --out.")
     p.add_argument("--out", default="errwrap-demo", help="output directory (default: errwrap-demo)")
-    p.add_argument("--minutes", type=float, default=5.0, help="time budget in minutes (default: 5)")
+    p.add_argument("--minutes", type=float, default=5.0,
+                   help="scales the training steps; 5 (the default) takes about 5 minutes on an idle 2-core CPU")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a tiny run of a few seconds (smoke test; numbers are meaningless)")
     p.set_defaults(func=cmd_demo)

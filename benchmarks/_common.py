@@ -288,37 +288,23 @@ def bar_plot(
 
 
 # ---------------------------------------------------------------------- trained demo models
-DEMO_DEFAULTS: dict[str, Any] = {
-    "image_size": 96,
-    "train_images": 1000,
-    "val_images": 120,
-    "batch_size": 8,
-    "encoder": "resnet18",
-    "base_share": 0.5,
-    "heads_share": 0.3,
-    "base_lr": 2e-3,
-    "heads_lr": 2e-3,
-    "max_base_steps": 3000,
-    "max_head_steps": 2000,
-}
-DEMO_TINY: dict[str, Any] = {
-    **DEMO_DEFAULTS,
-    "image_size": 32,
-    "train_images": 16,
-    "val_images": 8,
-    "batch_size": 4,
-    "max_base_steps": 6,
-    "max_head_steps": 4,
-}
+DEMO_DEFAULTS: dict[str, Any] = {"image_size": 96, "train_images": 1000, "val_images": 120, "batch_size": 8, "encoder": "resnet18"}
+DEMO_TINY: dict[str, Any] = {"image_size": 32, "train_images": 16, "val_images": 8, "batch_size": 4, "encoder": "resnet18", "base_steps": 4, "head_steps": 4}
 
 
 def demo_config(minutes: float, seed: int, tiny: bool, mc_dropout: bool, **overrides: Any) -> Any:
-    """A ``DemoConfig`` with every field set here (``demo.py``'s defaults may change)."""
+    """A ``DemoConfig`` with the data and model fields set here (the training schedule is
+    ``demo.py``'s, scaled by ``minutes``); fields this version of ``DemoConfig`` lacks are
+    skipped. The JSON outputs record every field actually used."""
+    import dataclasses
+
     from errwrap.demo import DemoConfig
 
+    known = {f.name for f in dataclasses.fields(DemoConfig)}
     fields = dict(DEMO_TINY if tiny else DEMO_DEFAULTS)
     fields.update({k: v for k, v in overrides.items() if v is not None})
-    return DemoConfig(minutes=minutes, seed=seed, panels=0, mc_dropout=mc_dropout, **fields)
+    fields.update(minutes=minutes, seed=seed, panels=0, mc_dropout=mc_dropout)
+    return DemoConfig(**{k: v for k, v in fields.items() if k in known})
 
 
 def scenes_val_loader(num_images: int, size: int, seed: int, batch_size: int) -> Any:

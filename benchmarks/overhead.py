@@ -270,10 +270,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.reference_params = _reference_params()
 
     say = print
-    env = environment(args.device)
     say(f"errwrap overhead benchmark: {args.device} {args.dtype}{' compiled' if args.compile else ''}{' channels_last' if args.channels_last else ''}, "
         f"input {args.size[0]}x{args.size[1]}, widths {args.widths}, {args.repeats} rounds after {args.warmup} warm-up")  # fmt: skip
     results = [bench_model(key, args, batch, say) for key in args.models for batch in args.batch]
+    env = environment(args.device)  # after the runs, so the versions of every imported family are listed
 
     table = []
     for res in results:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["mixture_fwd_kernel", "mixture_bwd_kernel", "mixture_labels_kernel"]
+__all__ = ["mixture_bwd_kernel", "mixture_fwd_kernel", "mixture_labels_kernel"]
 
 
 @triton.jit

@@ -35,8 +35,8 @@ from ..heads import mixture_log_probs
 __all__ = [
     "BACKENDS",
     "FusedPrediction",
-    "fused_mixture_log_probs",
     "fused_labels_and_error_prob",
+    "fused_mixture_log_probs",
     "triton_available",
 ]
 
@@ -65,7 +65,7 @@ def _triton_module() -> Any:
     """The kernels' module, or ``None`` when Triton cannot be imported."""
     try:
         from . import _triton_fusion
-    except Exception as exc:  # ImportError, or a Triton that fails to initialise
+    except Exception as exc:  # noqa: BLE001 - ImportError, or a Triton that fails to initialise
         logger.debug("Triton fusion kernels unavailable: %s", exc)
         return None
     return _triton_fusion

@@ -187,9 +187,10 @@ class MixtureFusion(nn.Module):
     """
 
     def forward(self, base_logits: Tensor, detail_logits: Tensor, error_logits: Tensor) -> Tensor:
-        # Compilers and tracers get the plain ops (inductor fuses them itself); eager runs the
-        # memory-light fused op (Triton on CUDA when available), see errwrap.ops.fusion.
-        if is_tracing():
+        # Compilers and tracers get the plain ops (inductor fuses them itself), and so does the
+        # CPU, where the plain ops are 10-20% faster to train than the memory-light custom
+        # function; eager CUDA runs the fused op (Triton when available), see errwrap.ops.fusion.
+        if is_tracing() or not base_logits.is_cuda:
             return mixture_log_probs(base_logits, detail_logits, error_logits)
         from .ops.fusion import fused_mixture_log_probs  # heads <- ops.fusion imports heads
 

@@ -70,3 +70,34 @@ def test_onnx_export_runs_in_onnxruntime(wrap, tmp_path):
 def test_onnx_export_refuses_training_mode(wrap, tmp_path):
     with pytest.raises(ValueError, match="eval mode"):
         export_onnx(wrap.train(), tmp_path / "m.onnx", batch()[0])
+
+
+def _family_models():
+    from .test_adapters import _plain, _segformer, _smp, _tv
+    from .test_hub_families import _deeplab
+
+    return {
+        "deeplabv3plus": (_deeplab, {}),
+        "smp": (lambda: _smp("unet", encoder_depth=3, decoder_channels=(16, 8, 8)), {}),
+        "torchvision": (lambda: _tv("lraspp_mobilenet_v3_large"), {}),
+        "transformers": (_segformer, {}),
+        "hooks": (lambda: _plain("tensor"), {"low_level": "backbone.0", "high_level": "decoder"}),
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.optional
+@pytest.mark.parametrize("family", ["deeplabv3plus", "smp", "torchvision", "transformers", "hooks"])
+def test_capability_flags_hold_for_every_family(family):
+    """docs/models.md lists the families that export; this is the test behind that list."""
+    make, kwargs = _family_models()[family]
+    wrap = ErrorCorrectionWrapper(make(), error_channels=8, detail_channels=8, **kwargs).eval()
+    x = torch.randn(1, 3, 64, 64)
+    reference = InferenceModule(wrap)(x)
+    assert wrap._is_torch_exportable and wrap._is_torch_compilable
+    program = torch.export.export(InferenceModule(wrap), (x,))
+    for a, b in zip(program.module()(x), reference):
+        assert torch.allclose(a, b, atol=1e-4)
+    compiled = torch.compile(InferenceModule(wrap), fullgraph=True, backend="eager")
+    for a, b in zip(compiled(x), reference):
+        assert torch.allclose(a, b, atol=1e-4)

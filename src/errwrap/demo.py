@@ -40,13 +40,13 @@ class DemoConfig:
 
     minutes: float = 5.0  # scales the step counts below, which are for 5 minutes
     seed: int = 0
-    image_size: int = 96
+    image_size: int = 64
     train_images: int = 1000
     val_images: int = 120
     batch_size: int = 8
     encoder: str = "resnet18"
-    base_steps: int = 400
-    head_steps: int = 300
+    base_steps: int = 300
+    head_steps: int = 250
     base_lr: float = 2e-3
     heads_lr: float = 5e-3
     panels: int = 4

@@ -101,6 +101,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     train_log = logging.getLogger("errwrap.training")
     train_log.addHandler(progress)
     train_log.setLevel(logging.INFO)
+    train_log.propagate = False
     if args.quick:
         cfg = DemoConfig(minutes=0.1, seed=args.seed, image_size=64, train_images=64, val_images=16, panels=2, mc_dropout=False)
     _say(f"errwrap demo: {cfg.scaled(cfg.base_steps)} base steps, {cfg.scaled(cfg.head_steps)} head steps, output {args.out}")

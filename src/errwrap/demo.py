@@ -46,7 +46,7 @@ class DemoConfig:
     batch_size: int = 8
     encoder: str = "resnet18"
     base_steps: int = 300
-    head_steps: int = 250
+    head_steps: int = 1000
     base_lr: float = 2e-3
     heads_lr: float = 5e-3
     panels: int = 4

@@ -113,6 +113,15 @@ class ErrorHead(nn.Module):
         self.classifier = nn.Conv2d(channels, 1, 1, **dd)
         nn.init.normal_(self.classifier.weight, std=0.01)
         nn.init.constant_(self.classifier.bias, math.log(prior / (1.0 - prior)))
+        # Full-resolution skip from the base's own confidence cues (max probability, margin,
+        # entropy), added after upsampling: the conv body sees only the high-level feature's
+        # resolution, which blurs errors on thin parts and boundaries. It starts as the
+        # max-softmax baseline (error logit falls with the max probability, 0 at 0.5), so the
+        # head starts from what MSP knows and learns what it misses.
+        self.refine = nn.Conv2d(3, 1, 1, **dd)
+        with torch.no_grad():
+            self.refine.weight.copy_(torch.tensor([-8.0, 0.0, 0.0]).view(1, 3, 1, 1))
+            self.refine.bias.fill_(4.0)
 
     def forward(self, feature: Tensor, base_logits: Tensor) -> Tensor:
         probs = torch.softmax(base_logits.detach().float(), dim=1)
@@ -120,6 +129,15 @@ class ErrorHead(nn.Module):
         cues = confidence_cues(probs)
         x = torch.cat([feature, probs.to(feature.dtype), cues.to(feature.dtype)], dim=1)
         return self.classifier(self.blocks(x))
+
+    def forward_refine(self, error_logits: Tensor, base_logits: Tensor) -> Tensor:
+        """Add the full-resolution cue skip to error logits already resized to ``base_logits``.
+
+        Shapes:
+            error_logits ``(B, 1, H, W)``, base_logits ``(B, C, H, W)`` -> ``(B, 1, H, W)``.
+        """
+        cues = confidence_cues(torch.softmax(base_logits.detach().float(), dim=1))
+        return error_logits + self.refine(cues.to(self.refine.weight.dtype)).to(error_logits.dtype)
 
 
 class DetailHead(nn.Module):

@@ -314,7 +314,7 @@ class ErrorCorrectionWrapper(nn.Module, HubMixin):
         detail = self.detail_head(low, high, error_prob_low)
         base_logits = resize(base_logits, size)
         detail = resize(detail, size)
-        error = resize(error, size)
+        error = self.error_head.forward_refine(resize(error, size), base_logits)
         fused = self.fusion(base_logits, detail, error)
         return ErrorCorrectionOutput(fused, base_logits, error, detail)
 

@@ -212,6 +212,32 @@ def test_transformers_outputs_features_and_spec(make, low):
     assert not tapped._forward_hooks
 
 
+def _dpt(seed=0):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    config = transformers.DPTConfig(
+        hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=37, image_size=SIZE, patch_size=16,
+        neck_hidden_sizes=[16, 16, 32, 32], fusion_hidden_size=32, backbone_out_indices=[0, 1, 2, 3], num_labels=5,
+    )  # fmt: skip
+    return transformers.DPTForSemanticSegmentation(config).eval()
+
+
+def test_transformers_vit_tokens_get_discovered_taps():
+    """DPT's hidden states are tokens, not maps: the wrapper taps its neck and head instead
+    (the stride-4 reassembled map, and the input of the main classifier, not the auxiliary one)."""
+    model = _dpt()
+    wrap = ErrorCorrectionWrapper(model, error_channels=16, detail_channels=16)
+    assert isinstance(wrap.adapter, HooksAdapter)
+    assert (wrap.low_key, wrap.high_key) == ("neck.reassemble_stage.layers.0", "head.head.3")
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        reference = model(pixel_values=x).logits
+        features = wrap.forward_base(x).features
+        assert torch.equal(model.head.head[4:](features["head.head.3"]), reference)
+    assert features["neck.reassemble_stage.layers.0"].shape[-2:] == (SIZE // 4, SIZE // 4)
+    _check_wrapped(wrap, reference, x, 5)
+
+
 def test_transformers_head_training_keeps_base_frozen():
     wrap = ErrorCorrectionWrapper(_segformer(), error_channels=16, detail_channels=16)
     _train_heads(wrap)
@@ -305,8 +331,11 @@ def test_unknown_module_name_lists_close_names():
 
 def test_unreadable_output_explains_the_protocol():
     with pytest.raises(TypeError) as info:
-        ErrorCorrectionWrapper(_plain("tensor"))
+        ErrorCorrectionWrapper(_plain("string"))
     assert PROTOCOL_HELP in str(info.value) and "low_level=" in str(info.value)
+    with pytest.raises(TypeError) as info:  # logits only, and an index the wrapper cannot map to a module
+        ErrorCorrectionWrapper(_plain("tensor"), low_level=0)
+    assert PROTOCOL_HELP in str(info.value)
     with pytest.raises(TypeError, match="logits_fn"):
         ErrorCorrectionWrapper(_plain("string"), low_level="backbone.0", high_level="decoder")
 

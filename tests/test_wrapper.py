@@ -184,8 +184,9 @@ class _Bad(nn.Module):
 @pytest.mark.parametrize(
     "output, match",
     [
-        (lambda y: y, "cannot read"),
-        (lambda y: {"out": y}, "keys 'logits' and 'features'"),
+        (lambda y: y, "could not find features to tap .no 4-d feature map is produced before its classifier"),
+        (lambda y: {"out": y}, "could not find features to tap"),
+        (lambda y: {"masks": y}, "keys 'logits' and 'features'"),
         (lambda y: (y, y, y), "cannot read"),
         (lambda y: (y, "feature"), "expected a tensor, a sequence or a mapping"),
         (lambda y: (y[:, :, 0], [y]), "4-d tensor"),

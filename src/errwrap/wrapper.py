@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from ._validate import check_images, check_logits, check_norm_batch, is_tracing
 from .adapters import BaseAdapter, BaseOutput, HooksAdapter, NativeAdapter, find_adapter
+from .adapters.auto import NoFeaturesError, choose_feature_modules
 from .heads import DetailHead, ErrorHead, build_fusion
 from .hub import HubMixin
 from .layers import resize
@@ -164,7 +165,7 @@ class ErrorCorrectionWrapper(nn.Module, HubMixin):
             raise TypeError(f"base: expected a torch.nn.Module, got {type(base).__name__}")
         self.base = base
         self.adapter = _select_adapter(base, adapter, low_level, high_level)
-        probe = self._probe(in_channels, sample_size)
+        probe = self._probe(in_channels, sample_size, discover=low_level is None and high_level is None)
         logits, features = probe.logits, probe.features
         inferred = int(logits.shape[1])
         if num_classes is not None and num_classes != inferred:
@@ -215,7 +216,9 @@ class ErrorCorrectionWrapper(nn.Module, HubMixin):
         )
 
     # ------------------------------------------------------------------ construction helpers
-    def _probe(self, in_channels: int, sample_size: int) -> BaseOutput:
+    def _probe(self, in_channels: int, sample_size: int, discover: bool = False) -> BaseOutput:
+        """Run the base once; with ``discover``, a base that returns logits without features gets
+        the hooks adapter on two modules chosen by :func:`errwrap.adapters.auto.choose_feature_modules`."""
         param = next(iter(self.base.parameters()), None)
         device = param.device if param is not None else torch.device("cpu")
         dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
@@ -225,7 +228,15 @@ class ErrorCorrectionWrapper(nn.Module, HubMixin):
         self.base.eval()
         try:
             with torch.no_grad():
-                out = self.adapter(self.base, x)
+                try:
+                    out = self.adapter(self.base, x)
+                except NoFeaturesError:
+                    if not discover:
+                        raise
+                    low, high = choose_feature_modules(self.base, x)
+                    self.adapter.detach()
+                    self.adapter = HooksAdapter(self.base, low, high)
+                    out = self.adapter(self.base, x)
         except (TypeError, ValueError):
             raise
         except Exception as exc:

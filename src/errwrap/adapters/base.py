@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from .._validate import describe, is_tracing
 
-__all__ = ["BaseOutput", "BaseAdapter", "NativeAdapter", "parse_base_output", "normalize_features", "PROTOCOL_HELP"]
+__all__ = ["NoFeaturesError", "BaseOutput", "BaseAdapter", "NativeAdapter", "parse_base_output", "normalize_features", "PROTOCOL_HELP"]
 
 PROTOCOL_HELP = (
     "errwrap accepts a base network whose forward returns (logits, features) or a mapping with "
@@ -24,6 +24,11 @@ PROTOCOL_HELP = (
     "torchvision, transformers); or any network with forward hooks on two of its modules: "
     "ErrorCorrectionWrapper(model, low_level='backbone.layer1', high_level='decoder')"
 )
+
+
+class NoFeaturesError(TypeError):
+    """The base returns logits errwrap can read but no feature maps it can use (the wrapper then
+    looks for features itself, see :mod:`errwrap.adapters.auto`)."""
 
 
 class BaseOutput(NamedTuple):
@@ -57,6 +62,8 @@ def parse_base_output(out: Any) -> BaseOutput:
     """Parse the native protocol; raise a ``TypeError`` that explains it otherwise."""
     if isinstance(out, BaseOutput):
         return out
+    if isinstance(out, Tensor) or (isinstance(out, Mapping) and "features" not in out and any(k in out for k in ("out", "logits"))):
+        raise NoFeaturesError(f"base output: got {describe(out)}, logits without features. {PROTOCOL_HELP}")
     if isinstance(out, Mapping):
         if "logits" in out and "features" in out:
             logits, features = out["logits"], out["features"]

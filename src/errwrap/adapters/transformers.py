@@ -23,7 +23,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from .._validate import is_tracing
-from .base import PROTOCOL_HELP, BaseAdapter, BaseOutput
+from .base import PROTOCOL_HELP, BaseAdapter, BaseOutput, NoFeaturesError
 from .hooks import FeatureTap
 
 __all__ = ["TransformersAdapter", "is_transformers_segmentation_model", "DECODE_TAPS", "TRANSFORMERS_CLASSES"]
@@ -85,7 +85,7 @@ class TransformersAdapter(BaseAdapter):
         if self.tap is not None:
             features["decode_head"] = next(iter(self.tap.pop().values()))
         if not features and not is_tracing():
-            raise TypeError(
+            raise NoFeaturesError(
                 f"{type(model).__name__}: its hidden states are not 4-d feature maps, so errwrap cannot use them; "
                 f"tap two modules instead. {PROTOCOL_HELP}"
             )

@@ -32,9 +32,13 @@ def confidence_cues(probs: Tensor) -> Tensor:
     Shapes:
         probs ``(B, C, H, W)`` with ``C >= 2`` -> ``(B, 3, H, W)``.
     """
-    top2 = probs.topk(2, dim=1).values
-    max_prob = top2[:, :1]
-    margin = top2[:, :1] - top2[:, 1:2]
+    # max and masked max instead of topk(2): 2-3x faster on CPU for C in 11..19; a tie for the
+    # top class gives margin 0, as topk would.
+    max_prob = probs.amax(dim=1, keepdim=True)
+    is_max = probs == max_prob
+    second = torch.where(is_max, -1.0, probs).amax(dim=1, keepdim=True)
+    second = torch.where(is_max.sum(dim=1, keepdim=True) > 1, max_prob, second)
+    margin = max_prob - second
     entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(dim=1, keepdim=True)
     entropy = entropy / math.log(probs.shape[1])
     return torch.cat([max_prob, margin, entropy], dim=1)
@@ -137,7 +141,11 @@ class ErrorHead(nn.Module):
             error_logits ``(B, 1, H, W)``, base_logits ``(B, C, H, W)`` -> ``(B, 1, H, W)``.
         """
         cues = confidence_cues(torch.softmax(base_logits.detach().float(), dim=1))
-        return error_logits + self.refine(cues.to(self.refine.weight.dtype)).to(error_logits.dtype)
+        # self.refine as a weighted sum: a 3->1 1x1 convolution at full resolution is ~50x
+        # slower on CPU (oneDNN) than these element-wise ops.
+        weight, bias = self.refine.weight.float(), self.refine.bias.float()
+        skip = (cues * weight.view(1, 3, 1, 1)).sum(dim=1, keepdim=True) + bias.view(1, 1, 1, 1)
+        return error_logits + skip.to(error_logits.dtype)
 
 
 class DetailHead(nn.Module):

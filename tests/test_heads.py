@@ -22,6 +22,18 @@ def test_confidence_cues_uniform_and_one_hot():
 
 
 @pytest.mark.parametrize("num_classes", [2, 19, 150])
+def test_confidence_cues_margin_matches_top2_and_ties(num_classes):
+    torch.manual_seed(0)
+    probs = torch.softmax(torch.randn(2, num_classes, 5, 5) * 3, dim=1)
+    probs[0, :2, 0, 0] = 0.5  # an exact tie for the top class
+    probs[0, 2:, 0, 0] = 0.0
+    top2 = probs.topk(2, dim=1).values
+    margin = confidence_cues(probs)[:, 1]
+    assert torch.allclose(margin, top2[:, 0] - top2[:, 1], atol=1e-7)
+    assert float(margin[0, 0, 0]) == 0.0
+
+
+@pytest.mark.parametrize("num_classes", [2, 19, 150])
 def test_mixture_is_normalised_distribution(num_classes):
     torch.manual_seed(0)
     z0, z1 = torch.randn(2, num_classes, 4, 4) * 3, torch.randn(2, num_classes, 4, 4) * 3

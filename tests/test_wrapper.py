@@ -220,6 +220,51 @@ def test_num_classes_mismatch_and_bad_images():
 def test_other_channel_counts():
     wrap = ErrorCorrectionWrapper(tiny_base(in_channels=1), in_channels=1)
     assert wrap(torch.randn(2, 1, 32, 32)).logits.shape == (2, 5, 32, 32)
+    inferred = ErrorCorrectionWrapper(tiny_base(in_channels=4))  # read from the first Conv2d
+    assert inferred.in_channels == 4 and inferred.head_config["in_channels"] == 4
+    assert inferred(torch.randn(2, 4, 32, 32)).logits.shape == (2, 5, 32, 32)
+
+
+class _CoordBase(nn.Module):
+    """Adds two coordinate channels inside: its first Conv2d takes 5 channels, the input 3."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = tiny_base(in_channels=5)
+
+    def forward(self, x):
+        b, _, h, w = x.shape
+        ys, xs = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
+        return self.net(torch.cat([x, ys.expand(b, 1, h, w), xs.expand(b, 1, h, w)], dim=1))
+
+
+def test_in_channels_falls_back_to_three_when_the_first_conv_is_inside():
+    assert ErrorCorrectionWrapper(_CoordBase()).in_channels == 3
+
+
+def test_one_channel_logits_are_binary_segmentation(tmp_path):
+    base = tiny_base(num_classes=1).eval()
+    wrap = ErrorCorrectionWrapper(base, error_channels=8, detail_channels=8)
+    assert wrap.binary and wrap.num_classes == 2 and wrap.head_config["num_classes"] == 2
+    x, labels = batch(n=2, size=32, num_classes=2)
+    with torch.no_grad():
+        out = wrap(x)
+        z = nn.functional.interpolate(base(x)[0], size=(32, 32), mode="bilinear", align_corners=False)
+    assert out.logits.shape == out.base_logits.shape == (2, 2, 32, 32)
+    assert torch.allclose(out.base_logits.softmax(1)[:, 1], torch.sigmoid(z[:, 0]), atol=1e-6)
+    assert torch.equal(out.base_labels, (z[:, 0] > 0).long())
+    assert torch.allclose(out.probs.sum(1), torch.ones(2, 32, 32), atol=1e-5)
+    wrap.train()
+    loss = ErrorCorrectionLoss()(wrap(x), labels).total
+    loss.backward()
+    assert torch.isfinite(loss) and wrap.detail_head.classifier.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="num_classes=3.*2 channels"):
+        ErrorCorrectionWrapper(base, num_classes=3)
+    assert ErrorCorrectionWrapper(base, num_classes=2).binary
+    wrap.eval().save_pretrained(tmp_path)
+    again = ErrorCorrectionWrapper.from_pretrained(tmp_path, model=tiny_base(num_classes=1)).eval()
+    with torch.no_grad():
+        assert again.binary and torch.equal(again(x).logits, wrap(x).logits)
 
 
 def test_base_whose_logits_change_channels_at_run_time():

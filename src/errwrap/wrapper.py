@@ -16,7 +16,7 @@ from .heads import DetailHead, ErrorHead, build_fusion
 from .hub import HubMixin
 from .layers import resize
 
-__all__ = ["ErrorCorrectionOutput", "ErrorCorrectionWrapper"]
+__all__ = ["ErrorCorrectionOutput", "ErrorCorrectionWrapper", "binary_to_two_class"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,24 @@ class ErrorCorrectionOutput(NamedTuple):
     def probs(self) -> Tensor:
         """Fused class probabilities ``(B, C, H, W)``, summing to 1 over ``C``."""
         return self.logits.float().exp()
+
+
+def binary_to_two_class(logits: Tensor) -> Tensor:
+    """One-channel (sigmoid) logits ``z`` as two-class logits ``[0, z]``: their softmax is
+    ``[1 - sigmoid(z), sigmoid(z)]``, so class 1 is the foreground.
+
+    Shapes:
+        ``(B, 1, h, w)`` -> ``(B, 2, h, w)``.
+    """
+    return torch.cat([torch.zeros_like(logits), logits], dim=1)
+
+
+def _first_conv_in_channels(base: nn.Module) -> int:
+    conv = next((m for m in base.modules() if isinstance(m, nn.Conv2d)), None)
+    channels = int(conv.in_channels) if conv is not None else 3
+    if channels != 3:
+        logger.info("in_channels=%d, read from the first Conv2d of %s", channels, type(base).__name__)
+    return channels
 
 
 def _hooks_adapter(base: nn.Module, low_level: FeatureRef, high_level: FeatureRef) -> HooksAdapter:
@@ -113,13 +131,17 @@ class ErrorCorrectionWrapper(nn.Module, HubMixin):
     Args:
         base: the segmentation network (native protocol or a family with an adapter).
         num_classes: number of classes; inferred from the base's logits when ``None``, checked
-            against them otherwise.
+            against them otherwise. A base with one output channel (binary segmentation with a
+            sigmoid, e.g. SMP's ``classes=1``) becomes two classes, background and foreground:
+            its logit ``z`` is read as the two-class logits ``[0, z]``, whose softmax is
+            ``[1 - sigmoid(z), sigmoid(z)]``.
         low_level: which feature feeds the detail head (index, feature name, or the name of a
             module of ``base`` to tap with a forward hook); default: the adapter's choice
             (``adapter.default_features``), else the feature of finest resolution.
         high_level: which feature feeds the error head (same forms); default: the adapter's
             choice, else the last one.
-        in_channels: channels of the images the base takes.
+        in_channels: channels of the images the base takes; ``None`` reads them from the first
+            ``Conv2d`` of the base (3 when it has none).
         adapter: a :class:`~errwrap.adapters.BaseAdapter`, a registered adapter name, ``"hooks"``, or
             ``None`` to choose one from the model's type.
         error_channels, error_blocks: width and depth of the error head.
@@ -147,7 +169,7 @@ class ErrorCorrectionWrapper(nn.Module, HubMixin):
         *,
         low_level: FeatureRef = None,
         high_level: FeatureRef = None,
-        in_channels: int = 3,
+        in_channels: int | None = None,
         adapter: BaseAdapter | str | None = None,
         error_channels: int = 64,
         error_blocks: int = 2,
@@ -164,14 +186,30 @@ class ErrorCorrectionWrapper(nn.Module, HubMixin):
         if not isinstance(base, nn.Module):
             raise TypeError(f"base: expected a torch.nn.Module, got {type(base).__name__}")
         self.base = base
+        self.binary = False
         self.adapter = _select_adapter(base, adapter, low_level, high_level)
-        probe = self._probe(in_channels, sample_size, discover=low_level is None and high_level is None)
+        discover = low_level is None and high_level is None
+        if in_channels is None:
+            in_channels = _first_conv_in_channels(base)
+            try:
+                probe = self._probe(in_channels, sample_size, discover)
+            except RuntimeError:
+                if in_channels == 3:
+                    raise
+                in_channels = 3  # the first Conv2d did not see the input (e.g. channels added inside)
+                probe = self._probe(in_channels, sample_size, discover)
+        else:
+            probe = self._probe(in_channels, sample_size, discover)
         logits, features = probe.logits, probe.features
+        self.binary = int(logits.shape[1]) == 1
+        if self.binary:
+            logger.info("%s returns one logit channel: read as binary segmentation, classes 0 (background) and 1 (foreground)", type(base).__name__)
+            logits = binary_to_two_class(logits)
         inferred = int(logits.shape[1])
         if num_classes is not None and num_classes != inferred:
+            if self.binary:
+                raise ValueError(f"num_classes={num_classes}, but the base returns one logit channel (binary segmentation), which errwrap reads as 2 channels: expected num_classes=2 or None")
             raise ValueError(f"num_classes={num_classes}, but the base returns logits with {inferred} channels (shape {tuple(logits.shape)})")
-        if inferred < 2:
-            raise ValueError(f"base logits: expected at least 2 classes, got shape {tuple(logits.shape)}")
         default_low, default_high = getattr(self.adapter, "default_features", (None, None))
         if default_low not in features:
             default_low = max(features, key=lambda k: features[k].shape[-2] * features[k].shape[-1])  # the finest
@@ -310,6 +348,8 @@ class ErrorCorrectionWrapper(nn.Module, HubMixin):
         """Run the base through its adapter (without gradients when the base is frozen)."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.base_frozen):
             out = self.adapter(self.base, x)
+        if self.binary:
+            out = BaseOutput(binary_to_two_class(out.logits), out.features)
         if not is_tracing():
             check_logits(out.logits, self.num_classes, name="base logits")
         return out

@@ -121,10 +121,10 @@ def test_loss_terms_and_weights():
 def test_loss_refuses_bad_labels():
     out = _output()
     loss = ErrorCorrectionLoss()
-    with pytest.raises(TypeError, match="int64"):
+    with pytest.raises(TypeError, match="integer tensor of class indices"):
         loss(out, torch.zeros(2, 6, 6))
-    with pytest.raises(ValueError, match=r"shape BxHxW, got shape \(2, 1, 6, 6\)"):
-        loss(out, torch.zeros(2, 1, 6, 6, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"shape BxHxW, got shape \(2, 2, 6, 6\)"):
+        loss(out, torch.zeros(2, 2, 6, 6, dtype=torch.long))
     with pytest.raises(ValueError, match=r"spatial size \(6, 6\)"):
         loss(out, torch.zeros(2, 5, 5, dtype=torch.long))
     with pytest.raises(ValueError, match=r"values in \[0, 4\) or ignore_index=255, got \[4, 7\]"):
@@ -133,6 +133,37 @@ def test_loss_refuses_bad_labels():
         loss(out, bad)
     with pytest.raises(ValueError, match="batch size 2"):
         loss(out, torch.zeros(3, 6, 6, dtype=torch.long))
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.int16, torch.uint8])
+def test_loss_accepts_any_integer_dtype_and_a_channel_dimension(dtype):
+    out = _output()
+    labels = torch.randint(0, 4, (2, 6, 6), generator=torch.Generator().manual_seed(1))
+    labels[0, 0] = 255
+    expected = ErrorCorrectionLoss(w_base=1.0)(out, labels)
+    for form in (labels.to(dtype), labels.to(dtype)[:, None]):
+        got = ErrorCorrectionLoss(w_base=1.0)(out, form)
+        for a, b in zip(got, expected):
+            assert a.item() == b.item()
+    unchecked = ErrorCorrectionLoss(validate=False)(out, labels.to(dtype)[:, None])
+    assert unchecked.total.item() == ErrorCorrectionLoss()(out, labels).total.item()
+
+
+def test_label_errors_say_what_the_labels_look_like():
+    out = _output()
+    loss = ErrorCorrectionLoss()
+    labels = torch.randint(0, 4, (2, 6, 6), generator=torch.Generator().manual_seed(1))
+    one_hot = torch.nn.functional.one_hot(labels, 4).permute(0, 3, 1, 2)
+    with pytest.raises(ValueError, match=r"one-hot targets with 4 channels\? pass class indices: labels.argmax\(1\)"):
+        loss(out, one_hot)
+    with pytest.raises(TypeError, match=r"fractions in \[0, 1\].*ToTensor"):
+        loss(out, labels.float() / 255)  # a mask scaled like an image
+    with pytest.raises(TypeError, match=r"use labels.long\(\)"):
+        loss(out, labels.float())  # whole numbers in a float tensor
+    with pytest.raises(TypeError, match="binary mask"):
+        loss(out, labels > 1)
+    with pytest.raises(ValueError, match=r"labels\[None\]"):
+        loss(out, labels[0])
 
 
 def test_loss_refuses_bad_configuration():

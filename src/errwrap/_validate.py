@@ -19,6 +19,10 @@ __all__ = [
     "is_tracing",
     "check_images",
     "check_labels",
+    "prepare_labels",
+    "split_batch",
+    "IMAGE_KEYS",
+    "LABEL_KEYS",
     "check_logits",
     "check_finite",
     "check_norm_batch",
@@ -88,6 +92,24 @@ def check_logits(logits: Any, num_classes: int | None = None, name: str = "logit
         )
 
 
+def _label_dtype_hint(labels: Tensor) -> str:
+    """What to do with labels of a non-integer dtype (reads values: only on the error path)."""
+    if labels.dtype == torch.bool:
+        return "class indices must be integers (use labels.long() for a binary mask)"
+    if labels.is_complex() or labels.numel() == 0:
+        return "class indices must be integers (use labels.long())"
+    values = labels.detach().float()
+    finite = values[torch.isfinite(values)]
+    if finite.numel() and bool((finite != finite.round()).any()):
+        if float(finite.min()) >= 0.0 and float(finite.max()) <= 1.0:
+            return (
+                "the values are fractions in [0, 1], as when a mask is scaled like an image (torchvision's "
+                "ToTensor divides by 255); load masks without scaling, e.g. torch.as_tensor(np.array(mask))"
+            )
+        return "the values are not whole numbers; labels are class indices, not probabilities or one-hot scores"
+    return "class indices must be integers (use labels.long())"
+
+
 def check_labels(
     labels: Any,
     num_classes: int,
@@ -98,21 +120,26 @@ def check_labels(
 ) -> None:
     """Check that ``labels`` is an integer ``B x H x W`` map with values in ``[0, num_classes)``
     or equal to ``ignore_index``; ``size`` and ``batch`` pin ``(H, W)`` and ``B`` when given.
+    Any integer dtype passes (``int64``, ``int32``, ``uint8``, ...); ``bool`` and floating point
+    do not. :func:`prepare_labels` also accepts ``B x 1 x H x W`` and returns ``int64``.
 
     This check reads the label values, so it synchronises with the label's device.
     """
     if is_tracing():
         return
-    expected = "an integer (int64) tensor of shape BxHxW"
+    expected = "an integer tensor of class indices of shape BxHxW"
     if not isinstance(labels, Tensor):
         raise TypeError(f"{name}: expected {expected}, got {describe(labels)}")
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise TypeError(
-            f"{name}: expected {expected}, got dtype {labels.dtype}; class indices must be "
-            "integers (use labels.long())"
-        )
+        raise TypeError(f"{name}: expected {expected}, got dtype {labels.dtype}; {_label_dtype_hint(labels)}")
     if labels.ndim != 3:
-        hint = " (drop the channel dimension with labels[:, 0])" if labels.ndim == 4 else ""
+        hint = ""
+        if labels.ndim == 4 and labels.shape[1] == num_classes and num_classes > 1:
+            hint = f" (one-hot targets with {num_classes} channels? pass class indices: labels.argmax(1))"
+        elif labels.ndim == 4 and labels.shape[1] == 1:
+            hint = " (drop the channel dimension with labels[:, 0])"
+        elif labels.ndim == 2:
+            hint = " (a single HxW mask? add the batch dimension with labels[None])"
         raise ValueError(f"{name}: expected {expected}, got shape {tuple(labels.shape)}{hint}")
     if batch is not None and labels.shape[0] != batch:
         raise ValueError(f"{name}: expected batch size {batch}, got shape {tuple(labels.shape)}")
@@ -130,6 +157,54 @@ def check_labels(
             f"{name}: expected values in [0, {num_classes}) or ignore_index={ignore_index}, "
             f"got {values}"
         )
+
+
+def prepare_labels(
+    labels: Any,
+    num_classes: int,
+    ignore_index: int,
+    size: tuple[int, int] | None = None,
+    batch: int | None = None,
+    name: str = "labels",
+    validate: bool = True,
+) -> Tensor:
+    """Labels as the losses and metrics use them: ``B x H x W`` ``int64``.
+
+    Accepts ``B x H x W`` or ``B x 1 x H x W`` maps of any integer dtype and checks them with
+    :func:`check_labels` (when ``validate``); ``int64`` labels of shape ``B x H x W`` are
+    returned as they are (no copy).
+
+    Shapes:
+        labels ``(B, H, W)`` or ``(B, 1, H, W)`` -> ``(B, H, W)`` int64.
+    """
+    if isinstance(labels, Tensor) and labels.ndim == 4 and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    if validate:
+        check_labels(labels, num_classes, ignore_index, size=size, batch=batch, name=name)
+    return labels if labels.dtype == torch.long else labels.long()
+
+
+#: Keys that :func:`split_batch` reads images and labels from, in order of preference.
+IMAGE_KEYS: tuple[str, ...] = ("image", "images", "pixel_values", "img")
+LABEL_KEYS: tuple[str, ...] = ("label", "labels", "mask", "masks", "target", "targets")
+
+
+def split_batch(batch: Any, name: str = "batch") -> tuple[Any, Any]:
+    """``(images, labels)`` from a batch: a ``(images, labels, ...)`` tuple or list (extra items,
+    such as file names, are ignored) or a mapping with one key of :data:`IMAGE_KEYS` and one of
+    :data:`LABEL_KEYS` (``{"image", "mask"}``, ``{"pixel_values", "labels"}``, ...)."""
+    if isinstance(batch, Mapping):
+        image_key = next((k for k in IMAGE_KEYS if k in batch), None)
+        label_key = next((k for k in LABEL_KEYS if k in batch), None)
+        if image_key is None or label_key is None:
+            raise ValueError(
+                f"{name}: expected a mapping with keys 'image' and 'label' (images: one of {list(IMAGE_KEYS)}; "
+                f"labels: one of {list(LABEL_KEYS)}), got keys {list(batch)[:8]}"
+            )
+        return batch[image_key], batch[label_key]
+    if isinstance(batch, Sequence) and not isinstance(batch, (str, bytes)) and len(batch) >= 2:
+        return batch[0], batch[1]
+    raise TypeError(f"{name}: expected (images, labels) or a mapping with keys 'image' and 'label', got {describe(batch)}")
 
 
 def check_finite(t: Tensor, name: str) -> None:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._validate import check_finite, check_labels, check_logits, is_tracing
+from ._validate import check_finite, check_logits, is_tracing, prepare_labels
 from .layers import resize
 
 __all__ = [
@@ -175,7 +175,8 @@ class ErrorCorrectionLoss(nn.Module):
 
     Shapes:
         output: an :class:`~errwrap.ErrorCorrectionOutput` with maps at ``(H, W)``;
-        labels ``(B, H, W)`` int64 -> :class:`LossOutput` of scalars.
+        labels ``(B, H, W)`` or ``(B, 1, H, W)`` of any integer dtype (``int64``, ``int32``,
+        ``uint8``, ...) -> :class:`LossOutput` of scalars.
 
     Example:
         >>> loss_fn = ErrorCorrectionLoss()
@@ -208,11 +209,12 @@ class ErrorCorrectionLoss(nn.Module):
         self.max_pos_weight, self.ignore_index, self.validate = max_pos_weight, ignore_index, validate
 
     def forward(self, output, labels: Tensor) -> LossOutput:
-        if self.validate and not is_tracing():
+        validate = self.validate and not is_tracing()
+        if validate:
             check_logits(output.logits, name="output.logits")
-            b, c, h, w = output.logits.shape
-            check_labels(labels, c, self.ignore_index, size=(h, w), batch=b)
             check_finite(output.base_logits, "base logits")
+        b, c, h, w = output.logits.shape
+        labels = prepare_labels(labels, c, self.ignore_index, size=(h, w), batch=b, validate=validate)
         target = error_target(output.base_logits, labels, self.ignore_index)
         l_err = error_loss(output.error_logits, target, self.ignore_index, self.error_mode, self.gamma, self.max_pos_weight)
         l_detail = detail_loss(output.detail_logits, labels, target, self.focus, self.ignore_index)

@@ -1,4 +1,5 @@
 import gc
+import logging
 
 import pytest
 import torch
@@ -334,3 +335,19 @@ def test_register_adapter_as_class_decorator():
         assert wrap(torch.randn(1, 3, 16, 16)).logits.shape == (1, 4, 16, 16)
     finally:
         unregister_adapter("odd-family")
+
+
+def test_fresh_heads_warn_once_unless_trained_or_loaded(caplog):
+    x = torch.randn(1, 3, 32, 32)
+    wrap = ErrorCorrectionWrapper(tiny_base()).eval()
+    with caplog.at_level(logging.WARNING, logger="errwrap.wrapper"), torch.no_grad():
+        wrap(x)
+        wrap(x)
+    assert caplog.text.count("freshly initialised") == 1
+    for prepare in (lambda w: w.train(), lambda w: w.load_state_dict(wrap.state_dict())):
+        caplog.clear()
+        other = ErrorCorrectionWrapper(tiny_base())
+        prepare(other)
+        with caplog.at_level(logging.WARNING, logger="errwrap.wrapper"), torch.no_grad():
+            other.eval()(x)
+        assert "freshly initialised" not in caplog.text

@@ -69,6 +69,10 @@ def binary_to_two_class(logits: Tensor) -> Tensor:
     return torch.cat([torch.zeros_like(logits), logits], dim=1)
 
 
+def _heads_loaded(module: nn.Module, incompatible_keys: Any) -> None:
+    module._fresh_heads = False
+
+
 def _first_conv_in_channels(base: nn.Module) -> int:
     conv = next((m for m in base.modules() if isinstance(m, nn.Conv2d)), None)
     channels = int(conv.in_channels) if conv is not None else 3
@@ -245,6 +249,11 @@ class ErrorCorrectionWrapper(nn.Module, HubMixin):
         }
         self.base_frozen = False
         self._trainable_base: list[str] = []
+        # Fresh heads: the error map starts as the max-softmax baseline, but the detail head is
+        # random, so the corrected labels are not corrections yet. Warned about once, at the
+        # first eval-mode forward, unless the heads were trained (train()) or loaded first.
+        self._fresh_heads = True
+        self.register_load_state_dict_post_hook(_heads_loaded)
         if freeze_base:
             self.freeze_base()
         logger.debug(
@@ -329,6 +338,8 @@ class ErrorCorrectionWrapper(nn.Module, HubMixin):
 
     def train(self, mode: bool = True) -> "ErrorCorrectionWrapper":
         super().train(mode)
+        if mode:
+            self._fresh_heads = False
         if self.base_frozen:
             self.base.eval()
         return self
@@ -371,6 +382,13 @@ class ErrorCorrectionWrapper(nn.Module, HubMixin):
 
     def forward(self, x: Tensor) -> ErrorCorrectionOutput:
         check_images(x, self.in_channels)
+        if self._fresh_heads and not self.training and not is_tracing():
+            self._fresh_heads = False
+            logger.warning(
+                "the error, detail and fusion heads are freshly initialised: error_prob starts as the max-softmax "
+                "baseline, and labels are not corrections until the heads are trained (errwrap.finetune) or loaded "
+                "(ErrorCorrectionWrapper.from_pretrained, load_state_dict)"
+            )
         return self.forward_heads(self.forward_base(x), x.shape[-2:])
 
     def extra_repr(self) -> str:

@@ -96,6 +96,21 @@ def test_evaluate_restores_modes_and_accepts_dict_batches():
     assert tuple_report.to_dict()["error_detection"] == report.to_dict()["error_detection"]
 
 
+def test_evaluate_reads_common_batch_forms_and_label_dtypes():
+    wrap = _wrapper()
+    loader = _loader(n=2)
+    reference = evaluate(wrap, loader, baselines=("msp",)).to_dict()
+    forms = {
+        "image/mask, uint8 (B, 1, H, W)": [{"image": x, "mask": y[:, None].to(torch.uint8)} for x, y in loader],
+        "pixel_values/labels, int32": [{"pixel_values": x, "labels": y.int()} for x, y in loader],
+        "(image, label, name)": [(x, y, ["a", "b"]) for x, y in loader],
+    }
+    for name, batches in forms.items():
+        report = evaluate(wrap, batches, baselines=("msp",)).to_dict()
+        for key in ("base", "fused", "error_detection", "calibration", "num_pixels"):
+            assert report[key] == reference[key], name
+
+
 def test_evaluate_with_mc_dropout_costs_T_passes():
     wrap = _wrapper()
     calls = []
@@ -146,6 +161,8 @@ def test_evaluate_errors():
         evaluate(wrap, [(x, y[:, :16])])
     with pytest.raises(ValueError, match="keys 'image' and 'label'"):
         unpack_batch({"img": x})
+    with pytest.raises(ValueError, match=r"one-hot targets with 4 channels"):
+        evaluate(wrap, [(x, torch.nn.functional.one_hot(y.clamp(max=3), 4).permute(0, 3, 1, 2))])
     with pytest.raises(TypeError, match="batch"):
         unpack_batch(x)
     with pytest.raises(ValueError, match="wrapper's parameters are on cpu"):

@@ -128,6 +128,47 @@ def test_resume_from_an_explicit_directory_and_a_finished_run(tmp_path):
     assert fresh.step == 1
 
 
+def test_resume_from_a_checkpoint_file_or_the_latest_pointer(tmp_path):
+    finetune(_wrapper(), _loader(), steps=2, checkpoint_dir=tmp_path, log_every=None)
+    for resume in (tmp_path / "step-000002" / "model.safetensors", tmp_path / "step-000002" / "state.pt", tmp_path / "latest"):
+        again = finetune(_wrapper(seed=5), _loader(), steps=2, resume=resume, log_every=None)
+        assert again.step == 2 and again.checkpoint == tmp_path / "step-000002"
+
+
+def test_checkpoint_dir_that_is_a_file_is_refused_before_training(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    wrapper = _wrapper()
+    heads = _heads(wrapper)
+    with pytest.raises(NotADirectoryError, match="checkpoint_dir: expected a directory"):
+        finetune(wrapper, _loader(), steps=1, checkpoint_dir=tmp_path / "notes.txt", log_every=None)
+    assert all(torch.equal(v, heads[k]) for k, v in _heads(wrapper).items())  # nothing trained
+    # an existing directory with the user's own files is fine, and they are left alone
+    result = finetune(_wrapper(), _loader(), steps=1, checkpoint_dir=tmp_path, log_every=None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "notes.txt", "step-000001"]
+    assert (tmp_path / "notes.txt").read_text() == "mine" and result.checkpoint == tmp_path / "step-000001"
+
+
+def test_user_loaders_of_tuples_lists_and_dicts_with_common_keys_train_the_same():
+    dataset = Scenes(6, size=32, cache=True)
+    images = torch.stack([dataset[i][0] for i in range(6)])
+    labels = torch.stack([dataset[i][1] for i in range(6)])
+    # three batches of 2, 2 and a last partial one of 1 image; labels as (B, 1, H, W) uint8 in some forms
+    chunks = [(images[:2], labels[:2]), (images[2:4], labels[2:4]), (images[4:5], labels[4:5])]
+    forms = {
+        "tuple": [(x, y) for x, y in chunks],
+        "list + name": [[x, y, "names"] for x, y in chunks],
+        "image/mask": [{"image": x, "mask": y[:, None].to(torch.uint8)} for x, y in chunks],
+        "pixel_values/labels": [{"pixel_values": x, "labels": y.int()} for x, y in chunks],
+    }
+    results = {name: finetune(_wrapper(), batches, steps=2, accumulate=2, log_every=None) for name, batches in forms.items()}
+    reference = [h["loss"] for h in results["tuple"].history]
+    assert len(reference) == 2 and all(math.isfinite(v) for v in reference)
+    for name, result in results.items():
+        assert [h["loss"] for h in result.history] == pytest.approx(reference, rel=1e-6), name
+    with pytest.raises(ValueError, match=r"keys 'image' and 'label'.*got keys \['x', 'y'\]"):
+        finetune(_wrapper(), [{"x": images[:2], "y": labels[:2]}], steps=1)
+
+
 def test_non_finite_loss_stops_with_step_and_term_and_keeps_the_checkpoint(tmp_path):
     wrapper = _wrapper()
     calls = {"n": 0}

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._validate import check_images, check_labels, describe
+from ._validate import check_images, prepare_labels, split_batch
 from .layers import resize
 from .metrics import (
     DEFAULT_SCORE_BINS,
@@ -188,16 +188,10 @@ class EvaluationReport:
 
 def unpack_batch(batch: Any) -> tuple[Tensor, Tensor]:
     """``(images, labels)`` from a batch that is a ``(images, labels, ...)`` sequence or a mapping
-    with keys ``"image"``/``"label"`` (or ``"images"``/``"labels"``)."""
-    if isinstance(batch, Mapping):
-        image_key = next((k for k in ("image", "images", "pixel_values") if k in batch), None)
-        label_key = next((k for k in ("label", "labels", "mask") if k in batch), None)
-        if image_key is None or label_key is None:
-            raise ValueError(f"batch: expected a mapping with keys 'image' and 'label', got keys {list(batch)[:8]}")
-        return batch[image_key], batch[label_key]
-    if isinstance(batch, Sequence) and not isinstance(batch, str) and len(batch) >= 2:
-        return batch[0], batch[1]
-    raise TypeError(f"batch: expected (images, labels) or a mapping with 'image' and 'label', got {describe(batch)}")
+    with an image key (``"image"``, ``"images"``, ``"pixel_values"``, ``"img"``) and a label key
+    (``"label"``, ``"labels"``, ``"mask"``, ``"masks"``, ``"target"``, ``"targets"``); the same
+    rule as :func:`errwrap.finetune`."""
+    return split_batch(batch)
 
 
 def _synchronize(device: torch.device) -> None:
@@ -250,8 +244,9 @@ def evaluate(
     Args:
         wrapper: an :class:`~errwrap.ErrorCorrectionWrapper` (anything with ``forward_base``,
             ``num_classes`` and a call returning an ``ErrorCorrectionOutput``).
-        loader: yields ``(images, labels)`` or mappings with ``"image"`` and ``"label"``;
-            labels at the images' resolution.
+        loader: yields ``(images, labels)`` or mappings with ``"image"`` and ``"label"`` (see
+            :func:`unpack_batch` for the other keys read); labels ``(B, H, W)`` or ``(B, 1, H, W)``
+            of any integer dtype, at the images' resolution.
         baselines: scores to compare with the error head: names in
             :data:`errwrap.scores.SCORES` (``"msp"``, ``"entropy"``, ``"mc_dropout"``) or
             :class:`~errwrap.scores.ErrorScore` objects.
@@ -314,8 +309,8 @@ def evaluate(
                 images, labels = unpack_batch(batch)
                 check_images(images, getattr(wrapper, "in_channels", None))
                 images = images.to(device)
-                check_labels(labels, num_classes, ignore_index, size=tuple(images.shape[-2:]), batch=images.shape[0])
-                labels = labels.to(device).long()
+                labels = prepare_labels(labels, num_classes, ignore_index, size=tuple(images.shape[-2:]), batch=images.shape[0])
+                labels = labels.to(device)
                 size = images.shape[-2:]
 
                 _synchronize(device)

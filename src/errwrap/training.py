@@ -39,6 +39,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ._io import load_safetensors, save_safetensors, write_text_atomic
+from ._validate import split_batch
 from .losses import ErrorCorrectionLoss
 
 __all__ = ["FinetuneResult", "NonFiniteLossError", "finetune", "lr_factor", "load_checkpoint_weights"]
@@ -112,16 +113,6 @@ def _distributed() -> tuple[bool, int, int]:
 def _wrapper_device(wrapper: nn.Module) -> torch.device:
     param = next(iter(wrapper.parameters()), None)
     return param.device if param is not None else torch.device("cpu")
-
-
-def _split_batch(batch: Any) -> tuple[Tensor, Tensor]:
-    if isinstance(batch, dict):
-        if "image" in batch and "label" in batch:
-            return batch["image"], batch["label"]
-        raise TypeError(f"batch: expected a dict with keys 'image' and 'label', got keys {list(batch)[:8]}")
-    if isinstance(batch, (tuple, list)) and len(batch) == 2:
-        return batch[0], batch[1]
-    raise TypeError(f"batch: expected (images, labels) or a dict with 'image' and 'label', got {type(batch).__name__}")
 
 
 def _rng_state() -> dict[str, Any]:
@@ -237,6 +228,8 @@ def _resolve_resume(resume: str | os.PathLike, checkpoint_dir: Path | None) -> P
             return None
         return checkpoint_dir / pointer.read_text(encoding="utf-8").strip()
     path = Path(resume)
+    if path.is_file() and path.name in ("latest", "model.safetensors", "state.pt"):
+        path = path.parent  # a file of a checkpoint (or the 'latest' pointer): use its directory
     if (path / "latest").is_file() and not (path / "state.pt").is_file():
         path = path / (path / "latest").read_text(encoding="utf-8").strip()
     if not (path / "state.pt").is_file() or not (path / "model.safetensors").is_file():
@@ -341,7 +334,11 @@ def finetune(
 
     Args:
         wrapper: the model; trained in place. Its train/eval mode is restored at the end.
-        train_loader: yields ``(images, labels)`` or dicts with ``"image"`` and ``"label"``.
+        train_loader: yields ``(images, labels, ...)`` tuples or lists, or dicts with an image
+            key (``"image"``, ``"images"``, ``"pixel_values"``, ``"img"``) and a label key
+            (``"label"``, ``"labels"``, ``"mask"``, ``"masks"``, ``"target"``, ``"targets"``);
+            labels ``(B, H, W)`` or ``(B, 1, H, W)`` of any integer dtype. Batches of different
+            sizes (a last partial batch) are fine.
         steps: total optimizer steps (including those of a resumed run).
         lr: peak learning rate of AdamW.
         weight_decay: AdamW weight decay (not applied to biases and norm weights).
@@ -357,7 +354,8 @@ def finetune(
             is moved there (logged). Batches are moved to it.
         checkpoint_dir: where checkpoints go (``None``: none are written).
         checkpoint_every: write one every this many steps; one is always written at the end.
-        resume: a checkpoint directory, a ``checkpoint_dir`` (its ``latest``), or ``"latest"``
+        resume: a checkpoint directory (or a file in it, such as its ``model.safetensors``), a
+            ``checkpoint_dir`` or its ``latest`` file (the newest checkpoint), or ``"latest"``
             (the newest under ``checkpoint_dir``; starts from scratch when there is none).
         val_loader: validate with ``errwrap.evaluation.evaluate(wrapper, val_loader)``.
         val_every: validate every this many steps (and at the end); default: at the end only.
@@ -397,6 +395,8 @@ def finetune(
         raise ValueError(f"clip_grad_norm: expected a positive number or None, got {clip_grad_norm}")
     if not hasattr(wrapper, "freeze_base") or not hasattr(wrapper, "unfreeze_base"):
         raise TypeError(f"wrapper: expected an ErrorCorrectionWrapper, got {type(wrapper).__name__}")
+    if checkpoint_dir is not None and Path(checkpoint_dir).exists() and not Path(checkpoint_dir).is_dir():
+        raise NotADirectoryError(f"checkpoint_dir: expected a directory (existing or not), got the file {checkpoint_dir}")
 
     distributed, rank, world = _distributed()
     current = _wrapper_device(wrapper)
@@ -529,7 +529,7 @@ def finetune(
             sums = dict.fromkeys(("loss", *_TERMS), 0.0)
             images_seen = 0
             for micro in range(accumulate):
-                images, labels = _split_batch(next(batches))
+                images, labels = split_batch(next(batches), name="train_loader batch")
                 images = images.to(target, non_blocking=True)
                 labels = labels.to(target, non_blocking=True)
                 sync = model.no_sync() if distributed and micro < accumulate - 1 else contextlib.nullcontext()

@@ -134,6 +134,47 @@ def test_segmentation_folder_errors(tmp_path):
         SegmentationFolder(tmp_path / "nope", tmp_path / "mask")
 
 
+def test_segmentation_folder_reads_jpeg_palette_gray_rgba_and_16_bit(tmp_path):
+    rng = np.random.default_rng(0)
+    (tmp_path / "img").mkdir()
+    (tmp_path / "mask").mkdir()
+    rgb = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+    gray16 = (np.arange(48, dtype=np.uint16).reshape(6, 8) * 1300)  # up to 61100: above 255
+    Image.fromarray(rgb).save(tmp_path / "img/a_jpeg.jpg", quality=100)
+    Image.fromarray(rgb[..., 0]).save(tmp_path / "img/b_gray.png")
+    Image.fromarray(np.dstack([rgb, np.full((6, 8), 7, np.uint8)])).save(tmp_path / "img/c_rgba.png")
+    Image.fromarray(gray16).save(tmp_path / "img/d_gray16.png")
+    labels = rng.integers(0, 3, (6, 8)).astype(np.uint8)
+    for stem in ("a_jpeg", "b_gray", "c_rgba"):
+        palette = Image.fromarray(labels, mode="L").convert("P")
+        palette.putpalette([0, 0, 0, 200, 10, 10, 10, 200, 10])  # colours must not leak into labels
+        palette.save(tmp_path / f"mask/{stem}.png")
+    Image.fromarray(np.dstack([labels] * 3)).save(tmp_path / "mask/d_gray16.png")  # gray mask saved as RGB
+    ds = SegmentationFolder(tmp_path / "img", tmp_path / "mask", num_classes=3)
+    assert [p[0].name for p in ds.pairs] == ["a_jpeg.jpg", "b_gray.png", "c_rgba.png", "d_gray16.png"]
+    for image, label in ds:
+        assert image.shape == (3, 6, 8) and image.dtype == torch.float32
+        assert label.dtype == torch.int64 and torch.equal(label, torch.from_numpy(labels.astype(np.int64)))
+    assert torch.allclose(ds[1][0], torch.from_numpy(rgb[..., 0] / 255.0).float().expand(3, -1, -1))
+    assert torch.allclose(ds[2][0], torch.from_numpy(rgb / 255.0).float().permute(2, 0, 1))  # alpha dropped
+    assert torch.allclose(ds[3][0], torch.from_numpy(gray16 / 65535.0).float().expand(3, -1, -1))  # not clipped at 255
+    assert float(ds[3][0].max()) == pytest.approx(61100 / 65535)
+
+
+def test_segmentation_folder_explains_jpeg_masks_empty_dirs_and_missing_splits(tmp_path):
+    _save_rgb(tmp_path / "img/a.png", 4, 4)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="masks_dir: expected label images"):
+        SegmentationFolder(tmp_path / "img", tmp_path / "empty")
+    (tmp_path / "jpeg").mkdir()
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "jpeg/a.jpg")
+    with pytest.raises(ValueError, match=r"JPEG/WebP \(\['a.jpg'\]\).*lossless"):
+        SegmentationFolder(tmp_path / "img", tmp_path / "jpeg")
+    (tmp_path / "cs/leftImg8bit/train/x").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"leftImg8bit/val, which does not exist \(.* holds \['train'\]\)"):
+        Cityscapes(tmp_path / "cs", split="val")
+
+
 # ---------------------------------------------------------------------------- transforms
 def _coded_pair(h=20, w=28, seed=0):
     """An image whose first channel encodes the label, so alignment can be checked exactly."""

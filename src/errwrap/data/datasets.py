@@ -72,24 +72,57 @@ for _label_id, _train_id in CITYSCAPES_LABEL_TO_TRAIN.items():
     _CITYSCAPES_LUT[_label_id] = _train_id
 
 
+#: Pillow modes of single-channel images with more than 8 bits (16-bit PNG/TIFF opens as these).
+_WIDE_GRAY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
 def load_image(path: str | os.PathLike) -> Tensor:
-    """Read an image file as RGB, ``(3, H, W)`` float32 in ``[0, 1]``."""
+    """Read an image file as RGB, ``(3, H, W)`` float32 in ``[0, 1]``.
+
+    8-bit images of any mode (``RGB``, ``RGBA``: alpha dropped, ``L``, ``P``, ``CMYK``, ...) are
+    divided by 255; 16-bit grayscale (``I;16``, or ``I`` with values up to 65535) by 65535
+    (Pillow's own ``convert("RGB")`` would clip them at 255 and saturate the image).
+    Floating-point (``F``) images must already hold values in ``[0, 1]``.
+    """
     with Image.open(path) as im:
+        if im.mode in _WIDE_GRAY_MODES or im.mode == "F":
+            gray = np.asarray(im).astype(np.float32)
+            if im.mode == "F":
+                if gray.size and (gray.min() < 0.0 or gray.max() > 1.0):
+                    raise ValueError(f"{path}: a floating-point (mode F) image: expected values in [0, 1], got [{gray.min()}, {gray.max()}]")
+            elif gray.size and (gray.min() < 0 or gray.max() > 65535):
+                raise ValueError(f"{path}: a 32-bit integer (mode I) image: expected values in [0, 65535], got [{gray.min()}, {gray.max()}]")
+            else:
+                gray /= 65535.0
+            return torch.from_numpy(np.ascontiguousarray(gray))[None].expand(3, -1, -1).contiguous()
         array = np.asarray(im.convert("RGB"), dtype=np.uint8)
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
 
 
 def load_mask(path: str | os.PathLike) -> np.ndarray:
-    """Read a single-channel label image (``L``, ``P``, ``I`` or ``I;16``) as an ``(H, W)`` int64 array."""
+    """Read a single-channel label image (``L``, ``P``, ``I``, ``I;16`` or ``1``) as an ``(H, W)``
+    int64 array. A palette (``P``) mask gives its palette indices, not its colours; an ``RGB`` or
+    ``RGBA`` mask is accepted when its three colour channels are equal (a grayscale mask saved as
+    RGB), and refused otherwise (colour-coded masks must be mapped to class indices first)."""
     with Image.open(path) as im:
-        if im.mode not in ("L", "P", "I", "I;16", "1"):
+        if im.mode in ("RGB", "RGBA"):
+            rgb = np.asarray(im.convert("RGB"))
+            if (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 0] == rgb[..., 2]).all():
+                return rgb[..., 0].astype(np.int64)
+            raise ValueError(
+                f"{path}: expected a single-channel label image (mode L, P, I or I;16), got a colour-coded {im.mode} mask; "
+                "map each colour to its class index and save the indices as an L or P PNG"
+            )
+        if im.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L", "1"):
             raise ValueError(f"{path}: expected a single-channel label image (mode L, P, I or I;16), got mode {im.mode}")
         return np.asarray(im).astype(np.int64)
 
 
 def _require_dir(path: Path, what: str) -> None:
     if not path.is_dir():
-        raise FileNotFoundError(f"{what}: expected the directory {path}, which does not exist")
+        siblings = sorted(p.name for p in path.parent.iterdir() if p.is_dir()) if path.parent.is_dir() else []
+        found = f" ({path.parent} holds {siblings[:10]})" if siblings else ""
+        raise FileNotFoundError(f"{what}: expected the directory {path}, which does not exist{found}")
 
 
 def _check_split(split: str, allowed: Sequence[str]) -> None:
@@ -129,8 +162,11 @@ class SegmentationFolder(_PairDataset):
     """Images in one directory and label masks in another, paired by file stem.
 
     Args:
-        images_dir: the images (``.png``, ``.jpg``, ``.jpeg``, ``.bmp``, ``.tif``, ``.webp``).
-        masks_dir: single-channel label images with the same stems (``.png``, ``.bmp``, ``.tif``).
+        images_dir: the images (``.png``, ``.jpg``, ``.jpeg``, ``.bmp``, ``.tif``, ``.webp``), read
+            with :func:`load_image` (any 8-bit mode, 16-bit grayscale).
+        masks_dir: label images with the same stems (``.png``, ``.bmp``, ``.tif``; not JPEG),
+            read with :func:`load_mask` (``L``, palette ``P``: its indices, 16-bit, or an ``RGB``
+            mask whose channels are equal).
         num_classes: when given, each mask is checked to hold only ``0..num_classes-1`` and
             ``ignore_index``.
         ignore_index: label value of unlabeled pixels.
@@ -139,7 +175,8 @@ class SegmentationFolder(_PairDataset):
 
     Raises:
         FileNotFoundError: a directory is missing or empty.
-        ValueError: some stems have an image but no mask, or a mask but no image (listed).
+        ValueError: some stems have an image but no mask, or a mask but no image (listed), or
+            masks are JPEG.
     """
 
     def __init__(
@@ -160,6 +197,14 @@ class SegmentationFolder(_PairDataset):
             raise FileNotFoundError(f"images_dir: expected image files ({', '.join(IMAGE_EXTENSIONS)}) in {images_dir}, found none")
         no_mask = sorted(set(images) - set(masks))
         no_image = sorted(set(masks) - set(images))
+        lossy = sorted(p.name for p in masks_dir.iterdir() if p.stem in no_mask and p.suffix.lower() in (".jpg", ".jpeg", ".webp"))
+        if lossy:
+            raise ValueError(
+                f"masks_dir: {len(lossy)} mask(s) are JPEG/WebP ({lossy[:5]}); lossy compression changes label values at "
+                f"edges, so masks must be lossless ({', '.join(MASK_EXTENSIONS)})"
+            )
+        if not masks:
+            raise FileNotFoundError(f"masks_dir: expected label images ({', '.join(MASK_EXTENSIONS)}) in {masks_dir}, found none")
         if no_mask or no_image:
             raise ValueError(
                 f"images and masks must pair by file stem; {len(no_mask)} image(s) without a mask in {masks_dir}: {no_mask[:10]}"

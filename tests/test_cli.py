@@ -76,6 +76,63 @@ def test_errors_are_one_line_with_exit_code_2(model_dir, argv, message, capsys):
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
+def _exit_code(argv):
+    """``main``'s exit code, whether it returns it or argparse raises ``SystemExit``."""
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return exc.code
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ([], "errwrap: error: the following arguments are required: COMMAND (see 'errwrap --help')"),
+        (["predict", "--model", "MODEL"], "errwrap: error: predict: the following arguments are required: images, --out"),
+        (["evaluate", "--model", "MODEL", "--data", "scenes:2", "--batch-size", "0"], "--batch-size: expected a positive integer, got 0"),
+        (["evaluate", "--model", "MODEL", "--data", "scenes:abc"], "expected scenes or scenes:N"),
+        (["evaluate", "--model", "MODEL", "--data", "scenes:2", "--json", "TMP"], "--json TMP: expected a file name, got an existing directory"),
+        (["predict", "--model", "MODEL", "TMP/image.png", "--out", "TMP/a_file"], "expected a directory (existing or new), got an existing file"),
+        (["finetune", "--model", "MODEL", "--data", "scenes:2", "--steps", "1", "--out", "TMP/a_file"], "--out TMP/a_file: expected a directory"),
+        (["predict", "--model", "MODEL", "TMP/empty", "--out", "TMP/out"], "a directory without image files"),
+        (["predict", "--model", "MODEL", "TMP/a_file", "--out", "TMP/out"], "not an image errwrap can read"),
+    ],
+)
+def test_usage_and_path_errors_are_one_line_before_any_work(model_dir, tmp_path, argv, message, capsys):
+    (tmp_path / "a_file").write_text("not an image")
+    (tmp_path / "empty").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "image.png")
+    argv = [a.replace("MODEL", str(model_dir)).replace("TMP", str(tmp_path)) for a in argv]
+    assert _exit_code(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("errwrap: error: ") and message.replace("TMP", str(tmp_path)) in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_predict_on_a_directory_of_rgba_gray_16_bit_and_jpeg_images(model_dir, tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    gray = rng.integers(0, 256, (24, 32), dtype=np.uint8)
+    rgb = rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(gray).save(images / "gray8.png")
+    Image.fromarray(gray.astype(np.uint16) * 257).save(images / "gray16.png")  # the same picture in 16 bits
+    Image.fromarray(np.dstack([rgb, np.full((24, 32), 9, np.uint8)])).save(images / "scene.png")  # RGBA
+    Image.fromarray(rgb).save(images / "scene.jpg")  # same stem as scene.png
+    (images / "notes.txt").write_text("not an image: skipped in a directory")
+    out = tmp_path / "out"
+    assert main(["predict", "--model", str(model_dir), str(images), "--out", str(out)]) == 0
+    names = sorted(p.name for p in out.iterdir())
+    stems = ["gray16", "gray8", "scene_jpg", "scene_png"]
+    assert names == sorted(f"{s}_{kind}.png" for s in stems for kind in ("error", "labels", "panel"))
+    # a 16-bit image is scaled by 65535, not clipped at 255: it predicts exactly what its 8-bit twin does
+    assert np.array_equal(np.asarray(Image.open(out / "gray16_labels.png")), np.asarray(Image.open(out / "gray8_labels.png")))
+    assert np.array_equal(np.asarray(Image.open(out / "gray16_error.png")), np.asarray(Image.open(out / "gray8_error.png")))
+    assert Image.open(out / "scene_png_labels.png").size == (32, 24)
+    assert capsys.readouterr().out.count("re-labelled") == 4
+
+
 def test_finetune_command_saves_a_loadable_model(model_dir, tmp_path, capsys):
     out = tmp_path / "tuned"
     assert main(["finetune", "--model", str(model_dir), "--data", "scenes:4", "--size", "32", "--steps", "2", "--batch-size", "2", "--out", str(out)]) == 0

@@ -37,6 +37,8 @@ def parse_data_spec(spec: str, split: str, transform: Any = None, size: int | No
     kind, _, rest = spec.partition(":")
     kind = kind.lower()
     if kind == "scenes":
+        if rest and (not rest.isdigit() or int(rest) < 1):
+            raise CLIError(f"--data {spec!r}: expected scenes or scenes:N with N a positive number of images")
         n = int(rest) if rest else 200
         return data.Scenes(n, size=size or 128, seed=0, split=split, transform=transform)
     if kind not in DATA_KINDS:
@@ -77,18 +79,61 @@ def _normalizer(wrap):
 
 
 def _read_image(path: Path):
-    import numpy as np
-    import torch
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
+
+    from .data.datasets import load_image
 
     if not path.is_file():
         raise CLIError(f"{path}: no such image file")
     try:
-        with Image.open(path) as img:
-            arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
-    except (UnidentifiedImageError, OSError) as exc:
-        raise CLIError(f"{path}: not an image Pillow can read ({exc})") from None
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+        return load_image(path)
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise CLIError(f"{path}: not an image errwrap can read ({exc})") from None
+
+
+def _image_paths(arguments: Sequence[str]) -> list[Path]:
+    """Image files named on the command line; a directory stands for the images directly in it."""
+    from .data.datasets import IMAGE_EXTENSIONS
+
+    paths: list[Path] = []
+    for argument in arguments:
+        path = Path(argument)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            if not found:
+                raise CLIError(f"{path}: a directory without image files ({', '.join(IMAGE_EXTENSIONS)})")
+            paths.extend(found)
+        else:
+            paths.append(path)
+    return paths
+
+
+def _output_names(paths: Sequence[Path]) -> list[str]:
+    """A distinct output name per image: its stem, with the extension (and then a number) added
+    where stems collide (``a.png`` and ``a.jpg``, or the same name in two directories)."""
+    stems = [p.stem for p in paths]
+    names = [p.stem if stems.count(p.stem) == 1 else f"{p.stem}_{p.suffix.lstrip('.').lower()}" for p in paths]
+    seen: dict[str, int] = {}
+    unique = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        unique.append(name if names.count(name) == 1 else f"{name}_{seen[name]}")
+    return unique
+
+
+def _output_dir(value: str, option: str = "--out") -> Path:
+    """``value`` as a directory to write into: refused up front when it is an existing file."""
+    path = Path(value)
+    if path.exists() and not path.is_dir():
+        raise CLIError(f"{option} {value}: expected a directory (existing or new), got an existing file")
+    return path
+
+
+def _output_file(value: str | None, option: str) -> Path | None:
+    path = Path(value) if value is not None else None
+    if path is not None and path.is_dir():
+        raise CLIError(f"{option} {value}: expected a file name, got an existing directory")
+    return path
 
 
 # ---------------------------------------------------------------------- commands
@@ -124,24 +169,24 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     from .viz import make_panel, palette_for, save_heatmap_png, save_label_png
 
-    paths = [Path(p) for p in args.images]
+    out = _output_dir(args.out)
+    paths = _image_paths(args.images)
     images = [_read_image(p) for p in paths]  # fail on a bad file before loading the model
     wrap = _load_model(args.model, args.device)
     normalize, mean, std = _normalizer(wrap)
     palette = palette_for(wrap.num_classes, args.palette)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = next(wrap.parameters()).device
-    for path, image in zip(paths, images):
+    for path, stem, image in zip(paths, _output_names(paths), images):
         x, _ = normalize(image, torch.zeros(image.shape[-2:], dtype=torch.long))
         with torch.no_grad():
             o = wrap(x[None].to(device))
         labels, error, base = o.labels[0].cpu(), o.error_prob[0].cpu(), o.base_labels[0].cpu()
-        save_label_png(labels, out / f"{path.stem}_labels.png", palette)
-        save_heatmap_png(error, out / f"{path.stem}_error.png")
-        make_panel(x, base, error, labels, palette=palette, mean=mean, std=std).save(out / f"{path.stem}_panel.png")
+        save_label_png(labels, out / f"{stem}_labels.png", palette)
+        save_heatmap_png(error, out / f"{stem}_error.png")
+        make_panel(x, base, error, labels, palette=palette, mean=mean, std=std).save(out / f"{stem}_panel.png")
         changed = float((labels != base).float().mean())
-        _say(f"{path}: mean error probability {float(error.mean()):.3f}, {100 * changed:.2f}% of pixels re-labelled -> {out}/{path.stem}_*.png")
+        _say(f"{path}: mean error probability {float(error.mean()):.3f}, {100 * changed:.2f}% of pixels re-labelled -> {out}/{stem}_*.png")
     return 0
 
 
@@ -150,6 +195,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from .evaluation import evaluate
 
+    json_path = _output_file(args.json, "--json")
     wrap = _load_model(args.model, args.device)
     normalize, _, _ = _normalizer(wrap)
     dataset = parse_data_spec(args.data, args.split, transform=normalize, size=args.size)
@@ -162,9 +208,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     report = evaluate(wrap, loader, baselines=baselines, mc_dropout_T=args.mc_T, max_batches=args.max_batches)
     _say(report.table())
     _say(f"evaluated {report.num_images} images in {time.perf_counter() - start:.1f} s")
-    if args.json:
-        report.to_json(args.json)
-        _say(f"wrote {args.json}")
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        report.to_json(json_path)
+        _say(f"wrote {json_path}")
     return 0
 
 
@@ -172,6 +219,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from . import data as D
     from .training import finetune
 
+    _output_dir(args.out)  # refuse a file before training, not after
+    if args.checkpoint_dir is not None:
+        _output_dir(args.checkpoint_dir, "--checkpoint-dir")
     wrap = _load_model(args.model, args.device)
     normalize, _, _ = _normalizer(wrap)
     transforms = [D.RandomHorizontalFlip()]
@@ -193,10 +243,29 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------- parser
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line, ``errwrap: error: ...`` (exit 2), pointing at ``--help``."""
+
+    def error(self, message: str) -> Any:  # type: ignore[override]
+        command = self.prog.removeprefix("errwrap").strip()
+        where = f"{command}: " if command else ""
+        self.exit(2, f"errwrap: error: {where}{message} (see '{self.prog} --help')\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="errwrap", description="Predict where a segmentation network is wrong, and correct it.")
+    parser = _Parser(prog="errwrap", description="Predict where a segmentation network is wrong, and correct it.")
     parser.add_argument("--version", action="version", version=f"errwrap {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -216,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="For each image write OUT/STEM_labels.png (palette PNG of corrected class ids), "
                                    "OUT/STEM_error.png (error-probability heat map) and OUT/STEM_panel.png.")
     p.add_argument("--model", required=True, help="a saved model directory or a Hub repo id")
-    p.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
+    p.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...; RGB, RGBA, grayscale, 16-bit) or directories of them")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--palette", choices=["cityscapes", "ade20k", "generated"], default=None)
     p.add_argument("--device", default=None, help="e.g. cpu, cuda (default: cpu)")
@@ -229,12 +298,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="a saved model directory or a Hub repo id")
     p.add_argument("--data", required=True, metavar="KIND:PATH")
     p.add_argument("--split", default="val", help="data split (default: val)")
-    p.add_argument("--size", type=int, default=None, help="image size for scenes (default: 128)")
+    p.add_argument("--size", type=_positive_int, default=None, help="image size for scenes (default: 128)")
     p.add_argument("--baselines", default="msp,entropy", help="comma-separated: msp, entropy, mc_dropout (default: msp,entropy)")
-    p.add_argument("--mc-T", type=int, default=10, help="passes of MC dropout (default: 10)")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--mc-T", type=_positive_int, default=10, help="passes of MC dropout (default: 10)")
+    p.add_argument("--batch-size", type=_positive_int, default=4)
     p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--max-batches", type=int, default=None)
+    p.add_argument("--max-batches", type=_positive_int, default=None)
     p.add_argument("--json", default=None, help="also write the report as JSON here")
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_evaluate)
@@ -244,17 +313,17 @@ def build_parser() -> argparse.ArgumentParser:
                                    "ade20k:ROOT or folder:IMAGES_DIR,MASKS_DIR) and save it to --out.")
     p.add_argument("--model", required=True)
     p.add_argument("--data", required=True, metavar="KIND:PATH")
-    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--steps", type=_positive_int, required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--crop", type=int, default=None, help="random scale (0.5-2) and crop to this size")
-    p.add_argument("--size", type=int, default=None, help="image size for scenes")
+    p.add_argument("--batch-size", type=_positive_int, default=8)
+    p.add_argument("--crop", type=_positive_int, default=None, help="random scale (0.5-2) and crop to this size")
+    p.add_argument("--size", type=_positive_int, default=None, help="image size for scenes")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--checkpoint-dir", default=None)
-    p.add_argument("--checkpoint-every", type=int, default=None)
+    p.add_argument("--checkpoint-every", type=_positive_int, default=None)
     p.add_argument("--resume", default=None, help="a checkpoint directory, or 'latest'")
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_finetune)

@@ -111,6 +111,24 @@ def test_evaluate_reads_common_batch_forms_and_label_dtypes():
             assert report[key] == reference[key], name
 
 
+def test_evaluate_casts_images_to_the_model_dtype_and_refuses_nan(caplog):
+    wrap = _wrapper()
+    loader = _loader(n=1)
+    reference = evaluate(wrap, loader, baselines=("msp",)).to_dict()
+    doubled = evaluate(wrap, [(x.double(), y) for x, y in loader], baselines=("msp",)).to_dict()
+    for key in ("base", "fused", "error_detection", "calibration"):
+        assert doubled[key] == reference[key]
+    x, y = loader[0]
+    bad = x.clone()
+    bad[1, 0, 5, 5] = float("nan")
+    with pytest.raises(ValueError, match=r"images of batch 1: expected finite values, got 1 NaN/Inf"):
+        evaluate(wrap, [(x, y), (bad, y)])
+    with caplog.at_level("WARNING", logger="errwrap.evaluation"):
+        report = evaluate(wrap, [(x, torch.full_like(y, 255))])
+    assert report.num_pixels == 0 and math.isnan(report.base.miou) and math.isnan(report.fused.miou)
+    assert "every label was ignore_index=255" in caplog.text
+
+
 def test_evaluate_with_mc_dropout_costs_T_passes():
     wrap = _wrapper()
     calls = []

@@ -169,6 +169,22 @@ def test_user_loaders_of_tuples_lists_and_dicts_with_common_keys_train_the_same(
         finetune(_wrapper(), [{"x": images[:2], "y": labels[:2]}], steps=1)
 
 
+def test_images_of_another_float_dtype_run_in_the_model_dtype():
+    dataset = Scenes(4, size=32, cache=True)
+    images = torch.stack([dataset[i][0] for i in range(4)])
+    labels = torch.stack([dataset[i][1] for i in range(4)])
+    reference = finetune(_wrapper(), [(images, labels)], steps=2, log_every=None)
+    as_double = finetune(_wrapper(), [(images.double(), labels)], steps=2, log_every=None)
+    assert [h["loss"] for h in as_double.history] == pytest.approx([h["loss"] for h in reference.history], rel=1e-5)
+    bf16 = _wrapper().to(torch.bfloat16)
+    result = finetune(bf16, [(images, labels)], steps=1, log_every=None)  # float32 images, bfloat16 model
+    assert math.isfinite(result.history[0]["loss"])
+    with pytest.raises(TypeError, match="train_loader images: expected a floating-point tensor.*got ndarray"):
+        finetune(_wrapper(), [(images.numpy(), labels)], steps=1)
+    with pytest.raises(TypeError, match=r"train_loader images.*dtype torch.uint8; convert integer images"):
+        finetune(_wrapper(), [((images * 255).to(torch.uint8), labels)], steps=1)
+
+
 def test_non_finite_loss_stops_with_step_and_term_and_keeps_the_checkpoint(tmp_path):
     wrapper = _wrapper()
     calls = {"n": 0}

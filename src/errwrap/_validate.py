@@ -27,6 +27,7 @@ __all__ = [
     "check_finite",
     "check_norm_batch",
     "describe",
+    "input_dtype",
 ]
 
 
@@ -51,6 +52,15 @@ def describe(obj: Any) -> str:
         more = ", ..." if len(obj) > 4 else ""
         return f"{type(obj).__name__} of length {len(obj)} ({inner}{more})"
     return type(obj).__name__
+
+
+def input_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The dtype images are cast to before ``module`` runs: that of its first floating-point
+    parameter (``float32`` when it has none). Under autocast the cast is harmless."""
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
 
 
 def check_images(x: Any, in_channels: int | None = None, name: str = "images") -> None:

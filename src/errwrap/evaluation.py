@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._validate import check_images, prepare_labels, split_batch
+from ._validate import check_finite, check_images, input_dtype, prepare_labels, split_batch
 from .layers import resize
 from .metrics import (
     DEFAULT_SCORE_BINS,
@@ -245,8 +245,9 @@ def evaluate(
         wrapper: an :class:`~errwrap.ErrorCorrectionWrapper` (anything with ``forward_base``,
             ``num_classes`` and a call returning an ``ErrorCorrectionOutput``).
         loader: yields ``(images, labels)`` or mappings with ``"image"`` and ``"label"`` (see
-            :func:`unpack_batch` for the other keys read); labels ``(B, H, W)`` or ``(B, 1, H, W)``
-            of any integer dtype, at the images' resolution.
+            :func:`unpack_batch` for the other keys read); float images of any dtype (cast to the
+            wrapper's, NaN/Inf refused with ``ValueError``); labels ``(B, H, W)`` or
+            ``(B, 1, H, W)`` of any integer dtype, at the images' resolution.
         baselines: scores to compare with the error head: names in
             :data:`errwrap.scores.SCORES` (``"msp"``, ``"entropy"``, ``"mc_dropout"``) or
             :class:`~errwrap.scores.ErrorScore` objects.
@@ -299,6 +300,7 @@ def evaluate(
     callback = progress if callable(progress) else None
 
     modes = {m: m.training for m in wrapper.modules()}
+    dtype = input_dtype(wrapper)  # float64 or float16 images run in the model's dtype
     wrapper.eval()
     error_head = ErrorHeadScore()
     try:
@@ -308,7 +310,8 @@ def evaluate(
                     break
                 images, labels = unpack_batch(batch)
                 check_images(images, getattr(wrapper, "in_channels", None))
-                images = images.to(device)
+                images = images.to(device, dtype=dtype)
+                check_finite(images, f"images of batch {index}")
                 labels = prepare_labels(labels, num_classes, ignore_index, size=tuple(images.shape[-2:]), batch=images.shape[0])
                 labels = labels.to(device)
                 size = images.shape[-2:]
@@ -382,6 +385,8 @@ def evaluate(
         time_per_image=time_per_image,
         config=config,
     )
+    if report.num_pixels == 0:
+        logger.warning("evaluate: every label was ignore_index=%d; the metrics are all nan", ignore_index)
     logger.info("evaluated %d images: base mIoU %.4f, fused mIoU %.4f", num_images, report.base.miou, report.fused.miou)
     return report
 

@@ -39,7 +39,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ._io import load_safetensors, save_safetensors, write_text_atomic
-from ._validate import split_batch
+from ._validate import check_images, input_dtype, split_batch
 from .losses import ErrorCorrectionLoss
 
 __all__ = ["FinetuneResult", "NonFiniteLossError", "finetune", "lr_factor", "load_checkpoint_weights"]
@@ -418,6 +418,7 @@ def finetune(
         logger.info("finetune: loss has w_base = 0; freezing the base, training the heads only")
         wrapper.freeze_base()
     params = [p for p in wrapper.parameters() if p.requires_grad]
+    dtype = input_dtype(wrapper)  # float64 or float16 images run in the model's dtype
     if not params:
         raise ValueError("wrapper: no parameter requires grad; nothing to train")
 
@@ -530,8 +531,10 @@ def finetune(
             images_seen = 0
             for micro in range(accumulate):
                 images, labels = split_batch(next(batches), name="train_loader batch")
-                images = images.to(target, non_blocking=True)
-                labels = labels.to(target, non_blocking=True)
+                check_images(images, getattr(wrapper, "in_channels", None), name="train_loader images")
+                images = images.to(target, dtype=dtype, non_blocking=True)
+                if isinstance(labels, Tensor):
+                    labels = labels.to(target, non_blocking=True)
                 sync = model.no_sync() if distributed and micro < accumulate - 1 else contextlib.nullcontext()
                 with sync:
                     with autocast():

@@ -190,7 +190,7 @@ def _upernet(seed=0):
 @pytest.mark.parametrize(("make", "low"), [(_segformer, "hidden0"), (_upernet, "hidden1")])
 def test_transformers_outputs_features_and_spec(make, low):
     model = make()
-    tapped = dict(model.named_modules())[DECODE_TAPS[type(model).__name__][0]]
+    tapped = dict(model.named_modules())[DECODE_TAPS[type(model).__name__]]
     wrap = ErrorCorrectionWrapper(model, error_channels=16, detail_channels=16)
     assert wrap.adapter.name == "transformers"
     x = torch.randn(2, 3, SIZE, SIZE)

@@ -175,5 +175,12 @@ class HooksAdapter(BaseAdapter):
     def detach(self) -> None:
         self.tap.remove()
 
+    def spec(self, model: nn.Module) -> dict[str, Any] | None:
+        """The model's family spec (SMP, torchvision, transformers, ``errwrap_spec()``), so a
+        tapped model of a known family is rebuilt by ``from_pretrained`` without ``model=``."""
+        from .specs import family_spec
+
+        return family_spec(model)
+
     def __repr__(self) -> str:
         return f"HooksAdapter(low_level={self.low_level!r}, high_level={self.high_level!r})"

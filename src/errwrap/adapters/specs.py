@@ -20,11 +20,11 @@ from typing import Any
 
 from torch import nn
 
-from .smp import SMP_ARCHITECTURES
-from .torchvision import TORCHVISION_BUILDERS
-from .transformers import TRANSFORMERS_CLASSES
+from .smp import SMP_ARCHITECTURES, is_smp_model, smp_spec
+from .torchvision import TORCHVISION_BUILDERS, is_torchvision_segmentation_model, torchvision_spec
+from .transformers import TRANSFORMERS_CLASSES, is_transformers_segmentation_model, transformers_spec
 
-__all__ = ["build_base", "BASE_FAMILIES"]
+__all__ = ["build_base", "family_spec", "BASE_FAMILIES"]
 
 _DEEPLAB_KEYS = frozenset(
     {
@@ -119,3 +119,17 @@ def build_base(spec: Mapping[str, Any]) -> nn.Module:
     if family not in BASE_FAMILIES:
         raise ValueError(f"base spec: unknown family {family!r}; expected one of {list(BASE_FAMILIES)}")
     return BASE_FAMILIES[family](spec)
+
+
+def family_spec(model: nn.Module) -> dict[str, Any] | None:
+    """The spec of ``model`` whatever adapter runs it (e.g. an SMP model tapped with hooks):
+    the family's spec for SMP, torchvision and transformers models, ``model.errwrap_spec()``
+    for a model that has one, else ``None``."""
+    if is_smp_model(model):
+        return smp_spec(model)
+    if is_torchvision_segmentation_model(model):
+        return torchvision_spec(model)
+    if is_transformers_segmentation_model(model):
+        return transformers_spec(model)
+    to_spec = getattr(model, "errwrap_spec", None)
+    return to_spec() if callable(to_spec) else None

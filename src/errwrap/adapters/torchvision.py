@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from .base import BaseAdapter, BaseOutput
 
-__all__ = ["TorchvisionSegmentationAdapter", "is_torchvision_segmentation_model", "TORCHVISION_BUILDERS"]
+__all__ = ["TorchvisionSegmentationAdapter", "is_torchvision_segmentation_model", "torchvision_spec", "TORCHVISION_BUILDERS"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +71,29 @@ def _num_classes(model: nn.Module) -> int | None:
 def _same_architecture(a: nn.Module, b: nn.Module) -> bool:
     sa, sb = a.state_dict(), b.state_dict()
     return list(sa) == list(sb) and all(sa[k].shape == sb[k].shape for k in sa)
+
+
+def torchvision_spec(model: nn.Module) -> dict[str, Any] | None:
+    """``{"family": "torchvision", "config": {"name": builder, "num_classes": ..., "aux_loss": ...}}``
+    when the model has exactly the architecture of one of :data:`TORCHVISION_BUILDERS`
+    (checked against a copy built on the meta device), else ``None``."""
+    from torchvision.models import segmentation
+
+    cls = type(model).__name__
+    num_classes = _num_classes(model)
+    if cls not in TORCHVISION_BUILDERS or num_classes is None:
+        return None
+    aux = getattr(model, "aux_classifier", None) is not None
+    for name in TORCHVISION_BUILDERS[cls]:
+        config: dict[str, Any] = {"name": name, "num_classes": num_classes}
+        if cls != "LRASPP":
+            config["aux_loss"] = aux
+        with torch.device("meta"):
+            reference = getattr(segmentation, name)(weights=None, weights_backbone=None, **config)
+        if type(reference) is type(model) and _same_architecture(reference, model):
+            return {"family": "torchvision", "config": config}
+    logger.info("torchvision model %s matches none of %s; no spec", cls, TORCHVISION_BUILDERS[cls])
+    return None
 
 
 class TorchvisionSegmentationAdapter(BaseAdapter):
@@ -132,23 +155,5 @@ class TorchvisionSegmentationAdapter(BaseAdapter):
         return BaseOutput(logits, {"low": low, "backbone": features["out"], "high": high})  # type: ignore[dict-item]
 
     def spec(self, model: nn.Module) -> dict[str, Any] | None:
-        """``{"family": "torchvision", "config": {"name": builder, "num_classes": ..., "aux_loss": ...}}``
-        when the model has exactly the architecture of one of :data:`TORCHVISION_BUILDERS`
-        (checked against a copy built on the meta device), else ``None``."""
-        from torchvision.models import segmentation
-
-        cls = type(model).__name__
-        num_classes = _num_classes(model)
-        if cls not in TORCHVISION_BUILDERS or num_classes is None:
-            return None
-        aux = getattr(model, "aux_classifier", None) is not None
-        for name in TORCHVISION_BUILDERS[cls]:
-            config: dict[str, Any] = {"name": name, "num_classes": num_classes}
-            if cls != "LRASPP":
-                config["aux_loss"] = aux
-            with torch.device("meta"):
-                reference = getattr(segmentation, name)(weights=None, weights_backbone=None, **config)
-            if type(reference) is type(model) and _same_architecture(reference, model):
-                return {"family": "torchvision", "config": config}
-        logger.info("torchvision model %s matches none of %s; no spec", cls, TORCHVISION_BUILDERS[cls])
-        return None
+        """See :func:`torchvision_spec`."""
+        return torchvision_spec(model)

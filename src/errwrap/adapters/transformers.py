@@ -1,16 +1,26 @@
-"""Adapter for Hugging Face transformers ``*ForSemanticSegmentation`` models.
+"""Adapter for Hugging Face transformers segmentation models: ``*ForSemanticSegmentation`` and
+the query-based Mask2Former / MaskFormer.
 
-The adapter calls ``model(pixel_values=x, output_hidden_states=True)`` and reads ``.logits``
-unchanged (SegFormer's are at 1/4 of the input resolution; the wrapper resizes them).
+``*ForSemanticSegmentation``: the adapter calls ``model(pixel_values=x, output_hidden_states=True)``
+and reads ``.logits`` unchanged (SegFormer's are at 1/4 of the input resolution; the wrapper
+resizes them). Features: ``"hidden0"`` ... (the encoder/backbone hidden states that are 4-d maps)
+and, for the classes in :data:`DECODE_TAPS`, ``"decode_head"``: the decode head's fused feature
+read by a forward hook (SegFormer: after ``linear_fuse``, batch norm and ReLU, before dropout and
+the classifier; UperNet: the output of ``fpn_bottleneck``; MobileViT(V2): the ASPP output).
+Defaults: low-level = the stride-4 hidden state, high-level = ``"decode_head"`` (else the last
+hidden state). Classes whose hidden states are tokens (DPT, BEiT, Data2VecVision) raise
+:class:`~errwrap.adapters.NoFeaturesError`, and the wrapper then taps two modules itself.
 
-Features: ``"hidden0"`` ... (the encoder/backbone hidden states that are 4-d maps) and, for the
-classes in :data:`DECODE_TAPS`, ``"decode_head"``: the decode head's fused feature read by a
-forward hook (SegFormer: after ``linear_fuse``, batch norm and ReLU, before dropout and the
-classifier; UperNet: the output of ``fpn_bottleneck``). Defaults: low-level = the stride-4 stage,
-high-level = ``"decode_head"``. Tested with SegFormer and UperNet; other classes work when their
-hidden states are 4-d maps.
+Mask2Former and MaskFormer (:data:`QUERY_CLASSES`) predict ``Q`` class/mask query pairs, not
+per-pixel logits. The adapter turns them into semantic logits as their image processors'
+``post_process_semantic_segmentation`` does, at the masks' resolution (1/4 of the input),
+and takes the log: ``log(sum_q softmax(class_q)[:-1] * sigmoid(mask_q))`` (see
+:func:`semantic_logits_from_queries`; ``argmax`` is the processor's label map before resizing).
+Features: ``"encoder0"`` ... (the backbone stages) and ``"pixel_decoder"`` (the per-pixel
+embedding the masks are made from). Defaults: low-level ``"encoder0"`` (stride 4), high-level
+``"pixel_decoder"``. OneFormer needs tokenised text task inputs and is refused with a message.
 
-This module imports nothing from transformers until :meth:`TransformersAdapter.spec` is called.
+This module imports nothing from transformers until a spec is built or rebuilt.
 """
 
 from __future__ import annotations
@@ -20,68 +30,157 @@ import logging
 import sys
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from .._validate import is_tracing
 from .base import PROTOCOL_HELP, BaseAdapter, BaseOutput, NoFeaturesError
 from .hooks import FeatureTap
 
-__all__ = ["TransformersAdapter", "is_transformers_segmentation_model", "DECODE_TAPS", "TRANSFORMERS_CLASSES"]
+__all__ = [
+    "TransformersAdapter",
+    "is_transformers_segmentation_model",
+    "semantic_logits_from_queries",
+    "transformers_spec",
+    "DECODE_TAPS",
+    "QUERY_CLASSES",
+    "TRANSFORMERS_CLASSES",
+]
 
 logger = logging.getLogger(__name__)
 
-#: module whose output is the decode head's fused feature, and the default low-level hidden state.
-DECODE_TAPS: dict[str, tuple[str, str]] = {
-    "SegformerForSemanticSegmentation": ("decode_head.activation", "hidden0"),
-    "UperNetForSemanticSegmentation": ("decode_head.fpn_bottleneck", "hidden1"),
+#: module whose output is the decode head's fused feature (the classifier's input, up to dropout).
+DECODE_TAPS: dict[str, str] = {
+    "SegformerForSemanticSegmentation": "decode_head.activation",
+    "UperNetForSemanticSegmentation": "decode_head.fpn_bottleneck",
+    "MobileViTForSemanticSegmentation": "segmentation_head.aspp",
+    "MobileViTV2ForSemanticSegmentation": "segmentation_head.aspp",
 }
+
+#: query-based universal-segmentation classes whose outputs become semantic logits.
+QUERY_CLASSES = ("Mask2FormerForUniversalSegmentation", "MaskFormerForInstanceSegmentation")
 
 #: classes (and their config classes) whose spec errwrap can rebuild.
 TRANSFORMERS_CLASSES: dict[str, str] = {
     "SegformerForSemanticSegmentation": "SegformerConfig",
     "UperNetForSemanticSegmentation": "UperNetConfig",
+    "MobileViTForSemanticSegmentation": "MobileViTConfig",
+    "MobileViTV2ForSemanticSegmentation": "MobileViTV2Config",
+    "DPTForSemanticSegmentation": "DPTConfig",
+    "BeitForSemanticSegmentation": "BeitConfig",
+    "Data2VecVisionForSemanticSegmentation": "Data2VecVisionConfig",
+    "Mask2FormerForUniversalSegmentation": "Mask2FormerConfig",
+    "MaskFormerForInstanceSegmentation": "MaskFormerConfig",
 }
+
+_ONEFORMER = "OneFormerForUniversalSegmentation"
 
 
 def is_transformers_segmentation_model(model: nn.Module) -> bool:
     """True for transformers ``PreTrainedModel`` s whose class name ends in
-    ``ForSemanticSegmentation`` (without importing transformers)."""
+    ``ForSemanticSegmentation``, and for Mask2Former, MaskFormer and OneFormer (without
+    importing transformers)."""
     utils = sys.modules.get("transformers.modeling_utils")
-    return utils is not None and isinstance(model, utils.PreTrainedModel) and type(model).__name__.endswith("ForSemanticSegmentation")
+    name = type(model).__name__
+    return (
+        utils is not None
+        and isinstance(model, utils.PreTrainedModel)
+        and (name.endswith("ForSemanticSegmentation") or name in QUERY_CLASSES or name == _ONEFORMER)
+    )
+
+
+def semantic_logits_from_queries(class_logits: Tensor, mask_logits: Tensor) -> Tensor:
+    """Per-pixel semantic logits from ``Q`` class/mask query pairs: the log of
+    ``sum_q softmax(class_logits_q)[:-1] * sigmoid(mask_logits_q)``, the score map of
+    Mask2Former's ``post_process_semantic_segmentation`` (the last class is "no object").
+    Its softmax over classes is that score map normalised per pixel. Computed in float32,
+    returned in the masks' dtype.
+
+    Shapes:
+        class_logits ``(B, Q, C + 1)``, mask_logits ``(B, Q, h, w)`` -> ``(B, C, h, w)``.
+    """
+    classes = class_logits.float().softmax(dim=-1)[..., :-1]
+    masks = mask_logits.float().sigmoid()
+    scores = torch.einsum("bqc,bqhw->bchw", classes, masks)
+    return scores.clamp_min(torch.finfo(torch.float32).tiny).log().to(mask_logits.dtype)
+
+
+def transformers_spec(model: nn.Module) -> dict[str, Any] | None:
+    """``{"family": "transformers", "class": ..., "config": model.config.to_dict()}`` for the
+    classes in :data:`TRANSFORMERS_CLASSES`, else ``None``."""
+    cls = type(model).__name__
+    if cls not in TRANSFORMERS_CLASSES or not hasattr(model, "config"):
+        return None
+    config = model.config.to_dict()
+    try:
+        json.dumps(config)
+    except (TypeError, ValueError):
+        logger.info("%s: its config is not JSON data; no spec", cls)
+        return None
+    return {"family": "transformers", "class": cls, "config": config}
 
 
 class TransformersAdapter(BaseAdapter):
-    """Runs a transformers semantic-segmentation model and collects its hidden states and its
-    decode head's fused feature.
+    """Runs a transformers segmentation model and collects its hidden states and its decode
+    head's fused feature (or, for Mask2Former/MaskFormer, makes semantic logits from its queries).
 
     Args:
-        model: a transformers ``*ForSemanticSegmentation`` model.
+        model: a transformers ``*ForSemanticSegmentation`` model, Mask2Former or MaskFormer.
 
     Shapes:
         input ``(B, C, H, W)`` -> logits as the model returns them (SegFormer
-        ``(B, num_labels, H/4, W/4)``), features ``hidden{i}`` and ``decode_head``.
+        ``(B, num_labels, H/4, W/4)``; Mask2Former ``(B, num_labels, H/4, W/4)``), features
+        ``hidden{i}`` and ``decode_head`` (Mask2Former: ``encoder{i}`` and ``pixel_decoder``).
     """
 
     name = "transformers"
 
     def __init__(self, model: nn.Module) -> None:
         cls = type(model).__name__
-        tap, low = DECODE_TAPS.get(cls, (None, None))
+        if cls == _ONEFORMER:
+            raise TypeError(
+                f"{cls}: errwrap cannot run it, because it needs tokenised text task inputs; use Mask2Former "
+                "(same semantic outputs, no text), or register your own adapter that passes task_inputs"
+            )
+        self.queries = cls in QUERY_CLASSES
+        tap = DECODE_TAPS.get(cls)
         self.tap: FeatureTap | None = None
         if tap is not None:
             try:
                 self.tap = FeatureTap(model, [tap])
             except ValueError:
                 logger.warning("%s has no module %r (another transformers version?); using its hidden states only", cls, tap)
-                tap = None
-        self.default_features = (low, "decode_head" if tap is not None else None)
+        self._strides: dict[str, int] = {}
+
+    @property
+    def default_features(self) -> tuple[str | None, str | None]:
+        """``(low, high)``: the stride-4 feature (the finest coarser than 4 if none; known after
+        the first forward pass) and the decode head's feature (``"pixel_decoder"`` for queries)."""
+        order = {k: i for i, k in enumerate(self._strides)}  # at equal strides the deepest: UperNet's stage 1, not its patch embedding
+        ranked = sorted(self._strides, key=lambda k: (self._strides[k] < 4, abs(self._strides[k] - 4), -order[k]))
+        low = ranked[0] if ranked else None
+        high = "pixel_decoder" if self.queries else "decode_head" if self.tap is not None else None
+        return low, high
+
+    def _remember_strides(self, x: Tensor, features: dict[str, Tensor]) -> None:
+        if not self._strides and not is_tracing():
+            size = x.shape[-1]
+            self._strides = {k: max(1, round(size / f.shape[-1])) for k, f in features.items() if k not in ("decode_head", "pixel_decoder")}
 
     def forward(self, model: nn.Module, x: Tensor) -> BaseOutput:
+        if self.queries:
+            out = model(pixel_values=x, output_hidden_states=True)
+            stages = getattr(out, "encoder_hidden_states", None) or ()
+            features = {f"encoder{i}": h for i, h in enumerate(stages) if isinstance(h, Tensor) and h.ndim == 4}
+            self._remember_strides(x, features)
+            features["pixel_decoder"] = out.pixel_decoder_last_hidden_state
+            return BaseOutput(semantic_logits_from_queries(out.class_queries_logits, out.masks_queries_logits), features)
         if self.tap is not None:
             self.tap.clear()
         out = model(pixel_values=x, output_hidden_states=True)
         hidden = getattr(out, "hidden_states", None) or ()
         features = {f"hidden{i}": h for i, h in enumerate(hidden) if isinstance(h, Tensor) and h.ndim == 4}
+        self._remember_strides(x, features)
         if self.tap is not None:
             features["decode_head"] = next(iter(self.tap.pop().values()))
         if not features and not is_tracing():
@@ -96,15 +195,5 @@ class TransformersAdapter(BaseAdapter):
             self.tap.remove()
 
     def spec(self, model: nn.Module) -> dict[str, Any] | None:
-        """``{"family": "transformers", "class": ..., "config": model.config.to_dict()}`` for the
-        classes in :data:`TRANSFORMERS_CLASSES`, else ``None``."""
-        cls = type(model).__name__
-        if cls not in TRANSFORMERS_CLASSES:
-            return None
-        config = model.config.to_dict()
-        try:
-            json.dumps(config)
-        except (TypeError, ValueError):
-            logger.info("%s: its config is not JSON data; no spec", cls)
-            return None
-        return {"family": "transformers", "class": cls, "config": config}
+        """See :func:`transformers_spec`."""
+        return transformers_spec(model)

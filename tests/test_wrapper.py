@@ -351,3 +351,13 @@ def test_fresh_heads_warn_once_unless_trained_or_loaded(caplog):
         with caplog.at_level(logging.WARNING, logger="errwrap.wrapper"), torch.no_grad():
             other.eval()(x)
         assert "freshly initialised" not in caplog.text
+
+
+def test_images_are_cast_to_the_model_dtype():
+    wrap = ErrorCorrectionWrapper(tiny_base()).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(wrap(x.double()).logits, wrap(x).logits)
+        half = ErrorCorrectionWrapper(tiny_base()).to(torch.bfloat16).eval()
+        out = half(x)
+    assert out.base_logits.dtype == torch.bfloat16 and out.labels.shape == (1, 32, 32)

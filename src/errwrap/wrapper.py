@@ -9,7 +9,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from ._validate import check_images, check_logits, check_norm_batch, is_tracing
+from ._validate import check_images, check_logits, check_norm_batch, input_dtype, is_tracing
 from .adapters import BaseAdapter, BaseOutput, HooksAdapter, NativeAdapter, find_adapter
 from .adapters.auto import NoFeaturesError, choose_feature_modules
 from .heads import DetailHead, ErrorHead, build_fusion
@@ -382,6 +382,10 @@ class ErrorCorrectionWrapper(nn.Module, HubMixin):
 
     def forward(self, x: Tensor) -> ErrorCorrectionOutput:
         check_images(x, self.in_channels)
+        if not is_tracing():  # float64 images, or fp32 images into a bf16/fp16 model: cast, as finetune does
+            dtype = input_dtype(self.base)
+            if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+                x = x.to(dtype)
         if self._fresh_heads and not self.training and not is_tracing():
             self._fresh_heads = False
             logger.warning(

@@ -39,11 +39,16 @@ class EncoderDecoder(nn.Module):
         f3 = self.layer3(self.layer2(f1))
         up = F.interpolate(f3, size=f1.shape[-2:], mode="bilinear", align_corners=False)
         logits = self.classifier(self.decoder(torch.cat([up, f1], 1)))
-        if self.aux is not None:
-            self.aux(f3)  # computed after the main head, as many models do in eval mode
+        aux = self.aux(f3) if self.aux is not None else None  # after the main head, as many models do in eval mode
         logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
         if self.log_softmax:
             logits = torch.log_softmax(logits, 1)
+        if self.returns == "aux":
+            return logits, F.interpolate(aux, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        if self.returns == "none":
+            return logits, None
+        if self.returns == "triple":
+            return logits, logits, logits
         return {"out": logits} if self.returns == "mapping" else logits
 
 
@@ -166,3 +171,12 @@ def test_discovered_taps_survive_a_save_and_load(tmp_path):
     x = torch.randn(1, 3, SIZE, SIZE)
     with torch.no_grad():
         assert torch.equal(wrap(x).logits, again(x).logits)
+
+
+@pytest.mark.parametrize("returns", ["aux", "none", "triple"])
+def test_logits_with_auxiliary_outputs_are_not_features(returns):
+    """(logits, aux_logits), (logits, None) and longer tuples: the auxiliary logits must not be
+    taken for a feature map; the wrapper discovers features instead."""
+    wrap = ErrorCorrectionWrapper(_model(aux=True, returns=returns), error_channels=8, detail_channels=8)
+    assert isinstance(wrap.adapter, HooksAdapter)
+    assert (wrap.low_key, wrap.high_key) == ("layer1", "decoder")

@@ -16,7 +16,7 @@ def _run(*args, timeout=300):
 @pytest.mark.slow
 @pytest.mark.optional
 @pytest.mark.parametrize("script, module", [("wrap_smp.py", "segmentation_models_pytorch"), ("wrap_torchvision.py", "torchvision"),
-                                            ("wrap_segformer.py", "transformers")])
+                                            ("wrap_segformer.py", "transformers"), ("wrap_mask2former.py", "transformers")])
 def test_wrap_examples_run(script, module):
     pytest.importorskip(module)
     result = _run(EXAMPLES / script)

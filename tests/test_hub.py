@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from errwrap import ErrorCorrectionWrapper
 from errwrap.hub import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME
@@ -261,3 +262,25 @@ def test_non_json_configuration_cannot_be_saved(tmp_path):
     with pytest.raises(TypeError, match="not plain JSON"):
         wrap.save_pretrained(tmp_path)
     assert not (tmp_path / CONFIG_NAME).exists()
+
+
+def test_loaded_wrapper_is_in_eval_mode_and_keeps_its_sample_size(tmp_path):
+    class NeedsBig(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.base = tiny_base()
+
+        def forward(self, x):
+            if x.shape[-1] < 100:
+                raise RuntimeError("input too small")
+            return self.base(x)
+
+    torch.manual_seed(0)
+    wrap = ErrorCorrectionWrapper(NeedsBig(), sample_size=128)
+    wrap.save_pretrained(tmp_path)
+    loaded = ErrorCorrectionWrapper.from_pretrained(tmp_path, model=NeedsBig())
+    assert not loaded.training and not any(m.training for m in loaded.modules())
+    assert loaded.head_config["sample_size"] == 128
+    x = torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, wrap.eval()(x).logits)

@@ -188,7 +188,7 @@ class _Bad(nn.Module):
         (lambda y: y, "could not find features to tap .no 4-d feature map is produced before its classifier"),
         (lambda y: {"out": y}, "could not find features to tap"),
         (lambda y: {"masks": y}, "keys 'logits' and 'features'"),
-        (lambda y: (y, y, y), "cannot read"),
+        (lambda y: (y, y, y), "could not find features to tap"),
         (lambda y: (y, "feature"), "expected a tensor, a sequence or a mapping"),
         (lambda y: (y[:, :, 0], [y]), "4-d tensor"),
         (lambda y: (y, [y[0]]), "feature '0': expected a 4-d tensor"),

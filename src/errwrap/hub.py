@@ -38,7 +38,7 @@ CARD_NAME = "README.md"
 FORMAT_VERSION = 1
 
 _TOP_KEYS = {"errwrap_version", "format_version", "heads", "heads_only", "base", "class_names", "adapter_options", "preprocessing"}
-_INT_KEYS = ("num_classes", "in_channels", "low_channels", "high_channels", "error_channels", "error_blocks", "detail_channels", "detail_blocks")
+_INT_KEYS = ("num_classes", "in_channels", "low_channels", "high_channels", "error_channels", "error_blocks", "detail_channels", "detail_blocks", "sample_size")
 _STR_KEYS = ("low_level", "high_level", "fusion", "norm_layer", "act_layer", "adapter")
 _HEAD_KEYS = set(_INT_KEYS) | set(_STR_KEYS) | {"error_prior"}
 #: Head settings passed to the constructor when a model is rebuilt (the others are checked after).
@@ -224,7 +224,8 @@ class HubMixin:
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ):
-        """Load a wrapper from a local directory or a Hub repository id.
+        """Load a wrapper from a local directory or a Hub repository id, in eval mode (call
+        ``.train()`` to fine-tune it further).
 
         Args:
             pretrained_model_name_or_path: a directory written by :meth:`save_pretrained`, or
@@ -264,6 +265,8 @@ class HubMixin:
         elif not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
         kwargs = {k: heads[k] for k in _CONSTRUCTOR_KEYS}
+        if "sample_size" in heads:  # optional: configs written before it was saved probe at the default
+            kwargs["sample_size"] = heads["sample_size"]
         adapter = heads.get("adapter")
         options = config.get("adapter_options") or {}
         if options:
@@ -279,7 +282,7 @@ class HubMixin:
         wrapper.preprocessing = config.get("preprocessing")
         if device is not None or dtype is not None:
             wrapper.to(device=device, dtype=dtype)
-        return wrapper
+        return wrapper.eval()  # as transformers and huggingface_hub do: call .train() to fine-tune
 
     def _load_checked(self, tensors: dict[str, torch.Tensor], heads_only: bool, source: str) -> None:
         """Strict, all-or-nothing load: every problem is found before any weight is copied."""

@@ -246,6 +246,7 @@ class ErrorCorrectionWrapper(nn.Module, HubMixin):
             "act_layer": act_layer,
             "error_prior": error_prior,
             "adapter": self.adapter.name,
+            "sample_size": sample_size,
         }
         self.base_frozen = False
         self._trainable_base: list[str] = []

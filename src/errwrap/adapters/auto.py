@@ -152,7 +152,7 @@ def choose_feature_modules(
     shallowest = min(r.depth for r in stage)
     low = [r for r in stage if r.depth == shallowest][-1]
     logger.info(
-        "%s returns logits only: tapping low_level=%r (%d channels, stride %d) and high_level=%r (%d channels, stride %d); "
+        "%s gives logits but no feature maps errwrap can use: tapping low_level=%r (%d channels, stride %d) and high_level=%r (%d channels, stride %d); "
         "pass low_level= / high_level= module names to choose others",
         type(model).__name__, low.name, low.shape[1], strides[low.name], high.name, high.shape[1], strides[high.name],  # type: ignore[index]
     )

@@ -72,7 +72,12 @@ def parse_base_output(out: Any) -> BaseOutput:
                 f"base output: got a mapping with keys {list(out.keys())[:8]}, expected keys "
                 f"'logits' and 'features'. {PROTOCOL_HELP}"
             )
-    elif isinstance(out, (tuple, list)) and len(out) == 2 and isinstance(out[0], Tensor):
+    elif isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
+        # (logits, aux_logits), (logits, None) and longer tuples are logits without features; so
+        # is a second element shaped like the logits (an auxiliary head's output, not a feature).
+        second = out[1] if len(out) == 2 else None
+        if second is None or (isinstance(second, Tensor) and second.ndim == 4 and out[0].ndim == 4 and second.shape[1] == out[0].shape[1]):
+            raise NoFeaturesError(f"base output: got {describe(out)}, logits (and auxiliary logits) without features. {PROTOCOL_HELP}")
         logits, features = out
     else:
         raise TypeError(f"base output: got {describe(out)}, which errwrap cannot read. {PROTOCOL_HELP}")

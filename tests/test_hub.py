@@ -281,6 +281,10 @@ def test_loaded_wrapper_is_in_eval_mode_and_keeps_its_sample_size(tmp_path):
     loaded = ErrorCorrectionWrapper.from_pretrained(tmp_path, model=NeedsBig())
     assert not loaded.training and not any(m.training for m in loaded.modules())
     assert loaded.head_config["sample_size"] == 128
+    assert json.loads((tmp_path / CONFIG_NAME).read_text())["heads"]["sample_size"] == 128
+    tiny = tmp_path / "default"
+    ErrorCorrectionWrapper(tiny_base()).save_pretrained(tiny)  # the default is not written: older errwrap reads it
+    assert "sample_size" not in json.loads((tiny / CONFIG_NAME).read_text())["heads"]
     x = torch.randn(1, 3, 128, 128)
     with torch.no_grad():
         assert torch.equal(loaded(x).logits, wrap.eval()(x).logits)

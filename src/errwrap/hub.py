@@ -156,7 +156,9 @@ class HubMixin:
         config: dict[str, Any] = {
             "errwrap_version": __version__,
             "format_version": FORMAT_VERSION,
-            "heads": dict(self.head_config),
+            # sample_size only when it is not the default, so that errwrap versions before it
+            # was saved can still read the usual config.
+            "heads": {k: v for k, v in self.head_config.items() if not (k == "sample_size" and v == 64)},
             "heads_only": heads_only,
             "base": spec,
             "class_names": list(names) if names is not None else None,

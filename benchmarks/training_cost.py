@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--json", metavar="PATH", help="write the full results as JSON")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("errwrap.wrapper").setLevel(logging.ERROR)  # timing random heads: their fresh-heads warning is expected
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.tiny:

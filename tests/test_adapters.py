@@ -89,7 +89,11 @@ def test_smp_outputs_features_and_spec(arch):
         reference = model(x)
     _check_wrapped(wrap, reference, x, 5)
     features = wrap.forward_base(x).features
-    assert list(features)[-1] == "decoder" and wrap.high_key == "decoder"
+    assert list(features)[-1] == "decoder"
+    if arch == "unet":  # its decoder ends at full resolution: the stride-4 decoder block is the high-level default
+        assert wrap.high_key == "decoder.blocks.0" and features["decoder.blocks.0"].shape[-2:] == (SIZE // 4, SIZE // 4)
+    else:
+        assert wrap.high_key == "decoder"
     assert wrap.low_key == "enc2" and features["enc2"].shape[-2:] == (SIZE // 4, SIZE // 4)
     assert torch.equal(features["enc0"], x)
     spec = json.loads(json.dumps(wrap.adapter.spec(model)))

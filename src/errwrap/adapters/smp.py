@@ -124,6 +124,13 @@ class SMPAdapter(BaseAdapter):
             self.tap = FeatureTap(model, ["decoder.reassemble_blocks.0"])
             low = "reassemble0"
         self.default_features = (low, "decoder")
+        # Unet, MAnet, Linknet: the decoder ends at full resolution, where the error head's 3x3
+        # convolutions would cost ~50% of the base's FLOPs. Their decoder blocks are tapped too
+        # (features "decoder.blocks.{i}"), and the first forward makes the stride-4 block the
+        # default high-level feature, the resolution DeepLabV3+'s decoder output has.
+        blocks = getattr(model.decoder, "blocks", None)
+        self.block_tap = FeatureTap(model, [f"decoder.blocks.{i}" for i in range(len(blocks))]) if isinstance(blocks, nn.ModuleList) and len(blocks) else None
+        self._choose_high = self.block_tap is not None
         head = model.segmentation_head
         activation = getattr(head[-1] if isinstance(head, nn.Sequential) else head, "activation", None)
         # SMP's SegmentationHead is Sequential(conv, upsampling, Activation): run it without the activation.
@@ -141,6 +148,8 @@ class SMPAdapter(BaseAdapter):
             model.check_input_shape(x)
         if self.tap is not None:
             self.tap.clear()
+        if self.block_tap is not None:
+            self.block_tap.clear()
         if self.dpt:
             encoded, prefix_tokens = model.encoder(x)
             decoded = model.decoder(encoded, prefix_tokens)
@@ -156,12 +165,26 @@ class SMPAdapter(BaseAdapter):
         features = {f"enc{i}": encoded[i] for i in self.keep if i < len(encoded)}
         if self.tap is not None:
             features["reassemble0"] = self.tap.pop()["decoder.reassemble_blocks.0"]
+        if self.block_tap is not None:
+            features.update(self.block_tap.pop())
+            if self._choose_high and not is_tracing():
+                self._choose_high = False
+                self._prefer_stride4_block(features, decoded, x.shape[-2])
         features["decoder"] = decoded
         return BaseOutput(logits, features)
+
+    def _prefer_stride4_block(self, features: dict[str, Tensor], decoded: Tensor, height: int) -> None:
+        if round(height / decoded.shape[-2]) >= 4:
+            return
+        at_four = [n for n in features if n.startswith("decoder.blocks.") and round(height / features[n].shape[-2]) == 4]
+        if at_four:
+            self.default_features = (self.default_features[0], at_four[0])
 
     def detach(self) -> None:
         if self.tap is not None:
             self.tap.remove()
+        if self.block_tap is not None:
+            self.block_tap.remove()
 
     def spec(self, model: nn.Module) -> dict[str, Any] | None:
         """See :func:`smp_spec`."""

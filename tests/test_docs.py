@@ -300,6 +300,20 @@ def test_output_comparison_tolerates_digits_and_timings_only():
     assert [s.after for s in shown_outputs("metrics.md")] == [b.line for b in python_blocks("metrics.md") if b.skip is None]
 
 
+def test_api_page_names_exist():
+    """Every name in docs/api.md's table is public in the module of its row (methods of a class in parentheses)."""
+    import importlib
+
+    rows = re.findall(r"^\| (`errwrap\.[^|]+) \| ([^|]+) \|", (DOCS / "api.md").read_text(), flags=re.M)
+    assert len(rows) >= 15
+    for modules, names in rows:
+        public = set()
+        for name in re.findall(r"`(errwrap\.[\w.]+)`", modules):
+            public |= set(importlib.import_module(name).__all__)
+        listed = re.findall(r"`(\w+)`", re.sub(r"\(.*?\)", "", names))
+        assert listed and set(listed) <= public, f"{modules}: not public: {sorted(set(listed) - public)}"
+
+
 def test_relative_links_in_docs_resolve():
     for page in PAGES:
         text = (DOCS / page).read_text()

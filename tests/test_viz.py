@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from errwrap import viz
 
@@ -39,16 +39,19 @@ def test_panel_layout_and_changed_colours():
     corrected = base.clone()
     corrected[0, 0] = 1  # fixed
     corrected[5, 5] = 2  # broken
-    panel = viz.make_panel(torch.rand(3, h, w), base, torch.rand(h, w), corrected, ground_truth=gt, num_classes=3)
-    assert panel.size == (6 * w + 5 * viz.PANEL_GAP, h + viz.PANEL_TITLE_HEIGHT)
-    arr = np.asarray(panel)
-    x0 = 5 * (w + viz.PANEL_GAP)
-    top = viz.PANEL_TITLE_HEIGHT
-    assert tuple(arr[top + 0, x0 + 0]) == (0, 200, 0)
-    assert tuple(arr[top + 5, x0 + 5]) == (220, 0, 0)
-    assert tuple(arr[top + 1, x0 + 1]) == (40, 40, 40)
-    untitled = viz.make_panel(torch.rand(3, h, w), base, torch.rand(h, w), corrected, titles=False)
+    untitled = viz.make_panel(torch.rand(3, h, w), base, torch.rand(h, w), corrected, ground_truth=gt, titles=False)
     assert untitled.size == (6 * w + 5 * viz.PANEL_GAP, h)
+    panel = viz.make_panel(torch.rand(3, h, w), base, torch.rand(h, w), corrected, ground_truth=gt, num_classes=3)
+    # tiles narrower than their titles are enlarged by a whole factor, so every title fits its tile
+    scale = (panel.size[0] - 5 * viz.PANEL_GAP) // (6 * w)
+    assert panel.size == (6 * w * scale + 5 * viz.PANEL_GAP, h * scale + viz.PANEL_TITLE_HEIGHT)
+    widest = max(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(t) for t in viz.PANEL_TITLES)
+    assert scale > 1 and w * scale >= widest
+    for arr, s, top in ((np.asarray(untitled), 1, 0), (np.asarray(panel), scale, viz.PANEL_TITLE_HEIGHT)):
+        x0 = 5 * (w * s + viz.PANEL_GAP)
+        assert tuple(arr[top + 0, x0 + 0]) == (0, 200, 0)
+        assert tuple(arr[top + 5 * s, x0 + 5 * s]) == (220, 0, 0)
+        assert tuple(arr[top + 1 * s, x0 + 1 * s]) == (40, 40, 40)
 
 
 def test_panel_size_mismatch_is_refused():

@@ -6,6 +6,7 @@ Everything returns NumPy ``uint8`` arrays (``H x W x 3``) or Pillow images; noth
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -192,6 +193,12 @@ def make_panel(
         _changed(base, fixed, gt, ignore_index),
     ]
     top = PANEL_TITLE_HEIGHT if titles else 0
+    if titles:  # tiles narrower than their titles (small images) are enlarged, nearest-neighbour
+        widest = max(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(t) for t in PANEL_TITLES) + 4
+        scale = max(1, math.ceil(widest / w))
+        if scale > 1:
+            tiles = [np.repeat(np.repeat(t, scale, axis=0), scale, axis=1) for t in tiles]
+            h, w = h * scale, w * scale
     panel = Image.new("RGB", (6 * w + 5 * PANEL_GAP, h + top), (255, 255, 255))
     draw = ImageDraw.Draw(panel)
     for i, (tile, title) in enumerate(zip(tiles, PANEL_TITLES)):

@@ -96,6 +96,16 @@ def test_ade20k_reduces_zero_label(tmp_path):
     assert ADE20K(tmp_path, "val")[0][1].tolist() == [[2, 2, 2], [255, 255, 255]]
 
 
+def test_ade20k_keeps_zero_label_for_151_class_models(tmp_path):
+    _ade_tree(tmp_path)
+    ds = ADE20K(tmp_path, "train", reduce_zero_label=False)
+    assert ds.num_classes == 151 == len(ds.class_names) and ds.class_names[:2] == ["other", "wall"]
+    assert ds[0][1].tolist() == [[0, 1, 150], [2, 0, 75]]
+    assert ADE20K.num_classes == 150 and ADE20K(tmp_path, "train").num_classes == 150  # the class is untouched
+    with pytest.raises(TypeError, match="reduce_zero_label"):
+        ADE20K(tmp_path, "train", reduce_zero_label="no")
+
+
 def test_ade20k_layout_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"images/training"):
         ADE20K(tmp_path, "train")
@@ -250,3 +260,50 @@ def test_make_loader_is_seeded():
     assert [len(b[0]) for b in ordered] == [5, 5, 2]
     with pytest.raises(ValueError, match="batch_size"):
         make_loader(ds, 0)
+
+
+# ---------------------------------------------------------------------------- binary 0/255 masks
+def _binary_folder(root, n=2):
+    for i in range(n):
+        _save_rgb(root / "images" / f"im{i}.jpg", 4, 4)
+        mask = np.zeros((4, 4), dtype=np.uint8)
+        mask[1:3, 1:3] = 255
+        _save_mask(root / "masks" / f"im{i}.png", mask)
+
+
+def test_segmentation_folder_refuses_0_255_masks_without_a_label_map(tmp_path):
+    _binary_folder(tmp_path)
+    with pytest.raises(ValueError, match=r"only 0 and 255.*label_map=\{255: 1\}.*--label-map 255:1"):
+        SegmentationFolder(tmp_path / "images", tmp_path / "masks")
+    with pytest.raises(ValueError, match=r"label_map=\{255: 1\}"):
+        SegmentationFolder(tmp_path / "images", tmp_path / "masks", num_classes=2)
+
+
+def test_segmentation_folder_label_map_reads_255_as_foreground(tmp_path):
+    _binary_folder(tmp_path)
+    ds = SegmentationFolder(tmp_path / "images", tmp_path / "masks", num_classes=2, label_map={255: 1})
+    label = ds[1][1]
+    assert label.dtype == torch.int64 and label.sum() == 4 and label[1:3, 1:3].eq(1).all()
+    assert sorted(label.unique().tolist()) == [0, 1]
+    # {} keeps values as they are: 255 is then ignore_index, on purpose.
+    kept = SegmentationFolder(tmp_path / "images", tmp_path / "masks", label_map={})
+    assert (kept[0][1] == 255).sum() == 4
+    # a map to ignore_index, and values left out of the map are kept
+    _save_mask(tmp_path / "masks" / "im0.png", [[0, 1, 2, 7]] * 4)
+    mapped = SegmentationFolder(tmp_path / "images", tmp_path / "masks", label_map={7: 255, 2: 0})
+    assert mapped[0][1][0].tolist() == [0, 1, 0, 255]
+    for bad, error in (({255: -1}, ValueError), ({"a": 1}, ValueError), ([(255, 1)], TypeError)):
+        with pytest.raises(error, match="label_map"):
+            SegmentationFolder(tmp_path / "images", tmp_path / "masks", label_map=bad)
+
+
+def test_segmentation_folder_checks_every_mask_read_and_hints_at_label_map(tmp_path):
+    _binary_folder(tmp_path)
+    _save_mask(tmp_path / "masks" / "im0.png", [[0, 1, 1, 1]] * 4)  # the first mask is fine
+    ds = SegmentationFolder(tmp_path / "images", tmp_path / "masks")
+    assert ds[0][1].max() == 1
+    with pytest.raises(ValueError, match="im1.png: the mask holds only 0 and 255"):
+        ds[1]
+    other_ignore = SegmentationFolder(tmp_path / "images", tmp_path / "masks", num_classes=2, ignore_index=254)
+    with pytest.raises(ValueError, match=r"im1.png: label values \[255\].*label_map="):
+        other_ignore[1]

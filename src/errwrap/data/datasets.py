@@ -9,7 +9,7 @@ raises ``FileNotFoundError`` naming the path that was expected.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -125,6 +125,20 @@ def _require_dir(path: Path, what: str) -> None:
         raise FileNotFoundError(f"{what}: expected the directory {path}, which does not exist{found}")
 
 
+def _check_label_map(label_map: Mapping[int, int] | None) -> dict[int, int] | None:
+    if label_map is None:
+        return None
+    if not isinstance(label_map, Mapping):
+        raise TypeError(f"label_map: expected a mapping of raw mask values to class indices (e.g. {{255: 1}}), got {type(label_map).__name__}")
+    checked: dict[int, int] = {}
+    for key, value in label_map.items():
+        for item in (key, value):
+            if isinstance(item, bool) or not isinstance(item, (int, np.integer)) or item < 0:
+                raise ValueError(f"label_map: expected non-negative integer values and classes (e.g. {{255: 1}}), got {key!r}: {value!r}")
+        checked[int(key)] = int(value)
+    return checked
+
+
 def _check_split(split: str, allowed: Sequence[str]) -> None:
     if split not in allowed:
         raise ValueError(f"split: expected one of {list(allowed)}, got {split!r}")
@@ -172,11 +186,25 @@ class SegmentationFolder(_PairDataset):
         ignore_index: label value of unlabeled pixels.
         class_names: optional names (length ``num_classes``).
         transform: a joint transform ``(image, label) -> (image, label)``.
+        label_map: raw mask value -> class index (or ``ignore_index``), applied to every mask
+            before the checks; values not in it are kept. Binary masks saved as 0/255 (255 =
+            foreground) need ``label_map={255: 1}``; an empty mapping ``{}`` keeps every value
+            as it is and turns off the 0/255 check below.
+
+    Masks of only 0 and ``ignore_index`` (the usual 0/255 binary masks, with the default
+    ``ignore_index=255``) would make every foreground pixel "unlabelled", and a model would be
+    trained and evaluated on background alone; without a ``label_map`` such a mask raises
+    ``ValueError`` naming the fix (checked on the first mask when the dataset is built, and on
+    every mask read).
 
     Raises:
         FileNotFoundError: a directory is missing or empty.
         ValueError: some stems have an image but no mask, or a mask but no image (listed), or
-            masks are JPEG.
+            masks are JPEG, or the first mask is a 0/255 mask and no ``label_map`` is given.
+
+    Example:
+        >>> ds = SegmentationFolder("images", "masks", num_classes=2, label_map={255: 1})  # doctest: +SKIP
+        >>> image, label = ds[0]  # label values 0 (background) and 1 (foreground)           # doctest: +SKIP
     """
 
     def __init__(
@@ -187,8 +215,10 @@ class SegmentationFolder(_PairDataset):
         ignore_index: int = 255,
         class_names: Sequence[str] | None = None,
         transform: JointTransform | None = None,
+        label_map: Mapping[int, int] | None = None,
     ) -> None:
         images_dir, masks_dir = Path(images_dir), Path(masks_dir)
+        self.label_map = _check_label_map(label_map)
         _require_dir(images_dir, "images_dir")
         _require_dir(masks_dir, "masks_dir")
         images = {p.stem: p for p in sorted(images_dir.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS}
@@ -217,13 +247,30 @@ class SegmentationFolder(_PairDataset):
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.class_names = list(class_names) if class_names is not None else ([str(i) for i in range(num_classes)] if num_classes else None)
+        first = self.pairs[0][1]
+        self._labels(load_mask(first), first)  # a 0/255 binary dataset fails here, not mid-training
 
     def _labels(self, raw: np.ndarray, path: Path) -> np.ndarray:
+        if self.label_map:
+            mapped = raw.copy()
+            for value, target in self.label_map.items():
+                mapped[raw == value] = target
+            raw = mapped
+        elif self.label_map is None and self.ignore_index not in (0, 1):
+            values = np.unique(raw)
+            if len(values) == 2 and values[0] == 0 and values[1] == self.ignore_index:
+                raise ValueError(
+                    f"{path}: the mask holds only 0 and {self.ignore_index}, and {self.ignore_index} is ignore_index, so every "
+                    f"non-zero pixel would be unlabelled and only background would be learnt. For a binary mask with "
+                    f"{self.ignore_index} = foreground pass label_map={{{self.ignore_index}: 1}} (errwrap CLI: --label-map "
+                    f"{self.ignore_index}:1); if {self.ignore_index} really marks unlabelled pixels, pass label_map={{}}"
+                )
         if self.num_classes is not None:
             bad = (raw >= self.num_classes) & (raw != self.ignore_index) | (raw < 0)
             if bad.any():
                 values = sorted(set(np.unique(raw[bad]).tolist()))[:10]
-                raise ValueError(f"{path}: label values {values} are neither in 0..{self.num_classes - 1} nor ignore_index={self.ignore_index}")
+                hint = "; map raw values to class indices with label_map= (e.g. {255: 1} for 0/255 binary masks)" if not self.label_map else ""
+                raise ValueError(f"{path}: label values {values} are neither in 0..{self.num_classes - 1} nor ignore_index={self.ignore_index}{hint}")
         return raw
 
 
@@ -286,22 +333,40 @@ class ADE20K(_PairDataset):
         root/images/{training,validation}/ADE_*.jpg
         root/annotations/{training,validation}/ADE_*.png
 
-    ``root`` may be ``ADEChallengeData2016`` itself or the directory that holds it. Label 0
-    ("other") becomes 255 (ignored) and every other label ``k`` becomes ``k - 1``
-    ("reduce zero label", as in the usual DeepLabv3+ / mmsegmentation setting).
+    ``root`` may be ``ADEChallengeData2016`` itself or the directory that holds it. By default
+    label 0 ("other") becomes 255 (ignored) and every other label ``k`` becomes ``k - 1``
+    ("reduce zero label", as in the usual DeepLabv3+ / mmsegmentation setting, and as
+    transformers' ``do_reduce_labels=True``): 150 classes, which is what SegFormer, UperNet and
+    the other ADE20K checkpoints with 150 labels predict. A model with 151 outputs, whose class 0
+    is "other", needs ``reduce_zero_label=False``: labels stay ``0..150`` (151 classes, the first
+    named ``"other"``). Either way values above 150 become 255.
 
     Args:
         root: see above.
         split: ``"train"`` (``training``) or ``"val"`` (``validation``).
         transform: a joint transform.
+        reduce_zero_label: ignore label 0 and shift the others down by one (150 classes);
+            ``False``: keep 0 as the class ``"other"`` (151 classes).
     """
 
     num_classes = 150
     class_names = list(ADE20K_CLASSES)
     ignore_index = 255
 
-    def __init__(self, root: str | os.PathLike, split: str = "train", transform: JointTransform | None = None) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        split: str = "train",
+        transform: JointTransform | None = None,
+        reduce_zero_label: bool = True,
+    ) -> None:
         _check_split(split, ("train", "val"))
+        if not isinstance(reduce_zero_label, bool):
+            raise TypeError(f"reduce_zero_label: expected True or False, got {reduce_zero_label!r}")
+        self.reduce_zero_label = reduce_zero_label
+        if not reduce_zero_label:
+            self.num_classes = len(ADE20K_CLASSES) + 1
+            self.class_names = ["other", *ADE20K_CLASSES]
         root = Path(root)
         if not (root / "images").is_dir() and (root / "ADEChallengeData2016").is_dir():
             root = root / "ADEChallengeData2016"
@@ -318,4 +383,6 @@ class ADE20K(_PairDataset):
         super().__init__([(p, label_root / f"{p.stem}.png") for p in images], transform)
 
     def _labels(self, raw: np.ndarray, path: Path) -> np.ndarray:
+        if not self.reduce_zero_label:
+            return np.where(raw >= self.num_classes, self.ignore_index, raw)
         return np.where((raw == 0) | (raw > self.num_classes), self.ignore_index, raw - 1)

@@ -133,10 +133,11 @@ def test_evaluate_with_mc_dropout_costs_T_passes():
     wrap = _wrapper()
     calls = []
     handle = wrap.base.register_forward_hook(lambda *_: calls.append(1))
-    report = evaluate(wrap, _loader(n=1), baselines=("msp", "mc_dropout"), mc_dropout_T=5)
+    report = evaluate(wrap, _loader(n=2), baselines=("msp", "mc_dropout"), mc_dropout_T=5)
     handle.remove()
-    # per batch: base pass, wrapper pass, T dropout passes (MSP reuses the base logits)
-    assert len(calls) == 2 + 5
+    # one untimed warm-up (base pass, wrapper pass), then per batch: base pass, wrapper pass,
+    # T dropout passes (MSP reuses the base logits)
+    assert len(calls) == 2 + 2 * (2 + 5)
     mc = report.error_detection["mc_dropout"]
     assert 0 <= mc.auroc <= 1 and mc.num_errors == report.error_detection["msp"].num_errors
     assert "MCDropoutScore(T=5" in report.config["scores"]["mc_dropout"]
@@ -185,3 +186,54 @@ def test_evaluate_errors():
         unpack_batch(x)
     with pytest.raises(ValueError, match="wrapper's parameters are on cpu"):
         evaluate(wrap, _loader(), device="meta")
+
+
+def test_evaluate_explains_images_of_different_sizes_and_takes_them_one_by_one():
+    from torch.utils.data import DataLoader
+
+    g = torch.Generator().manual_seed(0)
+    items = [(torch.randn(3, h, w, generator=g), torch.randint(0, NUM_CLASSES, (h, w), generator=g)) for h, w in ((32, 48), (40, 24), (24, 24))]
+    with pytest.raises(RuntimeError, match=r"loader: its items have different sizes.*batch_size=1.*--batch-size 1"):
+        evaluate(_wrapper(), DataLoader(items, batch_size=2))
+    report = evaluate(_wrapper(), DataLoader(items, batch_size=1))
+    assert report.num_images == 3 and report.num_pixels == 32 * 48 + 40 * 24 + 24 * 24
+
+
+def test_evaluate_refuses_a_dataset_declaring_other_classes():
+    from torch.utils.data import DataLoader
+
+    class Data(torch.utils.data.Dataset):
+        num_classes = NUM_CLASSES + 1  # e.g. ADE20K with reduce_zero_label=False against a 150-class model
+
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            return torch.randn(3, 32, 32), torch.zeros(32, 32, dtype=torch.long)
+
+    with pytest.raises(ValueError, match=r"num_classes=5, but the model predicts 4 classes.*reduce_zero_label=False"):
+        evaluate(_wrapper(), DataLoader(Data(), batch_size=2))
+    data = Data()
+    data.num_classes = None  # the documented way out: labels already use the model's indices
+    assert evaluate(_wrapper(), DataLoader(data, batch_size=2)).num_images == 2
+
+
+def test_time_per_image_leaves_out_the_first_calls_one_time_cost():
+    """A base whose first call is slow (lazy set-up, cudnn autotuning, caches) must not make the
+    score that happens to run first look expensive: evaluate warms up untimed."""
+    import time
+
+    class SlowFirstCall(StrideTwoBase):
+        calls = 0
+
+        def forward(self, x):
+            type(self).calls += 1
+            if type(self).calls == 1:
+                time.sleep(0.5)
+            return super().forward(x)
+
+    torch.manual_seed(0)
+    wrap = ErrorCorrectionWrapper(SlowFirstCall(), sample_size=32)  # the probe is the first call
+    SlowFirstCall.calls = 0
+    report = evaluate(wrap, _loader(n=2), baselines=("msp",))
+    assert report.time_per_image["base_forward"] < 0.1 and report.time_per_image["score/msp"] < 0.1

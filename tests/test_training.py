@@ -327,3 +327,26 @@ def test_two_process_gloo_run_keeps_ranks_identical(tmp_path):
     assert (tmp_path / "ckpt/latest").read_text().strip() == "step-000003"
     untrained = _wrapper()
     assert any(not torch.equal(p, r0["params"][k]) for k, p in untrained.named_parameters() if k in r0["params"])
+
+
+def test_images_of_different_sizes_are_explained_and_train_one_by_one():
+    from torch.utils.data import DataLoader
+
+    g = torch.Generator().manual_seed(0)
+    items = [(torch.rand(3, h, w, generator=g), torch.randint(0, NUM_CLASSES, (h, w), generator=g)) for h, w in ((32, 48), (40, 32), (32, 32))]
+    with pytest.raises(RuntimeError, match=r"train_loader: its items have different sizes.*batch_size=1"):
+        finetune(_wrapper(), DataLoader(items, batch_size=2), steps=1, progress=False)
+    result = finetune(_wrapper(), DataLoader(items, batch_size=1), steps=3, progress=False)
+    assert result.step == 3 and all(math.isfinite(h["loss"]) for h in result.history)
+
+
+def test_a_dataset_declaring_other_classes_is_refused_before_training():
+    data = Scenes(4, size=32)
+    data.num_classes = NUM_CLASSES + 1  # e.g. ADE20K's 150 classes against a 151-output model
+    wrap = _wrapper()
+    before = _heads(wrap)
+    with pytest.raises(ValueError, match=rf"train_loader: its dataset has num_classes={NUM_CLASSES + 1}, but the model predicts {NUM_CLASSES}"):
+        finetune(wrap, make_loader(data, 2), steps=1, progress=False)
+    with pytest.raises(ValueError, match="val_loader: its dataset"):
+        finetune(wrap, _loader(n=4), val_loader=make_loader(data, 2, shuffle=False), steps=1, progress=False)
+    assert all(torch.equal(v, _heads(wrap)[k]) for k, v in before.items())

@@ -12,6 +12,7 @@ One pass over a loader computes, in constant memory (see :mod:`errwrap.metrics`)
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -24,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ._validate import check_finite, check_images, input_dtype, prepare_labels, split_batch
+from .data.loader import _checked_num_classes, _explain_batch_error
 from .layers import resize
 from .metrics import (
     DEFAULT_SCORE_BINS,
@@ -84,7 +86,8 @@ class EvaluationReport:
         calibration: ``"base"`` (softmax of the base logits) and ``"fused"`` calibration.
         num_images: images evaluated.
         num_pixels: labelled (not ignored) pixels evaluated.
-        time_per_image: seconds per image: ``"base_forward"``, ``"wrapper_forward"`` (base +
+        time_per_image: seconds per image (after one untimed warm-up pass of the base and of
+            the wrapper on the first batch): ``"base_forward"``, ``"wrapper_forward"`` (base +
             heads + fusion), for each baseline the time it adds to a base pass
             ``"extra/<name>"`` (MSP/entropy: a softmax; MC dropout: ``T`` base passes), and for
             each score its total cost ``"score/<name>"`` (the error head: the wrapper pass; a
@@ -247,7 +250,9 @@ def evaluate(
         loader: yields ``(images, labels)`` or mappings with ``"image"`` and ``"label"`` (see
             :func:`unpack_batch` for the other keys read); float images of any dtype (cast to the
             wrapper's, NaN/Inf refused with ``ValueError``); labels ``(B, H, W)`` or
-            ``(B, 1, H, W)`` of any integer dtype, at the images' resolution.
+            ``(B, 1, H, W)`` of any integer dtype, at the images' resolution. Images of
+            different sizes need ``batch_size=1`` (or a padding ``collate_fn``). A dataset
+            whose ``num_classes`` differs from the wrapper's is refused (``ValueError``).
         baselines: scores to compare with the error head: names in
             :data:`errwrap.scores.SCORES` (``"msp"``, ``"entropy"``, ``"mc_dropout"``) or
             :class:`~errwrap.scores.ErrorScore` objects.
@@ -272,6 +277,7 @@ def evaluate(
     if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1):
         raise ValueError(f"max_batches: expected a positive int or None, got {max_batches!r}")
     num_classes = int(wrapper.num_classes)
+    _checked_num_classes(loader, num_classes, "loader")
     scores: dict[str, ErrorScore] = {}
     for spec in baselines:
         if spec == "mc_dropout":
@@ -304,10 +310,17 @@ def evaluate(
     wrapper.eval()
     error_head = ErrorHeadScore()
     try:
+        batches = iter(iterator)
         with torch.no_grad():
-            for index, batch in enumerate(iterator):
+            for index in itertools.count():
                 if max_batches is not None and index >= max_batches:
                     break
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    break
+                except RuntimeError as exc:
+                    raise _explain_batch_error(exc, "loader") from exc
                 images, labels = unpack_batch(batch)
                 check_images(images, getattr(wrapper, "in_channels", None))
                 images = images.to(device, dtype=dtype)
@@ -315,6 +328,9 @@ def evaluate(
                 labels = prepare_labels(labels, num_classes, ignore_index, size=tuple(images.shape[-2:]), batch=images.shape[0])
                 labels = labels.to(device)
                 size = images.shape[-2:]
+                if index == 0:  # untimed warm-up, so one-time costs do not land on whichever pass runs first
+                    wrapper.forward_base(images)
+                    wrapper(images)
 
                 _synchronize(device)
                 start = time.perf_counter()

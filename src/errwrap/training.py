@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from ._io import load_safetensors, save_safetensors, write_text_atomic
 from ._validate import check_images, input_dtype, split_batch
+from .data.loader import _checked_num_classes, _explain_batch_error
 from .losses import ErrorCorrectionLoss
 
 __all__ = ["FinetuneResult", "NonFiniteLossError", "finetune", "lr_factor", "load_checkpoint_weights"]
@@ -338,7 +339,9 @@ def finetune(
             key (``"image"``, ``"images"``, ``"pixel_values"``, ``"img"``) and a label key
             (``"label"``, ``"labels"``, ``"mask"``, ``"masks"``, ``"target"``, ``"targets"``);
             labels ``(B, H, W)`` or ``(B, 1, H, W)`` of any integer dtype. Batches of different
-            sizes (a last partial batch) are fine.
+            sizes (a last partial batch) are fine; images of different sizes need
+            ``batch_size=1`` or a transform to one size (``errwrap.data.RandomCrop``). A dataset
+            whose ``num_classes`` differs from the wrapper's is refused (``ValueError``).
         steps: total optimizer steps (including those of a resumed run).
         lr: peak learning rate of AdamW.
         weight_decay: AdamW weight decay (not applied to biases and norm weights).
@@ -395,6 +398,9 @@ def finetune(
         raise ValueError(f"clip_grad_norm: expected a positive number or None, got {clip_grad_norm}")
     if not hasattr(wrapper, "freeze_base") or not hasattr(wrapper, "unfreeze_base"):
         raise TypeError(f"wrapper: expected an ErrorCorrectionWrapper, got {type(wrapper).__name__}")
+    _checked_num_classes(train_loader, int(wrapper.num_classes), "train_loader")
+    if val_loader is not None:
+        _checked_num_classes(val_loader, int(wrapper.num_classes), "val_loader")
     if checkpoint_dir is not None and Path(checkpoint_dir).exists() and not Path(checkpoint_dir).is_dir():
         raise NotADirectoryError(f"checkpoint_dir: expected a directory (existing or not), got the file {checkpoint_dir}")
 
@@ -530,7 +536,11 @@ def finetune(
             sums = dict.fromkeys(("loss", *_TERMS), 0.0)
             images_seen = 0
             for micro in range(accumulate):
-                images, labels = split_batch(next(batches), name="train_loader batch")
+                try:
+                    batch = next(batches)
+                except RuntimeError as exc:
+                    raise _explain_batch_error(exc, "train_loader") from exc
+                images, labels = split_batch(batch, name="train_loader batch")
                 check_images(images, getattr(wrapper, "in_channels", None), name="train_loader images")
                 images = images.to(target, dtype=dtype, non_blocking=True)
                 if isinstance(labels, Tensor):

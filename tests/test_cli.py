@@ -155,3 +155,116 @@ def test_demo_quick_runs_end_to_end(tmp_path, capsys):
     assert (out / "model" / "model.safetensors").is_file()
     assert len(list((out / "panels").glob("panel_*.png"))) == 2
     assert ErrorCorrectionWrapper.from_pretrained(out / "model").num_classes == 11
+
+
+def test_help_says_how_to_make_a_model_and_what_needs_python(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert "save_pretrained" in text and "from_pretrained(DIR, model=your_network)" in text and "--label-map 255:1" in text
+    for command in ("predict", "evaluate", "finetune"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+        assert "save_pretrained(DIR)" in text and "needs Python" in text
+        if command != "predict":
+            assert "folder:IMAGES_DIR,MASKS_DIR" in text and "--label-map" in text
+
+
+def test_a_base_of_your_own_or_heads_only_is_refused_in_cli_terms(tmp_path, capsys):
+    class Own(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, 2, 1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3, 2, 1), torch.nn.ReLU())
+            self.classifier = torch.nn.Conv2d(8, 3, 1)
+
+        def forward(self, x):
+            return self.classifier(self.body(x))
+
+    torch.manual_seed(0)
+    ErrorCorrectionWrapper(Own()).save_pretrained(tmp_path / "own")
+    ErrorCorrectionWrapper(Own()).save_pretrained(tmp_path / "heads", heads_only=True)
+    for name, what in (("own", "a base network of your own"), ("heads", "holds only the heads")):
+        assert main(["evaluate", "--model", str(tmp_path / name), "--data", "scenes:2", "--size", "32"]) == 2
+        err = capsys.readouterr().err
+        assert what in err and "Use Python: ErrorCorrectionWrapper.from_pretrained(DIR, model=your_network)" in err
+        assert len(err.strip().splitlines()) == 1
+
+
+def _binary_folder(root, n=3):
+    rng = np.random.default_rng(0)
+    for directory in ("images", "masks"):
+        (root / directory).mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        mask = np.zeros((32, 32), np.uint8)
+        mask[8:24, 4 + i : 20 + i] = 255
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / "images" / f"im{i}.jpg")
+        Image.fromarray(mask).save(root / "masks" / f"im{i}.png")
+    return f"folder:{root / 'images'},{root / 'masks'}"
+
+
+@pytest.fixture(scope="module")
+def binary_model_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    base = DeepLabV3Plus("resnet18", num_classes=2, aspp_channels=16, decoder_channels=16, low_level_channels=8)
+    path = tmp_path_factory.mktemp("binary")
+    ErrorCorrectionWrapper(base, error_channels=8, detail_channels=8).save_pretrained(path)
+    return path
+
+
+def test_0_255_binary_masks_need_label_map_and_then_count_the_foreground(binary_model_dir, tmp_path, capsys):
+    data = _binary_folder(tmp_path)
+    argv = ["evaluate", "--model", str(binary_model_dir), "--data", data, "--batch-size", "3"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "im0.png: the mask holds only 0 and 255" in err and "--label-map 255:1" in err
+    report = tmp_path / "report.json"
+    assert main([*argv, "--label-map", "255:1", "--json", str(report)]) == 0
+    assert json.loads(report.read_text())["num_pixels"] == 3 * 32 * 32  # foreground counted, nothing ignored
+    out = tmp_path / "tuned"
+    assert main(["finetune", "--model", str(binary_model_dir), "--data", data, "--label-map", "255:1", "--steps", "1",
+                 "--batch-size", "2", "--out", str(out)]) == 0
+    assert "label_map: 255:1" in (out / "README.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--label-map", "255=1"], "--label-map '255=1': expected RAW:CLASS pairs"),
+        (["--label-map", "255:one"], "expected RAW:CLASS pairs"),
+    ],
+)
+def test_label_map_errors(binary_model_dir, tmp_path, extra, message, capsys):
+    data = _binary_folder(tmp_path, n=1)
+    assert main(["evaluate", "--model", str(binary_model_dir), "--data", data, *extra]) == 2
+    assert message in capsys.readouterr().err
+    assert main(["evaluate", "--model", str(binary_model_dir), "--data", "scenes:2", "--label-map", "255:1"]) == 2
+    assert "--label-map: only for folder" in capsys.readouterr().err
+
+
+def test_folder_masks_are_checked_against_the_models_classes_by_file(model_dir, tmp_path, capsys):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "images" / "a.png")
+    Image.fromarray(np.full((16, 16), 12, np.uint8)).save(tmp_path / "masks" / "a.png")  # the model has 11 classes
+    assert main(["evaluate", "--model", str(model_dir), "--data", f"folder:{tmp_path / 'images'},{tmp_path / 'masks'}"]) == 2
+    err = capsys.readouterr().err
+    assert "a.png: label values [12] are neither in 0..10" in err
+
+
+def test_ade20k_keeps_label_0_for_a_151_class_model(tmp_path, capsys):
+    root = tmp_path / "ADEChallengeData2016"
+    (root / "images" / "validation").mkdir(parents=True)
+    (root / "annotations" / "validation").mkdir(parents=True)
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(root / "images" / "validation" / "ADE_val_00000001.jpg")
+    mask = np.zeros((16, 16), np.uint8)
+    mask[:, 8:] = 150  # half "other" (0), half the last class
+    Image.fromarray(mask).save(root / "annotations" / "validation" / "ADE_val_00000001.png")
+    pixels = {}
+    for classes in (150, 151):
+        torch.manual_seed(0)
+        base = DeepLabV3Plus("resnet18", num_classes=classes, aspp_channels=16, decoder_channels=16, low_level_channels=8)
+        ErrorCorrectionWrapper(base, error_channels=8, detail_channels=8).save_pretrained(tmp_path / str(classes))
+        assert main(["evaluate", "--model", str(tmp_path / str(classes)), "--data", f"ade20k:{tmp_path}", "--json", str(tmp_path / f"{classes}.json")]) == 0
+        pixels[classes] = json.loads((tmp_path / f"{classes}.json").read_text())["num_pixels"]
+    assert pixels == {150: 16 * 8, 151: 16 * 16}  # label 0 ignored for 150 classes, class "other" for 151

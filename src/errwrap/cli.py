@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["main", "build_parser", "parse_data_spec"]
+__all__ = ["main", "build_parser", "parse_data_spec", "parse_label_map"]
 
 DATA_KINDS = ("scenes", "cityscapes", "ade20k", "folder")
 
@@ -29,13 +29,41 @@ def _say(message: str) -> None:
 
 
 # ---------------------------------------------------------------------- data and model
-def parse_data_spec(spec: str, split: str, transform: Any = None, size: int | None = None):
+def parse_label_map(text: str | None) -> dict[int, int] | None:
+    """``"255:1,128:0"`` -> ``{255: 1, 128: 0}`` (raw mask value -> class); ``None`` stays ``None``."""
+    if text is None:
+        return None
+    mapping: dict[int, int] = {}
+    for item in (i.strip() for i in text.split(",")):
+        raw, colon, target = item.partition(":")
+        if not colon or not raw.strip().isdigit() or not target.strip().isdigit():
+            raise CLIError(f"--label-map {text!r}: expected RAW:CLASS pairs separated by commas, such as 255:1, got {item!r}")
+        mapping[int(raw)] = int(target)
+    return mapping
+
+
+def parse_data_spec(
+    spec: str,
+    split: str,
+    transform: Any = None,
+    size: int | None = None,
+    *,
+    num_classes: int | None = None,
+    label_map: dict[int, int] | None = None,
+):
     """``KIND:PATH`` -> a dataset. Kinds: ``scenes[:N]`` (built-in, N images), ``cityscapes:ROOT``,
-    ``ade20k:ROOT``, ``folder:IMAGES_DIR,MASKS_DIR``."""
+    ``ade20k:ROOT``, ``folder:IMAGES_DIR,MASKS_DIR``.
+
+    ``num_classes`` is the model's: a folder's masks are checked against it (naming the file
+    with a bad value), and ADE20K keeps label 0 as the class "other" for a 151-class model
+    (``reduce_zero_label=False``). ``label_map`` (raw mask value -> class) is for folders only.
+    """
     from . import data
 
     kind, _, rest = spec.partition(":")
     kind = kind.lower()
+    if label_map is not None and kind != "folder":
+        raise CLIError(f"--label-map: only for folder:IMAGES_DIR,MASKS_DIR data, got --data {spec!r}")
     if kind == "scenes":
         if rest and (not rest.isdigit() or int(rest) < 1):
             raise CLIError(f"--data {spec!r}: expected scenes or scenes:N with N a positive number of images")
@@ -48,11 +76,12 @@ def parse_data_spec(spec: str, split: str, transform: Any = None, size: int | No
     if kind == "cityscapes":
         return data.Cityscapes(rest, split=split, transform=transform)
     if kind == "ade20k":
-        return data.ADE20K(rest, split=split, transform=transform)
+        keep_zero = num_classes == len(data.ADE20K_CLASSES) + 1
+        return data.ADE20K(rest, split=split, transform=transform, reduce_zero_label=not keep_zero)
     images, _, masks = rest.partition(",")
     if not masks:
         raise CLIError(f"--data {spec!r}: expected folder:IMAGES_DIR,MASKS_DIR")
-    return data.SegmentationFolder(images, masks, transform=transform)
+    return data.SegmentationFolder(images, masks, num_classes=num_classes, transform=transform, label_map=label_map)
 
 
 def _check_classes(dataset, wrap, spec: str) -> None:
@@ -61,9 +90,35 @@ def _check_classes(dataset, wrap, spec: str) -> None:
         raise CLIError(f"--data {spec}: the data has {n} classes, the model {wrap.num_classes}")
 
 
+def _refuse_what_the_cli_cannot_rebuild(location: str) -> None:
+    """A local model whose base is the user's own network (or that holds only the heads) needs
+    that network, which only Python can pass: say so in CLI terms, before any work."""
+    config_path = Path(location) / "config.json"
+    if not config_path.is_file():
+        return  # a Hub id, or a missing file: from_pretrained reports it
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return  # from_pretrained names the problem
+    if not isinstance(config, dict):
+        return
+    if config.get("heads_only"):
+        what = "holds only the heads (saved with heads_only=True)"
+    elif "base" in config and config["base"] is None:
+        what = "has a base network of your own, which errwrap cannot rebuild from config.json"
+    else:
+        return
+    raise CLIError(
+        f"--model {location}: {what}; the CLI can only load models whose base it rebuilds (errwrap, SMP, torchvision, "
+        "transformers). Use Python: ErrorCorrectionWrapper.from_pretrained(DIR, model=your_network), then "
+        "errwrap.finetune / errwrap.evaluate (docs/training.md)"
+    )
+
+
 def _load_model(location: str, device: str | None):
     from .wrapper import ErrorCorrectionWrapper
 
+    _refuse_what_the_cli_cannot_rebuild(location)
     try:
         return ErrorCorrectionWrapper.from_pretrained(location, device=device).eval()
     except FileNotFoundError as exc:
@@ -196,9 +251,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluation import evaluate
 
     json_path = _output_file(args.json, "--json")
+    label_map = parse_label_map(args.label_map)
     wrap = _load_model(args.model, args.device)
     normalize, _, _ = _normalizer(wrap)
-    dataset = parse_data_spec(args.data, args.split, transform=normalize, size=args.size)
+    dataset = parse_data_spec(args.data, args.split, transform=normalize, size=args.size, num_classes=wrap.num_classes, label_map=label_map)
     _check_classes(dataset, wrap, args.data)
     if len(dataset) == 0:
         raise CLIError(f"--data {args.data}: no images found for split {args.split!r}")
@@ -222,12 +278,14 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     _output_dir(args.out)  # refuse a file before training, not after
     if args.checkpoint_dir is not None:
         _output_dir(args.checkpoint_dir, "--checkpoint-dir")
+    label_map = parse_label_map(args.label_map)
     wrap = _load_model(args.model, args.device)
     normalize, _, _ = _normalizer(wrap)
     transforms = [D.RandomHorizontalFlip()]
     if args.crop:
         transforms = [D.RandomScale(0.5, 2.0), D.RandomCrop(args.crop), D.RandomHorizontalFlip()]
-    dataset = parse_data_spec(args.data, "train", transform=D.Compose([*transforms, normalize]), size=args.size)
+    dataset = parse_data_spec(args.data, "train", transform=D.Compose([*transforms, normalize]), size=args.size,
+                              num_classes=wrap.num_classes, label_map=label_map)
     _check_classes(dataset, wrap, args.data)
     if len(dataset) == 0:
         raise CLIError(f"--data {args.data}: no training images found")
@@ -237,7 +295,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                       resume=args.resume)
     last = result.history[-1] if result.history else {}
     _say(f"fine-tuned {args.steps} steps; last losses: " + ", ".join(f"{k} {v:.4f}" for k, v in last.items() if isinstance(v, float)))
-    wrap.save_pretrained(args.out, training={"data": args.data, "steps": args.steps, "lr": args.lr})
+    training = {"data": args.data, "steps": args.steps, "lr": args.lr}
+    if args.label_map:
+        training["label_map"] = args.label_map
+    wrap.save_pretrained(args.out, training=training)
     _say(f"saved to {args.out}")
     return 0
 
@@ -262,13 +323,47 @@ def _positive_int(text: str) -> int:
     return value
 
 
+MODEL_HELP = ("a model directory written by save_pretrained, or a Hub repo id; its base must be one the CLI "
+              "rebuilds from config.json (errwrap's DeepLabV3Plus, SMP, torchvision or transformers models)")
+DATA_HELP = ("scenes[:N] (built-in), cityscapes:ROOT (19 classes), ade20k:ROOT (150 classes with label 0 ignored; "
+             "0 is kept as 'other' for a 151-class model) or folder:IMAGES_DIR,MASKS_DIR (masks of class indices, "
+             "paired by file stem; see --label-map)")
+LABEL_MAP_HELP = ("folder data only: raw mask value -> class, e.g. 255:1 for binary masks saved as 0/255 "
+                  "(255 = foreground); several as 255:1,128:255")
+EPILOG = """\
+models:
+  predict, evaluate and finetune read a model directory that you write from Python:
+
+    import torchvision, errwrap
+    net = torchvision.models.segmentation.deeplabv3_mobilenet_v3_large(num_classes=5)
+    # ... train net, or load your weights into it ...
+    errwrap.ErrorCorrectionWrapper(net).save_pretrained("my-model")
+
+  then: errwrap finetune --model my-model --data folder:images,masks --steps 1000 --out my-model-tuned
+  The CLI rebuilds the base from config.json for errwrap's DeepLabV3Plus, SMP, torchvision and
+  transformers models. A network of your own (config.json has "base": null) or a heads-only save
+  needs Python: ErrorCorrectionWrapper.from_pretrained(DIR, model=your_network), errwrap.finetune,
+  errwrap.evaluate (docs/training.md).
+
+data (--data KIND:PATH):
+  scenes[:N]                  errwrap's generated scenes (N images)
+  cityscapes:ROOT             ROOT/leftImg8bit and ROOT/gtFine
+  ade20k:ROOT                 ADEChallengeData2016 (or the directory that holds it)
+  folder:IMAGES_DIR,MASKS_DIR images and masks (PNG of class indices) paired by file stem;
+                              0/255 binary masks need --label-map 255:1
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = _Parser(prog="errwrap", description="Predict where a segmentation network is wrong, and correct it.")
+    parser = _Parser(prog="errwrap", description="Predict where a segmentation network is wrong, and correct it.",
+                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"errwrap {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    model_note = ("--model is a directory written by ErrorCorrectionWrapper(net).save_pretrained(DIR) in Python "
+                  "(see 'errwrap --help'); a base network of your own needs Python instead of the CLI.")
 
     p = sub.add_parser("demo", help="train, wrap, fine-tune and evaluate on the built-in scenes (CPU, ~5 min)",
                        description="On the built-in Scenes: train a small DeepLabV3+ base, wrap it, fine-tune the heads with the "
@@ -277,55 +372,61 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="errwrap-demo", help="output directory (default: errwrap-demo)")
     p.add_argument("--minutes", type=float, default=5.0,
                    help="scales the training steps; 5 (the default) takes about 5 minutes on an idle 2-core CPU")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the data, the models and the training (default: 0)")
     p.add_argument("--quick", action="store_true", help="a tiny run of a few seconds (smoke test; numbers are meaningless)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("predict", help="corrected labels, error map and panel for images",
                        description="For each image write OUT/STEM_labels.png (palette PNG of corrected class ids), "
-                                   "OUT/STEM_error.png (error-probability heat map) and OUT/STEM_panel.png.")
-    p.add_argument("--model", required=True, help="a saved model directory or a Hub repo id")
+                                   "OUT/STEM_error.png (error-probability heat map) and OUT/STEM_panel.png. "
+                                   "Images are normalised with the model's saved preprocessing (default: ImageNet "
+                                   "mean and std). " + model_note)
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...; RGB, RGBA, grayscale, 16-bit) or directories of them")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--palette", choices=["cityscapes", "ade20k", "generated"], default=None)
+    p.add_argument("--palette", choices=["cityscapes", "ade20k", "generated"], default=None,
+                   help="colours of the label PNGs (default: by the number of classes)")
     p.add_argument("--device", default=None, help="e.g. cpu, cuda (default: cpu)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("evaluate", help="metrics report: segmentation, error detection, calibration, timing",
                        description="Evaluate a model on a data set: base vs corrected mIoU, error head vs baselines (AUROC, "
-                                   "AUPR-Error, AUPR-Success, FPR95), ECE and time per image. DATA is scenes[:N], "
-                                   "cityscapes:ROOT, ade20k:ROOT or folder:IMAGES_DIR,MASKS_DIR.")
-    p.add_argument("--model", required=True, help="a saved model directory or a Hub repo id")
-    p.add_argument("--data", required=True, metavar="KIND:PATH")
-    p.add_argument("--split", default="val", help="data split (default: val)")
+                                   "AUPR-Error, AUPR-Success, FPR95), ECE and time per image. " + model_note)
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("--data", required=True, metavar="KIND:PATH", help=DATA_HELP)
+    p.add_argument("--label-map", default=None, metavar="RAW:CLASS,...", help=LABEL_MAP_HELP)
+    p.add_argument("--split", default="val", help="data split for cityscapes, ade20k and scenes (default: val)")
     p.add_argument("--size", type=_positive_int, default=None, help="image size for scenes (default: 128)")
     p.add_argument("--baselines", default="msp,entropy", help="comma-separated: msp, entropy, mc_dropout (default: msp,entropy)")
     p.add_argument("--mc-T", type=_positive_int, default=10, help="passes of MC dropout (default: 10)")
-    p.add_argument("--batch-size", type=_positive_int, default=4)
-    p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--max-batches", type=_positive_int, default=None)
+    p.add_argument("--batch-size", type=_positive_int, default=4, help="images per batch (default: 4); 1 for images of different sizes")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default: 0)")
+    p.add_argument("--max-batches", type=_positive_int, default=None, help="stop after this many batches (default: all)")
     p.add_argument("--json", default=None, help="also write the report as JSON here")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="e.g. cpu, cuda (default: cpu)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("finetune", help="fine-tune the heads (base frozen) and save the model",
-                       description="Fine-tune a saved model's heads with the base frozen on DATA (scenes[:N], cityscapes:ROOT, "
-                                   "ade20k:ROOT or folder:IMAGES_DIR,MASKS_DIR) and save it to --out.")
-    p.add_argument("--model", required=True)
-    p.add_argument("--data", required=True, metavar="KIND:PATH")
-    p.add_argument("--steps", type=_positive_int, required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--batch-size", type=_positive_int, default=8)
+                       description="Fine-tune a saved model's heads with the base frozen on the training split of --data "
+                                   "and save the model (base and heads) to --out. " + model_note)
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("--data", required=True, metavar="KIND:PATH", help=DATA_HELP)
+    p.add_argument("--label-map", default=None, metavar="RAW:CLASS,...", help=LABEL_MAP_HELP)
+    p.add_argument("--steps", type=_positive_int, required=True, help="optimizer steps")
+    p.add_argument("--out", required=True, help="directory to save the fine-tuned model to")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of AdamW, poly schedule (default: 0.001)")
+    p.add_argument("--batch-size", type=_positive_int, default=8,
+                   help="images per batch (default: 8); images of different sizes need --crop or --batch-size 1")
     p.add_argument("--crop", type=_positive_int, default=None, help="random scale (0.5-2) and crop to this size")
-    p.add_argument("--size", type=_positive_int, default=None, help="image size for scenes")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--checkpoint-dir", default=None)
-    p.add_argument("--checkpoint-every", type=_positive_int, default=None)
-    p.add_argument("--resume", default=None, help="a checkpoint directory, or 'latest'")
-    p.add_argument("--device", default=None)
+    p.add_argument("--size", type=_positive_int, default=None, help="image size for scenes (default: 128)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="fp32 (default), bf16 autocast (CPU or GPU) or fp16 autocast (GPU)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data order and the heads' training (default: 0)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default: 0)")
+    p.add_argument("--checkpoint-dir", default=None, help="write resumable checkpoints here")
+    p.add_argument("--checkpoint-every", type=_positive_int, default=None, help="a checkpoint every this many steps (and at the end)")
+    p.add_argument("--resume", default=None, help="a checkpoint directory, or 'latest' (the newest in --checkpoint-dir)")
+    p.add_argument("--device", default=None, help="e.g. cpu, cuda (default: cpu)")
     p.set_defaults(func=cmd_finetune)
     return parser
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from errwrap import ErrorCorrectionWrapper
-from errwrap.export import InferenceModule, export_onnx
+from errwrap.export import InferenceModule, export_onnx, export_program
 
 from .tiny import batch, tiny_base
 
@@ -52,11 +52,12 @@ def test_torchscript_is_not_supported_as_flagged(wrap):
 
 @pytest.mark.slow
 @pytest.mark.optional
-def test_onnx_export_runs_in_onnxruntime(wrap, tmp_path):
+def test_onnx_export_runs_in_onnxruntime(wrap, tmp_path, capfd):
     pytest.importorskip("onnxscript")
     ort = pytest.importorskip("onnxruntime")
     x, _ = batch()
     path = export_onnx(wrap, tmp_path / "errwrap.onnx", x)
+    assert capfd.readouterr().out == ""  # torch.onnx's progress lines are not printed by a library
     assert [p.name for p in tmp_path.iterdir()] == ["errwrap.onnx"]
     session = ort.InferenceSession(str(path))
     for xx in (x, torch.randn(3, 3, 32, 32)):
@@ -70,6 +71,22 @@ def test_onnx_export_runs_in_onnxruntime(wrap, tmp_path):
 def test_onnx_export_refuses_training_mode(wrap, tmp_path):
     with pytest.raises(ValueError, match="eval mode"):
         export_onnx(wrap.train(), tmp_path / "m.onnx", batch()[0])
+
+
+def test_export_program_matches_eager_for_other_batch_sizes_and_refuses_training_mode(wrap):
+    x, _ = batch()
+    program = export_program(wrap, x)
+    for xx in (x, torch.randn(3, 3, 32, 32)):
+        with torch.no_grad():
+            for a, b in zip(program.module()(xx), InferenceModule(wrap)(xx)):
+                assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5)
+    fixed = export_program(wrap, x, dynamic_batch=False)
+    with pytest.raises(Exception):
+        fixed.module()(torch.randn(3, 3, 32, 32))
+    with pytest.raises(ValueError, match="export_program: expected the wrapper in eval mode"):
+        export_program(wrap.train(), x)
+    with pytest.raises(ValueError, match="sample"):
+        export_program(wrap.eval(), x[0])
 
 
 def _family_models():

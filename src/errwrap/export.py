@@ -1,8 +1,8 @@
 """Deployment: an inference module with a fixed ``(logits, error_prob)`` output, and ONNX export.
 
 Example:
-    >>> module = InferenceModule(wrap.eval())                          # doctest: +SKIP
-    >>> program = torch.export.export(module, (images,))               # doctest: +SKIP
+    >>> program = export_program(wrap.eval(), images)                  # doctest: +SKIP
+    >>> logits, error_prob = program.module()(images)                  # doctest: +SKIP
     >>> export_onnx(wrap, "errwrap.onnx", images)                      # doctest: +SKIP
 """
 
@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from ._io import atomic_path
 from ._validate import check_images
 
-__all__ = ["InferenceModule", "export_onnx"]
+__all__ = ["InferenceModule", "export_program", "export_onnx"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +41,37 @@ class InferenceModule(nn.Module):
         return out.logits, torch.sigmoid(out.error_logits[:, 0])
 
 
+def _check_exportable(wrapper: nn.Module, sample: Tensor, what: str) -> None:
+    if wrapper.training:
+        raise ValueError(f"{what}: expected the wrapper in eval mode (call wrapper.eval() first)")
+    check_images(sample, getattr(wrapper, "in_channels", None), name="sample")
+
+
+def _batch_dim(dynamic_batch: bool) -> tuple[dict[int, object], ...] | None:
+    return ({0: torch.export.Dim("batch", min=1, max=1024)},) if dynamic_batch else None
+
+
+def export_program(wrapper: nn.Module, sample: Tensor, *, dynamic_batch: bool = True) -> torch.export.ExportedProgram:
+    """``torch.export.export`` of ``InferenceModule(wrapper)``: a graph to run without Python
+    (``program.module()(x)``), save (``torch.export.save``) or lower (AOTInductor, ExecuTorch).
+
+    Args:
+        wrapper: the model, in eval mode (training-mode norm layers would be baked in).
+        sample: an example input ``(B, C, H, W)`` of the wrapper's dtype and device; ``H`` and
+            ``W`` are fixed in the graph.
+        dynamic_batch: let the batch size vary (1 to 1024).
+
+    Returns:
+        The ``ExportedProgram``; its module returns ``(logits, error_prob)`` like
+        :class:`InferenceModule`.
+
+    Shapes:
+        sample ``(B, C, H, W)`` -> program outputs ``(B, K, H, W)`` and ``(B, H, W)``.
+    """
+    _check_exportable(wrapper, sample, "export_program")
+    return torch.export.export(InferenceModule(wrapper).eval(), (sample,), dynamic_shapes=_batch_dim(dynamic_batch))
+
+
 def export_onnx(
     wrapper: nn.Module,
     path: str | os.PathLike,
@@ -52,7 +83,8 @@ def export_onnx(
     """Export ``InferenceModule(wrapper)`` to ONNX through ``torch.onnx.export(dynamo=True)``.
 
     The wrapper must be in eval mode (the export would otherwise bake in training-mode norm
-    layers). The file is written atomically. Needs the ``onnx`` extra (``onnx``, ``onnxscript``).
+    layers). The file is written atomically, and nothing is printed (torch's progress lines are
+    turned off). Needs the ``onnx`` extra (``onnx``, ``onnxscript``).
 
     Args:
         wrapper: the model, in eval mode.
@@ -64,16 +96,17 @@ def export_onnx(
     Returns:
         The path written.
     """
-    if wrapper.training:
-        raise ValueError("export_onnx: expected the wrapper in eval mode (call wrapper.eval() first)")
-    check_images(sample, getattr(wrapper, "in_channels", None), name="sample")
+    _check_exportable(wrapper, sample, "export_onnx")
     module = InferenceModule(wrapper).eval()
-    dynamic_shapes = ({0: torch.export.Dim("batch", min=1, max=1024)},) if dynamic_batch else None
+    dynamic_shapes = _batch_dim(dynamic_batch)
     path = Path(path)
     with atomic_path(path) as tmp:
         onnx_path = tmp.with_suffix(".onnx")
         try:
-            torch.onnx.export(module, (sample,), str(onnx_path), dynamo=True, dynamic_shapes=dynamic_shapes, opset_version=opset_version, external_data=False)
+            torch.onnx.export(
+                module, (sample,), str(onnx_path), dynamo=True, dynamic_shapes=dynamic_shapes, opset_version=opset_version,
+                external_data=False, verbose=False,  # a library does not print its progress
+            )
             os.replace(onnx_path, tmp)
         finally:
             if onnx_path.exists():

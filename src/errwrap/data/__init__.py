@@ -1,7 +1,16 @@
 """Data for training and evaluating errwrap models: datasets on their usual layouts, joint
 image/label transforms, built-in generated :class:`Scenes`, and :func:`make_loader`."""
 
-from .datasets import ADE20K, ADE20K_CLASSES, CITYSCAPES_CLASSES, CITYSCAPES_LABEL_TO_TRAIN, Cityscapes, SegmentationFolder
+from .datasets import (
+    ADE20K,
+    ADE20K_CLASSES,
+    CITYSCAPES_CLASSES,
+    CITYSCAPES_LABEL_TO_TRAIN,
+    Cityscapes,
+    SegmentationFolder,
+    load_image,
+    load_mask,
+)
 from .loader import make_loader
 from .scenes import SCENE_CLASSES, Scenes, render_scene
 from .transforms import (
@@ -23,6 +32,8 @@ __all__ = [
     "CITYSCAPES_CLASSES",
     "CITYSCAPES_LABEL_TO_TRAIN",
     "ADE20K_CLASSES",
+    "load_image",
+    "load_mask",
     "Scenes",
     "SCENE_CLASSES",
     "render_scene",

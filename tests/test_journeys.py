@@ -241,3 +241,20 @@ def test_mc_dropout_on_a_binary_base_without_dropout():
     items = [(torch.rand(3, 32, 32), torch.randint(0, 2, (32, 32))) for _ in range(2)]
     report = errwrap.evaluate(wrap, DataLoader(items, batch_size=2), baselines=("entropy", "mc_dropout"), mc_dropout_T=3)
     assert report.error_detection["mc_dropout"].auroc != report.error_detection["entropy"].auroc
+
+
+@pytest.mark.slow
+@pytest.mark.optional
+def test_binary_folder_example_runs(tmp_path):
+    pytest.importorskip("segmentation_models_pytorch")
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "examples" / "binary_folder.py"
+    result = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "model"), "--steps", "1", "--crop", "32"],
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "errwrap evaluation: 8 images, 32768 labelled pixels" in result.stdout  # 8 synthetic 64x64 masks, none ignored
+    loaded = ErrorCorrectionWrapper.from_pretrained(tmp_path / "model")
+    assert loaded.binary and loaded.class_names == ["background", "foreground"]

@@ -258,3 +258,19 @@ def test_binary_folder_example_runs(tmp_path):
     assert "errwrap evaluation: 8 images, 32768 labelled pixels" in result.stdout  # 8 synthetic 64x64 masks, none ignored
     loaded = ErrorCorrectionWrapper.from_pretrained(tmp_path / "model")
     assert loaded.binary and loaded.class_names == ["background", "foreground"]
+
+
+def test_model_card_says_how_images_are_normalised_and_whether_the_cli_can_load_it(tmp_path):
+    from errwrap.models import DeepLabV3Plus
+
+    torch.manual_seed(0)
+    known = ErrorCorrectionWrapper(DeepLabV3Plus("resnet18", num_classes=3, aspp_channels=16, decoder_channels=16, low_level_channels=8),
+                                   error_channels=8, detail_channels=8)
+    known.preprocessing = {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+    card = known.save_pretrained(tmp_path / "known").joinpath("README.md").read_text()
+    assert "normalised with mean [0.5, 0.5, 0.5] and std [0.25, 0.25, 0.25]" in card
+    assert "errwrap predict --model REPO_ID" in card
+    own = ErrorCorrectionWrapper(NoDropout(), error_channels=8, detail_channels=8)
+    card = own.save_pretrained(tmp_path / "own").joinpath("README.md").read_text()
+    assert "the errwrap CLI uses the ImageNet mean and std" in card
+    assert "command line cannot rebuild this base network" in card and "errwrap predict" not in card

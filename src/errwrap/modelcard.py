@@ -48,6 +48,27 @@ def _metrics_section(metrics: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _normalisation(config: dict[str, Any]) -> str:
+    pre = config.get("preprocessing")
+    if pre:
+        return f"normalised with mean {pre['mean']} and std {pre['std']}"
+    return "normalised as the base was trained (the errwrap CLI uses the ImageNet mean and std)"
+
+
+def _cli_usage(config: dict[str, Any]) -> list[str]:
+    if config.get("base") is None or config.get("heads_only"):
+        return ["The `errwrap` command line cannot rebuild this base network; use Python as above.", ""]
+    return [
+        "From the command line:",
+        "",
+        "```bash",
+        "errwrap predict --model REPO_ID photos/ --out predictions",
+        "errwrap evaluate --model REPO_ID --data folder:IMAGES_DIR,MASKS_DIR --json report.json",
+        "```",
+        "",
+    ]
+
+
 def render_model_card(
     config: dict[str, Any],
     *,
@@ -93,10 +114,11 @@ def render_model_card(
         "",
         ("wrap = ErrorCorrectionWrapper.from_pretrained(REPO_ID, model=my_base)" if base is None or config.get("heads_only")
          else "wrap = ErrorCorrectionWrapper.from_pretrained(REPO_ID)"),
-        "out = wrap(images)          # images: B x 3 x H x W float",
+        f"out = wrap(images)          # images: B x {heads['in_channels']} x H x W float, {_normalisation(config)}",
         "out.labels, out.error_prob  # corrected labels, P(base label is wrong)",
         "```",
         "",
+        *_cli_usage(config),
         "## Training",
         "",
     ]

@@ -310,11 +310,12 @@ def demo_config(minutes: float, seed: int, tiny: bool, mc_dropout: bool, **overr
     return DemoConfig(**{k: v for k, v in fields.items() if k in known})
 
 
-def scenes_val_loader(num_images: int, size: int, seed: int, batch_size: int) -> Any:
-    """The held-out ``Scenes`` split the demo evaluates on (same seed and size give the same images)."""
+def scenes_val_loader(num_images: int, size: int, seed: int, batch_size: int, split: str = "val") -> Any:
+    """The held-out ``Scenes`` split the demo evaluates on (same seed and size give the same images);
+    ``split="test"`` gives a disjoint set of the same kind (used to fit a temperature)."""
     from torch.utils.data import DataLoader
 
     from errwrap.data import IMAGENET_MEAN, IMAGENET_STD, Normalize, Scenes
 
-    val = Scenes(num_images, size=size, seed=seed, split="val", transform=Normalize(IMAGENET_MEAN, IMAGENET_STD), cache=True)
+    val = Scenes(num_images, size=size, seed=seed, split=split, transform=Normalize(IMAGENET_MEAN, IMAGENET_STD), cache=True)
     return DataLoader(val, batch_size=batch_size, shuffle=False, num_workers=0)

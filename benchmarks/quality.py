@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import bar_plot, demo_config, environment, finish, format_table, mean_std  # noqa: E402
+from _common import bar_plot, demo_config, environment, finish, format_table, mean_std, scenes_val_loader  # noqa: E402
 
 SCORES = ("error_head", "msp", "entropy", "mc_dropout")
 METRICS = ("auroc", "aupr_error", "fpr95")
@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.WARNING)
     if args.tiny:
         args.seeds, args.minutes = args.seeds[:2], 0.05
+    from errwrap import ErrorCorrectionWrapper, calibrate_temperature, evaluate
     from errwrap.demo import run_demo
 
     env = environment("cpu")
@@ -58,18 +59,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"seed {seed}: run_demo ({args.minutes} min, {cfg.encoder}, {cfg.image_size} px, {cfg.train_images}/{cfg.val_images} images)", flush=True)
         result = run_demo(Path(args.out) / f"seed{seed}", cfg, say=lambda m: print("  " + m, flush=True))
         rep = result.report
+        # temperature of the fused probabilities, fitted on a disjoint "test" split of the same size,
+        # then the fused ECE on the held-out split again (labels, error map and mIoU do not change)
+        wrap = ErrorCorrectionWrapper.from_pretrained(result.out_dir / "model")
+        fit = calibrate_temperature(wrap, scenes_val_loader(cfg.val_images, cfg.image_size, seed, 8, split="test"))
+        calibrated = evaluate(wrap, scenes_val_loader(cfg.val_images, cfg.image_size, seed, 8), baselines=())
+        print(f"  fused temperature {fit.temperature:.3f} (fitted on {cfg.val_images} test-split images): fused ECE "
+              f"{100 * rep.calibration['fused'].ece:.2f} -> {100 * calibrated.calibration['fused'].ece:.2f}", flush=True)
         runs.append({
             "seed": seed, "base_steps": result.base_steps, "head_steps": result.head_steps, "seconds": round(result.seconds, 1),
             "error_detection": {k: {m: getattr(v, m) for m in (*METRICS, "error_rate")} for k, v in rep.error_detection.items()},
             "miou": {"base": rep.base.miou, "fused": rep.fused.miou},
-            "ece": {"base": rep.calibration["base"].ece, "fused": rep.calibration["fused"].ece},
+            "ece": {"base": rep.calibration["base"].ece, "fused": rep.calibration["fused"].ece, "fused_calibrated": calibrated.calibration["fused"].ece},
+            "temperature": fit.temperature,
             "report": rep.to_dict(), "config": vars(cfg),
         })  # fmt: skip
     scores = [s for s in SCORES if s in runs[0]["error_detection"]]
     agg = {s: {m: mean_std([r["error_detection"][s][m] for r in runs]) for m in METRICS} for s in scores}
     miou = {k: mean_std([r["miou"][k] for r in runs]) for k in ("base", "fused")}
     gain = mean_std([r["miou"]["fused"] - r["miou"]["base"] for r in runs])
-    ece = {k: mean_std([r["ece"][k] for r in runs]) for k in ("base", "fused")}
+    ece = {k: mean_std([r["ece"][k] for r in runs]) for k in ("base", "fused", "fused_calibrated")}
+    temperature = mean_std([r["temperature"] for r in runs])
     error_rate = mean_std([r["error_detection"]["error_head"]["error_rate"] for r in runs])
 
     n = len(runs)
@@ -79,6 +89,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(format_table([
         {"": "base", "mIoU": _pm(miou["base"]), "ECE": _pm(ece["base"])},
         {"": "fused (corrected)", "mIoU": _pm(miou["fused"]), "ECE": _pm(ece["fused"])},
+        {"": f"fused, temperature {temperature['mean']:.2f}", "mIoU": "(same)", "ECE": _pm(ece["fused_calibrated"])},
         {"": "fused - base", "mIoU": _pm(gain), "ECE": ""},
     ]))  # fmt: skip
     per_seed = [{"seed": r["seed"], "base steps": r["base_steps"], "head steps": r["head_steps"], "s": r["seconds"],
@@ -100,6 +111,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         d_mc = head["aupr_error"]["mean"] - agg["mc_dropout"]["aupr_error"]["mean"]
         targets.append({"target": "AUPR-Error: error head >= MC dropout T=10", "value": f"{100 * d_mc:+.2f} points", "met": d_mc >= 0})
     targets.append({"target": "(no target) ECE fused vs base", "value": f"{100 * (ece['fused']['mean'] - ece['base']['mean']):+.2f} points", "met": "-"})
+    targets.append({"target": "(no target) ECE fused + temperature vs base", "value": f"{100 * (ece['fused_calibrated']['mean'] - ece['base']['mean']):+.2f} points", "met": "-"})
     print(f"\ntargets (differences of the means over {n} seeds)")
     print(format_table([{**t, "met": t["met"] if isinstance(t["met"], str) else ("yes" if t["met"] else "no")} for t in targets]))
     if args.plot:
@@ -118,6 +130,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "miou_fused": miou["fused"]["mean"],
         "ece_base": ece["base"]["mean"],
         "ece_fused": ece["fused"]["mean"],
+        "ece_fused_calibrated": ece["fused_calibrated"]["mean"],
+        "temperature": temperature["mean"],
         "targets_met": {t["target"]: t["met"] for t in targets if not isinstance(t["met"], str)},
         "seconds": round(time.perf_counter() - start, 1),
     }

@@ -38,6 +38,8 @@ EXPECTED = {
     "ErrorHeadScore",
     "MSPScore",
     "EntropyScore",
+    "calibrate_temperature",
+    "TemperatureFit",
     "MCDropoutScore",
 }
 

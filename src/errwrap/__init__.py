@@ -17,6 +17,7 @@ from .losses import (
     fused_nll,
 )
 from .evaluation import EvaluationReport, evaluate
+from .calibration import TemperatureFit, calibrate_temperature
 from .metrics import (
     CalibrationMetrics,
     CalibrationResult,
@@ -66,6 +67,8 @@ __all__ = [
     "MSPScore",
     "EntropyScore",
     "MCDropoutScore",
+    "calibrate_temperature",
+    "TemperatureFit",
 ]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())

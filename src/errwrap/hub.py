@@ -40,7 +40,7 @@ FORMAT_VERSION = 1
 _TOP_KEYS = {"errwrap_version", "format_version", "heads", "heads_only", "base", "class_names", "adapter_options", "preprocessing"}
 _INT_KEYS = ("num_classes", "in_channels", "low_channels", "high_channels", "error_channels", "error_blocks", "detail_channels", "detail_blocks", "sample_size")
 _STR_KEYS = ("low_level", "high_level", "fusion", "norm_layer", "act_layer", "adapter")
-_HEAD_KEYS = set(_INT_KEYS) | set(_STR_KEYS) | {"error_prior"}
+_HEAD_KEYS = set(_INT_KEYS) | set(_STR_KEYS) | {"error_prior", "temperature"}
 #: Head settings passed to the constructor when a model is rebuilt (the others are checked after).
 _CONSTRUCTOR_KEYS = ("num_classes", "in_channels", "low_level", "high_level", "error_channels", "error_blocks", "detail_channels", "detail_blocks", "fusion", "norm_layer", "act_layer", "error_prior")
 #: Keys that would ask a loader to run code; refused anywhere in a config.
@@ -93,6 +93,9 @@ def parse_config(raw: Any, source: str = CONFIG_NAME) -> dict[str, Any]:
             raise ValueError(f"{source}: heads.{key} must be a string, got {heads[key]!r}")
     if not isinstance(heads["error_prior"], (int, float)) or not 0 < heads["error_prior"] < 1:
         raise ValueError(f"{source}: heads.error_prior must be a probability in (0, 1), got {heads['error_prior']!r}")
+    temperature = heads.get("temperature", 1.0)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < float("inf"):
+        raise ValueError(f"{source}: heads.temperature must be a positive number, got {temperature!r}")
     if not isinstance(raw.get("heads_only", False), bool):
         raise ValueError(f"{source}: 'heads_only' must be true or false")
     base = raw.get("base")
@@ -158,7 +161,10 @@ class HubMixin:
             "format_version": FORMAT_VERSION,
             # sample_size only when it is not the default, so that errwrap versions before it
             # was saved can still read the usual config.
-            "heads": {k: v for k, v in self.head_config.items() if not (k == "sample_size" and v == 64)},
+            "heads": {
+                **{k: v for k, v in self.head_config.items() if not (k == "sample_size" and v == 64)},
+                **({"temperature": float(self.temperature)} if getattr(self, "temperature", 1.0) != 1.0 else {}),  # type: ignore[attr-defined]
+            },
             "heads_only": heads_only,
             "base": spec,
             "class_names": list(names) if names is not None else None,
@@ -280,6 +286,7 @@ class HubMixin:
         weights_path = _resolve_file(pretrained_model_name_or_path, WEIGHTS_NAME, **download)
         tensors, _ = load_safetensors(weights_path)
         wrapper._load_checked(tensors, heads_only, str(weights_path))
+        wrapper.temperature = float(heads.get("temperature", 1.0))
         wrapper.class_names = config.get("class_names")
         wrapper.preprocessing = config.get("preprocessing")
         if device is not None or dtype is not None:

@@ -250,6 +250,8 @@ class ErrorCorrectionWrapper(nn.Module, HubMixin):
         }
         self.base_frozen = False
         self._trainable_base: list[str] = []
+        #: temperature of the fused probabilities (1: none); set by errwrap.calibrate_temperature.
+        self.temperature = 1.0
         # Fresh heads: the error map starts as the max-softmax baseline, but the detail head is
         # random, so the corrected labels are not corrections yet. Warned about once, at the
         # first eval-mode forward, unless the heads were trained (train()) or loaded first.
@@ -379,6 +381,8 @@ class ErrorCorrectionWrapper(nn.Module, HubMixin):
         detail = resize(detail, size)
         error = self.error_head.forward_refine(resize(error, size), base_logits)
         fused = self.fusion(base_logits, detail, error)
+        if self.temperature != 1.0:  # temperature scaling keeps the argmax: labels do not change
+            fused = torch.log_softmax(fused / self.temperature, dim=1)
         return ErrorCorrectionOutput(fused, base_logits, error, detail)
 
     def forward(self, x: Tensor) -> ErrorCorrectionOutput:
@@ -397,4 +401,5 @@ class ErrorCorrectionWrapper(nn.Module, HubMixin):
         return self.forward_heads(self.forward_base(x), x.shape[-2:])
 
     def extra_repr(self) -> str:
-        return f"num_classes={self.num_classes}, adapter={self.adapter.name!r}, low_level={self.low_key!r}, high_level={self.high_key!r}, base_frozen={self.base_frozen}"
+        temperature = f", temperature={self.temperature:.4g}" if self.temperature != 1.0 else ""
+        return f"num_classes={self.num_classes}{temperature}, adapter={self.adapter.name!r}, low_level={self.low_key!r}, high_level={self.high_key!r}, base_frozen={self.base_frozen}"

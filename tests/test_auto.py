@@ -180,3 +180,25 @@ def test_logits_with_auxiliary_outputs_are_not_features(returns):
     wrap = ErrorCorrectionWrapper(_model(aux=True, returns=returns), error_channels=8, detail_channels=8)
     assert isinstance(wrap.adapter, HooksAdapter)
     assert (wrap.low_key, wrap.high_key) == ("layer1", "decoder")
+
+
+class LinearHead(nn.Module):
+    """A linear classifier on channels-last features: its (B, H, W, C) tensors are no maps."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, 4, 1)
+        self.body = nn.Conv2d(8, 8, 3, 1, 1)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        logits = self.head(self.body(self.stem(x)).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def test_channels_last_tensors_are_not_taken_for_feature_maps():
+    wrap = ErrorCorrectionWrapper(LinearHead().eval(), error_channels=8, detail_channels=8)
+    assert (wrap.low_key, wrap.high_key) == ("stem", "body")
+    with torch.no_grad():
+        out = wrap(torch.randn(1, 3, 32, 48))
+    assert out.logits.shape == (1, 3, 32, 48)

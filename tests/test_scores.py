@@ -97,11 +97,13 @@ def test_mc_dropout_T1_without_dropout_reproduces_msp_and_entropy(caplog):
     assert len(wrap.base.classifier._forward_pre_hooks) == 0  # the inserted dropout is gone
 
 
-def test_mc_dropout_T1_with_disabled_base_dropout_reproduces_entropy():
+def test_mc_dropout_ignores_base_dropout_with_p_0():
+    """A base whose dropout layers have p = 0 gets dropout inserted before its classifier, instead
+    of T identical passes that would silently reproduce the entropy score."""
     wrap = _wrap(DropoutBase(p=0.0))
     x, _ = batch(size=32)
-    mc = MCDropoutScore(T=1)(wrap, x)
-    assert torch.allclose(mc.score, EntropyScore()(wrap, x).score, atol=1e-6)
+    mc = MCDropoutScore(T=4, p=0.3)(wrap, x)
+    assert not torch.allclose(mc.score, EntropyScore()(wrap, x).score, atol=1e-3)
 
 
 @pytest.mark.parametrize("make_base", [lambda: DropoutBase(p=0.5), lambda: tiny_base(logit_stride=2)], ids=["own-dropout", "inserted"])

@@ -219,7 +219,8 @@ class MCDropoutScore(ErrorScore):
         return f"MCDropoutScore(T={self.T}, seed={self.seed}, statistic={self.statistic!r}, p={self.p})"
 
     def _install_dropout(self, base: nn.Module, num_classes: int) -> tuple[list[nn.Module], Any]:
-        dropouts = [m for m in base.modules() if isinstance(m, _DROPOUT_TYPES)]
+        # dropout layers with p = 0 (common in timm and transformers configs) would give T identical passes
+        dropouts = [m for m in base.modules() if isinstance(m, _DROPOUT_TYPES) and float(getattr(m, "p", 0.0)) > 0]
         if dropouts:
             return dropouts, None
         name = self.classifier or find_classifier(base, num_classes)
@@ -252,7 +253,8 @@ class MCDropoutScore(ErrorScore):
             base.eval()
             with torch.no_grad():
                 logits = _base_logits(wrapper, images) if deterministic else None
-                dropouts, hook = self._install_dropout(base, wrapper.num_classes)
+                # a binary base's classifier has one output channel (the wrapper reads it as two classes)
+                dropouts, hook = self._install_dropout(base, 1 if getattr(wrapper, "binary", False) else wrapper.num_classes)
                 for m in dropouts:
                     m.train()
                 with torch.random.fork_rng(devices=devices):

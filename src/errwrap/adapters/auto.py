@@ -103,6 +103,11 @@ def _distance(output: Tensor, logits: Tensor) -> float:
     return float((_centred(output) - target).abs().mean() / target.abs().mean().clamp_min(1e-12))
 
 
+def _square_stride(shape: tuple[int, ...], size: tuple[int, int]) -> bool:
+    """The map is the input downsampled by the same factor in height and width (up to rounding)."""
+    return abs(size[0] / shape[-2] - size[1] / shape[-1]) <= 0.5 * max(1.0, min(size[0] / shape[-2], size[1] / shape[-1]))
+
+
 def _stride(shape: tuple[int, ...], size: tuple[int, int]) -> int:
     return max(1, round(max(size[0] / shape[-2], size[1] / shape[-1])))
 
@@ -123,7 +128,11 @@ def choose_feature_modules(
     logits = logits_fn(out)
     num_classes, size = int(logits.shape[1]), (int(x.shape[-2]), int(x.shape[-1]))
     pooled = x.shape[-2] * x.shape[-1] > 1  # globally pooled maps (squeeze-excitation, image pooling) are no features
-    maps = [r for r in records if r.shape is not None and r.shape[0] == x.shape[0] and r.calls == 1 and not (pooled and r.shape[-2] * r.shape[-1] == 1)]
+    maps = [
+        r for r in records
+        if r.shape is not None and r.shape[0] == x.shape[0] and r.calls == 1 and not (pooled and r.shape[-2] * r.shape[-1] == 1)
+        and _square_stride(r.shape, size)  # channels-last (B, H, W, C) tensors are no BxCxhxw maps
+    ]  # fmt: skip
     heads = [r for r in maps if r.leaf and r.has_params and r.shape[1] == num_classes]  # type: ignore[index]
     classifier = min(heads, key=lambda r: _distance(r.value, logits)) if heads else None  # type: ignore[arg-type]
     before = [r for r in maps if classifier is None or r.order < classifier.order]

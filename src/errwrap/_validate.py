@@ -21,6 +21,7 @@ __all__ = [
     "check_labels",
     "prepare_labels",
     "split_batch",
+    "prepare_batch",
     "IMAGE_KEYS",
     "LABEL_KEYS",
     "check_logits",
@@ -215,6 +216,32 @@ def split_batch(batch: Any, name: str = "batch") -> tuple[Any, Any]:
     if isinstance(batch, Sequence) and not isinstance(batch, (str, bytes)) and len(batch) >= 2:
         return batch[0], batch[1]
     raise TypeError(f"{name}: expected (images, labels) or a mapping with keys 'image' and 'label', got {describe(batch)}")
+
+
+def prepare_batch(
+    batch: Any,
+    index: int,
+    *,
+    in_channels: int | None,
+    num_classes: int,
+    ignore_index: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> tuple[Tensor, Tensor]:
+    """Images and labels of batch ``index`` of a labelled loader, checked (errors name the batch),
+    the images moved and cast to ``device`` and ``dtype`` and refused when not finite, the labels
+    as :func:`prepare_labels` makes them, on ``device``. Shared by ``evaluate`` and
+    ``calibrate_temperature``.
+
+    Shapes:
+        -> images ``(B, in_channels, H, W)``, labels ``(B, H, W)`` int64.
+    """
+    images, labels = split_batch(batch, name=f"batch {index}")
+    check_images(images, in_channels, name=f"images of batch {index}")
+    images = images.to(device, dtype=dtype)
+    check_finite(images, f"images of batch {index}")
+    labels = prepare_labels(labels, num_classes, ignore_index, size=tuple(images.shape[-2:]), batch=images.shape[0], name=f"labels of batch {index}")
+    return images, labels.to(device)
 
 
 def check_finite(t: Tensor, name: str) -> None:

@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ._validate import check_images, input_dtype, prepare_labels, split_batch
+from ._validate import input_dtype, prepare_batch
 
 __all__ = ["TemperatureFit", "calibrate_temperature", "fit_temperature"]
 
@@ -113,6 +113,7 @@ def calibrate_temperature(
     device = torch.device(device) if device is not None else (param.device if param is not None else torch.device("cpu"))
     generator = torch.Generator().manual_seed(seed)
     was_training, old_t = wrapper.training, float(getattr(wrapper, "temperature", 1.0))
+    dtype = input_dtype(wrapper)
     wrapper.eval()
     wrapper.temperature = 1.0
     kept_lp = torch.empty(0, wrapper.num_classes)
@@ -123,11 +124,11 @@ def calibrate_temperature(
             for i, batch in enumerate(loader):
                 if max_batches is not None and i >= max_batches:
                     break
-                images, labels = split_batch(batch, name=f"batch {i}")
-                check_images(images, getattr(wrapper, "in_channels", None), name=f"images of batch {i}")
-                images = images.to(device=device, dtype=input_dtype(wrapper.base))
+                images, labels = prepare_batch(
+                    batch, i, in_channels=getattr(wrapper, "in_channels", None), num_classes=wrapper.num_classes,
+                    ignore_index=ignore_index, device=device, dtype=dtype,
+                )  # fmt: skip
                 out = wrapper(images)
-                labels = prepare_labels(labels.to(device), wrapper.num_classes, ignore_index, size=tuple(images.shape[-2:]), batch=images.shape[0], name=f"labels of batch {i}")
                 flat = labels.reshape(-1).cpu()
                 valid = (flat != ignore_index).nonzero().squeeze(1)
                 if valid.numel() == 0:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._validate import check_finite, check_images, input_dtype, prepare_labels, split_batch
+from ._validate import input_dtype, prepare_batch, split_batch
 from .data.loader import _checked_num_classes, _explain_batch_error
 from .layers import resize
 from .metrics import (
@@ -321,12 +321,10 @@ def evaluate(
                     break
                 except RuntimeError as exc:
                     raise _explain_batch_error(exc, "loader") from exc
-                images, labels = unpack_batch(batch)
-                check_images(images, getattr(wrapper, "in_channels", None))
-                images = images.to(device, dtype=dtype)
-                check_finite(images, f"images of batch {index}")
-                labels = prepare_labels(labels, num_classes, ignore_index, size=tuple(images.shape[-2:]), batch=images.shape[0])
-                labels = labels.to(device)
+                images, labels = prepare_batch(
+                    batch, index, in_channels=getattr(wrapper, "in_channels", None), num_classes=num_classes,
+                    ignore_index=ignore_index, device=device, dtype=dtype,
+                )  # fmt: skip
                 size = images.shape[-2:]
                 if index == 0:  # untimed warm-up, so one-time costs do not land on whichever pass runs first
                     wrapper.forward_base(images)

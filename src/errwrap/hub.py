@@ -41,6 +41,9 @@ _TOP_KEYS = {"errwrap_version", "format_version", "heads", "heads_only", "base",
 _INT_KEYS = ("num_classes", "in_channels", "low_channels", "high_channels", "error_channels", "error_blocks", "detail_channels", "detail_blocks", "sample_size")
 _STR_KEYS = ("low_level", "high_level", "fusion", "norm_layer", "act_layer", "adapter")
 _HEAD_KEYS = set(_INT_KEYS) | set(_STR_KEYS) | {"error_prior", "temperature"}
+#: Head settings added after format 1 was first written, with the value a config without them
+#: means; they are written only when they differ, so older errwrap still reads the usual config.
+_OPTIONAL_HEAD_DEFAULTS: dict[str, Any] = {"sample_size": 64, "temperature": 1.0}
 #: Head settings passed to the constructor when a model is rebuilt (the others are checked after).
 _CONSTRUCTOR_KEYS = ("num_classes", "in_channels", "low_level", "high_level", "error_channels", "error_blocks", "detail_channels", "detail_blocks", "fusion", "norm_layer", "act_layer", "error_prior")
 #: Keys that would ask a loader to run code; refused anywhere in a config.
@@ -159,11 +162,10 @@ class HubMixin:
         config: dict[str, Any] = {
             "errwrap_version": __version__,
             "format_version": FORMAT_VERSION,
-            # sample_size only when it is not the default, so that errwrap versions before it
-            # was saved can still read the usual config.
             "heads": {
-                **{k: v for k, v in self.head_config.items() if not (k == "sample_size" and v == 64)},
-                **({"temperature": float(self.temperature)} if getattr(self, "temperature", 1.0) != 1.0 else {}),  # type: ignore[attr-defined]
+                k: v
+                for k, v in {**self.head_config, "temperature": float(getattr(self, "temperature", 1.0))}.items()
+                if _OPTIONAL_HEAD_DEFAULTS.get(k, object()) != v
             },
             "heads_only": heads_only,
             "base": spec,
@@ -273,8 +275,7 @@ class HubMixin:
         elif not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
         kwargs = {k: heads[k] for k in _CONSTRUCTOR_KEYS}
-        if "sample_size" in heads:  # optional: configs written before it was saved probe at the default
-            kwargs["sample_size"] = heads["sample_size"]
+        kwargs["sample_size"] = heads.get("sample_size", _OPTIONAL_HEAD_DEFAULTS["sample_size"])
         adapter = heads.get("adapter")
         options = config.get("adapter_options") or {}
         if options:
@@ -286,7 +287,7 @@ class HubMixin:
         weights_path = _resolve_file(pretrained_model_name_or_path, WEIGHTS_NAME, **download)
         tensors, _ = load_safetensors(weights_path)
         wrapper._load_checked(tensors, heads_only, str(weights_path))
-        wrapper.temperature = float(heads.get("temperature", 1.0))
+        wrapper.temperature = float(heads.get("temperature", _OPTIONAL_HEAD_DEFAULTS["temperature"]))
         wrapper.class_names = config.get("class_names")
         wrapper.preprocessing = config.get("preprocessing")
         if device is not None or dtype is not None:

@@ -30,6 +30,7 @@ __all__ = [
     "bar_plot",
     "demo_config",
     "scenes_val_loader",
+    "setup_logging",
     "environment",
     "finish",
     "format_table",
@@ -308,6 +309,16 @@ def demo_config(minutes: float, seed: int, tiny: bool, mc_dropout: bool, **overr
     fields.update({k: v for k, v in overrides.items() if v is not None})
     fields.update(minutes=minutes, seed=seed, panels=0, mc_dropout=mc_dropout)
     return DemoConfig(**{k: v for k, v in fields.items() if k in known})
+
+
+def setup_logging(random_heads: bool = False) -> None:
+    """Warnings to stderr; with ``random_heads`` (scripts that time untrained heads) without the
+    wrapper's expected fresh-heads warning."""
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    if random_heads:
+        logging.getLogger("errwrap.wrapper").setLevel(logging.ERROR)
 
 
 def scenes_val_loader(num_images: int, size: int, seed: int, batch_size: int, split: str = "val") -> Any:

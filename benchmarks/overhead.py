@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import logging
 import sys
 import time
 from collections.abc import Callable
@@ -43,7 +42,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import TensorMemory, bar_plot, environment, finish, format_table, interleaved_times, quartiles, synchronize  # noqa: E402
+from _common import TensorMemory, bar_plot, environment, finish, format_table, interleaved_times, quartiles, setup_logging, synchronize  # noqa: E402
 
 NUM_CLASSES = 19
 TARGET_ERROR = 1.05
@@ -253,8 +252,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--plot", metavar="PNG", help="write a bar plot of the latency ratios")
     parser.add_argument("--json", metavar="PATH", help="write the full results as JSON")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    logging.getLogger("errwrap.wrapper").setLevel(logging.ERROR)  # timing random heads: their fresh-heads warning is expected
+    setup_logging(random_heads=True)
     if args.threads:
         torch.set_num_threads(args.threads)
     cuda = args.device.startswith("cuda")

@@ -19,7 +19,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import bar_plot, environment, finish, format_table, interleaved_times, quartiles  # noqa: E402
+from _common import bar_plot, environment, finish, format_table, interleaved_times, quartiles, setup_logging  # noqa: E402
 
 TARGET_HEADS = 0.6
 TARGET_JOINT = 1.25
@@ -48,8 +47,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--plot", metavar="PNG", help="write a bar plot of the step times")
     parser.add_argument("--json", metavar="PATH", help="write the full results as JSON")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    logging.getLogger("errwrap.wrapper").setLevel(logging.ERROR)  # timing random heads: their fresh-heads warning is expected
+    setup_logging(random_heads=True)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.tiny:

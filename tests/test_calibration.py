@@ -39,7 +39,10 @@ def test_calibrated_wrapper_keeps_labels_and_round_trips(tmp_path):
     assert fit.nll_after < fit.nll_before and not wrap.training
     with torch.no_grad():
         after = wrap(x)
-    assert torch.equal(after.labels, before.labels) and torch.equal(after.error_prob, before.error_prob)
+    assert torch.equal(after.labels, before.labels) and torch.equal(after.head_error_prob, before.head_error_prob)
+    # the error maps come from the calibrated distribution
+    assert not torch.allclose(after.error_prob, before.error_prob)
+    assert torch.allclose(after.error_prob, 1 - after.probs.amax(1), atol=1e-6)
     assert torch.allclose(after.probs.sum(1), torch.ones(2, 32, 32), atol=1e-5)
     assert torch.allclose(after.logits, torch.log_softmax(before.logits / fit.temperature, 1), atol=1e-5)
     wrap.save_pretrained(tmp_path)

@@ -60,7 +60,7 @@ def test_evaluate_matches_metrics_computed_by_hand():
             seg_base.update(out.base_labels, y)
             seg_fused.update(out.labels, y)
             errors, valid = out.base_labels != y, y != 255
-            det["error_head"].update(out.error_prob, errors, valid)
+            det["error_head"].update(out.base_error_prob, errors, valid)
             det["msp"].update(msp_score(out.base_logits), errors, valid)
             det["entropy"].update(entropy_score(out.base_logits), errors, valid)
             ece.update(out.probs, y)

@@ -72,13 +72,13 @@ def test_scores_at_input_resolution_and_in_unit_interval():
         assert torch.equal(out.prediction, base_logits.argmax(1))
 
 
-def test_error_head_score_is_error_prob_and_reuses_output():
+def test_error_head_score_is_base_error_prob_and_reuses_output():
     wrap = _wrap(tiny_base())
     x, _ = batch()
     out = wrap(x)
-    assert torch.equal(ErrorHeadScore()(wrap, x).score, out.error_prob)
+    assert torch.equal(ErrorHeadScore()(wrap, x).score, out.base_error_prob)
     calls, handle = _count_base_calls(wrap.base)
-    assert torch.equal(ErrorHeadScore()(wrap, x, output=out).score, out.error_prob)
+    assert torch.equal(ErrorHeadScore()(wrap, x, output=out).score, out.base_error_prob)
     assert torch.equal(MSPScore()(wrap, x, base_logits=out.base_logits).score, msp_score(out.base_logits))
     handle.remove()
     assert calls == []  # nothing was recomputed

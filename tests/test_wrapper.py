@@ -78,7 +78,10 @@ def test_forced_error_probability_selects_base_or_detail_labels():
     _force_error_prob(wrap, -1e4)
     out = wrap(x)
     assert torch.equal(out.labels, out.base_labels)
-    assert out.error_prob.max() == 0.0
+    # the fused distribution is the base's: both error maps are 1 - max softmax of the base
+    assert out.head_error_prob.max() == 0.0
+    msp = 1 - torch.softmax(out.base_logits, 1).amax(1)
+    assert torch.allclose(out.error_prob, msp, atol=1e-5) and torch.allclose(out.base_error_prob, msp, atol=1e-5)
     _force_error_prob(wrap, 1e4)
     out = wrap(x)
     assert torch.equal(out.labels, out.detail_logits.argmax(1))

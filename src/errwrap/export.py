@@ -29,7 +29,7 @@ class InferenceModule(nn.Module):
     Shapes:
         input ``(B, in_channels, H, W)`` -> ``(logits (B, C, H, W), error_prob (B, H, W))``:
         the corrected (fused) log-probabilities, whose ``argmax`` is the corrected label, and
-        the probability that the base network's label is wrong.
+        the probability that this corrected label is wrong (``out.error_prob``).
     """
 
     def __init__(self, wrapper: nn.Module) -> None:
@@ -38,7 +38,7 @@ class InferenceModule(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         out = self.wrapper(x)
-        return out.logits, torch.sigmoid(out.error_logits[:, 0])
+        return out.logits, out.error_prob
 
 
 def _check_exportable(wrapper: nn.Module, sample: Tensor, what: str) -> None:

@@ -13,7 +13,7 @@ them; the score then only pays for what it adds. Scores run without gradients.
 =================  =============================================  ===========================
 score              definition                                     cost beyond the base pass
 =================  =============================================  ===========================
-``error_head``     ``out.error_prob`` of the wrapper              the heads (one wrapper pass)
+``error_head``     ``out.base_error_prob`` of the wrapper         the heads (one wrapper pass)
 ``msp``            ``1 - max_c softmax(z0)_c``                    a softmax
 ``entropy``        ``H(softmax(z0)) / log C``                     a softmax
 ``mc_dropout``     predictive entropy (or variance) over T        T more base passes
@@ -122,13 +122,13 @@ class ErrorScore:
 
 
 class ErrorHeadScore(ErrorScore):
-    """The wrapper's own error probability ``out.error_prob`` (one wrapper pass)."""
+    """The wrapper's probability that the base's label is wrong, ``out.base_error_prob`` (one wrapper pass)."""
 
     name = "error_head"
 
     def compute(self, wrapper, images, base_logits=None, output=None) -> ScoreOutput:
         out = output if output is not None else wrapper(images)
-        return ScoreOutput(out.error_prob, out.base_logits)
+        return ScoreOutput(out.base_error_prob, out.base_logits)
 
 
 class MSPScore(ErrorScore):

@@ -27,10 +27,17 @@ class ErrorCorrectionOutput(NamedTuple):
     """What :class:`ErrorCorrectionWrapper` returns, always, every map at the input's ``(H, W)``.
 
     Attributes:
-        logits: fused log-probabilities ``(B, C, H, W)``; ``argmax`` is the corrected label.
+        logits: fused log-probabilities ``(B, C, H, W)`` (after the wrapper's temperature);
+            ``argmax`` is the corrected label.
         base_logits: the base network's logits, resized ``(B, C, H, W)``.
-        error_logits: logit that the base's label is wrong ``(B, 1, H, W)``.
+        error_logits: the error head's raw logit that the base's label is wrong ``(B, 1, H, W)``
+            (stage (i) of the paper; what the fusion is driven by).
         detail_logits: the detail head's logits ``(B, C, H, W)``.
+
+    The two error maps a user reads are derived from the fused distribution ``p`` (see
+    docs/method.md for why): :attr:`error_prob` ``= 1 - max_c p_c``, the probability that the
+    returned label :attr:`labels` is wrong, and :attr:`base_error_prob` ``= 1 - p_{y0}``, the
+    probability that the base's label ``y0`` is wrong.
     """
 
     logits: Tensor
@@ -40,7 +47,18 @@ class ErrorCorrectionOutput(NamedTuple):
 
     @property
     def error_prob(self) -> Tensor:
-        """Probability that the base's label is wrong, ``(B, H, W)`` in ``[0, 1]``."""
+        """Probability that the returned label :attr:`labels` is wrong, ``(B, H, W)`` in ``[0, 1]``."""
+        return (1.0 - self.logits.float().amax(dim=1).exp()).clamp_(0.0, 1.0)
+
+    @property
+    def base_error_prob(self) -> Tensor:
+        """Probability that the base network's label :attr:`base_labels` is wrong, ``(B, H, W)`` in ``[0, 1]``."""
+        log_p = self.logits.float().gather(1, self.base_labels.unsqueeze(1))[:, 0]
+        return (1.0 - log_p.exp()).clamp_(0.0, 1.0)
+
+    @property
+    def head_error_prob(self) -> Tensor:
+        """The error head alone: ``sigmoid(error_logits)``, ``(B, H, W)`` in ``[0, 1]``."""
         return torch.sigmoid(self.error_logits[:, 0].float())
 
     @property

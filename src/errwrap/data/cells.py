@@ -132,7 +132,7 @@ def render_cells(seed: int, split: str, index: int, size: int | tuple[int, int] 
         image = rng.uniform(0.05, 0.25) + contrast * signal
     else:
         image = rng.uniform(0.55, 0.8) - contrast * signal
-    vignette = 1.0 - rng.uniform(0.0, 0.35) * (((yy / h - 0.5) ** 2 + (xx / w - 0.5) ** 2) / 0.5)
+    vignette = 1.0 - rng.uniform(0.0, 0.2) * (((yy / h - 0.5) ** 2 + (xx / w - 0.5) ** 2) / 0.5)
     image = image * vignette * np.clip(1.0 + rng.uniform(0.08, 0.2) * low, 0.5, 1.5)
     image = gaussian_blur(image.astype(np.float32), rng.uniform(0.6, 1.6) * scale)
 

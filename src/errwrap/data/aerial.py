@@ -5,8 +5,8 @@ and different in character from the street-like :class:`~errwrap.data.Scenes`:
 
 - **class imbalance**: bare soil covers about half of a tile, cars well under 1%;
 - **long thin structures**: roads are straight or curved bands of constant width (3-7 px at
-  128 px) that cross the whole tile, with dashed centre markings; some are dirt tracks of the
-  soil's colour, told apart by their shape only;
+  128 px) that cross the whole tile, with dashed centre markings; some are sandy dirt tracks with
+  wheel ruts, close in colour to light soil;
 - **small objects**: cars of about 2x4 px on the roads, single tree crowns of a few pixels;
 - **colour is not enough**: crop parcels of the soil class can be as green as vegetation (they
   differ in texture: rows vs. blotchy crowns), grey roofs look like asphalt, water ranges from
@@ -45,40 +45,20 @@ def _jitter(rng: np.random.Generator, colour, amount: float = 0.04) -> np.ndarra
     return np.asarray(colour, dtype=np.float32) + rng.uniform(-amount, amount, 3).astype(np.float32)
 
 
-def _polyline_distance(yy: np.ndarray, xx: np.ndarray, points: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Distance of every pixel to the polyline ``points`` ``(N, 2)`` (y, x), the arc length of its
-    nearest point, and the index of the nearest segment."""
-    points = points.astype(np.float32)
-    p0, p1 = points[:-1], points[1:]
-    v = p1 - p0
-    length = np.sqrt((v * v).sum(1)) + 1e-9
-    dy = yy[None] - p0[:, 0, None, None]
-    dx = xx[None] - p0[:, 1, None, None]
-    t = np.clip((dy * v[:, 0, None, None] + dx * v[:, 1, None, None]) / (length[:, None, None] ** 2), 0.0, 1.0)
-    ey, ex = dy - t * v[:, 0, None, None], dx - t * v[:, 1, None, None]
-    dist2 = ey * ey + ex * ex
-    nearest = dist2.argmin(0)
-    d = np.sqrt(np.take_along_axis(dist2, nearest[None], 0)[0])
-    start = np.concatenate([[0.0], np.cumsum(length)[:-1]]).astype(np.float32)
-    along = start[nearest] + np.take_along_axis(t, nearest[None], 0)[0] * length[nearest]
-    return d.astype(np.float32), along.astype(np.float32), nearest
-
-
-def _road_points(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    """A straight line or a quadratic curve across the tile, as a polyline beyond its edges."""
+def _road(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray) -> dict:
+    """A road's centre line, straight or a gentle parabola ``v = bend * (1 - (u / reach) ** 2)``
+    in a frame rotated by ``angle`` around a point of the tile; per pixel its distance ``d`` to
+    the line (first order, exact for a straight road; the curvature radius stays above ~250 px),
+    the coordinate ``u`` along it, and the line's slope there."""
+    h, w = yy.shape
     cy, cx = rng.uniform(0.15, 0.85) * h, rng.uniform(0.15, 0.85) * w
     angle = rng.uniform(0, math.pi) if rng.random() < 0.5 else rng.choice([0.0, math.pi / 2]) + rng.uniform(-0.1, 0.1)
+    bend = 0.0 if rng.random() < 0.55 else rng.uniform(-0.35, 0.35) * min(h, w)
     reach = 0.9 * math.hypot(h, w)
-    direction = np.array([math.sin(angle), math.cos(angle)])
-    normal = np.array([direction[1], -direction[0]])
-    t = np.linspace(-1.0, 1.0, 2 if rng.random() < 0.55 else 25)
-    bend = rng.uniform(-0.35, 0.35) * min(h, w)
-    points = np.array([cy, cx]) + reach * t[:, None] * direction + bend * (1.0 - t[:, None] ** 2) * normal
-    # Keep the segments that come within 16 px of the tile (only distances below ~8 px are used).
-    lo, hi = np.minimum(points[:-1], points[1:]), np.maximum(points[:-1], points[1:])
-    near = (hi[:, 0] > -16) & (lo[:, 0] < h + 16) & (hi[:, 1] > -16) & (lo[:, 1] < w + 16)
-    first, last = int(np.argmax(near)), len(near) - int(np.argmax(near[::-1]))
-    return points[first:last + 1]
+    u, v = rotated_coords(yy, xx, cy, cx, angle)
+    slope = -2.0 * bend * u / reach**2
+    d = np.abs(v - bend * (1.0 - (u / reach) ** 2)) / np.sqrt(1.0 + slope * slope)
+    return {"cy": cy, "cx": cx, "angle": angle, "bend": bend, "reach": reach, "d": d, "along": u, "slope": slope}
 
 
 def _layout(rng: np.random.Generator, h: int, w: int, noise: dict[str, np.ndarray]) -> dict:
@@ -117,12 +97,12 @@ def _layout(rng: np.random.Generator, h: int, w: int, noise: dict[str, np.ndarra
     roads = []
     road_mask = np.zeros((h, w), dtype=bool)
     for _ in range(int(rng.integers(1, 4))):
-        points = _road_points(rng, h, w)
-        d, along, seg = _polyline_distance(yy, xx, points)
-        half = rng.uniform(1.5, 3.5) * scale
-        mask = d <= half
-        road_mask |= mask
-        roads.append({"points": points, "d": d, "along": along, "seg": seg, "half": half, "mask": mask, "dirt": rng.random() < 0.25})
+        road = _road(rng, yy, xx)
+        road["half"] = rng.uniform(1.5, 3.5) * scale
+        road["mask"] = road["d"] <= road["half"]
+        road["dirt"] = rng.random() < 0.25
+        road_mask |= road["mask"]
+        roads.append(road)
     label[road_mask] = ROAD
 
     # Buildings: rotated rectangles or L-shapes, kept off roads and water; one dominant angle.
@@ -154,19 +134,16 @@ def _layout(rng: np.random.Generator, h: int, w: int, noise: dict[str, np.ndarra
     for road in roads:
         if road["dirt"] or road["half"] < 2.0 * scale:
             continue
-        points = road["points"]
         ys, xs = np.nonzero(road["mask"])
         for _ in range(int(rng.poisson(3.0))):
             if len(ys) == 0:
                 break
             k = int(rng.integers(len(ys)))
-            i = int(road["seg"][ys[k], xs[k]])
-            direction = points[i + 1] - points[i]
-            unit = direction / (np.linalg.norm(direction) + 1e-9)
-            p = points[i] + unit * float(np.dot((ys[k], xs[k]) - points[i], unit))  # on the centre line
-            angle = math.atan2(unit[0], unit[1])
-            lane = rng.choice([-1.0, 1.0]) * road["half"] * 0.45
-            cy, cx = p[0] + lane * unit[1], p[1] - lane * unit[0]
+            u = float(road["along"][ys[k], xs[k]])  # the nearest point of the centre line, in the road's frame
+            v = road["bend"] * (1.0 - (u / road["reach"]) ** 2) + rng.choice([-1.0, 1.0]) * road["half"] * 0.45
+            sin, cos = math.sin(road["angle"]), math.cos(road["angle"])
+            cy, cx = road["cy"] + u * sin + v * cos, road["cx"] + u * cos - v * sin
+            angle = road["angle"] + math.atan(float(road["slope"][ys[k], xs[k]]))
             length, width = rng.uniform(1.6, 2.4) * scale, rng.uniform(0.9, 1.2) * scale
             box = window(cy, cx, length + 1, h, w)
             u, v = rotated_coords(yy[box], xx[box], cy, cx, angle)
@@ -230,11 +207,13 @@ def render_aerial(seed: int, split: str, index: int, size: int | tuple[int, int]
     wet = image * 0.85 + 0.05
     image = (1 - alpha) * np.where(alpha > 0, wet, image) + alpha * tex[WATER]
 
-    # Roads: asphalt with dashed centre lines, or dirt tracks of a soil colour.
+    # Roads: asphalt with dashed centre lines, or sandy dirt tracks with ruts.
     for road in scene["roads"]:
         mask = road["mask"]
         if road["dirt"]:
-            colour = tex[SOIL][mask] * 0.9 + 0.06 + 0.02 * noise["high"][mask][:, None]
+            # compacted sand, lighter than the soil around, with two darker wheel ruts
+            ruts = np.abs(road["d"][mask] - 0.5 * road["half"]) < 0.45 * scale
+            colour = _jitter(rng, (0.72, 0.64, 0.52), 0.04) + 0.02 * noise["high"][mask][:, None] - 0.08 * ruts[:, None]
         else:
             asphalt = _jitter(rng, (0.42, 0.42, 0.44), 0.06)
             edge = (road["d"][mask] > road["half"] - 0.8 * scale)[:, None]

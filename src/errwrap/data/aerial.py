@@ -3,7 +3,7 @@
 Each tile is drawn from ``(seed, split, index)`` alone with vectorised numpy. What makes it hard,
 and different in character from the street-like :class:`~errwrap.data.Scenes`:
 
-- **class imbalance**: bare soil covers about half of a tile, cars well under 1%;
+- **class imbalance**: bare soil covers about two thirds of a tile, cars well under 1%;
 - **long thin structures**: roads are straight or curved bands of constant width (3-7 px at
   128 px) that cross the whole tile, with dashed centre markings; some are sandy dirt tracks with
   wheel ruts, close in colour to light soil;

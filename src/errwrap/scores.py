@@ -162,9 +162,14 @@ class ErrorScore:
 
     Attributes:
         name: the key under which reports list the score.
+        judges: whose labels' errors the score ranks (``"base"`` for every score but
+            :class:`EnsembleScore` and ``ErrwrapScore("returned")``).
     """
 
     name: ClassVar[str] = "score"
+    #: whose labels the score judges: ``"base"`` (the base's argmax), ``"returned"`` (the
+    #: wrapper's ``out.labels``) or ``"ensemble"``.
+    judges: ClassVar[str] = "base"
 
     def compute(self, wrapper: nn.Module, images: Tensor, base_logits: Tensor | None, output: Any) -> ScoreOutput:
         raise NotImplementedError
@@ -337,6 +342,7 @@ class EnsembleScore(ErrorScore):
     """
 
     name = "ensemble"
+    judges = "ensemble"
     STATISTICS: ClassVar[tuple[str, ...]] = ("msp", "entropy", "mutual_information")
 
     def __init__(self, bases: Sequence[nn.Module], statistic: str = "msp") -> None:
@@ -415,6 +421,7 @@ class ErrwrapScore(ErrorScore):
             raise ValueError(f"kind: expected one of {sorted(self.KINDS)}, got {kind!r}")
         self.kind = kind
         self.name = self.KINDS[kind]
+        self.judges = "base" if kind == "base" else "returned"
 
     def __repr__(self) -> str:
         return f"ErrwrapScore(kind={self.kind!r})"

@@ -266,6 +266,17 @@ def _checked_curve(name: str, curve: tuple[np.ndarray, np.ndarray]) -> tuple[np.
     return coverage, risk
 
 
+def _thinned(coverage: np.ndarray, risk: np.ndarray, columns: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted by coverage; above ``columns`` points, the last point of each pixel column."""
+    order = np.argsort(coverage, kind="stable")
+    coverage, risk = coverage[order], risk[order]
+    if coverage.size > columns:
+        column = np.floor(coverage * columns).astype(np.int64)
+        last = np.r_[column[1:] != column[:-1], True]
+        coverage, risk = coverage[last], risk[last]
+    return coverage, risk
+
+
 def risk_coverage_plot(
     curves: dict[str, tuple[np.ndarray, np.ndarray]],
     path: str | os.PathLike,
@@ -278,7 +289,8 @@ def risk_coverage_plot(
 
     The x axis is the coverage (fraction of pixels or images accepted, least suspicious first)
     from 0 to 1, the y axis the risk (error rate of the accepted ones) from 0 to ``max_risk``
-    (default: a round number at or above the largest risk drawn); both carry tick labels. Each
+    (default: a round number at or above the largest risk drawn, after thinning); both carry
+    tick labels. Each
     curve is a polyline in its colour of :data:`PLOT_COLORS`, named in a legend at the top left;
     a curve with more points than the plot has pixels is thinned to one point per pixel column.
 
@@ -302,9 +314,10 @@ def risk_coverage_plot(
     width, height = size
     if width < 200 or height < 150:
         raise ValueError(f"size: expected at least (200, 150), got {size!r}")
-    top = max_risk if max_risk is not None else _nice_top(max(max(float(r.max()) for _, r in checked.values()), 1e-3))
     left, right, upper, lower = 52, 14, 24 if title else 12, 38
     plot_w, plot_h = width - left - right, height - upper - lower
+    checked = {name: _thinned(*curve, plot_w) for name, curve in checked.items()}
+    top = max_risk if max_risk is not None else _nice_top(max(max(float(r.max()) for _, r in checked.values()), 1e-3))
     img = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(img)
 
@@ -332,12 +345,6 @@ def risk_coverage_plot(
         draw.text((left + (plot_w - draw.textlength(title)) / 2, 4), title, fill=(0, 0, 0))
     for i, (name, (coverage, risk)) in enumerate(checked.items()):
         color = PLOT_COLORS[i]
-        order = np.argsort(coverage, kind="stable")
-        coverage, risk = coverage[order], risk[order]
-        if coverage.size > plot_w:  # one point per pixel column: the last point of each column
-            columns = np.floor(coverage * plot_w).astype(np.int64)
-            last = np.r_[columns[1:] != columns[:-1], True]
-            coverage, risk = coverage[last], risk[last]
         points = to_px(coverage, risk)
         if len(points) == 1:
             x, y = points[0]

@@ -304,8 +304,9 @@ def evaluate(
             different sizes need ``batch_size=1`` (or a padding ``collate_fn``). A dataset
             whose ``num_classes`` differs from the wrapper's is refused (``ValueError``).
         baselines: scores to compare with the error head: names in
-            :data:`errwrap.scores.SCORES` (``"msp"``, ``"entropy"``, ``"mc_dropout"``) or
-            :class:`~errwrap.scores.ErrorScore` objects.
+            :data:`errwrap.scores.SCORES` (``"msp"``, ``"entropy"``, ``"mc_dropout"``,
+            ``"max_logit"``, ``"energy"``, ...) or :class:`~errwrap.scores.ErrorScore` objects
+            (e.g. a fitted ``TemperatureMSPScore`` or an ``EnsembleScore``).
         mc_dropout_T: passes of ``"mc_dropout"`` (used only when it is listed).
         ignore_index: label of unlabelled pixels, left out of every metric.
         device: where the batches go; default: the device of the wrapper's parameters (the

@@ -232,8 +232,13 @@ def test_new_scores_through_the_interface():
     assert torch.equal(base.score, out.base_error_prob) and torch.equal(base.prediction, out.base_labels)
     assert torch.equal(returned.score, out.error_prob) and torch.equal(returned.prediction, out.labels)
     assert (ErrwrapScore("base").name, ErrwrapScore("returned").name) == ("base_error_prob", "error_prob")
-    for name, cls in (("max_logit", MaxLogitScore), ("energy", EnergyScore), ("temperature_msp", TemperatureMSPScore)):
+    for name, cls in (("max_logit", MaxLogitScore), ("energy", EnergyScore)):
         assert isinstance(build_score(name), cls) and build_score(name).name == name
+    assert build_score("temperature_msp", temperature=2.0).temperature == 2.0
+    with pytest.raises(TypeError, match=r"'temperature_msp'.*TemperatureMSPScore.fit"):
+        build_score("temperature_msp")  # an unfitted temperature would silently be MSP
+    with pytest.raises(TypeError, match=r"'ensemble'.*bases="):
+        build_score("ensemble")
     assert build_score("errwrap").kind == "base" and build_score("base_error_prob").name == "base_error_prob"
     assert build_score("error_prob").kind == "returned"
     assert build_score("ensemble", bases=[tiny_base()]).bases[0].classifier.out_channels == 5

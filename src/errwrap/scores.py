@@ -264,7 +264,7 @@ class TemperatureMSPScore(ErrorScore):
 
     name = "temperature_msp"
 
-    def __init__(self, temperature: float = 1.0) -> None:
+    def __init__(self, temperature: float) -> None:
         self.temperature = _positive_float(temperature, "temperature")
         self.fit_result: Any = None
 
@@ -592,4 +592,8 @@ def build_score(name: str | ErrorScore, **kwargs: Any) -> ErrorScore:
         raise TypeError(f"score: expected a name or an ErrorScore, got {type(name).__name__}")
     if name not in SCORES:
         raise ValueError(f"score: unknown name {name!r}; expected one of {sorted(SCORES)}")
-    return SCORES[name](**kwargs)
+    try:
+        return SCORES[name](**kwargs)
+    except TypeError as exc:  # a required setting is missing: say which score needs it
+        needs = {"ensemble": "bases=[net, ...]", "temperature_msp": "temperature=T (or TemperatureMSPScore.fit(wrapper, loader))"}
+        raise TypeError(f"score {name!r}: {exc}; pass {needs.get(name, 'its settings')} or an ErrorScore object") from None

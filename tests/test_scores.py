@@ -293,3 +293,18 @@ def test_temperature_fit_recovers_a_known_temperature():
     assert abs(TemperatureMSPScore.fit(wrap, loader, max_pixels=2000).temperature - true_t) / true_t < 0.10
     with pytest.raises(ValueError, match="no labelled pixels"):
         TemperatureMSPScore.fit(wrap, [(z, torch.full_like(labels, 255))])
+
+
+def test_every_score_runs_on_a_bf16_wrapper_and_returns_float32_in_range():
+    torch.manual_seed(0)
+    wrap = ErrorCorrectionWrapper(tiny_base()).eval().to(torch.bfloat16)
+    x, _ = batch()
+    x = x.to(torch.bfloat16)
+    member = tiny_base(seed=1).to(torch.bfloat16)
+    scores = (MSPScore(), EntropyScore(), MaxLogitScore(), EnergyScore(), TemperatureMSPScore(0.7),
+              EnsembleScore([member, tiny_base(seed=2).to(torch.bfloat16)], "mutual_information"),
+              ErrwrapScore("base"), ErrwrapScore("returned"), ErrorHeadScore())
+    for score in scores:
+        out = score(wrap, x)
+        assert out.score.dtype == torch.float32 and out.score.shape == (2, 32, 32), repr(score)
+        assert torch.isfinite(out.score).all() and 0 <= out.score.min() and out.score.max() <= 1, repr(score)

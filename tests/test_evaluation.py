@@ -124,6 +124,9 @@ def test_evaluate_reports_the_returned_labels_with_risk_coverage():
     assert abs(got.aurc - exact.aurc) <= got.aurc_bound + 1e-12 and got.num_errors == exact.num_errors
     assert report.risk_coverage["msp"].num_errors == report.error_detection["error_head"].num_errors  # both: base errors
     assert 0 <= got.eaurc <= got.aurc <= 1
+    coverage, risk = report.risk_curves["error_prob"]
+    assert len(coverage) == 100 and coverage[-1] == 1.0 and risk[-1] == pytest.approx(got.error_rate)
+    assert risk[49] == pytest.approx(got.risks[0])  # 50% coverage
     table = report.table()
     row = next(line for line in table.splitlines() if line.startswith("error_prob"))
     assert row.split()[:3] == ["error_prob", "returned", f"{100 * got.error_rate:.2f}"]
@@ -215,8 +218,10 @@ def test_report_json_round_trip(tmp_path):
     assert EvaluationReport.from_json(text).error_detection["msp"] == report.error_detection["msp"]
     assert again.risk_coverage["error_prob"] == report.risk_coverage["error_prob"]
     assert again.returned_detection == report.returned_detection
+    assert again.risk_curves == report.risk_curves and len(again.risk_curves["msp"][0]) == 100
     # a report written before the returned-label metrics existed still reads
-    old = {k: v for k, v in json.loads(text).items() if k not in ("returned_detection", "risk_coverage", "image_risk_coverage", "judged_labels")}
+    new_keys = ("returned_detection", "risk_coverage", "image_risk_coverage", "judged_labels", "risk_curves")
+    old = {k: v for k, v in json.loads(text).items() if k not in new_keys}
     legacy = EvaluationReport.from_dict(old)
     assert legacy.returned_detection is None and legacy.risk_coverage == {} and "risk-coverage" not in legacy.table()
 

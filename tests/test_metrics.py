@@ -284,6 +284,10 @@ def test_risk_coverage_hand_computed():
     assert coverage.tolist() == [0.25, 0.5, 0.75, 1.0] and risk == pytest.approx([0, 1 / 2, 1 / 3, 2 / 4])
     hist_cov, hist_risk = m.curve()
     assert hist_cov == pytest.approx(coverage) and hist_risk == pytest.approx(risk)
+    grid_cov, grid_risk = m.curve(num_points=4)
+    assert grid_cov.tolist() == [0.25, 0.5, 0.75, 1.0] and grid_risk == pytest.approx(risk)
+    with pytest.raises(ValueError, match="num_points"):
+        m.curve(num_points=0)
 
 
 def test_aurc_perfect_ranking_is_optimal_and_random_ranking_is_the_error_rate():

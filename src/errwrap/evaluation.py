@@ -110,6 +110,8 @@ class EvaluationReport:
             their mean score against their error rate, with the oracle's.
         judged_labels: per key of ``risk_coverage``, whose labels are judged: ``"returned"``,
             ``"base"`` or ``"ensemble"``.
+        risk_curves: per key of ``risk_coverage``, its curve ``(coverage, risk)`` at the 100
+            coverages ``0.01, 0.02, ..., 1`` (lists; for :func:`errwrap.viz.risk_coverage_plot`).
     """
 
     base: SegmentationResult
@@ -124,6 +126,7 @@ class EvaluationReport:
     risk_coverage: dict[str, RiskCoverageResult] = dataclasses.field(default_factory=dict)
     image_risk_coverage: dict[str, ImageRiskCoverageResult] = dataclasses.field(default_factory=dict)
     judged_labels: dict[str, str] = dataclasses.field(default_factory=dict)
+    risk_curves: dict[str, tuple[list[float], list[float]]] = dataclasses.field(default_factory=dict)
 
     @property
     def miou_gain(self) -> float:
@@ -146,6 +149,7 @@ class EvaluationReport:
             "risk_coverage": {k: v._asdict() for k, v in self.risk_coverage.items()},
             "image_risk_coverage": {k: v._asdict() for k, v in self.image_risk_coverage.items()},
             "judged_labels": dict(self.judged_labels),
+            "risk_curves": {k: [list(c), list(r)] for k, (c, r) in self.risk_curves.items()},
         }
         return _nan_to_none(data)
 
@@ -168,6 +172,7 @@ class EvaluationReport:
             risk_coverage={k: _result_from_dict(RiskCoverageResult, v) for k, v in data.get("risk_coverage", {}).items()},
             image_risk_coverage={k: _result_from_dict(ImageRiskCoverageResult, v) for k, v in data.get("image_risk_coverage", {}).items()},
             judged_labels=dict(data.get("judged_labels", {})),
+            risk_curves={k: (list(c), list(r)) for k, (c, r) in data.get("risk_curves", {}).items()},
         )
 
     def to_json(self, path: str | Path | None = None, indent: int = 2) -> str:
@@ -464,6 +469,7 @@ def evaluate(
         risk_coverage={name: m.compute() for name, m in risk.items()},
         image_risk_coverage={name: m.compute() for name, m in images_rc.items()},
         judged_labels=judged,
+        risk_curves={name: tuple(a.tolist() for a in m.curve(num_points=100)) for name, m in risk.items()},
     )
     if report.num_pixels == 0:
         logger.warning("evaluate: every label was ignore_index=%d; the metrics are all nan", ignore_index)

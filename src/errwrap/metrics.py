@@ -715,10 +715,23 @@ class RiskCoverageMetrics(StreamingMetric):
         bound = max(expected - best, worst - expected, 0.0) / n
         return _risk_coverage_result(err, cnt, self.coverages, bound)
 
-    def curve(self) -> tuple[np.ndarray, np.ndarray]:
-        """``(coverage, risk)`` at the end of every non-empty bin, coverage increasing to 1."""
+    def curve(self, num_points: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The risk-coverage curve ``(coverage, risk)``, coverage increasing to 1.
+
+        Args:
+            num_points: ``None``: one point at the end of every non-empty bin; an int: the
+                risk at the coverages ``k / num_points``, ``k = 1..num_points`` (in-bin errors
+                shared linearly, as for :attr:`RiskCoverageResult.risks`).
+        """
         err, cnt = self._groups()
-        return _curve_of_groups(err, cnt)
+        if num_points is None:
+            return _curve_of_groups(err, cnt)
+        if isinstance(num_points, bool) or not isinstance(num_points, int) or num_points < 1:
+            raise ValueError(f"num_points: expected a positive int or None, got {num_points!r}")
+        if float(cnt.sum()) == 0:
+            return np.zeros(0), np.zeros(0)
+        coverages = tuple(k / num_points for k in range(1, num_points + 1))
+        return np.asarray(coverages), np.asarray(_risks_at(err, cnt, coverages)[0])
 
 
 def _curve_of_groups(err: Tensor, cnt: Tensor) -> tuple[np.ndarray, np.ndarray]:

@@ -190,7 +190,7 @@ def test_max_logit_and_energy_values_and_ranges():
     logits = torch.tensor([[2.0, 1.0, 0.0], [0.5, 0.4, 0.3], [-3.0, -4.0, -5.0]]).T.reshape(1, 3, 1, 3)
     ml = max_logit_score(logits)[0, 0]
     assert ml.tolist() == pytest.approx([squash(torch.tensor(-2.0)).item(), squash(torch.tensor(-0.5)).item(), squash(torch.tensor(3.0)).item()])
-    assert squash(torch.tensor(0.0)).item() == 0.5 and squash(torch.tensor(-1.0)).item() == 0.25
+    assert squash(torch.tensor(0.0)).item() == 0.5 and squash(torch.tensor(-10.0)).item() == 0.25
     assert ml[0] < ml[1] < ml[2]  # a smaller max logit is more suspicious
     en = energy_score(logits)[0, 0]
     free_energy = -torch.logsumexp(logits[0, :, 0], dim=0)
@@ -199,6 +199,8 @@ def test_max_logit_and_energy_values_and_ranges():
     # the squash is increasing and keeps values hundreds of logits apart distinct
     z = torch.tensor([-500.0, -100.0, -10.0, 0.0, 10.0, 100.0, 500.0])
     assert (squash(z).diff() > 0).all() and 0 < squash(z).min() and squash(z).max() < 1
+    bins = (squash(z.double()) * 10_000).long()  # ErrorDetectionMetrics' default bins
+    assert len(set(bins.tolist())) == len(z)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

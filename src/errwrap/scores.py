@@ -27,10 +27,11 @@ score                definition                                     cost beyond 
                      for the returned labels
 ===================  =============================================  ===========================
 
-``squash(s) = (1 + s / (1 + |s|)) / 2`` maps an unbounded score increasingly onto ``(0, 1)``
-with polynomial (not exponential) tails, so that scores hundreds of logits apart stay in
-different histogram bins of :class:`~errwrap.metrics.ErrorDetectionMetrics`; ranking metrics
-(AUROC, AUPR, FPR95, AURC) do not change under an increasing map.
+``squash(s) = (1 + s / (10 + |s|)) / 2`` maps an unbounded score increasingly onto ``(0, 1)``
+with polynomial (not exponential) tails, so that typical logits (a few to a few tens) spread over
+hundreds of the ``1e-4``-wide histogram bins of :class:`~errwrap.metrics.ErrorDetectionMetrics`
+and scores hundreds of logits apart still land in different bins; ranking metrics (AUROC, AUPR,
+FPR95, AURC) do not change under an increasing map.
 
 Two scores judge another prediction than the base's argmax, and their report rows count their
 own errors: :class:`EnsembleScore` (the argmax of the ensemble's mean softmax) and
@@ -120,15 +121,16 @@ def entropy_score(logits: Tensor) -> Tensor:
     return (entropy / math.log(logits.shape[1])).clamp_(0.0, 1.0)
 
 
-def squash(values: Tensor) -> Tensor:
-    """The increasing map ``s -> (1 + s / (1 + |s|)) / 2`` of the real line onto ``(0, 1)``
-    (``0 -> 0.5``); finite for every finite input, computed in float32 at least.
+def squash(values: Tensor, scale: float = 10.0) -> Tensor:
+    """The increasing map ``s -> (1 + s / (scale + |s|)) / 2`` of the real line onto ``(0, 1)``
+    (``0 -> 0.5``, ``±scale -> 0.75 / 0.25``); finite for every finite input, computed in float32
+    at least.
 
     Shapes:
         any -> the same.
     """
     v = values.float() if values.dtype in (torch.float16, torch.bfloat16) else values
-    return (0.5 + 0.5 * v / (1.0 + v.abs())).clamp_(0.0, 1.0)
+    return (0.5 + 0.5 * v / (scale + v.abs())).clamp_(0.0, 1.0)
 
 
 def max_logit_score(logits: Tensor) -> Tensor:

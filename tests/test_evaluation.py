@@ -308,3 +308,33 @@ def test_time_per_image_leaves_out_the_first_calls_one_time_cost():
     SlowFirstCall.calls = 0
     report = evaluate(wrap, _loader(n=2), baselines=("msp",))
     assert report.time_per_image["base_forward"] < 0.1 and report.time_per_image["score/msp"] < 0.1
+
+
+def _ddp_evaluate_worker(rank, world_size, init_file, results):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        torch.set_num_threads(1)
+        shard = _loader(n=4)[rank::world_size]
+        results[rank] = evaluate(_wrapper(), shard, baselines=("msp",)).to_dict()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_evaluate_sums_every_metric_over_processes(tmp_path):
+    import os
+
+    import torch.multiprocessing as mp
+
+    manager = mp.Manager()
+    results = manager.dict()
+    mp.spawn(_ddp_evaluate_worker, args=(2, os.path.join(tmp_path, "init"), results), nprocs=2, join=True)
+    loader = _loader(n=4)
+    whole = evaluate(_wrapper(), loader[0::2] + loader[1::2], baselines=("msp",)).to_dict()
+    for rank in range(2):
+        got = results[rank]
+        assert got["num_images"] == whole["num_images"] == 8
+        for key in ("base", "fused", "error_detection", "returned_detection", "risk_coverage", "image_risk_coverage", "risk_curves"):
+            assert got[key] == whole[key], key

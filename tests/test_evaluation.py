@@ -15,7 +15,7 @@ from errwrap.metrics import (
     SegmentationMetrics,
     exact_risk_coverage,
 )
-from errwrap.scores import EnsembleScore, MSPScore, entropy_score, msp_score
+from errwrap.scores import EnsembleScore, MSPScore, TemperatureMSPScore, entropy_score, msp_score
 
 NUM_CLASSES = 4
 
@@ -142,6 +142,14 @@ def test_evaluate_counts_the_ensemble_errors_on_its_own_labels():
     assert report.judged_labels["ensemble"] == "ensemble"
     assert report.risk_coverage["ensemble"].num_errors == report.error_detection["ensemble"].num_errors
     assert "ensemble      ensemble" in report.table()
+
+
+def test_report_table_widens_its_name_column_for_long_score_names():
+    report = evaluate(_wrapper(), _loader(n=1), baselines=(TemperatureMSPScore(0.5), "max_logit"))
+    # its error-detection row and its risk-coverage row, the name apart from the next column
+    lines = [line.split() for line in report.table().splitlines() if line.startswith("temperature_msp")]
+    assert [row[0] for row in lines] == ["temperature_msp", "temperature_msp"]
+    assert lines[1][1] == "base" and lines[0][1] == f"{100 * report.error_detection['temperature_msp'].auroc:.2f}"
 
 
 def test_evaluate_restores_modes_and_accepts_dict_batches():

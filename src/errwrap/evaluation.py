@@ -75,6 +75,11 @@ def _result_from_dict(cls: type, data: Mapping[str, Any]) -> Any:
     return cls(**{f: _none_to_nan(data[f]) for f in cls._fields})
 
 
+def _name_width(names: Sequence[str]) -> int:
+    """Width of a table's name column: 14, or wider for a longer name."""
+    return max([14, *(len(n) + 2 for n in names)])
+
+
 def _fmt(value: float, percent: bool = True) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
@@ -208,12 +213,13 @@ class EvaluationReport:
         first = next(iter(self.error_detection.values()), None)
         rate = _fmt(first.error_rate) if first is not None else "n/a"
         lines.append(f"error detection (errors = wrong base labels, {rate}% of pixels; higher is better except FPR95)")
-        lines.append(f"{'score':<14}{'AUROC':>8}{'AUPR-E':>8}{'AUPR-S':>8}{'FPR95':>8}{'bound':>8}{'ms/img':>9}")
+        w = _name_width([*self.error_detection, *self.risk_coverage])
+        lines.append(f"{'score':<{w}}{'AUROC':>8}{'AUPR-E':>8}{'AUPR-S':>8}{'FPR95':>8}{'bound':>8}{'ms/img':>9}")
         for name, r in self.error_detection.items():
             t = self.time_per_image.get(f"score/{name}", float("nan"))
             ms = "n/a" if math.isnan(t) else f"{1000 * t:.2f}"
             bound = max(r.auroc_bound, r.aupr_error_bound, r.aupr_success_bound, r.fpr95_bound)
-            lines.append(f"{name:<14}{_fmt(r.auroc):>8}{_fmt(r.aupr_error):>8}{_fmt(r.aupr_success):>8}{_fmt(r.fpr95):>8}{_fmt(bound):>8}{ms:>9}")
+            lines.append(f"{name:<{w}}{_fmt(r.auroc):>8}{_fmt(r.aupr_error):>8}{_fmt(r.aupr_success):>8}{_fmt(r.fpr95):>8}{_fmt(bound):>8}{ms:>9}")
         lines.append("")
         lines.append("(bound: largest binning error bound of the four, in points; ms/img: total cost of the score)")
         if self.risk_coverage:
@@ -225,7 +231,8 @@ class EvaluationReport:
 
     def _risk_coverage_lines(self) -> list[str]:
         lines = ["risk-coverage (errors of the labels each score judges; lower is better except AUROC, AUPR-E)"]
-        lines.append(f"{'score':<14}{'labels':<10}{'err%':>7}{'AUROC':>8}{'AUPR-E':>8}{'FPR95':>8}{'AURC':>8}{'E-AURC':>8}{'imAURC':>8}{'imE-AURC':>10}")
+        w = _name_width([*self.error_detection, *self.risk_coverage])
+        lines.append(f"{'score':<{w}}{'labels':<10}{'err%':>7}{'AUROC':>8}{'AUPR-E':>8}{'FPR95':>8}{'AURC':>8}{'E-AURC':>8}{'imAURC':>8}{'imE-AURC':>10}")
         for name, rc in self.risk_coverage.items():
             labels = self.judged_labels.get(name, "base")
             det = self.returned_detection if name == "error_prob" and labels == "returned" else self.error_detection.get(name)
@@ -233,7 +240,7 @@ class EvaluationReport:
             img = self.image_risk_coverage.get(name)
             img_aurc, img_eaurc = (img.aurc, img.eaurc) if img is not None else (float("nan"),) * 2
             lines.append(
-                f"{name:<14}{labels:<10}{_fmt(rc.error_rate):>7}{_fmt(auroc):>8}{_fmt(aupr):>8}{_fmt(fpr):>8}"
+                f"{name:<{w}}{labels:<10}{_fmt(rc.error_rate):>7}{_fmt(auroc):>8}{_fmt(aupr):>8}{_fmt(fpr):>8}"
                 f"{_fmt(rc.aurc):>8}{_fmt(rc.eaurc):>8}{_fmt(img_aurc):>8}{_fmt(img_eaurc):>10}"
             )
         lines.append("(AURC: mean risk as pixels are accepted from the least suspicious; E-AURC: AURC minus a perfect")

@@ -184,6 +184,16 @@ def _textures(rng: np.random.Generator, h: int, w: int, noise: dict[str, np.ndar
     return {SOIL: soil, WATER: water, VEGETATION: vegetation}
 
 
+def _cast(shadow: np.ndarray, inside: np.ndarray, box: tuple[slice, slice], dy: int, dx: int) -> None:
+    """Mark in ``shadow`` the footprint ``inside`` (drawn in ``box``) moved by ``(dy, dx)``, no wrap."""
+    h, w = shadow.shape
+    y0, x0 = box[0].start + dy, box[1].start + dx
+    ys, xs = max(0, y0), max(0, x0)
+    ye, xe = min(h, y0 + inside.shape[0]), min(w, x0 + inside.shape[1])
+    if ys < ye and xs < xe:
+        shadow[ys:ye, xs:xe] |= inside[ys - y0:ye - y0, xs - x0:xe - x0]
+
+
 def render_aerial(seed: int, split: str, index: int, size: int | tuple[int, int] = 128) -> tuple[np.ndarray, np.ndarray]:
     """Draw one tile: image ``(H, W, 3)`` float32 in ``[0, 1]`` and labels ``(H, W)`` int64.
 
@@ -238,11 +248,9 @@ def render_aerial(seed: int, split: str, index: int, size: int | tuple[int, int]
         roof += 0.015 * noise["high"][box][..., None]
         image[box][inside] = roof[inside]
         dy, dx = round(b["height"] * math.sin(sun)), round(b["height"] * math.cos(sun))
-        footprint = np.zeros((h, w), dtype=bool)
-        footprint[box] = inside
         for step in range(1, max(abs(dy), abs(dx)) + 1):
             frac = step / max(abs(dy), abs(dx))
-            shadow |= np.roll(footprint, (round(dy * frac), round(dx * frac)), (0, 1))
+            _cast(shadow, inside, box, round(dy * frac), round(dx * frac))
     shadow &= (label != BUILDING) & (label != CAR)
     image[shadow] *= rng.uniform(0.45, 0.65)
 

@@ -41,7 +41,7 @@ _ROOF_COLOURS = np.array([(0.62, 0.30, 0.22), (0.50, 0.50, 0.52), (0.32, 0.32, 0
 _CAR_COLOURS = np.array([(0.92, 0.92, 0.90), (0.10, 0.10, 0.12), (0.70, 0.12, 0.10), (0.15, 0.25, 0.60), (0.65, 0.66, 0.68)], np.float32)
 
 
-def _jitter(rng: np.random.Generator, colour, amount: float = 0.04) -> np.ndarray:
+def _jitter(rng: np.random.Generator, colour: tuple[float, float, float] | np.ndarray, amount: float = 0.04) -> np.ndarray:
     return np.asarray(colour, dtype=np.float32) + rng.uniform(-amount, amount, 3).astype(np.float32)
 
 
@@ -116,7 +116,7 @@ def _layout(rng: np.random.Generator, h: int, w: int, noise: dict[str, np.ndarra
         a, b = rng.uniform(4.0, 13.0) * scale, rng.uniform(3.0, 8.0) * scale
         cy, cx = rng.uniform(0, h), rng.uniform(0, w)
         angle = angle0 + rng.choice([0.0, math.pi / 2]) + rng.uniform(-0.05, 0.05)
-        box = window(cy, cx, math.hypot(a, b) + 1, h, w)
+        box = window(cy, cx, math.hypot(a, 2.6 * b) + 1, h, w)  # room for an L wing
         u, v = rotated_coords(yy[box], xx[box], cy, cx, angle)
         inside = (np.abs(u) <= a) & (np.abs(v) <= b)
         if rng.random() < 0.3:  # an L: a wing along one end

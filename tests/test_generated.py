@@ -177,6 +177,8 @@ def test_each_corruption_changes_the_image_and_keeps_shape_dtype_and_range(kind)
         assert 0.0 <= float(out.min()) and float(out.max()) <= 1.0
         assert float((out - x).abs().mean()) > 0.01
     assert Corrupt(kind, 3)(torch.zeros(0, 3, 8, 8)).shape == (0, 3, 8, 8)
+    half = Corrupt(kind, 3)(image.bfloat16())
+    assert half.dtype == torch.bfloat16 and float((half.float() - image).abs().mean()) > 0.01
 
 
 @pytest.mark.parametrize("kind", CORRUPTIONS)

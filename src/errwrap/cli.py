@@ -427,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-map", default=None, metavar="RAW:CLASS,...", help=LABEL_MAP_HELP)
     p.add_argument("--split", default="val", help="data split for cityscapes, ade20k and generated data (default: val)")
     p.add_argument("--size", type=_positive_int, default=None, help="image size for generated data (default: 128)")
-    p.add_argument("--baselines", default="msp,entropy", help="comma-separated: msp, entropy, mc_dropout (default: msp,entropy)")
+    p.add_argument("--baselines", default="msp,entropy", help="comma-separated: msp, entropy, mc_dropout, max_logit, energy, error_prob (default: msp,entropy)")
     p.add_argument("--mc-T", type=_positive_int, default=10, help="passes of MC dropout (default: 10)")
     p.add_argument("--batch-size", type=_positive_int, default=4, help="images per batch (default: 4); 1 for images of different sizes")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default: 0)")

@@ -41,6 +41,11 @@ EXPECTED = {
     "calibrate_temperature",
     "TemperatureFit",
     "MCDropoutScore",
+    "estimate",
+    "EstimateReport",
+    "fit_atc",
+    "compare_estimates",
+    "EstimateComparison",
 }
 
 

@@ -47,7 +47,7 @@ def tmp(tmp_path_factory) -> Path:
 
 
 def test_help_lists_the_options():
-    for script, option in (("overhead", "--channels-last"), ("mc_dropout", "--model"), ("training_cost", "--encoder"), ("quality", "--minutes")):
+    for script, option in (("overhead", "--channels-last"), ("mc_dropout", "--model"), ("training_cost", "--encoder"), ("quality", "--minutes"), ("estimate", "--shifts")):
         proc = subprocess.run([sys.executable, str(BENCH / f"{script}.py"), "--help"], capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0 and option in proc.stdout and "--json" in proc.stdout and "--tiny" in proc.stdout
 
@@ -102,3 +102,21 @@ def test_quality_then_mc_dropout_on_its_model(tmp):
     # the same model and held-out images as quality.py's evaluation: the error head's AUPR agrees
     assert math.isclose(summary["aupr_error"]["error_head"], agg["mean"], rel_tol=1e-6)
     assert data["model"]["image_size"] == 32 and data["model"]["val_images"] == 8
+
+
+def test_estimate(tmp):
+    summary, data, stdout = _run("estimate", tmp)
+    assert summary["benchmark"] == "estimate" and summary["conditions"] == ["none", "blur", "noise"]
+    for table in ("abs_error_pixel_accuracy", "abs_error_miou"):
+        for condition in summary["conditions"]:
+            assert set(summary[table][condition]) == {"errwrap", "avg_confidence", "atc"}
+            assert all(_is_rate(v) for v in summary[table][condition].values())
+    assert all(-1.0 <= v <= 1.0 for c in summary["spearman"].values() for v in c.values())
+    run = data["runs"][0]
+    assert 0.0 < run["atc_threshold"] < 1.0
+    for condition in run["conditions"].values():
+        errors, truth = condition["errors"], condition["truth"]
+        assert errors["errwrap"]["pixel_accuracy"] == abs(errors["errwrap"]["estimate_pixel_accuracy"] - truth["fused"]["pixel_accuracy"])
+        assert errors["atc"]["pixel_accuracy"] == abs(errors["atc"]["estimate_pixel_accuracy"] - truth["base"]["pixel_accuracy"])
+        assert len(condition["per_image"]) == 8
+    assert "targets" in stdout and "Spearman" in stdout

@@ -109,11 +109,11 @@ def test_estimate(tmp):
     assert summary["benchmark"] == "estimate" and summary["conditions"] == ["none", "blur", "noise"]
     for table in ("abs_error_pixel_accuracy", "abs_error_miou"):
         for condition in summary["conditions"]:
-            assert set(summary[table][condition]) == {"errwrap", "avg_confidence", "atc"}
+            assert set(summary[table][condition]) == {"errwrap", "errwrap+T", "avg_confidence", "atc"}
             assert all(_is_rate(v) for v in summary[table][condition].values())
     assert all(-1.0 <= v <= 1.0 for c in summary["spearman"].values() for v in c.values())
     run = data["runs"][0]
-    assert 0.0 < run["atc_threshold"] < 1.0
+    assert 0.0 < run["atc_threshold"] < 1.0 and run["temperature"] > 0
     for condition in run["conditions"].values():
         errors, truth = condition["errors"], condition["truth"]
         assert errors["errwrap"]["pixel_accuracy"] == abs(errors["errwrap"]["estimate_pixel_accuracy"] - truth["fused"]["pixel_accuracy"])

@@ -47,9 +47,10 @@ def test_exact_counts_equal_true_counts_and_segmentation_metrics():
     labels = torch.where(torch.rand(3, 16, 16, generator=g) < 0.3, torch.randint(0, 4, (3, 16, 16), generator=g), truth)
     truth[:, :2] = 255
     valid = truth != 255
-    one_hot = nn.functional.one_hot(truth.where(valid, 0), 4).permute(0, 3, 1, 2)
-    counts = expected_counts(labels, (labels == truth).float(), one_hot, valid)
+    one_hot = nn.functional.one_hot(truth.where(valid, 0), 4).permute(0, 3, 1, 2).float()
+    counts = expected_counts(labels, (labels == truth).float(), truth, valid, num_classes=4)
     assert counts.shape == (3, 3, 4) and counts.dtype == torch.float64
+    assert torch.equal(counts, expected_counts(labels, (labels == truth).float(), one_hot, valid))  # probabilities 0/1 = exact
     for c in range(4):
         assert torch.equal(counts[:, 0, c], ((labels == c) & (truth == c) & valid).sum(dim=(1, 2)).double())
         assert torch.equal(counts[:, 1, c], ((labels == c) & valid).sum(dim=(1, 2)).double())

@@ -62,35 +62,45 @@ _ATC_BINS = 1 << 16
 
 
 # ---------------------------------------------------------------------------- counts and scores
-def expected_counts(labels: Tensor, correct: Tensor, probs: Tensor | None, valid: Tensor | None = None, num_classes: int | None = None) -> Tensor:
+def expected_counts(
+    labels: Tensor,
+    correct: Tensor,
+    truth: Tensor | None,
+    valid: Tensor | None = None,
+    num_classes: int | None = None,
+) -> Tensor:
     """Per-image, per-class counts ``[TP, predicted, true]`` of a label map, exact or expected.
 
     Args:
         labels: the predicted labels.
         correct: per pixel, ``1`` / ``0`` (exact) or the probability that the label is right.
-        probs: per pixel, the (expected) one-hot of the true class: class probabilities, or a
-            one-hot map of the truth; ``None`` sets ``true = predicted`` (ATC's assumption).
+        truth: the true class per pixel: class probabilities ``(B, C, H, W)`` (expected
+            counts), or integer labels ``(B, H, W)`` (exact counts; values at pixels outside
+            ``valid`` are not read); ``None`` sets ``true = predicted`` (ATC's assumption).
         valid: pixels to count (default: all).
-        num_classes: ``C`` when ``probs`` is ``None`` (default: ``labels.max() + 1``).
+        num_classes: ``C``; default: from ``truth`` when it holds probabilities, else
+            ``labels.max() + 1``.
 
     Shapes:
-        labels ``(B, H, W)`` int64, correct ``(B, H, W)``, probs ``(B, C, H, W)``, valid
-        ``(B, H, W)`` bool -> ``(B, 3, C)`` float64.
+        labels ``(B, H, W)`` int64, correct ``(B, H, W)``, truth ``(B, C, H, W)`` float or
+        ``(B, H, W)`` int64, valid ``(B, H, W)`` bool -> ``(B, 3, C)`` float64.
     """
     b = labels.shape[0]
-    if probs is not None:
-        num_classes = probs.shape[1]
-    elif num_classes is None:
-        num_classes = int(labels.max()) + 1
-    weight = torch.ones_like(correct, dtype=torch.float64) if valid is None else valid.to(torch.float64)
-    flat = labels.reshape(b, -1)
+    soft = truth is not None and truth.is_floating_point()
+    if num_classes is None:
+        num_classes = truth.shape[1] if soft else int(labels.max()) + 1  # type: ignore[union-attr]
+    weight = torch.ones(labels.shape, dtype=torch.float64, device=labels.device) if valid is None else valid.to(torch.float64)
     pred = torch.zeros(b, num_classes, dtype=torch.float64, device=labels.device)
-    pred.scatter_add_(1, flat, weight.reshape(b, -1))
-    tp = torch.zeros_like(pred).scatter_add_(1, flat, (correct.to(torch.float64) * weight).reshape(b, -1))
-    if probs is None:
+    pred.scatter_add_(1, labels.reshape(b, -1), weight.reshape(b, -1))
+    tp = torch.zeros_like(pred).scatter_add_(1, labels.reshape(b, -1), (correct.to(torch.float64) * weight).reshape(b, -1))
+    if truth is None:
         true = pred.clone()
+    elif soft:  # summed in float64 without a float64 copy of the (B, C, H, W) map
+        masked = truth if valid is None else truth * valid[:, None].to(truth.dtype)
+        true = masked.sum(dim=(2, 3), dtype=torch.float64)
     else:
-        true = (probs.to(torch.float64) * weight[:, None]).sum(dim=(2, 3))
+        index = truth if valid is None else truth.where(valid, torch.zeros_like(truth))
+        true = torch.zeros_like(pred).scatter_add_(1, index.reshape(b, -1).long(), weight.reshape(b, -1))
     return torch.stack([tp, pred, true], dim=1)
 
 
@@ -250,7 +260,7 @@ def _outputs(
     name: str,
 ) -> Iterator[tuple[Any, Tensor, Tensor | None]]:
     """Run the wrapper (eval mode, no gradients; every module's mode restored at the end) on each
-    batch and yield ``(output, valid pixels, labels or None)``."""
+    batch and yield ``(output, labelled pixels or None, labels or None)``."""
     num_classes = int(wrapper.num_classes)
     _checked_num_classes(loader, num_classes, "loader")
     device = _resolve_device(wrapper, device)
@@ -282,8 +292,7 @@ def _outputs(
                 images = _images_of(batch, index, in_channels, device, dtype)
             with torch.no_grad():
                 out = wrapper(images)
-            valid = truth != ignore_index if truth is not None else torch.ones(out.labels.shape, dtype=torch.bool, device=out.labels.device)
-            yield out, valid, truth
+            yield out, (truth != ignore_index if truth is not None else None), truth
             if callback is not None:
                 callback(index)
     finally:
@@ -329,9 +338,10 @@ def _run(
     return _Pass(rows=[row for part in parts for row in part[0]], counts=merged, error_sum=error_sum, flagged=flagged, num_pixels=num_pixels)
 
 
-def _batch_counts(out: Any, valid: Tensor, threshold: float, atc_threshold: float | None, truth: Tensor | None) -> tuple[dict[str, Tensor], Tensor]:
+def _batch_counts(out: Any, valid: Tensor | None, threshold: float, atc_threshold: float | None, truth: Tensor | None) -> tuple[dict[str, Tensor], Tensor]:
     """Per-image counts ``(B, 3, C)`` of each estimator (and of the truth when labelled), and per
-    image ``[error-prob sum, flagged pixels, pixels]`` ``(B, 3)``, over the ``valid`` pixels."""
+    image ``[error-prob sum, flagged pixels, pixels]`` ``(B, 3)``, over the ``valid`` pixels (all
+    when ``None``)."""
     labels, error_prob = out.labels, out.error_prob
     base_probs = torch.softmax(out.base_logits.float(), dim=1)
     base_msp, base_labels = base_probs.max(dim=1)
@@ -343,11 +353,9 @@ def _batch_counts(out: Any, valid: Tensor, threshold: float, atc_threshold: floa
         counts["atc"] = expected_counts(base_labels, (base_msp > atc_threshold).float(), None, valid, base_probs.shape[1])
     if truth is not None:
         num_classes = counts["errwrap"].shape[-1]
-        safe = truth.where(valid, torch.zeros_like(truth))
-        one_hot = torch.nn.functional.one_hot(safe, num_classes).permute(0, 3, 1, 2)
-        counts["truth"] = expected_counts(labels, (labels == truth).float(), one_hot, valid)
-        counts["base_truth"] = expected_counts(base_labels, (base_labels == truth).float(), one_hot, valid)
-    w = valid.to(torch.float64)
+        counts["truth"] = expected_counts(labels, (labels == truth).float(), truth, valid, num_classes)
+        counts["base_truth"] = expected_counts(base_labels, (base_labels == truth).float(), truth, valid, num_classes)
+    w = torch.ones(labels.shape, dtype=torch.float64, device=labels.device) if valid is None else valid.to(torch.float64)
     stats = torch.stack([
         (error_prob.to(torch.float64) * w).sum(dim=(1, 2)),
         ((error_prob > threshold).to(torch.float64) * w).sum(dim=(1, 2)),

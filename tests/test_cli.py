@@ -279,6 +279,10 @@ def test_estimate_on_a_labelled_split_and_on_image_files(model_dir, tmp_path, ca
     data = json.loads(out_json.read_text())
     assert data["num_images"] == 4 and [r["index"] for r in data["per_image"]] == [0, 1, 2, 3]
     assert 0.0 <= data["pixel_accuracy"] <= 1.0 and 0.0 <= data["miou"] <= 1.0
+    blurred = tmp_path / "blurred.json"
+    assert main(["estimate", "--model", str(model_dir), "--data", "scenes:4", "--size", "32", "--corrupt", "blur:5", "--json", str(blurred)]) == 0
+    assert json.loads(blurred.read_text())["mean_error_prob"] != data["mean_error_prob"]  # the shift reaches the model
+    capsys.readouterr()
     folder = tmp_path / "photos"
     folder.mkdir()
     rng = np.random.default_rng(1)

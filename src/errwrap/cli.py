@@ -331,8 +331,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 class _ImageFiles:
     """Unlabelled images for ``errwrap estimate --data images:PATH``: normalised ``(3, H, W)`` tensors."""
 
-    def __init__(self, paths: Sequence[Path], normalize: Any) -> None:
-        self.paths, self.normalize = list(paths), normalize
+    def __init__(self, paths: Sequence[Path], normalize: Any, corrupt: Any = None) -> None:
+        self.paths, self.normalize, self.corrupt = list(paths), normalize, corrupt
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -341,6 +341,8 @@ class _ImageFiles:
         import torch
 
         image = _read_image(self.paths[index])
+        if self.corrupt is not None:
+            image = self.corrupt(image)
         return self.normalize(image, torch.zeros(image.shape[-2:], dtype=torch.long))[0]
 
 
@@ -350,6 +352,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     from .estimation import estimate
 
     json_path = _output_file(args.json, "--json")
+    corrupt = parse_corrupt(args.corrupt)
     kind, _, rest = args.data.partition(":")
     paths = _image_paths(rest.split(",")) if kind.lower() == "images" and rest else None
     if kind.lower() == "images" and not paths:
@@ -360,9 +363,13 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     wrap = _load_model(args.model, args.device)
     normalize, _, _ = _normalizer(wrap)
     if paths is not None:
-        dataset: Any = _ImageFiles(paths, normalize)
+        dataset: Any = _ImageFiles(paths, normalize, corrupt)
         batch_size = args.batch_size or 1
     else:
+        if corrupt is not None:
+            from .data import Compose
+
+            normalize = Compose([corrupt.joint, normalize])
         dataset = parse_data_spec(args.data, args.split, transform=normalize, size=args.size, num_classes=wrap.num_classes,
                                   label_map=parse_label_map(args.label_map))  # fmt: skip
         _check_classes(dataset, wrap, args.data)
@@ -527,6 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-map", default=None, metavar="RAW:CLASS,...", help=LABEL_MAP_HELP)
     p.add_argument("--split", default="val", help="data split for cityscapes, ade20k and scenes (default: val)")
     p.add_argument("--size", type=_positive_int, default=None, help="image size for scenes (default: 128)")
+    p.add_argument("--corrupt", default=None, metavar="KIND:SEVERITY", help=CORRUPT_HELP)
     p.add_argument("--threshold", type=float, default=0.5, help="error probability above which a pixel counts as flagged (default: 0.5)")
     p.add_argument("--worst", type=int, default=10, help="how many of the most-likely-wrong images to list (default: 10)")
     p.add_argument("--batch-size", type=_positive_int, default=None, help="images per batch (default: 1 for images:PATH, else 4)")

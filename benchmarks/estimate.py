@@ -1,25 +1,23 @@
-"""Label-free accuracy estimates against the truth, in distribution and under simple shifts.
+"""Label-free accuracy estimates against the truth, in distribution and under corruptions.
 
-For each seed, ``errwrap.demo.run_demo`` trains a small DeepLabV3+ on the built-in ``Scenes`` and
-fine-tunes the heads with the base frozen (the quality benchmark's setup, with a short schedule by
-default). Then, with the labels hidden from the estimators:
+For each data family (``errwrap.data.generated``: ``scenes``, ``aerial``, ``cells``) and seed, a
+small DeepLabV3+ (resnet18, output stride 16, the demo's widths) is trained from scratch with
+cross-entropy, wrapped, and its heads fine-tuned with the base frozen (the demo's learning rates).
+Then, with the labels hidden from the estimators:
 
 * the ATC threshold is fitted (:func:`errwrap.fit_atc`) on the labelled ``"test"`` split;
 * :func:`errwrap.compare_estimates` runs on the held-out ``"val"`` split as it is (in
-  distribution) and under each shift: ``blur`` (Gaussian blur, sigma 1.5 px) and ``noise``
-  (additive Gaussian noise, std 0.08), applied to the ``[0, 1]`` image before normalisation;
+  distribution) and under each :class:`errwrap.data.Corrupt` shift (default: every kind at
+  severity 3), applied to the ``[0, 1]`` image before normalisation;
 * it runs again after :func:`errwrap.calibrate_temperature` has fitted the temperature of the fused
   probabilities on the same labelled ``"test"`` split (``errwrap+T``; the labels do not change);
-* for errwrap, errwrap+T, average confidence and ATC it reports the absolute error of the data-set pixel
-  accuracy and mIoU estimates, and the per-image MAE and Spearman correlation with the truth.
-  errwrap's estimate describes the corrected labels, the baselines the base labels; each is
+* for errwrap, errwrap+T, average confidence and ATC it reports the absolute error of the data-set
+  pixel accuracy and mIoU estimates, and the per-image MAE and Spearman correlation with the
+  truth. errwrap's estimate describes the corrected labels, the baselines the base labels; each is
   measured against the labels it describes.
 
-``errwrap.data`` had no corruption transform when this was written, so the two shifts are defined
-here (``blur``, ``noise`` below).
-
 Example:
-    python benchmarks/estimate.py --seeds 0 --json estimate.json
+    python benchmarks/estimate.py --families scenes --seeds 0 --json estimate.json
 """
 
 from __future__ import annotations
@@ -32,54 +30,61 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import demo_config, environment, finish, format_table, mean_std, setup_logging  # noqa: E402
+from _common import environment, finish, format_table, mean_std, setup_logging  # noqa: E402
 
 ESTIMATORS = ("errwrap", "errwrap+T", "avg_confidence", "atc")
-SHIFTS = ("none", "blur", "noise")
-
-
-def blur(image: torch.Tensor, sigma: float = 1.5) -> torch.Tensor:
-    """Separable Gaussian blur of a ``(3, H, W)`` image (reflect padding)."""
-    radius = max(1, math.ceil(3 * sigma))
-    x = torch.arange(-radius, radius + 1, dtype=image.dtype)
-    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
-    kernel = kernel / kernel.sum()
-    out = torch.nn.functional.pad(image[None], (radius, radius, radius, radius), mode="reflect")
-    out = torch.nn.functional.conv2d(out, kernel.view(1, 1, 1, -1).expand(3, 1, 1, -1), groups=3)
-    out = torch.nn.functional.conv2d(out, kernel.view(1, 1, -1, 1).expand(3, 1, -1, 1), groups=3)
-    return out[0]
-
-
-class Shift:
-    """A joint transform that corrupts the image (seeded per image for ``noise``) and keeps the label."""
-
-    def __init__(self, kind: str, seed: int) -> None:
-        self.kind, self.seed, self.count = kind, seed, 0
-
-    def __call__(self, image: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.kind == "blur":
-            image = blur(image)
-        elif self.kind == "noise":
-            g = torch.Generator().manual_seed(self.seed * 100003 + self.count)
-            self.count += 1
-            image = (image + 0.08 * torch.randn(image.shape, generator=g)).clamp(0.0, 1.0)
-        return image, label
-
-
-def val_loader(num_images: int, size: int, seed: int, split: str, shift: str) -> Any:
-    """The held-out ``Scenes`` split, shifted, normalised, in fixed order."""
-    from torch.utils.data import DataLoader
-
-    from errwrap.data import IMAGENET_MEAN, IMAGENET_STD, Compose, Normalize, Scenes
-
-    transform = Compose([Shift(shift, seed), Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-    return DataLoader(Scenes(num_images, size=size, seed=seed, split=split, transform=transform), batch_size=8, shuffle=False)
+FAMILIES = ("scenes", "aerial", "cells")
+SHIFTS = ("blur", "fog", "noise", "dark", "jpeg")  # errwrap.data.CORRUPTIONS
 
 
 def _pts(v: float) -> str:
     return "n/a" if v is None or math.isnan(v) else f"{100 * v:.2f}"
+
+
+def loader(family: str, num_images: int, size: int, seed: int, split: str, shift: str | None, severity: int, train: bool = False) -> Any:
+    """A split of a generated family, corrupted (``shift``) and normalised; shuffled when ``train``."""
+    from torch.utils.data import DataLoader
+
+    from errwrap.data import IMAGENET_MEAN, IMAGENET_STD, Compose, Corrupt, Normalize, RandomHorizontalFlip, generated
+
+    steps: list[Any] = [RandomHorizontalFlip()] if train else []
+    if shift is not None:
+        steps.append(Corrupt(shift, severity, seed=seed).joint)
+    steps.append(Normalize(IMAGENET_MEAN, IMAGENET_STD))
+    dataset = generated(family, num_images, size=size, seed=seed, split=split, transform=Compose(steps), cache=True)
+    return DataLoader(dataset, batch_size=8, shuffle=train, drop_last=train, generator=torch.Generator().manual_seed(seed))
+
+
+def train_wrapper(family: str, seed: int, args: argparse.Namespace) -> Any:
+    """The base trained from scratch (AdamW, warm-up then poly decay) and the heads fine-tuned."""
+    from errwrap import ErrorCorrectionWrapper, finetune
+    from errwrap.models import DeepLabV3Plus
+
+    train = loader(family, args.train_images, args.image_size, seed, "train", None, 0, train=True)
+    torch.manual_seed(seed)
+    base = DeepLabV3Plus("resnet18", num_classes=train.dataset.num_classes, output_stride=16, aspp_channels=64, decoder_channels=64, low_level_channels=24)
+    opt = torch.optim.AdamW(base.parameters(), lr=2e-3, weight_decay=1e-4)
+    base.train()
+    step = 0
+    while step < args.base_steps:
+        for images, labels in train:
+            for group in opt.param_groups:
+                group["lr"] = 2e-3 * min(1.0, (step + 1) / 20) * (1 - step / args.base_steps) ** 0.9
+            loss = F.cross_entropy(base(images)[0], labels, ignore_index=255)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            if step == args.base_steps:
+                break
+    base.eval()
+    wrap = ErrorCorrectionWrapper(base, sample_size=args.image_size)
+    heads = loader(family, args.train_images, args.image_size, seed + 1, "train", None, 0, train=True)
+    finetune(wrap, heads, steps=args.head_steps, lr=5e-3, warmup_steps=min(50, args.head_steps // 10), seed=seed, progress=False, log_every=None)
+    return wrap.eval()
 
 
 def result_rows(runs: list[dict[str, Any]], conditions: list[str]) -> list[dict[str, str]]:
@@ -105,67 +110,46 @@ def result_rows(runs: list[dict[str, Any]], conditions: list[str]) -> list[dict[
     return rows
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
-    parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--train-images", type=int, default=400)
-    parser.add_argument("--val-images", type=int, default=64, help="held-out images per condition (and for fitting ATC)")
-    parser.add_argument("--base-steps", type=int, default=150)
-    parser.add_argument("--head-steps", type=int, default=300)
-    parser.add_argument("--shifts", nargs="+", default=list(SHIFTS[1:]), choices=SHIFTS[1:])
-    parser.add_argument("--out", default="bench-estimate", help="folder for each seed's demo output and model")
-    parser.add_argument("--tiny", action="store_true", help="seconds-long smoke run (tiny data, a few steps)")
-    parser.add_argument("--json", metavar="PATH", help="write the full results as JSON")
-    args = parser.parse_args(argv)
-    setup_logging()
-    if args.tiny:
-        args.seeds, args.image_size, args.train_images, args.val_images, args.base_steps, args.head_steps = args.seeds[:1], 32, 16, 8, 4, 4
-    from errwrap import ErrorCorrectionWrapper, calibrate_temperature, compare_estimates, fit_atc
-    from errwrap.demo import run_demo
+def one_run(family: str, seed: int, args: argparse.Namespace, conditions: list[str]) -> dict[str, Any]:
+    """Train, fit ATC and the temperature, and compare every estimator under every condition."""
+    from errwrap import calibrate_temperature, compare_estimates, fit_atc
 
-    env = environment("cpu")
     start = time.perf_counter()
-    conditions = ["none", *args.shifts]
-    runs = []
-    for seed in args.seeds:
-        cfg = demo_config(5.0, seed, args.tiny, mc_dropout=False, image_size=args.image_size, train_images=args.train_images,
-                          val_images=args.val_images, base_steps=args.base_steps, head_steps=args.head_steps)  # fmt: skip
-        print(f"seed {seed}: run_demo ({cfg.encoder}, {cfg.image_size} px, {cfg.train_images} training images, "
-              f"{cfg.base_steps} base + {cfg.head_steps} head steps)", flush=True)  # fmt: skip
-        result = run_demo(Path(args.out) / f"seed{seed}", cfg, say=lambda m: None)
-        wrap = ErrorCorrectionWrapper.from_pretrained(result.out_dir / "model")
-        labelled = val_loader(args.val_images, args.image_size, seed, "test", "none")
-        atc = fit_atc(wrap, labelled)
-        run: dict[str, Any] = {"seed": seed, "atc_threshold": atc, "seconds_demo": round(result.seconds, 1), "conditions": {}}
-        comparisons = {shift: compare_estimates(wrap, val_loader(args.val_images, args.image_size, seed, "val", shift), atc_threshold=atc) for shift in conditions}
-        run["temperature"] = calibrate_temperature(wrap, labelled).temperature
-        for shift in conditions:
-            comparison = comparisons[shift]
-            calibrated = compare_estimates(wrap, val_loader(args.val_images, args.image_size, seed, "val", shift), atc_threshold=atc)
-            errors = dict(comparison.errors)
-            errors["errwrap+T"] = calibrated.errors["errwrap"]
-            run["conditions"][shift] = {"truth": comparison.truth, "errors": errors, "interval": comparison.estimate.interval,
-                                        "interval_T": calibrated.estimate.interval, "per_image": comparison.per_image}  # fmt: skip
-            print(f"  {shift:<6} true pixAcc fused {_pts(comparison.truth['fused']['pixel_accuracy'])} base "
-                  f"{_pts(comparison.truth['base']['pixel_accuracy'])}; estimates errwrap "
-                  f"{_pts(errors['errwrap']['estimate_pixel_accuracy'])} errwrap+T {_pts(errors['errwrap+T']['estimate_pixel_accuracy'])} "
-                  f"avg_conf {_pts(errors['avg_confidence']['estimate_pixel_accuracy'])} ATC {_pts(errors['atc']['estimate_pixel_accuracy'])}", flush=True)  # fmt: skip
-        runs.append(run)
+    wrap = train_wrapper(family, seed, args)
+    seconds_train = time.perf_counter() - start
 
-    metrics = ("pixel_accuracy", "miou", "per_image_mae", "spearman")
-    agg = {c: {e: {m: mean_std([r["conditions"][c]["errors"][e][m] for r in runs]) for m in metrics} for e in ESTIMATORS} for c in conditions}
-    rows = result_rows(runs, conditions)
-    print(f"\nestimate vs truth on {args.val_images} held-out images per condition, mean over {len(runs)} seed(s) (points)")
-    print(format_table(rows))
+    def held_out(shift: str) -> Any:
+        return loader(family, args.val_images, args.image_size, seed, "val", None if shift == "none" else shift, args.severity)
+
+    labelled = loader(family, args.val_images, args.image_size, seed, "test", None, 0)
+    atc = fit_atc(wrap, labelled)
+    raw = {shift: compare_estimates(wrap, held_out(shift), atc_threshold=atc) for shift in conditions}
+    temperature = calibrate_temperature(wrap, labelled).temperature
+    run: dict[str, Any] = {"family": family, "seed": seed, "atc_threshold": atc, "temperature": temperature,
+                           "seconds_train": round(seconds_train, 1), "conditions": {}}  # fmt: skip
+    for shift in conditions:
+        calibrated = compare_estimates(wrap, held_out(shift), atc_threshold=atc)
+        errors = dict(raw[shift].errors)
+        errors["errwrap+T"] = calibrated.errors["errwrap"]
+        run["conditions"][shift] = {"truth": raw[shift].truth, "errors": errors, "interval": raw[shift].estimate.interval,
+                                    "interval_T": calibrated.estimate.interval, "per_image": raw[shift].per_image}  # fmt: skip
+        print(f"  {shift:<6} true pixAcc fused {_pts(raw[shift].truth['fused']['pixel_accuracy'])} base "
+              f"{_pts(raw[shift].truth['base']['pixel_accuracy'])}; estimates errwrap {_pts(errors['errwrap']['estimate_pixel_accuracy'])} "
+              f"errwrap+T {_pts(errors['errwrap+T']['estimate_pixel_accuracy'])} avg_conf "
+              f"{_pts(errors['avg_confidence']['estimate_pixel_accuracy'])} ATC {_pts(errors['atc']['estimate_pixel_accuracy'])}", flush=True)  # fmt: skip
+    return run
+
+
+def targets_of(agg: dict[str, Any], conditions: list[str], shifts: list[str]) -> list[dict[str, Any]]:
+    """The issue's targets for errwrap and errwrap+T over one family's conditions."""
 
     def worst(e: str, m: str) -> float:
         return max(agg[c][e][m]["mean"] for c in conditions)
 
     targets = []
     for e in ("errwrap", "errwrap+T"):
-        ind, shifted = agg["none"][e], [agg[c][e] for c in args.shifts]
-        worst_shift = max((a["pixel_accuracy"]["mean"] for a in shifted), default=float("nan"))
+        ind = agg["none"][e]
+        worst_shift = max((agg[c][e]["pixel_accuracy"]["mean"] for c in shifts), default=float("nan"))
         low_rho = min(agg[c][e]["spearman"]["mean"] for c in conditions)
         baseline_worst = min(worst("avg_confidence", "pixel_accuracy"), worst("atc", "pixel_accuracy"))
         targets += [
@@ -177,21 +161,67 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
              "value": f"{_pts(worst(e, 'pixel_accuracy'))} vs {_pts(worst('avg_confidence', 'pixel_accuracy'))} / {_pts(worst('atc', 'pixel_accuracy'))}",
              "met": worst(e, "pixel_accuracy") < baseline_worst},
         ]  # fmt: skip
-    print("\ntargets")
-    print(format_table([{**t, "met": "yes" if t["met"] else "no"} for t in targets]))
+    return targets
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--families", nargs="+", default=["scenes"], choices=FAMILIES)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--train-images", type=int, default=400)
+    parser.add_argument("--val-images", type=int, default=64, help="held-out images per condition (and labelled images for ATC and the temperature)")
+    parser.add_argument("--base-steps", type=int, default=150)
+    parser.add_argument("--head-steps", type=int, default=300)
+    parser.add_argument("--shifts", nargs="+", default=list(SHIFTS), choices=SHIFTS, help="errwrap.data.Corrupt kinds")
+    parser.add_argument("--severity", type=int, default=3, choices=range(1, 6))
+    parser.add_argument("--tiny", action="store_true", help="seconds-long smoke run (tiny data, a few steps)")
+    parser.add_argument("--json", metavar="PATH", help="write the full results as JSON")
+    args = parser.parse_args(argv)
+    setup_logging()
+    if args.tiny:
+        args.seeds, args.image_size, args.train_images, args.val_images, args.base_steps, args.head_steps = args.seeds[:1], 32, 16, 8, 4, 4
+
+    env = environment("cpu")
+    start = time.perf_counter()
+    conditions = ["none", *args.shifts]
+    runs, aggregate, targets = [], {}, []
+    for family in args.families:
+        family_runs = []
+        for seed in args.seeds:
+            print(f"{family}, seed {seed}: resnet18 DeepLabV3+, {args.image_size} px, {args.train_images} training images, "
+                  f"{args.base_steps} base + {args.head_steps} head steps", flush=True)  # fmt: skip
+            family_runs.append(one_run(family, seed, args, conditions))
+        runs += family_runs
+        metrics = ("pixel_accuracy", "miou", "per_image_mae", "spearman")
+        agg = {c: {e: {m: mean_std([r["conditions"][c]["errors"][e][m] for r in family_runs]) for m in metrics} for e in ESTIMATORS} for c in conditions}
+        aggregate[family] = agg
+        print(f"\n{family}: estimate vs truth on {args.val_images} held-out images per condition (shifts at severity "
+              f"{args.severity}), mean over {len(family_runs)} seed(s) (points)")  # fmt: skip
+        print(format_table(result_rows(family_runs, conditions)))
+        family_targets = [{"family": family, **t} for t in targets_of(agg, conditions, args.shifts)]
+        print(f"\n{family}: targets")
+        print(format_table([{**t, "met": "yes" if t["met"] else "no"} for t in family_targets]))
+        targets += family_targets
+        print()
+
+    def table(metric: str) -> dict[str, Any]:
+        return {f: {c: {e: aggregate[f][c][e][metric]["mean"] for e in ESTIMATORS} for c in conditions} for f in args.families}
+
     summary = {
         "benchmark": "estimate",
+        "families": args.families,
         "seeds": args.seeds,
         "conditions": conditions,
-        "abs_error_pixel_accuracy": {c: {e: agg[c][e]["pixel_accuracy"]["mean"] for e in ESTIMATORS} for c in conditions},
-        "abs_error_miou": {c: {e: agg[c][e]["miou"]["mean"] for e in ESTIMATORS} for c in conditions},
-        "spearman": {c: {e: agg[c][e]["spearman"]["mean"] for e in ESTIMATORS} for c in conditions},
-        "temperature": mean_std([r["temperature"] for r in runs])["mean"],
-        "targets_met": {f"{t['estimator']}: {t['target']}": bool(t["met"]) for t in targets},
+        "abs_error_pixel_accuracy": table("pixel_accuracy"),
+        "abs_error_miou": table("miou"),
+        "spearman": table("spearman"),
+        "temperature": {f: mean_std([r["temperature"] for r in runs if r["family"] == f])["mean"] for f in args.families},
+        "targets_met": {f"{t['family']} {t['estimator']}: {t['target']}": bool(t["met"]) for t in targets},
         "seconds": round(time.perf_counter() - start, 1),
     }
     config = {k: v for k, v in vars(args).items() if k != "json"}
-    finish({**env, "config": config, "aggregate": agg, "runs": runs}, summary, args.json)
+    finish({**env, "config": config, "aggregate": aggregate, "runs": runs}, summary, args.json)
     return summary
 
 

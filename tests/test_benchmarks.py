@@ -105,13 +105,14 @@ def test_quality_then_mc_dropout_on_its_model(tmp):
 
 
 def test_estimate(tmp):
-    summary, data, stdout = _run("estimate", tmp)
-    assert summary["benchmark"] == "estimate" and summary["conditions"] == ["none", "blur", "noise"]
+    summary, data, stdout = _run("estimate", tmp, "--shifts", "blur", "noise")
+    assert summary["benchmark"] == "estimate" and summary["families"] == ["scenes"]
+    assert summary["conditions"] == ["none", "blur", "noise"]
     for table in ("abs_error_pixel_accuracy", "abs_error_miou"):
         for condition in summary["conditions"]:
-            assert set(summary[table][condition]) == {"errwrap", "errwrap+T", "avg_confidence", "atc"}
-            assert all(_is_rate(v) for v in summary[table][condition].values())
-    assert all(-1.0 <= v <= 1.0 for c in summary["spearman"].values() for v in c.values())
+            values = summary[table]["scenes"][condition]
+            assert set(values) == {"errwrap", "errwrap+T", "avg_confidence", "atc"} and all(_is_rate(v) for v in values.values())
+    assert all(-1.0 <= v <= 1.0 for c in summary["spearman"]["scenes"].values() for v in c.values())
     run = data["runs"][0]
     assert 0.0 < run["atc_threshold"] < 1.0 and run["temperature"] > 0
     for condition in run["conditions"].values():
@@ -119,4 +120,6 @@ def test_estimate(tmp):
         assert errors["errwrap"]["pixel_accuracy"] == abs(errors["errwrap"]["estimate_pixel_accuracy"] - truth["fused"]["pixel_accuracy"])
         assert errors["atc"]["pixel_accuracy"] == abs(errors["atc"]["estimate_pixel_accuracy"] - truth["base"]["pixel_accuracy"])
         assert len(condition["per_image"]) == 8
+    # a shift changes the images the model sees, so the truth moves
+    assert run["conditions"]["blur"]["truth"] != run["conditions"]["none"]["truth"]
     assert "targets" in stdout and "Spearman" in stdout

@@ -124,7 +124,8 @@ def test_bounds_interval_and_worst_order():
         lo, hi = report.interval[key]
         assert 0.0 <= lo <= hi <= 1.0
     assert report.pixel_accuracy == pytest.approx(1.0 - report.mean_error_prob, abs=1e-9)
-    assert "method" in report.interval and report.config["threshold"] == 0.7
+    assert "method" in report.interval and report.config["threshold"] == 0.7 and report.config["temperature"] == 1.0
+    assert "calibrate_temperature" in report.table()  # no temperature fitted: the table says so
     worst = report.worst(3)
     assert len(worst) == 3 and [r["pixel_accuracy"] for r in worst] == sorted(r["pixel_accuracy"] for r in report.per_image)[:3]
     assert report.worst(100) == sorted(report.per_image, key=lambda r: r["pixel_accuracy"])
@@ -133,6 +134,10 @@ def test_bounds_interval_and_worst_order():
     assert "errwrap" in text and "avg_confidence" in text and f"{100 * report.pixel_accuracy:.2f}" in text
     with pytest.raises(ValueError, match="non-negative int"):
         report.worst(-1)
+    wrapper.temperature = 0.5  # sharper fused probabilities: same labels, higher predicted accuracy, no note
+    sharper = errwrap.estimate(wrapper, [images], bootstrap=0)
+    assert sharper.pixel_accuracy > report.pixel_accuracy and sharper.config["temperature"] == 0.5
+    assert "calibrate_temperature" not in sharper.table()
 
 
 def test_streaming_equals_one_batch_and_modes_are_restored():

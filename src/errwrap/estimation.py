@@ -515,6 +515,9 @@ class EstimateReport:
         for name, values in self.baselines.items():
             lines.append(f"{name:<16}{_pct(values['pixel_accuracy']):>8}{_pct(values['miou']):>8}   (base labels)")
         threshold = self.config.get("threshold", 0.5)
+        if self.config.get("temperature", 1.0) == 1.0:
+            lines += ["(the fused probabilities have no fitted temperature: the estimate is only as good as their calibration;",
+                      " fit one on held-out labelled data with errwrap.calibrate_temperature, docs/estimate.md)"]
         lines += ["", f"mean error probability {_pct(self.mean_error_prob)}%, pixels above {threshold:g}: {_pct(self.flagged_fraction)}%"]
         worst = self.worst(k)
         if worst:
@@ -527,7 +530,7 @@ class EstimateReport:
         return self.table()
 
 
-def _report(run: _Pass, threshold: float, atc_threshold: float | None, bootstrap: int, level: float, seed: int, num_classes: int) -> EstimateReport:
+def _report(run: _Pass, threshold: float, atc_threshold: float | None, bootstrap: int, level: float, seed: int, wrapper: nn.Module) -> EstimateReport:
     totals = {k: v.sum(dim=0) for k, v in run.counts.items()}
     accuracy, iou, miou = scores_from_counts(totals["errwrap"])
     baselines = {}
@@ -552,8 +555,9 @@ def _report(run: _Pass, threshold: float, atc_threshold: float | None, bootstrap
         baselines=baselines,
         num_images=len(run.rows),
         num_pixels=int(pixels),
-        config={"threshold": float(threshold), "atc_threshold": atc_threshold, "num_classes": num_classes,
-                "bootstrap": bootstrap, "level": level, "seed": seed, "world_size": world},
+        config={"threshold": float(threshold), "atc_threshold": atc_threshold, "num_classes": int(wrapper.num_classes),
+                "temperature": float(getattr(wrapper, "temperature", 1.0)), "bootstrap": bootstrap, "level": level, "seed": seed,
+                "world_size": world},
     )  # fmt: skip
 
 
@@ -608,7 +612,7 @@ def estimate(
     _check_interval_settings(bootstrap, level)
     run = _run(wrapper, loader, threshold=threshold, atc_threshold=atc_threshold, labelled=False, ignore_index=-1,
                device=device, max_batches=max_batches, progress=progress, name="estimate")  # fmt: skip
-    report = _report(run, threshold, atc_threshold, bootstrap, level, seed, int(wrapper.num_classes))
+    report = _report(run, threshold, atc_threshold, bootstrap, level, seed, wrapper)
     logger.info("estimated %d images: pixel accuracy %.4f, mIoU %.4f", report.num_images, report.pixel_accuracy, report.miou)
     return report
 
@@ -754,7 +758,7 @@ def compare_estimates(
     _check_interval_settings(bootstrap, level)
     run = _run(wrapper, loader, threshold=threshold, atc_threshold=atc_threshold, labelled=True, ignore_index=ignore_index,
                device=device, max_batches=max_batches, progress=progress, name="compare_estimates")  # fmt: skip
-    report = _report(run, threshold, atc_threshold, bootstrap, level, seed, int(wrapper.num_classes))
+    report = _report(run, threshold, atc_threshold, bootstrap, level, seed, wrapper)
     truth = {}
     for target, key in (("fused", "truth"), ("base", "base_truth")):
         acc, _, miou = scores_from_counts(run.counts[key].sum(dim=0))

@@ -1,4 +1,4 @@
-"""The ``errwrap`` command line: ``demo``, ``predict``, ``evaluate`` and ``finetune``.
+"""The ``errwrap`` command line: ``demo``, ``predict``, ``evaluate``, ``finetune`` and ``estimate``.
 
 Every failure the user can fix (a missing file, an unknown model, a wrong data layout) is one
 line on stderr and exit code 2; ``--debug`` shows the traceback instead.
@@ -328,6 +328,69 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+class _ImageFiles:
+    """Unlabelled images for ``errwrap estimate --data images:PATH``: normalised ``(3, H, W)`` tensors."""
+
+    def __init__(self, paths: Sequence[Path], normalize: Any, corrupt: Any = None) -> None:
+        self.paths, self.normalize, self.corrupt = list(paths), normalize, corrupt
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        import torch
+
+        image = _read_image(self.paths[index])
+        if self.corrupt is not None:
+            image = self.corrupt(image)
+        return self.normalize(image, torch.zeros(image.shape[-2:], dtype=torch.long))[0]
+
+
+def cmd_estimate(args: argparse.Namespace) -> int:
+    from torch.utils.data import DataLoader
+
+    from .estimation import estimate
+
+    json_path = _output_file(args.json, "--json")
+    corrupt = parse_corrupt(args.corrupt)
+    kind, _, rest = args.data.partition(":")
+    paths = _image_paths(rest.split(",")) if kind.lower() == "images" and rest else None
+    if kind.lower() == "images" and not paths:
+        raise CLIError(f"--data {args.data!r}: expected images:PATH with PATH an image file or a directory of images")
+    if paths is not None:
+        for path in paths:  # fail on a bad file before loading the model
+            _read_image(path)
+    wrap = _load_model(args.model, args.device)
+    normalize, _, _ = _normalizer(wrap)
+    if paths is not None:
+        dataset: Any = _ImageFiles(paths, normalize, corrupt)
+        batch_size = args.batch_size or 1
+    else:
+        if corrupt is not None:
+            from .data import Compose
+
+            normalize = Compose([corrupt.joint, normalize])
+        dataset = parse_data_spec(args.data, args.split, transform=normalize, size=args.size, num_classes=wrap.num_classes,
+                                  label_map=parse_label_map(args.label_map))  # fmt: skip
+        _check_classes(dataset, wrap, args.data)
+        batch_size = args.batch_size or 4
+    if len(dataset) == 0:
+        raise CLIError(f"--data {args.data}: no images found for split {args.split!r}")
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=args.workers)
+    report = estimate(wrap, loader, threshold=args.threshold, max_batches=args.max_batches)
+    if paths is not None:
+        for row in report.per_image:
+            row["file"] = str(paths[row["index"]])
+    _say(report.table(k=args.worst))
+    if paths is not None and args.worst:
+        _say("files, most likely wrong first: " + ", ".join(Path(row["file"]).name for row in report.worst(args.worst)))
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        report.to_json(json_path)
+        _say(f"wrote {json_path}")
+    return 0
+
+
 # ---------------------------------------------------------------------- parser
 class _Parser(argparse.ArgumentParser):
     """Usage errors as one line, ``errwrap: error: ...`` (exit 2), pointing at ``--help``."""
@@ -459,6 +522,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", default=None, help="a checkpoint directory, or 'latest' (the newest in --checkpoint-dir)")
     p.add_argument("--device", default=None, help="e.g. cpu, cuda (default: cpu)")
     p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("estimate", help="predicted accuracy and mIoU without labels; the images to check first",
+                       description="Estimate, without labels, the pixel accuracy and mIoU of the corrected labels per image and "
+                                   "for the data set (from the error map and the fused probabilities; docs/estimate.md), "
+                                   "beside the average-confidence baseline, and list the images most likely wrong first. "
+                                   "Labels in --data are ignored. " + model_note)
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("--data", required=True, metavar="KIND:PATH",
+                   help="images:PATH (image files or directories, comma-separated; no labels needed) or " + DATA_HELP)
+    p.add_argument("--label-map", default=None, metavar="RAW:CLASS,...", help=LABEL_MAP_HELP)
+    p.add_argument("--split", default="val", help="data split for cityscapes, ade20k and scenes (default: val)")
+    p.add_argument("--size", type=_positive_int, default=None, help="image size for scenes (default: 128)")
+    p.add_argument("--corrupt", default=None, metavar="KIND:SEVERITY", help=CORRUPT_HELP)
+    p.add_argument("--threshold", type=float, default=0.5, help="error probability above which a pixel counts as flagged (default: 0.5)")
+    p.add_argument("--worst", type=int, default=10, help="how many of the most-likely-wrong images to list (default: 10)")
+    p.add_argument("--batch-size", type=_positive_int, default=None, help="images per batch (default: 1 for images:PATH, else 4)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default: 0)")
+    p.add_argument("--max-batches", type=_positive_int, default=None, help="stop after this many batches (default: all)")
+    p.add_argument("--json", default=None, help="also write the report (every image's row) as JSON here")
+    p.add_argument("--device", default=None, help="e.g. cpu, cuda (default: cpu)")
+    p.set_defaults(func=cmd_estimate)
     return parser
 
 

@@ -115,7 +115,7 @@ def render_model_card(
         ("wrap = ErrorCorrectionWrapper.from_pretrained(REPO_ID, model=my_base)" if base is None or config.get("heads_only")
          else "wrap = ErrorCorrectionWrapper.from_pretrained(REPO_ID)"),
         f"out = wrap(images)          # images: B x {heads['in_channels']} x H x W float, {_normalisation(config)}",
-        "out.labels, out.error_prob  # corrected labels, P(base label is wrong)",
+        "out.labels, out.error_prob  # corrected labels, P(returned label is wrong)",
         "```",
         "",
         *_cli_usage(config),

@@ -56,6 +56,7 @@ EXPECTED = {
     "fit_atc",
     "compare_estimates",
     "EstimateComparison",
+    "write_report",
 }
 
 

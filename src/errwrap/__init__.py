@@ -19,6 +19,7 @@ from .losses import (
 from .evaluation import EvaluationReport, evaluate
 from .calibration import TemperatureFit, calibrate_temperature
 from .estimation import EstimateComparison, EstimateReport, compare_estimates, estimate, fit_atc
+from .report import write_report
 from .metrics import (
     CalibrationMetrics,
     CalibrationResult,
@@ -87,6 +88,7 @@ __all__ = [
     "fit_atc",
     "compare_estimates",
     "EstimateComparison",
+    "write_report",
 ]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())

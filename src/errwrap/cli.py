@@ -1,4 +1,4 @@
-"""The ``errwrap`` command line: ``demo``, ``predict``, ``evaluate``, ``finetune`` and ``estimate``.
+"""The ``errwrap`` command line: ``demo``, ``predict``, ``evaluate``, ``finetune``, ``estimate`` and ``report``.
 
 Every failure the user can fix (a missing file, an unknown model, a wrong data layout) is one
 line on stderr and exit code 2; ``--debug`` shows the traceback instead.
@@ -391,6 +391,45 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from torch.utils.data import Subset
+
+    from .report import write_report
+
+    out = _output_dir(args.out)
+    corrupt = parse_corrupt(args.corrupt)
+    kind, _, rest = args.data.partition(":")
+    paths = _image_paths(rest.split(",")) if kind.lower() == "images" and rest else None
+    if kind.lower() == "images" and not paths:
+        raise CLIError(f"--data {args.data!r}: expected images:PATH with PATH an image file or a directory of images")
+    if paths is not None:
+        paths = paths[: args.max_images]
+        for path in paths:  # fail on a bad file before loading the model
+            _read_image(path)
+    wrap = _load_model(args.model, args.device)
+    normalize, mean, std = _normalizer(wrap)
+    if paths is not None:
+        dataset: Any = _ImageFiles(paths, normalize, corrupt)  # named by file in the page
+    else:
+        if corrupt is not None:
+            from .data import Compose
+
+            normalize = Compose([corrupt.joint, normalize])
+        dataset = parse_data_spec(args.data, args.split, transform=normalize, size=args.size, num_classes=wrap.num_classes,
+                                  label_map=parse_label_map(args.label_map))  # fmt: skip
+        _check_classes(dataset, wrap, args.data)
+        if args.max_images is not None and args.max_images < len(dataset):
+            dataset = Subset(dataset, range(args.max_images))
+    if len(dataset) == 0:
+        raise CLIError(f"--data {args.data}: no images found for split {args.split!r}")
+    start = time.perf_counter()
+    page = write_report(wrap, dataset, out, labels=not args.no_labels, worst=args.worst,
+                        mean=mean, std=std, threshold=args.threshold, max_side=args.max_side)  # fmt: skip
+    _say(f"wrote {page} ({min(args.worst, len(dataset))} of {len(dataset)} images, worst first) in {time.perf_counter() - start:.1f} s; "
+         "open it in a browser, offline")
+    return 0
+
+
 # ---------------------------------------------------------------------- parser
 class _Parser(argparse.ArgumentParser):
     """Usage errors as one line, ``errwrap: error: ...`` (exit 2), pointing at ``--help``."""
@@ -543,6 +582,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="also write the report (every image's row) as JSON here")
     p.add_argument("--device", default=None, help="e.g. cpu, cuda (default: cpu)")
     p.set_defaults(func=cmd_estimate)
+
+    p = sub.add_parser("report", help="a static HTML page: the estimate and the images most likely wrong first",
+                       description="Write OUT/index.html, a page that opens from disk offline (pictures in OUT/images/, numbers "
+                                   "in OUT/report.json): the estimate of errwrap estimate, the --worst images with the lowest "
+                                   "predicted accuracy first (image, labels, error map with a colour bar, class legend), and, "
+                                   "when --data has labels, true against predicted accuracy and the risk-coverage plot. "
+                                   + model_note)
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("--data", required=True, metavar="KIND:PATH",
+                   help="images:PATH (image files or directories, comma-separated; no labels needed) or " + DATA_HELP)
+    p.add_argument("--out", required=True, help="output directory (index.html, report.json, images/)")
+    p.add_argument("--label-map", default=None, metavar="RAW:CLASS,...", help=LABEL_MAP_HELP)
+    p.add_argument("--split", default="val", help="data split for cityscapes, ade20k and generated data (default: val)")
+    p.add_argument("--size", type=_positive_int, default=None, help="image size for generated data (default: 128)")
+    p.add_argument("--corrupt", default=None, metavar="KIND:SEVERITY", help=CORRUPT_HELP)
+    p.add_argument("--max-images", type=_positive_int, default=None, help="read only the first N images (default: all)")
+    p.add_argument("--worst", type=int, default=24, help="how many images to show, most likely wrong first (default: 24)")
+    p.add_argument("--no-labels", action="store_true", help="ignore the labels of --data (the page a user without labels sees)")
+    p.add_argument("--threshold", type=float, default=0.5, help="error probability above which a pixel counts as flagged (default: 0.5)")
+    p.add_argument("--max-side", type=_positive_int, default=512, help="shrink pictures to at most this many pixels a side (default: 512)")
+    p.add_argument("--device", default=None, help="e.g. cpu, cuda (default: cpu)")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

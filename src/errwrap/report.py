@@ -74,18 +74,33 @@ def _first_batch(loader: Iterable[Any]) -> Any:
     raise ValueError("data: expected at least one batch of images, got none")
 
 
+def _dataset_of(loader: Iterable[Any]) -> tuple[Any, list[int] | None]:
+    """The loader's dataset, looked through a ``Subset`` (with the indices it picks)."""
+    from torch.utils.data import Subset
+
+    dataset, indices = getattr(loader, "dataset", None), None
+    while isinstance(dataset, Subset):
+        picked = [int(i) for i in dataset.indices]
+        indices = picked if indices is None else [picked[i] for i in indices]
+        dataset = dataset.dataset
+    return dataset, indices
+
+
 def _default_names(loader: Iterable[Any]) -> list[str] | None:
     """File names from the dataset when it knows them (``paths``, or ``pairs`` of (image, label))."""
-    dataset = getattr(loader, "dataset", None)
+    dataset, indices = _dataset_of(loader)
     paths = getattr(dataset, "paths", None)
     if paths is None and getattr(dataset, "pairs", None) is not None:
         paths = [pair[0] for pair in dataset.pairs]
-    return [Path(p).name for p in paths] if paths is not None else None
+    if paths is None:
+        return None
+    names = [Path(p).name for p in paths]
+    return names if indices is None else [names[i] for i in indices]
 
 
 def _class_names(given: Sequence[str] | None, wrapper: nn.Module, loader: Iterable[Any], num_classes: int) -> list[str]:
     """The legend's names: given, else the wrapper's, else the dataset's, else the class numbers."""
-    for names in (given, getattr(wrapper, "class_names", None), getattr(getattr(loader, "dataset", None), "class_names", None)):
+    for names in (given, getattr(wrapper, "class_names", None), getattr(_dataset_of(loader)[0], "class_names", None)):
         if names is not None and not isinstance(names, str) and len(names) == num_classes:
             return [str(n) for n in names]
         if given is not None and names is given:

@@ -206,7 +206,7 @@ def _check_same_image(item: dict[str, Any], row: Mapping[str, Any], ignore_index
         err = err[item["truth"] != ignore_index]
     mean = float(err.double().mean()) if err.numel() else float("nan")
     expected = row.get("mean_error_prob")
-    if expected is not None and not math.isnan(expected) and not math.isclose(mean, expected, rel_tol=1e-3, abs_tol=1e-4):
+    if expected is not None and not math.isnan(expected) and not math.isclose(mean, expected, rel_tol=1e-5, abs_tol=1e-6):
         raise ValueError(
             f"data: image {row['index']} differs between two passes over the loader (mean error probability {expected:.6f}, "
             f"then {mean:.6f}); write_report needs the same images in the same order on every pass: shuffle=False and "
@@ -388,6 +388,9 @@ def write_report(
         >>> page = errwrap.write_report(wrapper, val_dataset, "report")  # doctest: +SKIP
     """
     _check_options(worst, max_side, names)
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out_dir {out}: expected a directory (existing or new), got an existing file")
     try:
         import torch.distributed as dist
 
@@ -428,9 +431,6 @@ def write_report(
     shown = [by_index[int(r["index"])] for r in report.worst(min(worst, report.num_images))]
     pictures = _render_worst(wrapper, loader, shown, labelled=labelled, ignore_index=ignore_index, device=dev, max_batches=max_batches)
 
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"out_dir {out}: expected a directory (existing or new), got an existing file")
     images_dir = out / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
     for old in images_dir.glob("*.png"):

@@ -39,6 +39,7 @@ class Page(HTMLParser):
         super().__init__()
         self.tags: list[str] = []
         self.imgs: list[dict[str, str | None]] = []
+        self.hrefs: list[str] = []
         self.sections: list[str] = []
         self.names: list[str] = []
         self.starttag_attrs: list[tuple[str, str | None]] = []
@@ -52,6 +53,8 @@ class Page(HTMLParser):
         attrs = dict(attrs)
         if tag == "img":
             self.imgs.append(attrs)
+        if tag == "a":
+            self.hrefs.append(attrs["href"])
         if tag == "section" and attrs.get("class") == "image":
             self.sections.append(attrs["id"])
         if tag == "span" and attrs.get("class") == "image-name":
@@ -87,6 +90,8 @@ def _sources_resolve(page: Path, parsed: Page) -> None:
             continue
         assert not src.startswith(("/", "file:", "http:", "https:")), src
         assert (page.parent / src).is_file(), f"{src} does not resolve next to {page}"
+    for href in parsed.hrefs:
+        assert (page.parent / href).is_file(), f"link {href} does not resolve next to {page}"
 
 
 def test_page_shows_the_worst_images_first_with_truth_and_risk_coverage(wrapper, labelled_page):
@@ -107,9 +112,11 @@ def test_page_shows_the_worst_images_first_with_truth_and_risk_coverage(wrapper,
     assert data["estimate"]["pixel_accuracy"] == pytest.approx(independent.estimate.pixel_accuracy, abs=1e-9)
     # every image, its labels, ground truth, error map and colour bar; the risk-coverage plot
     srcs = [img["src"] for img in parsed.imgs]
-    assert "images/risk_coverage.png" in srcs
+    assert "images/risk_coverage.png" in srcs and "images/accuracy.png" in srcs
+    scatter = np.asarray(Image.open(page.parent / "images/accuracy.png"))
+    assert ((scatter == (214, 39, 40)).all(-1).any() and (scatter == (31, 119, 180)).all(-1).any())  # shown images red, others blue
     assert sum(s.endswith("_truth.png") for s in srcs) == 3 and sum(s == "images/colorbar.png" for s in srcs) == 3
-    assert len(parsed.imgs) == 3 * 5 + 1
+    assert len(parsed.imgs) == 3 * 5 + 2
     _sources_resolve(page, parsed)
     assert "true pixel accuracy" in text and f"{100 * independent.truth['fused']['pixel_accuracy']:.2f}%" in text
     assert Image.open(page.parent / "images/001_image.png").size == (32, 32)
@@ -124,7 +131,7 @@ def test_without_labels_and_more_worst_than_images(wrapper, tmp_path):
     parsed = Page(page.read_text(encoding="utf-8"))
     assert len(parsed.sections) == 4  # min(worst=10, 4 images)
     srcs = [img["src"] for img in parsed.imgs]
-    assert not any(s.endswith(("_truth.png", "risk_coverage.png")) for s in srcs) and len(srcs) == 4 * 4
+    assert not any(s.endswith(("_truth.png", "risk_coverage.png", "accuracy.png")) for s in srcs) and len(srcs) == 4 * 4
     data = json.loads((tmp_path / "report.json").read_text())
     assert data["labelled"] is False and "comparison" not in data
     report = errwrap.estimate(wrapper, loader)
@@ -144,7 +151,7 @@ def test_hostile_names_are_escaped(wrapper, tmp_path):
     assert "<img src=x" not in text and "<i>" not in text and "<b>" not in text
     assert "&lt;img src=x onerror=alert(1)&gt;&quot;&amp;&#x27;b" in text
     parsed = Page(text)
-    assert len(parsed.imgs) == 2 * 5 + 1  # no image smuggled in by a name
+    assert len(parsed.imgs) == 2 * 5 + 2  # no image smuggled in by a name
     assert sorted(parsed.names) == sorted(names)
     assert not any(name == "onerror" for name, _ in parsed.starttag_attrs)
 
@@ -265,13 +272,13 @@ def _load_in_browser(binary: str, page: Path, profile: Path, extra: str = "") ->
 def test_a_headless_browser_loads_the_page_without_errors_and_shows_every_image(labelled_page, tmp_path):
     binary = _chromium()
     result, log = _load_in_browser(binary, labelled_page, tmp_path / "profile")
-    assert result == {"errors": [], "images": 16, "loaded": 16}
+    assert result == {"errors": [], "images": 17, "loaded": 17}
     assert "CONSOLE" not in log, [line for line in log.splitlines() if "CONSOLE" in line]
     # the check can fail: a missing picture and a script error are seen
     broken = tmp_path / "broken"
     shutil.copytree(labelled_page.parent, broken)
     (broken / "images" / "002_error.png").unlink()
     result, log = _load_in_browser(binary, broken / "index.html", tmp_path / "profile2", extra="<script>undefinedFunction();</script>")
-    assert result["images"] == 16 and result["loaded"] == 15
+    assert result["images"] == 17 and result["loaded"] == 16
     assert any("002_error.png" in e for e in result["errors"]) and any("undefinedFunction" in e for e in result["errors"])
     assert "undefinedFunction" in log

@@ -150,6 +150,46 @@ def _risk_plot(comparison_curves: Mapping[str, Any], path: Path) -> bool:
     return True
 
 
+def _accuracy_scatter(rows: Sequence[Mapping[str, Any]], shown: Sequence[int], path: Path, size: int = 380) -> int:
+    """Per image, true (x) against predicted (y) pixel accuracy of the returned labels, both axes
+    0 to 1, the diagonal in grey, the images shown on the page in red; returns the points drawn."""
+    from PIL import ImageDraw
+
+    left, right, upper, lower = 44, 12, 12, 36
+    plot = size - left - right
+    height = upper + plot + lower
+    img = Image.new("RGB", (size, height), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+
+    def px(x: float, y: float) -> tuple[float, float]:
+        return left + x * plot, upper + (1 - y) * plot
+
+    for k in range(6):
+        frac, label = k / 5, f"{k / 5:.1f}"
+        draw.line([px(frac, 0), px(frac, 1)], fill=(232, 232, 232))
+        draw.line([px(0, frac), px(1, frac)], fill=(232, 232, 232))
+        x, y = px(frac, 0)
+        draw.text((x - draw.textlength(label) / 2, y + 5), label, fill=(0, 0, 0))
+        x, y = px(0, frac)
+        draw.text((x - 6 - draw.textlength(label), y - 5), label, fill=(0, 0, 0))
+    draw.line([px(0, 0), px(1, 1)], fill=(160, 160, 160), width=1)
+    draw.rectangle([*px(0, 1), *px(1, 0)], outline=(0, 0, 0))
+    xname = "true pixel accuracy"
+    draw.text((left + (plot - draw.textlength(xname)) / 2, height - 14), xname, fill=(0, 0, 0))
+    draw.text((4, 0), "predicted", fill=(0, 0, 0))
+    drawn, marked = 0, set(shown)
+    for row in sorted(rows, key=lambda r: int(r["index"]) in marked):  # the shown images on top
+        x, y = row.get("true_pixel_accuracy"), row.get("pixel_accuracy")
+        if x is None or y is None or math.isnan(x) or math.isnan(y):
+            continue
+        cx, cy = px(min(max(x, 0.0), 1.0), min(max(y, 0.0), 1.0))
+        color = (214, 39, 40) if int(row["index"]) in marked else (31, 119, 180)
+        draw.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=color)
+        drawn += 1
+    _save_png(img, path)
+    return drawn
+
+
 # ---------------------------------------------------------------------------- the worst images
 def _render_worst(
     wrapper: nn.Module,
@@ -267,7 +307,7 @@ def _legend(classes: Sequence[int], palette: np.ndarray, class_names: Sequence[s
 
 
 def _figure(src: str, caption: str, alt: str) -> str:
-    return f'<figure><img class="tile" src="{_e(src)}" alt="{_e(alt)}"><figcaption>{_e(caption)}</figcaption></figure>'
+    return f'<figure><a href="{_e(src)}"><img class="tile" src="{_e(src)}" alt="{_e(alt)}"></a><figcaption>{_e(caption)}</figcaption></figure>'
 
 
 def _summary(report: EstimateReport, comparison: EstimateComparison | None) -> str:
@@ -298,12 +338,13 @@ def _image_section(
     name: str,
     files: Mapping[str, str],
     legend: str,
+    threshold: float,
 ) -> str:
     cells = [
         ("predicted pixel accuracy", _pct(row.get("pixel_accuracy"))),
         ("predicted mIoU", _pct(row.get("miou"))),
         ("mean error probability", _pct(row.get("mean_error_prob"))),
-        ("pixels flagged", _pct(row.get("flagged_fraction"))),
+        (f"pixels with error probability > {threshold:g}", _pct(row.get("flagged_fraction"))),
     ]
     if "true_pixel_accuracy" in row:
         cells += [("true pixel accuracy", _pct(row.get("true_pixel_accuracy"))), ("true mIoU", _pct(row.get("true_miou"))),
@@ -314,7 +355,7 @@ def _image_section(
         figures.append(_figure(files["truth"], "ground truth", f"{name}: ground truth"))
     bar = "".join(f"<span>{t:g}</span>" for t in reversed(_COLORBAR_TICKS))
     figures.append(
-        f'<figure><div class="bar"><img class="tile" src="{_e(files["error"])}" alt="{_e(name)}: error map">'
+        f'<figure><div class="bar"><a href="{_e(files["error"])}"><img class="tile" src="{_e(files["error"])}" alt="{_e(name)}: error map"></a>'
         f'<img class="cbar" src="{_e(files["colorbar"])}" alt="colour bar of the error probability, 0 to 1"><div class="ticks">{bar}</div></div>'
         "<figcaption>error probability of the returned labels</figcaption></figure>"
     )
@@ -456,10 +497,11 @@ def write_report(
         seen_classes |= in_view
         any_ignored |= ignored
         legend = _legend(sorted(c for c in in_view if 0 <= c < num_classes), palette, class_names, ignored)
-        sections.append(_image_section(rank, row, image_names[int(row["index"])], files, legend))
+        sections.append(_image_section(rank, row, image_names[int(row["index"])], files, legend, threshold))
 
     has_plot = evaluation is not None and _risk_plot(evaluation.risk_curves, images_dir / "risk_coverage.png")
-    page = _page(title, report, comparison, evaluation, sections, has_plot, len(shown),
+    has_scatter = comparison is not None and _accuracy_scatter(rows, [int(r["index"]) for r in shown], images_dir / "accuracy.png") > 0
+    page = _page(title, report, comparison, evaluation, sections, has_plot, has_scatter, len(shown),
                  _legend(sorted(c for c in seen_classes if 0 <= c < num_classes), palette, class_names, any_ignored))  # fmt: skip
     index = out / "index.html"
     with atomic_path(index) as tmp:
@@ -498,6 +540,7 @@ def _page(
     evaluation: Any,
     sections: Sequence[str],
     has_plot: bool,
+    has_scatter: bool,
     shown: int,
     legend: str,
 ) -> str:
@@ -520,6 +563,13 @@ def _page(
                      "their calibration (errwrap.calibrate_temperature on held-out labelled data).</p>")  # fmt: skip
     if comparison is None:
         parts.append('<p class="note">No labels: the true accuracy and the risk-coverage plot need labelled data.</p>')
+    if has_scatter:
+        parts.append(
+            '<h2>True against predicted accuracy</h2><figure id="accuracy"><img src="images/accuracy.png" '
+            'alt="per image, true against predicted pixel accuracy">'
+            "<figcaption>One dot per image: true (across) against predicted (up) pixel accuracy of the returned labels; "
+            "on the grey diagonal the estimate is exact, above it too high. Red: the images shown below.</figcaption></figure>"
+        )
     if has_plot:
         rc = evaluation.risk_coverage
         aurc = ", ".join(f"{_e(k)} {100 * v.aurc:.2f}" for k, v in rc.items() if k in ("error_prob", "msp"))

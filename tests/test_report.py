@@ -179,6 +179,8 @@ def test_bad_arguments_are_named(wrapper, tmp_path):
         write_report(wrapper, dataset, tmp_path, names=["only one"], labels=False)
     with pytest.raises(ValueError, match="class_names: expected 11 names"):
         write_report(wrapper, dataset, tmp_path, class_names=["a", "b"])
+    with pytest.raises(ValueError, match=r"palette: expected at least 11 RGB colours"):
+        write_report(wrapper, dataset, tmp_path, palette=np.zeros((3, 3), dtype=np.uint8))
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
     with pytest.raises(ValueError, match="expected a directory"):
@@ -282,3 +284,13 @@ def test_a_headless_browser_loads_the_page_without_errors_and_shows_every_image(
     assert result["images"] == 17 and result["loaded"] == 16
     assert any("002_error.png" in e for e in result["errors"]) and any("undefinedFunction" in e for e in result["errors"])
     assert "undefinedFunction" in log
+
+
+def test_report_help_names_the_options(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["report", "--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    assert all(option in text for option in ("--model", "--data", "--out", "--corrupt", "--max-images", "--worst", "--no-labels"))
+    assert main(["report", "--model", "m", "--data", "scenes:2", "--out", "o", "--corrupt", "rain:2"]) == 2
+    assert "--corrupt 'rain:2': expected KIND or KIND:SEVERITY" in capsys.readouterr().err

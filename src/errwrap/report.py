@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from ._io import atomic_path
 from ._validate import LABEL_KEYS, input_dtype, prepare_batch
-from .estimation import EstimateComparison, EstimateReport, _images_of, _resolve_device, compare_estimates, estimate
+from .estimation import EstimateComparison, EstimateReport, _dist_world, _images_of, _resolve_device, compare_estimates, estimate
 from .viz import colorize, heatmap, palette_for, risk_coverage_plot, to_uint8_image
 
 __all__ = ["write_report", "REPORT_FILES"]
@@ -155,7 +155,7 @@ def _accuracy_scatter(rows: Sequence[Mapping[str, Any]], shown: Sequence[int], p
     0 to 1, the diagonal in grey, the images shown on the page in red; returns the points drawn."""
     from PIL import ImageDraw
 
-    left, right, upper, lower = 44, 12, 12, 36
+    left, right, upper, lower = 44, 12, 22, 36
     plot = size - left - right
     height = upper + plot + lower
     img = Image.new("RGB", (size, height), (255, 255, 255))
@@ -432,19 +432,16 @@ def write_report(
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"out_dir {out}: expected a directory (existing or new), got an existing file")
-    try:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            raise ValueError("write_report: runs on one process; call it outside torch.distributed (or on rank 0 with a loader of all images)")
-    except ImportError:  # pragma: no cover
-        pass
+    if _dist_world()[1] > 1:
+        raise ValueError("write_report: runs on one process; call it outside torch.distributed (or on rank 0 with a loader of all images)")
     loader = _as_loader(data, batch_size)
     labelled = bool(labels) and _has_labels(_first_batch(loader))
     dev = _resolve_device(wrapper, device)
     num_classes = int(wrapper.num_classes)
     class_names = _class_names(class_names, wrapper, loader, num_classes)
-    palette = palette if palette is not None else palette_for(num_classes)
+    palette = np.asarray(palette, dtype=np.uint8) if palette is not None else palette_for(num_classes)
+    if palette.ndim != 2 or palette.shape[1] != 3 or palette.shape[0] < num_classes:
+        raise ValueError(f"palette: expected at least {num_classes} RGB colours (shape ({num_classes}, 3)), got shape {palette.shape}")
     pre = getattr(wrapper, "preprocessing", None) or {}
     if mean is None and std is None:
         mean, std = pre.get("mean"), pre.get("std")

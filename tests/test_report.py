@@ -168,6 +168,17 @@ def test_a_loader_that_changes_between_passes_is_refused(wrapper, tmp_path):
     with pytest.raises(ValueError, match="same images in the same order"):
         write_report(wrapper, Drifting(), tmp_path, worst=2)
 
+    class Shrinking:  # one image fewer on each pass
+        def __init__(self):
+            self.passes = 0
+
+        def __iter__(self):
+            self.passes += 1
+            yield from (Scenes(4, size=32, split="val")[i][0][None] for i in range(max(1, 5 - self.passes)))
+
+    with pytest.raises(ValueError, match=r"images \[\d\] were not there on a second pass"):
+        write_report(wrapper, Shrinking(), tmp_path, worst=4)
+
 
 def test_bad_arguments_are_named(wrapper, tmp_path):
     dataset = Scenes(2, size=32, split="val")

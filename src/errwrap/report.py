@@ -21,7 +21,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -200,10 +200,13 @@ def _render_worst(
     ignore_index: int,
     device: torch.device,
     max_batches: int | None,
-) -> dict[int, dict[str, Any]]:
-    """A second pass over ``loader``: for the images of ``rows`` (by ``"index"``), the image,
-    labels, error map and ground truth, on the CPU. Refuses a loader that yields other images
-    than on the first pass (shuffled, random transforms)."""
+    save: Callable[[int, dict[str, Any]], Any],
+) -> dict[int, Any]:
+    """A second pass over ``loader``: for each image of ``rows`` (by ``"index"``), what
+    ``save(index, item)`` returns, ``item`` holding its image, labels, error map and ground truth
+    (``None`` without labels) on the CPU; only the images asked for are run, and nothing is kept
+    but what ``save`` returns. Refuses a loader that yields other images than on the first pass
+    (shuffled, random transforms)."""
     wanted = {int(r["index"]): r for r in rows}
     found: dict[int, dict[str, Any]] = {}
     in_channels = getattr(wrapper, "in_channels", None)
@@ -226,18 +229,49 @@ def _render_worst(
                 with torch.no_grad():
                     out = wrapper(images[picks])
                 for j, i in enumerate(picks):
-                    found[start + i] = {
+                    item = {
                         "image": images[i].float().cpu(),
                         "labels": out.labels[j].cpu(),
                         "error_prob": out.error_prob[j].float().cpu(),
                         "truth": None if truth is None else truth[i].cpu(),
                     }
-                    _check_same_image(found[start + i], wanted[start + i], ignore_index)
+                    _check_same_image(item, wanted[start + i], ignore_index)
+                    found[start + i] = save(start + i, item)
             start += images.shape[0]
     finally:
         for m, mode in modes.items():
             m.training = mode
     return found
+
+
+def _save_pictures(
+    item: Mapping[str, Any],
+    out: Path,
+    stem: str,
+    *,
+    palette: np.ndarray,
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+    ignore_index: int,
+    max_side: int,
+) -> tuple[dict[str, str], set[int], bool]:
+    """Write one image's pictures as ``out/images/STEM_*.png``; return their paths relative to
+    ``out``, the classes in view (returned labels and ground truth) and whether any pixel is
+    unlabelled."""
+    files = {"image": f"images/{stem}_image.png", "labels": f"images/{stem}_labels.png",
+             "error": f"images/{stem}_error.png", "colorbar": "images/colorbar.png"}  # fmt: skip
+    _save_png(_fit(to_uint8_image(item["image"], mean, std), max_side, nearest=False), out / files["image"])
+    _save_png(_fit(colorize(item["labels"], palette, ignore_index), max_side, nearest=True), out / files["labels"])
+    _save_png(_fit(heatmap(item["error_prob"]), max_side, nearest=True), out / files["error"])
+    in_view = set(torch.unique(item["labels"]).tolist())
+    ignored = False
+    if item["truth"] is not None:
+        files["truth"] = f"images/{stem}_truth.png"
+        _save_png(_fit(colorize(item["truth"], palette, ignore_index), max_side, nearest=True), out / files["truth"])
+        truth_classes = set(torch.unique(item["truth"]).tolist())
+        ignored = ignore_index in truth_classes
+        in_view |= truth_classes - {ignore_index}
+    return files, in_view, ignored
 
 
 def _check_same_image(item: dict[str, Any], row: Mapping[str, Any], ignore_index: int) -> None:
@@ -467,30 +501,26 @@ def write_report(
 
     by_index = {int(r["index"]): r for r in rows}
     shown = [by_index[int(r["index"])] for r in report.worst(min(worst, report.num_images))]
-    pictures = _render_worst(wrapper, loader, shown, labelled=labelled, ignore_index=ignore_index, device=dev, max_batches=max_batches)
-
+    rank_of = {int(row["index"]): rank for rank, row in enumerate(shown, start=1)}
     images_dir = out / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
     for old in images_dir.glob("*.png"):
         old.unlink()
     _colorbar(images_dir / "colorbar.png")
+
+    def save(index: int, item: dict[str, Any]) -> tuple[dict[str, str], set[int], bool]:
+        return _save_pictures(item, out, f"{rank_of[index]:03d}", palette=palette, mean=mean, std=std,
+                              ignore_index=ignore_index, max_side=max_side)  # fmt: skip
+
+    pictures = _render_worst(wrapper, loader, shown, labelled=labelled, ignore_index=ignore_index, device=dev,
+                             max_batches=max_batches, save=save)  # fmt: skip
+    missing = sorted(set(rank_of) - set(pictures))
+    if missing:
+        raise ValueError(f"data: images {missing[:5]} were not there on a second pass over the loader; write_report needs the same "
+                         "images in the same order on every pass: shuffle=False and no random transforms")  # fmt: skip
     sections, seen_classes, any_ignored = [], set(), False
     for rank, row in enumerate(shown, start=1):
-        item = pictures[int(row["index"])]
-        stem = f"{rank:03d}"
-        files = {"image": f"images/{stem}_image.png", "labels": f"images/{stem}_labels.png",
-                 "error": f"images/{stem}_error.png", "colorbar": "images/colorbar.png"}  # fmt: skip
-        _save_png(_fit(to_uint8_image(item["image"], mean, std), max_side, nearest=False), out / files["image"])
-        _save_png(_fit(colorize(item["labels"], palette, ignore_index), max_side, nearest=True), out / files["labels"])
-        _save_png(_fit(heatmap(item["error_prob"]), max_side, nearest=True), out / files["error"])
-        in_view = set(torch.unique(item["labels"]).tolist())
-        ignored = False
-        if item["truth"] is not None:
-            files["truth"] = f"images/{stem}_truth.png"
-            _save_png(_fit(colorize(item["truth"], palette, ignore_index), max_side, nearest=True), out / files["truth"])
-            truth_classes = set(torch.unique(item["truth"]).tolist())
-            ignored = ignore_index in truth_classes
-            in_view |= truth_classes - {ignore_index}
+        files, in_view, ignored = pictures[int(row["index"])]
         seen_classes |= in_view
         any_ignored |= ignored
         legend = _legend(sorted(c for c in in_view if 0 <= c < num_classes), palette, class_names, ignored)

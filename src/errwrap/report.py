@@ -606,7 +606,7 @@ def _page(
             f"<figcaption>Reject the most suspicious pixels first: error rate of the accepted ones. AURC (points, lower is "
             f"better): {aurc}. error_prob judges the returned labels, MSP the base labels.</figcaption></figure>"
         )
-    parts += [f"<h2>Classes</h2>{legend}",
+    parts += [f"<h2>Classes in the images shown</h2>{legend}",
               f'<h2>Images, most likely wrong first</h2><p class="note">{shown} of {report.num_images} images, by predicted '
               "pixel accuracy, lowest first.</p>",
               '<div id="images">', *sections, "</div>", "</body></html>"]  # fmt: skip

@@ -44,11 +44,17 @@ class Page(HTMLParser):
         self.names: list[str] = []
         self.starttag_attrs: list[tuple[str, str | None]] = []
         self._in_name = False
+        self.open: list[str] = []
         self.feed(text)
         self.close()
+        assert not self.open, f"unclosed tags: {self.open}"
+
+    VOID = {"img", "meta", "br", "hr", "input", "link", "source", "wbr"}
 
     def handle_starttag(self, tag, attrs):
         self.tags.append(tag)
+        if tag not in self.VOID:
+            self.open.append(tag)
         self.starttag_attrs.extend(attrs)
         attrs = dict(attrs)
         if tag == "img":
@@ -62,6 +68,8 @@ class Page(HTMLParser):
             self.names.append("")
 
     def handle_endtag(self, tag):
+        assert self.open and self.open[-1] == tag, f"</{tag}> closes <{self.open[-1] if self.open else None}>"
+        self.open.pop()
         if tag == "span":
             self._in_name = False
 
@@ -277,7 +285,7 @@ def _load_in_browser(binary: str, page: Path, profile: Path, extra: str = "") ->
     dom = Page(run.stdout)
     marker = run.stdout.split('<pre id="browser-check">', 1)
     assert len(marker) == 2, f"the check script did not run; DOM: {run.stdout[:500]}"
-    assert len(dom.imgs) > 0
+    assert [img["src"] for img in dom.imgs] == [img["src"] for img in Page(page.read_text(encoding="utf-8")).imgs]  # the DOM shows the page's images
     return json.loads(html.unescape(marker[1].split("</pre>", 1)[0])), run.stderr
 
 

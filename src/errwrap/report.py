@@ -441,7 +441,9 @@ def write_report(
         names: one name per image in loader order (file names); default: the dataset's file
             names when it has them (``paths``, ``pairs``), else ``"image N"``.
         labels: use the labels when the batches carry them (true accuracy, ground truth,
-            risk-coverage); ``False`` ignores them.
+            risk-coverage; the estimate is then made on the labelled pixels, as
+            :func:`errwrap.compare_estimates` makes it, so that it compares with the truth);
+            ``False`` ignores them.
         worst: how many images to show, lowest predicted pixel accuracy first.
         class_names: for the legend; default ``wrapper.class_names``, else the dataset's, else
             the class numbers.

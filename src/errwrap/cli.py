@@ -125,12 +125,33 @@ def _load_model(location: str, device: str | None):
         raise CLIError(f"--model {location}: {exc}") from None
 
 
-def _normalizer(wrap):
-    from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, Normalize
+def _unchanged(image: Any, label: Any) -> tuple[Any, Any]:
+    """The transform of a model saved without preprocessing: images go in as read, in ``[0, 1]``."""
+    return image, label
 
-    pre = getattr(wrap, "preprocessing", None) or {}
-    mean, std = pre.get("mean", IMAGENET_MEAN), pre.get("std", IMAGENET_STD)
-    return Normalize(mean, std), mean, std
+
+def _normalizer(wrap, location: str = "the model"):
+    """The model's own preprocessing, as saved in its ``config.json``: ``(transform, mean, std)``.
+
+    ``"preprocessing": null`` means the model was used on raw ``[0, 1]`` images (what the Python
+    API feeds when the user normalises nothing): the CLI then applies none, so Python and the CLI
+    give the same answers, and says so once on stderr instead of guessing ImageNet statistics.
+    """
+    from .data.transforms import Normalize
+
+    pre = getattr(wrap, "preprocessing", None)
+    if not pre:
+        print(f"errwrap: note: {location} was saved without preprocessing (config.json \"preprocessing\": null): images go in "
+              "unnormalised, RGB in [0, 1], as in Python; if its base expects normalised images, set "
+              "wrap.preprocessing = {\"mean\": [...], \"std\": [...]} and save it again", file=sys.stderr, flush=True)
+        return _unchanged, None, None
+    return Normalize(pre["mean"], pre["std"]), pre["mean"], pre["std"]
+
+
+def _preprocessing_record(wrap) -> str:
+    """How the model's images were preprocessed, in words, for the model card's training notes."""
+    pre = getattr(wrap, "preprocessing", None)
+    return f"mean {pre['mean']}, std {pre['std']}" if pre else "none (RGB in [0, 1])"
 
 
 def _read_image(path: Path):
@@ -228,7 +249,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     paths = _image_paths(args.images)
     images = [_read_image(p) for p in paths]  # fail on a bad file before loading the model
     wrap = _load_model(args.model, args.device)
-    normalize, mean, std = _normalizer(wrap)
+    normalize, mean, std = _normalizer(wrap, args.model)
     palette = palette_for(wrap.num_classes, args.palette)
     out.mkdir(parents=True, exist_ok=True)
     device = next(wrap.parameters()).device
@@ -253,7 +274,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     json_path = _output_file(args.json, "--json")
     label_map = parse_label_map(args.label_map)
     wrap = _load_model(args.model, args.device)
-    normalize, _, _ = _normalizer(wrap)
+    normalize, _, _ = _normalizer(wrap, args.model)
     dataset = parse_data_spec(args.data, args.split, transform=normalize, size=args.size, num_classes=wrap.num_classes, label_map=label_map)
     _check_classes(dataset, wrap, args.data)
     if len(dataset) == 0:
@@ -280,7 +301,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         _output_dir(args.checkpoint_dir, "--checkpoint-dir")
     label_map = parse_label_map(args.label_map)
     wrap = _load_model(args.model, args.device)
-    normalize, _, _ = _normalizer(wrap)
+    normalize, _, _ = _normalizer(wrap, args.model)
     transforms = [D.RandomHorizontalFlip()]
     if args.crop:
         transforms = [D.RandomScale(0.5, 2.0), D.RandomCrop(args.crop), D.RandomHorizontalFlip()]
@@ -295,7 +316,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                       resume=args.resume)
     last = result.history[-1] if result.history else {}
     _say(f"fine-tuned {args.steps} steps; last losses: " + ", ".join(f"{k} {v:.4f}" for k, v in last.items() if isinstance(v, float)))
-    training = {"data": args.data, "steps": args.steps, "lr": args.lr}
+    training = {"data": args.data, "steps": args.steps, "lr": args.lr, "preprocessing": _preprocessing_record(wrap)}
     if args.label_map:
         training["label_map"] = args.label_map
     wrap.save_pretrained(args.out, training=training)
@@ -379,8 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="corrected labels, error map and panel for images",
                        description="For each image write OUT/STEM_labels.png (palette PNG of corrected class ids), "
                                    "OUT/STEM_error.png (error-probability heat map) and OUT/STEM_panel.png. "
-                                   "Images are normalised with the model's saved preprocessing (default: ImageNet "
-                                   "mean and std). " + model_note)
+                                   "Images are normalised with the model's saved preprocessing (none when it saved "
+                                   "none: RGB in [0, 1], as in Python). " + model_note)
     p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...; RGB, RGBA, grayscale, 16-bit) or directories of them")
     p.add_argument("--out", required=True, help="output directory")

@@ -1,0 +1,70 @@
+"""A new user's first hour (issue 19): the same answers from Python and the CLI, progress on a
+pipe, folders of real images, a mistyped model name, warnings a user sees, ``python -m errwrap``,
+and pictures with keys."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+import errwrap
+from errwrap import ErrorCorrectionWrapper
+from errwrap.cli import main
+from errwrap.data import Normalize, Scenes
+from errwrap.models import DeepLabV3Plus
+
+
+def _tiny_wrap(num_classes: int = 11) -> ErrorCorrectionWrapper:
+    torch.manual_seed(0)
+    base = DeepLabV3Plus("resnet18", num_classes=num_classes, aspp_channels=16, decoder_channels=16, low_level_channels=8)
+    return ErrorCorrectionWrapper(base, error_channels=8, detail_channels=8)
+
+
+@pytest.fixture(scope="module")
+def raw_model_dir(tmp_path_factory):
+    """A model saved as the quick start saves it: trained on raw [0, 1] images, preprocessing null."""
+    wrap = _tiny_wrap()
+    errwrap.finetune(wrap, DataLoader(Scenes(4, size=32), batch_size=2), steps=2, progress=False)
+    path = tmp_path_factory.mktemp("raw")
+    wrap.save_pretrained(path)
+    assert json.loads((path / "config.json").read_text())["preprocessing"] is None
+    return path
+
+
+# ---------------------------------------------------------------------- 1. preprocessing agreement
+@pytest.mark.parametrize("preprocessing", [None, {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}])
+def test_cli_evaluate_and_python_evaluate_give_the_same_report(raw_model_dir, tmp_path, preprocessing, capsys):
+    model = raw_model_dir
+    if preprocessing is not None:  # the same weights, saved as used on normalised images
+        wrap = ErrorCorrectionWrapper.from_pretrained(raw_model_dir)
+        wrap.preprocessing = preprocessing
+        model = tmp_path / "normalised"
+        wrap.save_pretrained(model)
+    report_path = tmp_path / "cli.json"
+    assert main(["evaluate", "--model", str(model), "--data", "scenes:4", "--size", "32", "--json", str(report_path)]) == 0
+    err = capsys.readouterr().err
+    cli = json.loads(report_path.read_text())
+
+    wrap = ErrorCorrectionWrapper.from_pretrained(model)
+    transform = None if preprocessing is None else Normalize(preprocessing["mean"], preprocessing["std"])
+    python = errwrap.evaluate(wrap, DataLoader(Scenes(4, size=32, split="val", transform=transform), batch_size=4)).to_dict()
+    assert cli["num_pixels"] == python["num_pixels"] == 4 * 32 * 32
+    assert cli["fused"]["miou"] == pytest.approx(python["fused"]["miou"], abs=1e-6)
+    assert cli["base"]["miou"] == pytest.approx(python["base"]["miou"], abs=1e-6)
+    assert cli["error_detection"]["error_head"]["auroc"] == pytest.approx(python["error_detection"]["error_head"]["auroc"], abs=1e-6)
+    # the CLI says once that it applies no preprocessing, and only then
+    assert err.count("saved without preprocessing") == (1 if preprocessing is None else 0)
+
+
+def test_cli_finetune_records_the_preprocessing_it_trained_with(raw_model_dir, tmp_path, capsys):
+    out = tmp_path / "tuned"
+    assert main(["finetune", "--model", str(raw_model_dir), "--data", "scenes:4", "--size", "32", "--steps", "1",
+                 "--batch-size", "2", "--out", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["preprocessing"] is None
+    card = (out / "README.md").read_text()
+    assert "- preprocessing: none (RGB in [0, 1])" in card and "not normalised: RGB in [0, 1]" in card

@@ -68,3 +68,36 @@ def test_cli_finetune_records_the_preprocessing_it_trained_with(raw_model_dir, t
     assert json.loads((out / "config.json").read_text())["preprocessing"] is None
     card = (out / "README.md").read_text()
     assert "- preprocessing: none (RGB in [0, 1])" in card and "not normalised: RGB in [0, 1]" in card
+
+
+# ---------------------------------------------------------------------- 2. README install
+def _readme_first_command() -> str:
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    first_block = re.search(r"```bash\n(.*?)```", text, flags=re.S)[1]
+    return first_block.splitlines()[0].split("#")[0].strip()
+
+
+def test_readme_first_command_installs_from_the_clone_and_says_pip_install_errwrap_is_not_published():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert _readme_first_command() == "pip install -e . && errwrap demo"
+    assert "`pip install errwrap` fails" in text and "bash .ci/run" in text
+    assert "pip install torch --index-url https://download.pytorch.org/whl/cpu" in text
+
+
+@pytest.mark.slow
+def test_readme_first_command_demo_runs_at_a_tiny_size(tmp_path, capsys):
+    import shlex
+
+    install, _, demo = _readme_first_command().partition(" && ")
+    assert install == "pip install -e ."  # installs the clone; the test runs inside that install
+    argv = shlex.split(demo)
+    assert argv[0] == "errwrap"
+    assert main([*argv[1:], "--quick", "--out", str(tmp_path / "demo")]) == 0
+    assert "before/after: mIoU" in capsys.readouterr().out
+    assert (tmp_path / "demo" / "model" / "model.safetensors").is_file()
+    assert json.loads((tmp_path / "demo" / "metrics.json").read_text())["demo"]["image_size"] == 64

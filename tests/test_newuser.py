@@ -101,3 +101,36 @@ def test_readme_first_command_demo_runs_at_a_tiny_size(tmp_path, capsys):
     assert "before/after: mIoU" in capsys.readouterr().out
     assert (tmp_path / "demo" / "model" / "model.safetensors").is_file()
     assert json.loads((tmp_path / "demo" / "metrics.json").read_text())["demo"]["image_size"] == 64
+
+
+# ---------------------------------------------------------------------- 3. progress on a pipe
+def test_finetune_and_evaluate_print_progress_lines_when_stdout_is_not_a_terminal(raw_model_dir, tmp_path, capsys):
+    import logging
+
+    train_log = logging.getLogger("errwrap.training")
+    handlers, level = list(train_log.handlers), train_log.level
+    assert main(["finetune", "--model", str(raw_model_dir), "--data", "scenes:4", "--size", "32", "--steps", "4",
+                 "--batch-size", "2", "--log-every", "2", "--out", str(tmp_path / "tuned")]) == 0
+    out = capsys.readouterr().out
+    lines = [line.strip() for line in out.splitlines() if line.strip().startswith("step ")]
+    assert [line.split()[1] for line in lines] == ["2/4", "4/4"] and all("loss" in line for line in lines)
+    assert train_log.handlers == handlers and train_log.level == level  # the CLI leaves the logger as it was
+
+    assert main(["evaluate", "--model", str(raw_model_dir), "--data", "scenes:6", "--size", "32", "--batch-size", "2"]) == 0
+    lines = [line.strip() for line in capsys.readouterr().out.splitlines() if line.strip().startswith("evaluate: batch")]
+    assert [line.split()[2] for line in lines] == ["1/3,", "2/3,", "3/3,"]
+
+
+@pytest.mark.slow
+def test_progress_lines_on_a_real_pipe(raw_model_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = str(Path(__file__).resolve().parent.parent / "src")
+    env = {**os.environ, "PYTHONPATH": src, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "errwrap.cli", "evaluate", "--model", str(raw_model_dir), "--data", "scenes:2",
+                             "--size", "32", "--batch-size", "1"], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "evaluate: batch 1/2" in result.stdout and "evaluate: batch 2/2" in result.stdout

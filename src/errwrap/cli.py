@@ -11,7 +11,8 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -212,21 +213,61 @@ def _output_file(value: str | None, option: str) -> Path | None:
     return path
 
 
+# ---------------------------------------------------------------------- progress
+#: On a non-terminal, a progress line at least this often (seconds), besides every tenth of the work.
+PROGRESS_SECONDS = 10.0
+
+
+def _on_terminal() -> bool:
+    return sys.stdout.isatty()
+
+
+@contextlib.contextmanager
+def _training_progress(prefix: str = "  ") -> Iterator[None]:
+    """Print the fine-tuning loop's progress lines (``errwrap.training`` INFO) on stdout, one plain
+    line each, and restore the logger afterwards."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter(prefix + "%(message)s"))
+    train_log = logging.getLogger("errwrap.training")
+    level, propagate = train_log.level, train_log.propagate
+    train_log.addHandler(handler)
+    if not train_log.isEnabledFor(logging.INFO):
+        train_log.setLevel(logging.INFO)
+    train_log.propagate = False
+    try:
+        yield
+    finally:
+        train_log.removeHandler(handler)
+        train_log.setLevel(level)
+        train_log.propagate = propagate
+
+
+def _batch_progress(total: int | None, what: str = "evaluate") -> Callable[[int], None]:
+    """A callback ``f(batch_index)`` printing a plain line every tenth of ``total`` batches, at
+    least every :data:`PROGRESS_SECONDS`, and at the last batch."""
+    start = last = time.perf_counter()
+    every = max(1, (total or 10) // 10)
+
+    def report(index: int) -> None:
+        nonlocal last
+        done, now = index + 1, time.perf_counter()
+        if done % every == 0 or done == total or now - last >= PROGRESS_SECONDS:
+            last = now
+            _say(f"  {what}: batch {done}/{total if total is not None else '?'}, {now - start:.0f} s")
+
+    return report
+
+
 # ---------------------------------------------------------------------- commands
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import DemoConfig, run_demo
 
     cfg = DemoConfig(minutes=args.minutes, seed=args.seed)
-    progress = logging.StreamHandler(sys.stdout)  # the fine-tuning loop's progress lines
-    progress.setFormatter(logging.Formatter("  %(message)s"))
-    train_log = logging.getLogger("errwrap.training")
-    train_log.addHandler(progress)
-    train_log.setLevel(logging.INFO)
-    train_log.propagate = False
     if args.quick:
         cfg = DemoConfig(minutes=0.1, seed=args.seed, image_size=64, train_images=64, val_images=16, panels=2, mc_dropout=False)
     _say(f"errwrap demo: {cfg.scaled(cfg.base_steps)} base steps, {cfg.scaled(cfg.head_steps)} head steps, output {args.out}")
-    result = run_demo(args.out, cfg, say=_say)
+    with _training_progress():
+        result = run_demo(args.out, cfg, say=_say)
     report = result.report
     _say("")
     _say(report.table())
@@ -282,7 +323,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers)
     baselines = tuple(b for b in args.baselines.split(",") if b)
     start = time.perf_counter()
-    report = evaluate(wrap, loader, baselines=baselines, mc_dropout_T=args.mc_T, max_batches=args.max_batches)
+    total = min(len(loader), args.max_batches or len(loader))
+    progress: bool | Callable[[int], None] = True if _on_terminal() else _batch_progress(total)  # a bar, or plain lines
+    report = evaluate(wrap, loader, baselines=baselines, mc_dropout_T=args.mc_T, max_batches=args.max_batches, progress=progress)
     _say(report.table())
     _say(f"evaluated {report.num_images} images in {time.perf_counter() - start:.1f} s")
     if json_path is not None:
@@ -311,9 +354,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if len(dataset) == 0:
         raise CLIError(f"--data {args.data}: no training images found")
     loader = D.make_loader(dataset, batch_size=args.batch_size, shuffle=True, seed=args.seed, num_workers=args.workers, drop_last=True)
-    result = finetune(wrap, loader, steps=args.steps, lr=args.lr, precision=args.precision, seed=args.seed,
-                      checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
-                      resume=args.resume)
+    log_every = args.log_every or max(1, min(50, args.steps // 10))
+    progress = contextlib.nullcontext() if _on_terminal() else _training_progress()  # a terminal gets tqdm's bar
+    with progress:
+        result = finetune(wrap, loader, steps=args.steps, lr=args.lr, precision=args.precision, seed=args.seed,
+                          checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
+                          resume=args.resume, log_every=log_every, progress=_on_terminal() or None)
     last = result.history[-1] if result.history else {}
     _say(f"fine-tuned {args.steps} steps; last losses: " + ", ".join(f"{k} {v:.4f}" for k, v in last.items() if isinstance(v, float)))
     training = {"data": args.data, "steps": args.steps, "lr": args.lr, "preprocessing": _preprocessing_record(wrap)}
@@ -447,6 +493,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-dir", default=None, help="write resumable checkpoints here")
     p.add_argument("--checkpoint-every", type=_positive_int, default=None, help="a checkpoint every this many steps (and at the end)")
     p.add_argument("--resume", default=None, help="a checkpoint directory, or 'latest' (the newest in --checkpoint-dir)")
+    p.add_argument("--log-every", type=_positive_int, default=None,
+                   help="when the output is not a terminal, a progress line every this many steps (default: a tenth of "
+                        "--steps, at most 50)")
     p.add_argument("--device", default=None, help="e.g. cpu, cuda (default: cpu)")
     p.set_defaults(func=cmd_finetune)
     return parser

@@ -134,3 +134,56 @@ def test_progress_lines_on_a_real_pipe(raw_model_dir, tmp_path):
                              "--size", "32", "--batch-size", "1"], capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "evaluate: batch 1/2" in result.stdout and "evaluate: batch 2/2" in result.stdout
+
+
+# ---------------------------------------------------------------------- 4. folders are real data
+def _folder(root, sizes, *, masks: bool = True):
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True)
+    if masks:
+        (root / "masks").mkdir(parents=True)
+    for i, (h, w) in enumerate(sizes):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / "images" / f"im{i}.png")
+        if masks:
+            Image.fromarray(rng.integers(0, 11, (h, w), dtype=np.uint8)).save(root / "masks" / f"im{i}.png")
+    return root / "images", root / "masks"
+
+
+def test_predict_on_a_folder_skips_unreadable_files_writes_the_others_and_exits_1(raw_model_dir, tmp_path, capsys):
+    images, _ = _folder(tmp_path, [(24, 32), (40, 16)], masks=False)  # two sizes in one folder
+    (images / "broken.png").write_bytes(b"not a png at all")
+    good = (images / "im0.png").read_bytes()
+    (images / "truncated.png").write_bytes(good[: len(good) // 2])  # a header that reads, a body that does not
+    out = tmp_path / "out"
+    assert main(["predict", "--model", str(raw_model_dir), str(images), "--out", str(out)]) == 1
+    captured = capsys.readouterr()
+    assert sorted(p.name for p in out.glob("*_labels.png")) == ["im0_labels.png", "im1_labels.png"]
+    assert Image.open(out / "im1_labels.png").size == (16, 40)
+    assert "errwrap: skipped 2 of 4 files" in captured.err
+    assert "broken.png: not an image errwrap can read" in captured.err and "truncated.png" in captured.err
+    assert captured.out.count("re-labelled") == 2
+
+
+def test_evaluate_batches_images_of_different_sizes_by_size(raw_model_dir, tmp_path, capsys):
+    from errwrap.cli import _batches_by_size
+
+    assert _batches_by_size([(2, 2), (3, 3), (2, 2), (2, 2), (3, 3)], 2) == [[0, 2], [3], [1, 4]]
+    images, masks = _folder(tmp_path, [(24, 32), (40, 16), (24, 32)])
+    report = tmp_path / "r.json"
+    assert main(["evaluate", "--model", str(raw_model_dir), "--data", f"folder:{images},{masks}", "--batch-size", "4",
+                 "--json", str(report)]) == 0
+    assert "images of 2 different sizes: batched by size" in capsys.readouterr().out
+    data = json.loads(report.read_text())
+    assert data["num_images"] == 3 and data["num_pixels"] == 2 * 24 * 32 + 40 * 16
+
+
+def test_finetune_on_fewer_images_than_the_batch_size_and_mixed_sizes(raw_model_dir, tmp_path, capsys):
+    images, masks = _folder(tmp_path / "same", [(32, 32), (32, 32)])
+    assert main(["finetune", "--model", str(raw_model_dir), "--data", f"folder:{images},{masks}", "--steps", "1",
+                 "--out", str(tmp_path / "a")]) == 0  # --batch-size 8 by default
+    assert "2 training images, fewer than --batch-size 8: batches of 2" in capsys.readouterr().out
+    images, masks = _folder(tmp_path / "mixed", [(32, 32), (24, 40), (32, 32)])
+    assert main(["finetune", "--model", str(raw_model_dir), "--data", f"folder:{images},{masks}", "--steps", "2",
+                 "--batch-size", "2", "--out", str(tmp_path / "b")]) == 0
+    assert "images of 2 different sizes and no --crop: one image per batch" in capsys.readouterr().out
+    assert (tmp_path / "b" / "model.safetensors").is_file()

@@ -281,20 +281,56 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _readable_images(paths: Sequence[Path]) -> tuple[list[Path], list[str]]:
+    """Split ``paths`` into files whose header Pillow reads and one-line reasons for the others;
+    a path that does not exist is a typo on the command line: refused at once."""
+    from PIL import Image, UnidentifiedImageError
+
+    readable, skipped = [], []
+    for path in paths:
+        if not path.is_file():
+            raise CLIError(f"{path}: no such image file")
+        try:
+            with Image.open(path):
+                pass
+        except (UnidentifiedImageError, OSError, ValueError) as exc:
+            skipped.append(f"{path}: not an image errwrap can read ({exc})")
+            continue
+        readable.append(path)
+    if not readable:
+        raise CLIError(skipped[0] if len(skipped) == 1 else f"none of the {len(skipped)} files is an image errwrap can read; first: {skipped[0]}")
+    return readable, skipped
+
+
+def _report_skipped(skipped: Sequence[str], total: int) -> int:
+    """Name the files that were skipped on stderr; the exit code: 1 when any was, else 0."""
+    if not skipped:
+        return 0
+    print(f"errwrap: skipped {len(skipped)} of {total} files (the others were written):", file=sys.stderr)
+    for reason in skipped:
+        print(f"  {reason}", file=sys.stderr)
+    return 1
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     import torch
 
     from .viz import make_panel, palette_for, save_heatmap_png, save_label_png
 
     out = _output_dir(args.out)
-    paths = _image_paths(args.images)
-    images = [_read_image(p) for p in paths]  # fail on a bad file before loading the model
+    all_paths = _image_paths(args.images)
+    paths, skipped = _readable_images(all_paths)  # before loading the model
     wrap = _load_model(args.model, args.device)
     normalize, mean, std = _normalizer(wrap, args.model)
     palette = palette_for(wrap.num_classes, args.palette)
     out.mkdir(parents=True, exist_ok=True)
     device = next(wrap.parameters()).device
-    for path, stem, image in zip(paths, _output_names(paths), images):
+    for path, stem in zip(paths, _output_names(paths)):  # one image at a time: any mix of sizes
+        try:
+            image = _read_image(path)
+        except CLIError as exc:  # a header that reads, a body that does not (a truncated file)
+            skipped.append(str(exc))
+            continue
         x, _ = normalize(image, torch.zeros(image.shape[-2:], dtype=torch.long))
         with torch.no_grad():
             o = wrap(x[None].to(device))
@@ -304,12 +340,45 @@ def cmd_predict(args: argparse.Namespace) -> int:
         make_panel(x, base, error, labels, palette=palette, mean=mean, std=std).save(out / f"{stem}_panel.png")
         changed = float((labels != base).float().mean())
         _say(f"{path}: mean error probability {float(error.mean()):.3f}, {100 * changed:.2f}% of pixels re-labelled -> {out}/{stem}_*.png")
-    return 0
+    return _report_skipped(skipped, len(all_paths))
+
+
+def _image_sizes(dataset) -> list[tuple[int, int]] | None:
+    """Each image's ``(width, height)`` from its file header, for datasets of files (folders,
+    Cityscapes, ADE20K); ``None`` for others (the built-in scenes share one size)."""
+    from PIL import Image
+
+    pairs = getattr(dataset, "pairs", None)
+    if not pairs:
+        return None
+    sizes = []
+    for image_path, _ in pairs:
+        with Image.open(image_path) as im:
+            sizes.append(im.size)
+    return sizes
+
+
+def _batches_by_size(sizes: Sequence[tuple[int, int]], batch_size: int) -> list[list[int]]:
+    """Indices in batches of at most ``batch_size`` images of one size, in the data's order
+    within each size."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for index, size in enumerate(sizes):
+        groups.setdefault(size, []).append(index)
+    return [group[i:i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]
+
+
+def _evaluation_loader(dataset, batch_size: int, workers: int):
+    """A loader that never stacks images of different sizes: mixed sizes are batched by size."""
+    from torch.utils.data import DataLoader
+
+    sizes = _image_sizes(dataset) if batch_size > 1 else None
+    if sizes is None or len(set(sizes)) == 1:
+        return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+    _say(f"images of {len(set(sizes))} different sizes: batched by size (up to {batch_size} images of one size per batch)")
+    return DataLoader(dataset, batch_sampler=_batches_by_size(sizes, batch_size), num_workers=workers)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from torch.utils.data import DataLoader
-
     from .evaluation import evaluate
 
     json_path = _output_file(args.json, "--json")
@@ -320,7 +389,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     _check_classes(dataset, wrap, args.data)
     if len(dataset) == 0:
         raise CLIError(f"--data {args.data}: no images found for split {args.split!r}")
-    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers)
+    loader = _evaluation_loader(dataset, args.batch_size, args.workers)
     baselines = tuple(b for b in args.baselines.split(",") if b)
     start = time.perf_counter()
     total = min(len(loader), args.max_batches or len(loader))
@@ -333,6 +402,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         report.to_json(json_path)
         _say(f"wrote {json_path}")
     return 0
+
+
+def _training_batch_size(dataset, batch_size: int, *, crop: int | None) -> int:
+    """``batch_size``, made smaller (and said so) where it cannot work: fewer images than a batch
+    (full batches only are used), or images of different sizes without ``--crop``."""
+    if len(dataset) < batch_size:
+        _say(f"{len(dataset)} training images, fewer than --batch-size {batch_size}: batches of {len(dataset)}")
+        batch_size = len(dataset)
+    sizes = _image_sizes(dataset) if crop is None and batch_size > 1 else None
+    if sizes is not None and len(set(sizes)) > 1:
+        _say(f"images of {len(set(sizes))} different sizes and no --crop: one image per batch (--crop N trains on batches of NxN crops)")
+        batch_size = 1
+    return batch_size
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
@@ -353,7 +435,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     _check_classes(dataset, wrap, args.data)
     if len(dataset) == 0:
         raise CLIError(f"--data {args.data}: no training images found")
-    loader = D.make_loader(dataset, batch_size=args.batch_size, shuffle=True, seed=args.seed, num_workers=args.workers, drop_last=True)
+    batch_size = _training_batch_size(dataset, args.batch_size, crop=args.crop)
+    loader = D.make_loader(dataset, batch_size=batch_size, shuffle=True, seed=args.seed, num_workers=args.workers, drop_last=True)
     log_every = args.log_every or max(1, min(50, args.steps // 10))
     progress = contextlib.nullcontext() if _on_terminal() else _training_progress()  # a terminal gets tqdm's bar
     with progress:
@@ -466,7 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=_positive_int, default=None, help="image size for scenes (default: 128)")
     p.add_argument("--baselines", default="msp,entropy", help="comma-separated: msp, entropy, mc_dropout (default: msp,entropy)")
     p.add_argument("--mc-T", type=_positive_int, default=10, help="passes of MC dropout (default: 10)")
-    p.add_argument("--batch-size", type=_positive_int, default=4, help="images per batch (default: 4); 1 for images of different sizes")
+    p.add_argument("--batch-size", type=_positive_int, default=4, help="images per batch (default: 4); images of different sizes are batched by size")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default: 0)")
     p.add_argument("--max-batches", type=_positive_int, default=None, help="stop after this many batches (default: all)")
     p.add_argument("--json", default=None, help="also write the report as JSON here")
@@ -483,7 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="directory to save the fine-tuned model to")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of AdamW, poly schedule (default: 0.001)")
     p.add_argument("--batch-size", type=_positive_int, default=8,
-                   help="images per batch (default: 8); images of different sizes need --crop or --batch-size 1")
+                   help="images per batch (default: 8); images of different sizes without --crop train one per batch")
     p.add_argument("--crop", type=_positive_int, default=None, help="random scale (0.5-2) and crop to this size")
     p.add_argument("--size", type=_positive_int, default=None, help="image size for scenes (default: 128)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",

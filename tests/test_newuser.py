@@ -187,3 +187,45 @@ def test_finetune_on_fewer_images_than_the_batch_size_and_mixed_sizes(raw_model_
                  "--batch-size", "2", "--out", str(tmp_path / "b")]) == 0
     assert "images of 2 different sizes and no --crop: one image per batch" in capsys.readouterr().out
     assert (tmp_path / "b" / "model.safetensors").is_file()
+
+
+# ---------------------------------------------------------------------- 5. a typo in --model
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("errwrap: error: ") and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def test_a_mistyped_model_is_answered_within_a_second_offline(tmp_path, monkeypatch, capsys):
+    import time
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "errwrap-demo" / "model").mkdir(parents=True)
+    for model, message in [
+        ("errwrap-tests/no-such-model", "no local directory 'errwrap-tests/no-such-model' and not found in the Hub cache"),
+        ("errwrap-demo/modl", "no local directory 'errwrap-demo/modl'; errwrap-demo holds: model"),
+        ("./my-model", "no local directory './my-model', and it is not a Hub repository id"),
+    ]:
+        start = time.perf_counter()
+        assert main(["evaluate", "--model", model, "--data", "scenes:2"]) == 2
+        assert time.perf_counter() - start < 1.0
+        assert message in _one_line_error(capsys)
+
+
+def test_a_hub_id_without_network_fails_in_one_line_without_retries(monkeypatch, capsys):
+    import errwrap.cli as cli
+
+    monkeypatch.setattr(cli, "_hub_offline", lambda: False)
+    monkeypatch.setattr(cli, "_hub_unreachable", lambda: "huggingface.co: Name or service not known")
+    assert main(["evaluate", "--model", "errwrap-tests/no-such-model", "--data", "scenes:2"]) == 2
+    err = _one_line_error(capsys)
+    assert "not in the Hub cache, and the Hub cannot be reached (huggingface.co: Name or service not known)" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a CUDA GPU")
+def test_device_cuda_without_a_gpu_is_one_clear_line(raw_model_dir, capsys):
+    assert main(["evaluate", "--model", str(raw_model_dir), "--data", "scenes:2", "--device", "cuda"]) == 2
+    assert "--device cuda: no CUDA GPU is available here" in _one_line_error(capsys)
+    assert main(["evaluate", "--model", str(raw_model_dir), "--data", "scenes:2", "--device", "gpu0"]) == 2
+    assert "--device gpu0: not a device name" in _one_line_error(capsys)

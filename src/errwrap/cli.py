@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import re
 import sys
 import time
 import contextlib
@@ -116,14 +118,93 @@ def _refuse_what_the_cli_cannot_rebuild(location: str) -> None:
     )
 
 
+def _check_device(device: str | None) -> None:
+    """``--device``: a device torch knows and this machine has, or one line saying what is wrong."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        target = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise CLIError(f"--device {device}: not a device name; expected cpu, cuda, cuda:N or mps") from None
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {device}: no CUDA GPU is available here (torch {torch.__version__}, "
+                       f"built {'with CUDA ' + torch.version.cuda if torch.version.cuda else 'for CPU only'}); use --device cpu")
+    if target.type == "cuda" and target.index is not None and target.index >= torch.cuda.device_count():
+        raise CLIError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0")
+    if target.type == "mps" and not torch.backends.mps.is_available():
+        raise CLIError(f"--device {device}: the MPS backend is not available here; use --device cpu")
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?$")
+
+
+def _hub_offline() -> bool:
+    """``HF_HUB_OFFLINE`` as huggingface_hub reads it (1, ON, YES, TRUE), from the environment now."""
+    from huggingface_hub import constants
+
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"} or bool(constants.HF_HUB_OFFLINE)
+
+
+def _check_model_location(location: str) -> bool:
+    """Local first: ``True`` for a local path. A name that is no local path fails in one line,
+    before any Hub request, when it cannot be a Hub id, when its first part is a local directory
+    (a typo in a path), or when the Hub is offline (``HF_HUB_OFFLINE``) and its cache lacks it."""
+    path = Path(location).expanduser()
+    if path.exists():
+        return True
+    missing = f"--model {location}: no local directory {location!r}"
+    parent = path.parent
+    if str(parent) not in ("", ".") and parent.is_dir():
+        entries = sorted(p.name for p in parent.iterdir() if p.is_dir())[:8]
+        listing = f"; {parent} holds: {', '.join(entries)}" if entries else f"; {parent} holds no directories"
+        raise CLIError(missing + listing)
+    if not _HUB_ID.match(location) or ".." in location or "--" in location:
+        raise CLIError(f"{missing}, and it is not a Hub repository id (org/name)")
+    from huggingface_hub import try_to_load_from_cache
+
+    from .hub import CONFIG_NAME
+
+    if isinstance(try_to_load_from_cache(location, CONFIG_NAME), str):
+        return False  # in the cache: from_pretrained takes it from there
+    if _hub_offline():
+        raise CLIError(f"{missing} and not found in the Hub cache (HF_HUB_OFFLINE is set: the Hub is not asked)")
+    unreachable = _hub_unreachable()
+    if unreachable:
+        raise CLIError(f"{missing}, not in the Hub cache, and the Hub cannot be reached ({unreachable})")
+    return False
+
+
+def _hub_unreachable() -> str | None:
+    """Why the Hub's host name does not resolve (no network), or ``None``: one cheap look-up
+    instead of huggingface_hub's retries, which take about 30 s to give up."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    host = urlparse(constants.ENDPOINT).hostname
+    if not host:
+        return None
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError as exc:
+        return f"{host}: {exc.strerror or exc}"
+    return None
+
+
 def _load_model(location: str, device: str | None):
     from .wrapper import ErrorCorrectionWrapper
 
+    local = _check_model_location(location)
+    _check_device(device)
     _refuse_what_the_cli_cannot_rebuild(location)
     try:
         return ErrorCorrectionWrapper.from_pretrained(location, device=device).eval()
     except FileNotFoundError as exc:
-        raise CLIError(f"--model {location}: {exc}") from None
+        where = "" if local else f"no local directory {location!r} and not found on the Hub/cache: "
+        raise CLIError(f"--model {location}: {where}{exc}") from None
 
 
 def _unchanged(image: Any, label: Any) -> tuple[Any, Any]:

@@ -229,3 +229,17 @@ def test_device_cuda_without_a_gpu_is_one_clear_line(raw_model_dir, capsys):
     assert "--device cuda: no CUDA GPU is available here" in _one_line_error(capsys)
     assert main(["evaluate", "--model", str(raw_model_dir), "--data", "scenes:2", "--device", "gpu0"]) == 2
     assert "--device gpu0: not a device name" in _one_line_error(capsys)
+
+
+# ---------------------------------------------------------------------- 6. warnings a user sees
+def test_fresh_heads_warning_is_a_user_warning_at_the_users_call_of_evaluate():
+    import warnings
+
+    wrap = _tiny_wrap()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")  # Python's own filter for UserWarning: shown once per line
+        errwrap.evaluate(wrap, DataLoader(Scenes(2, size=32, split="val"), batch_size=2), baselines=())
+        line = __import__("inspect").currentframe().f_lineno - 1
+    fresh = [w for w in caught if "freshly initialised" in str(w.message)]
+    assert len(fresh) == 1 and fresh[0].category is UserWarning
+    assert (fresh[0].filename, fresh[0].lineno) == (__file__, line)

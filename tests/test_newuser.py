@@ -121,21 +121,6 @@ def test_finetune_and_evaluate_print_progress_lines_when_stdout_is_not_a_termina
     assert [line.split()[2] for line in lines] == ["1/3,", "2/3,", "3/3,"]
 
 
-@pytest.mark.slow
-def test_progress_lines_on_a_real_pipe(raw_model_dir, tmp_path):
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    src = str(Path(__file__).resolve().parent.parent / "src")
-    env = {**os.environ, "PYTHONPATH": src, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "errwrap.cli", "evaluate", "--model", str(raw_model_dir), "--data", "scenes:2",
-                             "--size", "32", "--batch-size", "1"], capture_output=True, text=True, timeout=120, env=env)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "evaluate: batch 1/2" in result.stdout and "evaluate: batch 2/2" in result.stdout
-
-
 # ---------------------------------------------------------------------- 4. folders are real data
 def _folder(root, sizes, *, masks: bool = True):
     rng = np.random.default_rng(0)
@@ -243,3 +228,31 @@ def test_fresh_heads_warning_is_a_user_warning_at_the_users_call_of_evaluate():
     fresh = [w for w in caught if "freshly initialised" in str(w.message)]
     assert len(fresh) == 1 and fresh[0].category is UserWarning
     assert (fresh[0].filename, fresh[0].lineno) == (__file__, line)
+
+
+# ---------------------------------------------------------------------- 7. python -m errwrap, wording
+@pytest.mark.slow
+def test_python_m_errwrap_runs_the_cli_with_progress_on_a_pipe(raw_model_dir):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent / "src"), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "errwrap", "--help"], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0 and result.stdout.startswith("usage: errwrap")
+    result = subprocess.run([sys.executable, "-m", "errwrap", "evaluate", "--model", str(raw_model_dir), "--data", "scenes:2",
+                             "--size", "32", "--batch-size", "1"], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "evaluate: batch 1/2" in result.stdout and "evaluate: batch 2/2" in result.stdout  # stdout is a pipe here
+    assert "corrected - base" in result.stdout
+
+
+def test_the_cli_table_names_the_corrected_row_as_the_readme_does(raw_model_dir, capsys):
+    from pathlib import Path
+
+    assert main(["evaluate", "--model", str(raw_model_dir), "--data", "scenes:2", "--size", "32"]) == 0
+    rows = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.startswith(("base ", "corrected"))]
+    assert rows == ["base", "corrected", "corrected"]  # base, corrected, corrected - base
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert "| errwrap, corrected |" in readme and 'the "errwrap, corrected" row is `corrected`' in readme

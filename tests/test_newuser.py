@@ -256,3 +256,74 @@ def test_the_cli_table_names_the_corrected_row_as_the_readme_does(raw_model_dir,
     assert rows == ["base", "corrected", "corrected"]  # base, corrected, corrected - base
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     assert "| errwrap, corrected |" in readme and 'the "errwrap, corrected" row is `corrected`' in readme
+
+
+# ---------------------------------------------------------------------- 8. pictures
+def test_keys_match_what_the_panel_draws():
+    from errwrap import viz
+
+    bar = viz.colorbar(100)
+    assert bar.shape == (viz.KEY_SWATCH, 100, 3)
+    assert np.array_equal(bar[0, 0], viz.heatmap(np.zeros((1, 1)))[0, 0]) and np.array_equal(bar[0, -1], viz.heatmap(np.ones((1, 1)))[0, 0])
+    # one pixel each: fixed, broken, changed and still wrong, unchanged
+    base, corrected, gt = np.array([[0, 1, 0, 2]]), np.array([[1, 0, 2, 2]]), np.array([[1, 1, 1, 2]])
+    drawn = viz._changed(base, corrected, gt, 255)[0]
+    assert [tuple(c) for c in drawn] == [colour for _, colour in viz.CHANGED_KEY]
+    drawn = viz._changed(base, corrected, None, 255)[0]
+    assert [tuple(c) for c in drawn[[0, 3]]] == [colour for _, colour in viz.CHANGED_KEY_NO_GROUND_TRUTH]
+
+
+def test_panel_key_shows_each_present_class_colour():
+    from errwrap import viz
+
+    palette = viz.palette_for(11)
+    key = np.asarray(viz.panel_key(500, palette, [2, 7], class_names=[f"class{i}" for i in range(11)], ground_truth=True))
+    colours = {tuple(c) for c in key.reshape(-1, 3)}
+    assert tuple(palette[2]) in colours and tuple(palette[7]) in colours and tuple(palette[3]) not in colours
+    assert all(colour in colours for _, colour in viz.CHANGED_KEY)
+    assert key.shape[1] == 500 and key.shape[0] == 3 * viz.KEY_ROW_HEIGHT + 2
+    many = viz.panel_key(300, viz.palette_for(150), range(150))  # a long legend wraps and stops at 40 classes
+    assert many.width == 300 and many.height > 10 * viz.KEY_ROW_HEIGHT
+
+
+def test_overlay_and_shrink():
+    from errwrap import viz
+
+    image = torch.rand(3, 8, 12)
+    colours = np.full((8, 12, 3), 200, np.uint8)
+    assert np.array_equal(viz.overlay(image, colours, alpha=0.0), viz.to_uint8_image(image))
+    assert np.array_equal(viz.overlay(image, colours, alpha=1.0), colours)
+    with pytest.raises(ValueError, match="expected shape"):
+        viz.overlay(image, colours[:4])
+    wide = Image.new("RGB", (5000, 100))
+    assert viz.shrink_to_width(wide, 2048).size == (2048, 41) and viz.shrink_to_width(wide, None) is wide
+    assert viz.panel_scale(2048, 2048) == pytest.approx((2048 - 5 * viz.PANEL_GAP) // 6 / 2048)
+
+
+def test_predict_no_panel_overlay_width_cap_and_json(raw_model_dir, tmp_path, capsys):
+    from errwrap.data import load_image
+
+    image_path = tmp_path / "wide.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 400, 3), dtype=np.uint8)).save(image_path)
+    out, results = tmp_path / "out", tmp_path / "results.json"
+    argv = ["predict", "--model", str(raw_model_dir), str(image_path), "--out", str(out)]
+    assert main([*argv, "--panel-max-width", "600", "--overlay", "--json", str(results)]) == 0
+    panel = Image.open(out / "wide_panel.png")
+    assert panel.width <= 600 and panel.height < 200
+    for name in ("wide_overlay.png", "wide_error_overlay.png"):
+        assert Image.open(out / name).size == (400, 24)
+    data = json.loads(results.read_text())
+    assert data["skipped"] == [] and len(data["images"]) == 1
+    entry = data["images"][0]
+    assert entry["file"] == str(image_path) and (entry["height"], entry["width"]) == (24, 400)
+    assert entry["predicted_accuracy"] == pytest.approx(1.0 - entry["mean_error_prob"], abs=1e-12)
+    assert 0.0 <= entry["relabelled_fraction"] <= 1.0
+    with torch.no_grad():  # the same number as Python, on the same model and image (no preprocessing saved)
+        o = ErrorCorrectionWrapper.from_pretrained(raw_model_dir)(load_image(image_path)[None])
+    assert entry["mean_error_prob"] == pytest.approx(float(o.error_prob.mean()), abs=1e-6)
+    assert entry["relabelled_fraction"] == pytest.approx(float((o.labels != o.base_labels).float().mean()), abs=1e-6)
+    capsys.readouterr()
+
+    out = tmp_path / "bare"
+    assert main([*argv[:-1], str(out), "--no-panel"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["wide_error.png", "wide_labels.png"]

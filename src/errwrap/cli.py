@@ -393,12 +393,32 @@ def _report_skipped(skipped: Sequence[str], total: int) -> int:
     return 1
 
 
+def _panel(x, base, error, labels, *, palette, mean, std, class_names, max_width: int | None):
+    """The six-tile panel with its key (class legend, error colour bar, changed-pixels colours),
+    built from inputs shrunk first when the panel would be wider than ``max_width``."""
+    import torch.nn.functional as F
+
+    from .viz import add_panel_key, make_panel, panel_scale, shrink_to_width
+
+    scale = panel_scale(x.shape[-1], max_width)
+    if scale < 1.0:
+        size = (max(1, round(x.shape[-2] * scale)), max(1, round(x.shape[-1] * scale)))
+        x = F.interpolate(x[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+        error = F.interpolate(error[None, None], size=size, mode="bilinear", align_corners=False, antialias=True)[0, 0]
+        base, labels = (F.interpolate(t[None, None].float(), size=size, mode="nearest")[0, 0].long() for t in (base, labels))
+    panel = make_panel(x, base, error, labels, palette=palette, mean=mean, std=std)
+    present = sorted(set(base.unique().tolist()) | set(labels.unique().tolist()))
+    return shrink_to_width(add_panel_key(panel, palette, present, class_names=class_names), max_width)
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     import torch
+    from PIL import Image
 
-    from .viz import make_panel, palette_for, save_heatmap_png, save_label_png
+    from .viz import colorize, heatmap, overlay, palette_for, save_heatmap_png, save_label_png
 
     out = _output_dir(args.out)
+    json_path = _output_file(args.json, "--json")
     all_paths = _image_paths(args.images)
     paths, skipped = _readable_images(all_paths)  # before loading the model
     wrap = _load_model(args.model, args.device)
@@ -406,6 +426,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     palette = palette_for(wrap.num_classes, args.palette)
     out.mkdir(parents=True, exist_ok=True)
     device = next(wrap.parameters()).device
+    results: list[dict[str, Any]] = []
     for path, stem in zip(paths, _output_names(paths)):  # one image at a time: any mix of sizes
         try:
             image = _read_image(path)
@@ -415,12 +436,27 @@ def cmd_predict(args: argparse.Namespace) -> int:
         x, _ = normalize(image, torch.zeros(image.shape[-2:], dtype=torch.long))
         with torch.no_grad():
             o = wrap(x[None].to(device))
-        labels, error, base = o.labels[0].cpu(), o.error_prob[0].cpu(), o.base_labels[0].cpu()
-        save_label_png(labels, out / f"{stem}_labels.png", palette)
-        save_heatmap_png(error, out / f"{stem}_error.png")
-        make_panel(x, base, error, labels, palette=palette, mean=mean, std=std).save(out / f"{stem}_panel.png")
-        changed = float((labels != base).float().mean())
-        _say(f"{path}: mean error probability {float(error.mean()):.3f}, {100 * changed:.2f}% of pixels re-labelled -> {out}/{stem}_*.png")
+        labels, error, base = o.labels[0].cpu(), o.error_prob[0].cpu().float(), o.base_labels[0].cpu()
+        written = [save_label_png(labels, out / f"{stem}_labels.png", palette), save_heatmap_png(error, out / f"{stem}_error.png")]
+        if not args.no_panel:
+            panel = _panel(x, base, error, labels, palette=palette, mean=mean, std=std, class_names=wrap.class_names,
+                           max_width=args.panel_max_width)
+            panel.save(out / f"{stem}_panel.png")
+            written.append(out / f"{stem}_panel.png")
+        if args.overlay:
+            for suffix, colours in (("overlay", colorize(labels, palette)), ("error_overlay", heatmap(error))):
+                target = out / f"{stem}_{suffix}.png"
+                Image.fromarray(overlay(x, colours, alpha=0.5, mean=mean, std=std)).save(target)
+                written.append(target)
+        mean_error, changed = float(error.mean()), float((labels != base).float().mean())
+        results.append({"file": str(path), "height": int(labels.shape[0]), "width": int(labels.shape[1]),
+                        "mean_error_prob": mean_error, "relabelled_fraction": changed, "predicted_accuracy": 1.0 - mean_error,
+                        "outputs": [str(w) for w in written]})
+        _say(f"{path}: mean error probability {mean_error:.3f}, {100 * changed:.2f}% of pixels re-labelled -> {out}/{stem}_*.png")
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps({"model": args.model, "images": results, "skipped": list(skipped)}, indent=2) + "\n")
+        _say(f"wrote {json_path}")
     return _report_skipped(skipped, len(all_paths))
 
 
@@ -617,6 +653,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--palette", choices=["cityscapes", "ade20k", "generated"], default=None,
                    help="colours of the label PNGs (default: by the number of classes)")
+    p.add_argument("--no-panel", action="store_true", help="do not write STEM_panel.png")
+    p.add_argument("--panel-max-width", type=_positive_int, default=2048,
+                   help="shrink panels wider than this many pixels (default: 2048)")
+    p.add_argument("--overlay", action="store_true",
+                   help="also write STEM_overlay.png (the image blended with the corrected labels) and STEM_error_overlay.png "
+                        "(blended with the error map)")
+    p.add_argument("--json", default=None, help="write per-image results here: file, mean error probability, fraction of "
+                                                 "pixels re-labelled, predicted accuracy (1 - mean error probability)")
     p.add_argument("--device", default=None, help="e.g. cpu, cuda (default: cpu)")
     p.set_defaults(func=cmd_predict)
 

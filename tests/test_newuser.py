@@ -70,6 +70,29 @@ def test_cli_finetune_records_the_preprocessing_it_trained_with(raw_model_dir, t
     assert "- preprocessing: none (RGB in [0, 1])" in card and "not normalised: RGB in [0, 1]" in card
 
 
+def test_python_finetune_records_the_loaders_normalize_and_warns_on_a_mismatch():
+    import warnings
+
+    from errwrap.data import Compose, RandomHorizontalFlip
+    from errwrap.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    wrap = _tiny_wrap()
+    loader = DataLoader(Scenes(2, size=32, transform=Compose([RandomHorizontalFlip(), Normalize()])), batch_size=2)
+    errwrap.finetune(wrap, loader, steps=1, progress=False)
+    assert wrap.preprocessing == {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+    assert wrap.hub_config()["preprocessing"] == wrap.preprocessing  # what save_pretrained writes
+
+    other = DataLoader(Scenes(2, size=32, transform=Normalize([0.5] * 3, [0.25] * 3)), batch_size=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        errwrap.finetune(wrap, other, steps=1, progress=False)
+    assert any("but wrapper.preprocessing is" in str(w.message) for w in caught)
+    assert wrap.preprocessing["std"] == list(IMAGENET_STD)  # the user's own setting is kept
+    raw = _tiny_wrap()
+    errwrap.finetune(raw, DataLoader(Scenes(2, size=32), batch_size=2), steps=1, progress=False)
+    assert raw.preprocessing is None  # nothing normalised the images: nothing to record
+
+
 # ---------------------------------------------------------------------- 2. README install
 def _readme_first_command() -> str:
     import re

@@ -604,7 +604,9 @@ models:
     import torchvision, errwrap
     net = torchvision.models.segmentation.deeplabv3_mobilenet_v3_large(num_classes=5)
     # ... train net, or load your weights into it ...
-    errwrap.ErrorCorrectionWrapper(net).save_pretrained("my-model")
+    wrap = errwrap.ErrorCorrectionWrapper(net)
+    wrap.preprocessing = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}  # as net was trained; omit for raw [0, 1]
+    wrap.save_pretrained("my-model")
 
   then: errwrap finetune --model my-model --data folder:images,masks --steps 1000 --out my-model-tuned
   The CLI rebuilds the base from config.json for errwrap's DeepLabV3Plus, SMP, torchvision and

@@ -747,6 +747,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    hub_log = logging.getLogger("huggingface_hub")
+    if hub_log.handlers:  # it prints its own messages (Hub retries): not a second time through the root handler
+        hub_log.propagate = False
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

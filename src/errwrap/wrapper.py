@@ -285,8 +285,9 @@ class ErrorCorrectionWrapper(nn.Module, HubMixin):
         self._trainable_base: list[str] = []
         #: temperature of the fused probabilities (1: none); set by errwrap.calibrate_temperature.
         self.temperature = 1.0
-        # Fresh heads: the error map starts as the max-softmax baseline, but the detail head is
-        # random, so the corrected labels are not corrections yet. Warned about once, at the
+        # Fresh heads: the error head starts as the max-softmax baseline, but the detail head is
+        # random, so neither the labels nor the error maps (read from the fused distribution) are
+        # trained yet. Warned about once, at the
         # first eval-mode forward, unless the heads were trained (train()) or loaded first.
         self._fresh_heads = True
         self.register_load_state_dict_post_hook(_heads_loaded)
@@ -427,8 +428,8 @@ class ErrorCorrectionWrapper(nn.Module, HubMixin):
         if self._fresh_heads and not self.training and not is_tracing():
             self._fresh_heads = False
             warnings.warn(
-                "the error, detail and fusion heads are freshly initialised: error_prob starts as the max-softmax "
-                "baseline, and labels are not corrections until the heads are trained (errwrap.finetune) or loaded "
+                "the error, detail and fusion heads are freshly initialised: labels are not corrections and "
+                "error_prob is not a trained error map until the heads are trained (errwrap.finetune) or loaded "
                 "(ErrorCorrectionWrapper.from_pretrained, load_state_dict)",
                 UserWarning,
                 stacklevel=_user_stacklevel(),

@@ -52,7 +52,7 @@ def _normalisation(config: dict[str, Any]) -> str:
     pre = config.get("preprocessing")
     if pre:
         return f"normalised with mean {pre['mean']} and std {pre['std']}"
-    return "normalised as the base was trained (the errwrap CLI uses the ImageNet mean and std)"
+    return "not normalised: RGB in [0, 1] (config.json has no preprocessing; the errwrap CLI applies none either)"
 
 
 def _cli_usage(config: dict[str, Any]) -> list[str]:

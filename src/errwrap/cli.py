@@ -674,7 +674,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         for path in paths:  # fail on a bad file before loading the model
             _read_image(path)
     wrap = _load_model(args.model, args.device)
-    normalize, mean, std = _normalizer(wrap)
+    normalize, mean, std = _normalizer(wrap, args.model)
     if paths is not None:
         dataset: Any = _ImageFiles(paths, normalize, corrupt)  # named by file in the page
     else:

@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -24,7 +25,14 @@ from .smp import SMP_ARCHITECTURES, is_smp_model, smp_spec
 from .torchvision import TORCHVISION_BUILDERS, is_torchvision_segmentation_model, torchvision_spec
 from .transformers import TRANSFORMERS_CLASSES, is_transformers_segmentation_model, transformers_spec
 
-__all__ = ["build_base", "family_spec", "BASE_FAMILIES"]
+__all__ = ["build_base", "family_spec", "check_model_name", "BASE_FAMILIES"]
+
+#: What a model name (a timm or SMP encoder, a timm backbone) may be: a plain name, optionally
+#: with a timm pretrained tag (``resnet18.a1_in1k``); no scheme, no path.
+_PLAIN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+#: Prefixes that make timm, SMP or transformers fetch or read from outside the model directory;
+#: refused in any string of a spec.
+_OUTSIDE = re.compile(r"(hf[-_]hub|local[-_]dir)\s*:|^\s*(https?|file|s3|gs|ftp)://|^\s*timm/", re.IGNORECASE)
 
 _DEEPLAB_KEYS = frozenset(
     {
@@ -34,11 +42,53 @@ _DEEPLAB_KEYS = frozenset(
 )  # fmt: skip
 
 
+def check_model_name(value: Any, key: str, family: str) -> str:
+    """``value`` if it is a plain model name (``^[A-Za-z0-9_.-]+$``, no ``..``), else a
+    ``ValueError`` naming the family and the key: no scheme (``hf-hub:``, ``local-dir:``,
+    ``timm/``) and no path, so a saved spec cannot make a library download or read elsewhere."""
+    if not isinstance(value, str) or not _PLAIN_NAME.fullmatch(value) or ".." in value:
+        raise ValueError(
+            f"base spec {family}: {key} {value!r} is not a plain model name; expected letters, digits, '_', '.' and '-' "
+            "only (no scheme such as 'hf-hub:' or 'local-dir:', no path): errwrap rebuilds a base from a known name, "
+            "never from a download or another directory"
+        )
+    return value
+
+
+def _check_timm_name(value: Any, key: str, family: str) -> str:
+    import timm
+
+    name = check_model_name(value, key, family)
+    if not timm.is_model(name):
+        raise ValueError(f"base spec {family}: {key} {name!r} is not a model this timm {timm.__version__} knows (timm.list_models())")
+    return name
+
+
+def _refuse_outside_strings(obj: Any, family: str, where: str = "config") -> None:
+    """Refuse any string of a spec that names a Hub download, a local directory or a URL."""
+    if isinstance(obj, str):
+        if _OUTSIDE.search(obj):
+            raise ValueError(
+                f"base spec {family}: {where} = {obj!r} points outside the model directory (a Hub download, another "
+                "directory or a URL); errwrap rebuilds bases from plain names only"
+            )
+    elif isinstance(obj, Mapping):
+        for k, v in obj.items():
+            _refuse_outside_strings(v, family, f"{where}.{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            _refuse_outside_strings(v, family, f"{where}.{i}")
+
+
 def _config(spec: Mapping[str, Any]) -> dict[str, Any]:
     config = spec.get("config")
+    family = str(spec.get("family"))
     if not isinstance(config, Mapping):
-        raise ValueError(f"base spec of family {spec.get('family')!r}: expected a 'config' mapping, got {type(config).__name__}")
-    return copy.deepcopy(dict(config))
+        raise ValueError(f"base spec of family {family!r}: expected a 'config' mapping, got {type(config).__name__}")
+    config = copy.deepcopy(dict(config))
+    config.pop("_name_or_path", None)  # transformers' note of where a config came from; never read here
+    _refuse_outside_strings(config, family)
+    return config
 
 
 def _build_errwrap_deeplab(spec: Mapping[str, Any]) -> nn.Module:
@@ -48,6 +98,7 @@ def _build_errwrap_deeplab(spec: Mapping[str, Any]) -> nn.Module:
     unknown = sorted(set(config) - _DEEPLAB_KEYS)
     if unknown:
         raise ValueError(f"base spec errwrap.DeepLabV3Plus: unknown config keys {unknown}; expected a subset of {sorted(_DEEPLAB_KEYS)}")
+    _check_timm_name(config.get("encoder_name", "resnet50"), "encoder_name", "errwrap.DeepLabV3Plus")
     config["pretrained"] = False
     return DeepLabV3Plus(**config)
 
@@ -62,6 +113,11 @@ def _build_smp(spec: Mapping[str, Any]) -> nn.Module:
     activation = config.get("activation")
     if activation is not None and not isinstance(activation, str):
         raise ValueError(f"base spec smp: activation must be a name or null, got {type(config['activation']).__name__}")
+    encoder = check_model_name(config.get("encoder_name", "resnet34"), "encoder_name", "smp")
+    if encoder.startswith("tu-"):
+        _check_timm_name(encoder[3:], "encoder_name", "smp")
+    elif encoder not in smp.encoders.get_encoder_names():
+        raise ValueError(f"base spec smp: encoder_name {encoder!r} is not an encoder this SMP {smp.__version__} knows (smp.encoders.get_encoder_names(), or 'tu-' and a timm name)")
     config["encoder_weights"] = None
     return smp.create_model(arch, **config)
 
@@ -80,6 +136,24 @@ def _build_torchvision(spec: Mapping[str, Any]) -> nn.Module:
     return getattr(segmentation, name)(weights=None, weights_backbone=None, **config)
 
 
+def _check_backbones(values: Mapping[str, Any], cls: str) -> None:
+    """A transformers config names its backbone either by a nested ``backbone_config`` (data,
+    fine) or by ``backbone``: a timm name (checked) or a Hub name, which transformers would fetch
+    with ``AutoConfig.from_pretrained`` (refused)."""
+    family = f"transformers {cls}"
+    backbone = values.get("backbone")
+    if backbone is not None:
+        if not values.get("use_timm_backbone", False):
+            raise ValueError(
+                f"base spec {family}: backbone {backbone!r} names a transformers backbone by Hub name, which would be "
+                "fetched from the Hub; expected backbone null and a 'backbone_config' object (or a timm backbone)"
+            )
+        _check_timm_name(backbone, "backbone", family)
+    nested = values.get("backbone_config")
+    if isinstance(nested, Mapping):
+        _check_backbones(nested, cls)
+
+
 def _build_transformers(spec: Mapping[str, Any]) -> nn.Module:
     import transformers
 
@@ -88,6 +162,7 @@ def _build_transformers(spec: Mapping[str, Any]) -> nn.Module:
         raise ValueError(f"base spec transformers: unknown class {cls!r}; expected one of {list(TRANSFORMERS_CLASSES)}")
     config_cls = getattr(transformers, TRANSFORMERS_CLASSES[cls])
     values = _config(spec)
+    _check_backbones(values, cls)
     if "use_pretrained_backbone" in values:
         values["use_pretrained_backbone"] = False  # never download
     config = config_cls.from_dict(values)

@@ -1,0 +1,195 @@
+"""Hostile files, bad values and faults through the public API and CLI (issue 18, docs/robustness.md)."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from errwrap import ErrorCorrectionWrapper
+from errwrap.hub import CONFIG_NAME, WEIGHTS_NAME
+
+from .tiny import batch, tiny_base
+
+
+def _small_wrapper(seed: int = 0) -> ErrorCorrectionWrapper:
+    return ErrorCorrectionWrapper(tiny_base(seed), error_channels=8, detail_channels=8).eval()
+
+
+@pytest.fixture
+def saved(tmp_path):
+    _small_wrapper().save_pretrained(tmp_path / "m")
+    return tmp_path / "m"
+
+
+def _edit_config(path: Path, edit) -> None:
+    config = json.loads((path / CONFIG_NAME).read_text())
+    edit(config)
+    (path / CONFIG_NAME).write_text(json.dumps(config))
+
+
+# ---------------------------------------------------------------------- 1. the base-rebuild table
+def _deeplab_spec(name):
+    return {"family": "errwrap.DeepLabV3Plus", "config": {"encoder_name": name, "num_classes": 5}}
+
+
+OUTSIDE_NAMES = ["hf-hub:timm/resnet18.a1_in1k", "hf_hub:timm/resnet18", "local-dir:/tmp", "timm/resnet18", "../resnet18", "a\\b", "resnet18/x", "https://example.com/r18"]
+
+
+@pytest.mark.parametrize("name", OUTSIDE_NAMES)
+def test_deeplab_encoder_names_that_reach_outside_are_refused_before_timm(name, monkeypatch):
+    import timm
+
+    from errwrap.adapters.specs import build_base
+
+    calls = []
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: calls.append(a) or (_ for _ in ()).throw(AssertionError("timm reached")))
+    with pytest.raises(ValueError, match=r"encoder_name"):
+        build_base(_deeplab_spec(name))
+    assert calls == []
+
+
+def test_unknown_timm_encoder_name_is_refused_with_the_name():
+    from errwrap.adapters.specs import build_base
+
+    with pytest.raises(ValueError, match=r"encoder_name 'no_such_encoder_xyz'.*timm"):
+        build_base(_deeplab_spec("no_such_encoder_xyz"))
+
+
+def test_local_dir_config_is_not_read_through_a_saved_model(saved, tmp_path, monkeypatch):
+    """The reported escape: a config.json naming ``local-dir:PATH`` made timm read PATH."""
+    import timm
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "config.json").write_text(json.dumps({"architecture": "resnet18", "num_classes": 5}))
+    _edit_config(saved, lambda c: c.update(base=_deeplab_spec(f"local-dir:{outside}")))
+    calls = []
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: calls.append(a))
+    with pytest.raises(ValueError, match="local-dir"):
+        ErrorCorrectionWrapper.from_pretrained(saved)
+    assert calls == []
+
+
+@pytest.mark.parametrize(
+    "config, match",
+    [
+        ({"arch": "unet", "encoder_name": "tu-hf-hub:timm/resnet18", "classes": 5}, "encoder_name"),
+        ({"arch": "unet", "encoder_name": "tu-local-dir:/tmp", "classes": 5}, "encoder_name"),
+        ({"arch": "unet", "encoder_name": "../resnet18", "classes": 5}, "encoder_name"),
+        ({"arch": "unet", "encoder_name": "no_such_encoder_xyz", "classes": 5}, "encoder_name"),
+        ({"arch": "unet", "encoder_name": "resnet18", "classes": 5, "aux_params": {"x": "hf-hub:a/b"}}, "hf-hub"),
+    ],
+)
+def test_smp_names_that_reach_outside_are_refused(config, match):
+    pytest.importorskip("segmentation_models_pytorch")
+    from errwrap.adapters.specs import build_base
+
+    with pytest.raises(ValueError, match=match):
+        build_base({"family": "smp", "config": config})
+
+
+@pytest.mark.parametrize(
+    "values, match",
+    [
+        ({"backbone": "microsoft/resnet-50", "use_timm_backbone": False}, "backbone"),
+        ({"backbone": "resnet50", "use_timm_backbone": False}, "backbone"),
+        ({"backbone": "hf-hub:timm/resnet18", "use_timm_backbone": True}, "backbone"),
+        ({"backbone": "local-dir:/tmp", "use_timm_backbone": True}, "backbone"),
+        ({"backbone": "no_such_encoder_xyz", "use_timm_backbone": True}, "backbone"),
+    ],
+)
+def test_transformers_backbone_names_are_refused_before_transformers(values, match):
+    pytest.importorskip("transformers")
+    from errwrap.adapters.specs import build_base
+
+    with pytest.raises(ValueError, match=match):
+        build_base({"family": "transformers", "class": "UperNetForSemanticSegmentation", "config": {"backbone_config": None, **values}})
+
+
+def test_plain_known_names_still_build():
+    from errwrap.adapters.specs import build_base
+
+    spec = {"family": "errwrap.DeepLabV3Plus", "config": {"encoder_name": "resnet18", "num_classes": 3, "aspp_channels": 8, "decoder_channels": 8, "low_level_channels": 8}}
+    assert type(build_base(spec)).__name__ == "DeepLabV3Plus"
+
+
+# ---------------------------------------------------------------------- 2. adapter_options
+def test_adapter_options_from_a_file_are_refused_by_name(saved):
+    _edit_config(saved, lambda c: c.update(adapter_options={"freeze_base": False}))
+    with pytest.raises(ValueError, match=r"adapter_options.*freeze_base"):
+        ErrorCorrectionWrapper.from_pretrained(saved, model=tiny_base())
+
+
+@pytest.mark.parametrize("options", [{}, None, "absent"])
+def test_empty_or_absent_adapter_options_load_with_the_base_frozen(saved, options):
+    _edit_config(saved, lambda c: c.pop("adapter_options") if options == "absent" else c.update(adapter_options=options))
+    loaded = ErrorCorrectionWrapper.from_pretrained(saved, model=tiny_base())
+    assert loaded.base_frozen
+    assert not any(p.requires_grad for p in loaded.base.parameters())
+
+
+# ---------------------------------------------------------------------- 3. bounds and NaN outputs
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda c: c["heads"].update(temperature=1e-300), "heads.temperature"),
+        (lambda c: c["heads"].update(temperature=1e6), "heads.temperature"),
+        (lambda c: c["heads"].update(error_channels=100_000), "heads.error_channels"),
+        (lambda c: c["heads"].update(detail_channels=5000), "heads.detail_channels"),
+        (lambda c: c["heads"].update(error_blocks=65), "heads.error_blocks"),
+        (lambda c: c["heads"].update(sample_size=5000), "heads.sample_size"),
+        (lambda c: c["heads"].update(num_classes=70_000), "heads.num_classes"),
+        (lambda c: c["heads"].update(in_channels=10_000), "heads.in_channels"),
+        (lambda c: c["heads"].update(error_prior=float("nan")), "heads.error_prior"),
+        (lambda c: c.update(preprocessing={"mean": [0.5, float("nan"), 0.5], "std": [1, 1, 1]}), "preprocessing"),
+        (lambda c: c.update(preprocessing={"mean": [0.5, 0.5, 0.5], "std": [1, 0, 1]}), "preprocessing"),
+        (lambda c: c.update(preprocessing={"mean": [0.5, 0.5, 0.5], "std": [1, -1, 1]}), "preprocessing"),
+        (lambda c: c.update(preprocessing={"mean": [0.5, 0.5, float("inf")], "std": [1, 1, 1]}), "preprocessing"),
+    ],
+)
+def test_out_of_bound_config_values_are_refused_by_key(saved, edit, match):
+    _edit_config(saved, edit)
+    with pytest.raises(ValueError, match=match.replace(".", r"\.")):
+        ErrorCorrectionWrapper.from_pretrained(saved, model=tiny_base())
+
+
+@pytest.mark.parametrize("temperature", [1e-3, 0.5, 1000.0])
+def test_temperatures_in_range_load(saved, temperature):
+    _edit_config(saved, lambda c: c["heads"].update(temperature=temperature))
+    assert ErrorCorrectionWrapper.from_pretrained(saved, model=tiny_base()).temperature == temperature
+
+
+def _nan_wrapper() -> ErrorCorrectionWrapper:
+    wrap = _small_wrapper()
+    with torch.no_grad():
+        wrap.base.classifier.bias[0] = float("nan")
+    return wrap
+
+
+def test_evaluate_refuses_nan_outputs_naming_pixels_and_images():
+    from errwrap import evaluate
+
+    x, y = batch()
+    with pytest.raises(ValueError, match=r"batch 0.*NaN/Inf.*pixels.*images \[0, 1\]"):
+        evaluate(_nan_wrapper(), [(x, y)], baselines=())
+
+
+def test_calibrate_temperature_refuses_nan_logits_and_keeps_the_temperature():
+    from errwrap import calibrate_temperature
+
+    wrap = _nan_wrapper()
+    wrap.temperature = 1.5
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        calibrate_temperature(wrap, [batch()])
+    assert wrap.temperature == 1.5
+
+
+def test_fit_temperature_refuses_non_finite_log_probs():
+    from errwrap.calibration import fit_temperature
+
+    lp = torch.log_softmax(torch.randn(10, 3), 1)
+    lp[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        fit_temperature(lp, torch.zeros(10, dtype=torch.long))

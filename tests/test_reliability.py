@@ -193,3 +193,35 @@ def test_fit_temperature_refuses_non_finite_log_probs():
     lp[3, 1] = float("nan")
     with pytest.raises(ValueError, match="NaN/Inf"):
         fit_temperature(lp, torch.zeros(10, dtype=torch.long))
+
+
+@pytest.fixture(scope="module")
+def nan_model_dir(tmp_path_factory):
+    """A CLI-loadable model whose heads give NaN (a damaged or badly trained checkpoint)."""
+    from errwrap.models import DeepLabV3Plus
+
+    torch.manual_seed(0)
+    base = DeepLabV3Plus("resnet18", num_classes=11, aspp_channels=8, decoder_channels=8, low_level_channels=8)
+    wrap = ErrorCorrectionWrapper(base, error_channels=8, detail_channels=8)
+    with torch.no_grad():
+        wrap.detail_head.classifier.bias[1] = float("nan")
+    path = tmp_path_factory.mktemp("nan_model")
+    wrap.save_pretrained(path)
+    return path
+
+
+def test_cli_predict_and_evaluate_refuse_nan_outputs(nan_model_dir, tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from errwrap.cli import main
+
+    image = tmp_path / "a.png"
+    Image.fromarray(np.full((32, 32, 3), 128, dtype=np.uint8)).save(image)
+    assert main(["predict", "--model", str(nan_model_dir), str(image), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "a.png" in err and "NaN/Inf" in err and "1024 pixels" in err and "Traceback" not in err
+    assert not (tmp_path / "out" / "a_labels.png").exists()
+    assert main(["evaluate", "--model", str(nan_model_dir), "--data", "scenes:2", "--size", "32", "--batch-size", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "batch 0" in err and "NaN/Inf" in err and "images [0, 1]" in err

@@ -26,6 +26,7 @@ __all__ = [
     "LABEL_KEYS",
     "check_logits",
     "check_finite",
+    "check_outputs_finite",
     "check_norm_batch",
     "describe",
     "input_dtype",
@@ -253,6 +254,35 @@ def check_finite(t: Tensor, name: str) -> None:
         raise ValueError(
             f"{name}: expected finite values, got {int(bad.sum())} NaN/Inf entries of {t.numel()}; "
             "check the images (NaN/Inf pixels) and the base network"
+        )
+
+
+def check_outputs_finite(out: Any, name: str) -> None:
+    """Raise ``ValueError`` when the wrapper's outputs (``base_logits``, ``logits``,
+    ``error_prob``) hold NaN or Inf, naming how many pixels and which images of the batch
+    (reads values: synchronises). Used by ``evaluate``, ``calibrate_temperature`` and the CLI.
+
+    Shapes:
+        out fields ``(B, C, H, W)`` or ``(B, H, W)``.
+    """
+    if is_tracing():
+        return
+    fields, pixels, images = [], 0, set()
+    for field in ("base_logits", "logits", "error_prob"):
+        t = getattr(out, field, None)
+        if not isinstance(t, Tensor) or t.ndim < 3:
+            continue
+        bad = ~torch.isfinite(t)
+        bad = bad.flatten(2).any(1) if t.ndim == 4 else bad.flatten(1)  # (B, pixels)
+        if bool(bad.any()):
+            fields.append(field)
+            pixels = max(pixels, int(bad.sum()))
+            images.update(bad.any(1).nonzero().flatten().tolist())
+    if fields:
+        raise ValueError(
+            f"{name}: the model's outputs hold NaN/Inf ({', '.join(fields)}) at {pixels} pixels of images "
+            f"{sorted(images)} (0-based in the batch); the base network or the heads give non-finite values: "
+            "check the weights, the temperature and the preprocessing (mean/std)"
         )
 
 

@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ._validate import input_dtype, prepare_batch
+from ._validate import check_outputs_finite, input_dtype, prepare_batch
 
 __all__ = ["TemperatureFit", "calibrate_temperature", "fit_temperature"]
 
@@ -62,6 +62,9 @@ def fit_temperature(log_probs: Tensor, labels: Tensor, tol: float = 1e-4) -> Tem
     if log_probs.shape[0] == 0:
         raise ValueError("fit_temperature: expected at least one labelled pixel, got none")
     log_probs = log_probs.float()
+    bad = ~torch.isfinite(log_probs)
+    if bool(bad.any()):
+        raise ValueError(f"fit_temperature: expected finite log_probs, got NaN/Inf in {int(bad.any(1).sum())} of {log_probs.shape[0]} pixels")
     lo, hi = LOG_T_RANGE
     ratio = (math.sqrt(5.0) - 1.0) / 2.0
     a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
@@ -129,6 +132,7 @@ def calibrate_temperature(
                     ignore_index=ignore_index, device=device, dtype=dtype,
                 )  # fmt: skip
                 out = wrapper(images)
+                check_outputs_finite(out, f"calibrate_temperature: batch {i}")
                 flat = labels.reshape(-1).cpu()
                 valid = (flat != ignore_index).nonzero().squeeze(1)
                 if valid.numel() == 0:

@@ -222,6 +222,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     import torch
 
+    from ._validate import check_outputs_finite
     from .viz import make_panel, palette_for, save_heatmap_png, save_label_png
 
     out = _output_dir(args.out)
@@ -236,6 +237,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         x, _ = normalize(image, torch.zeros(image.shape[-2:], dtype=torch.long))
         with torch.no_grad():
             o = wrap(x[None].to(device))
+        check_outputs_finite(o, str(path))
         labels, error, base = o.labels[0].cpu(), o.error_prob[0].cpu(), o.base_labels[0].cpu()
         save_label_png(labels, out / f"{stem}_labels.png", palette)
         save_heatmap_png(error, out / f"{stem}_error.png")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -46,6 +47,14 @@ _HEAD_KEYS = set(_INT_KEYS) | set(_STR_KEYS) | {"error_prior", "temperature"}
 _OPTIONAL_HEAD_DEFAULTS: dict[str, Any] = {"sample_size": 64, "temperature": 1.0}
 #: Head settings passed to the constructor when a model is rebuilt (the others are checked after).
 _CONSTRUCTOR_KEYS = ("num_classes", "in_channels", "low_level", "high_level", "error_channels", "error_blocks", "detail_channels", "detail_blocks", "fusion", "norm_layer", "act_layer", "error_prior")
+#: Largest value of each integer head setting a config may hold: a config cannot ask for a
+#: huge allocation (the heads' weights grow with channels squared and with blocks).
+_INT_LIMITS: dict[str, int] = {
+    "num_classes": 65536, "in_channels": 1024, "low_channels": 16384, "high_channels": 16384, "error_channels": 4096,
+    "error_blocks": 64, "detail_channels": 4096, "detail_blocks": 64, "sample_size": 4096,
+}  # fmt: skip
+#: The temperatures a config may hold and :func:`errwrap.calibrate_temperature` may set.
+TEMPERATURE_RANGE = (1e-3, 1e3)
 #: Keys that would ask a loader to run code; refused anywhere in a config.
 _CODE_KEYS = {"auto_map", "trust_remote_code", "_target_", "__class__", "__reduce__", "import", "module", "callable"}
 
@@ -91,14 +100,17 @@ def parse_config(raw: Any, source: str = CONFIG_NAME) -> dict[str, Any]:
     for key in _INT_KEYS:
         if key in heads and (not isinstance(heads[key], int) or isinstance(heads[key], bool) or heads[key] < 1):
             raise ValueError(f"{source}: heads.{key} must be a positive integer, got {heads[key]!r}")
+        if key in heads and heads[key] > _INT_LIMITS[key]:
+            raise ValueError(f"{source}: heads.{key}={heads[key]} is larger than errwrap allows ({_INT_LIMITS[key]}); is this file damaged or hostile?")
     for key in _STR_KEYS:
         if key in heads and not isinstance(heads[key], str):
             raise ValueError(f"{source}: heads.{key} must be a string, got {heads[key]!r}")
     if not isinstance(heads["error_prior"], (int, float)) or not 0 < heads["error_prior"] < 1:
         raise ValueError(f"{source}: heads.error_prior must be a probability in (0, 1), got {heads['error_prior']!r}")
     temperature = heads.get("temperature", 1.0)
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < float("inf"):
-        raise ValueError(f"{source}: heads.temperature must be a positive number, got {temperature!r}")
+    low, high = TEMPERATURE_RANGE
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not low <= temperature <= high:
+        raise ValueError(f"{source}: heads.temperature must be a positive number in [{low:g}, {high:g}], got {temperature!r}")
     if not isinstance(raw.get("heads_only", False), bool):
         raise ValueError(f"{source}: 'heads_only' must be true or false")
     base = raw.get("base")
@@ -117,6 +129,15 @@ def parse_config(raw: Any, source: str = CONFIG_NAME) -> dict[str, Any]:
         )
         if not ok:
             raise ValueError(f"{source}: 'preprocessing' must be {{'mean': [...], 'std': [...]}} with {heads['in_channels']} numbers each")
+        if not all(math.isfinite(v) for v in pre["mean"]) or not all(math.isfinite(v) and v > 0 for v in pre["std"]):
+            raise ValueError(f"{source}: 'preprocessing' must have finite means and finite stds > 0, got mean {pre['mean']}, std {pre['std']}")
+    options = raw.get("adapter_options")
+    if options not in (None, {}):
+        keys = sorted(options) if isinstance(options, dict) else options
+        raise ValueError(
+            f"{source}: adapter_options {keys!r} are not allowed in a saved config; no adapter takes options from a file "
+            "(expected {} or none). Pass such settings in Python, e.g. from_pretrained(...).unfreeze_base()"
+        )
     return raw
 
 
@@ -277,9 +298,6 @@ class HubMixin:
         kwargs = {k: heads[k] for k in _CONSTRUCTOR_KEYS}
         kwargs["sample_size"] = heads.get("sample_size", _OPTIONAL_HEAD_DEFAULTS["sample_size"])
         adapter = heads.get("adapter")
-        options = config.get("adapter_options") or {}
-        if options:
-            kwargs.update(options)
         wrapper = cls(model, adapter=None if adapter in (None, "native") else adapter, **kwargs)
         for key in ("low_channels", "high_channels"):
             if key in heads and wrapper.head_config[key] != heads[key]:

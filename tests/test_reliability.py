@@ -225,3 +225,71 @@ def test_cli_predict_and_evaluate_refuse_nan_outputs(nan_model_dir, tmp_path, ca
     assert main(["evaluate", "--model", str(nan_model_dir), "--data", "scenes:2", "--size", "32", "--batch-size", "2"]) == 2
     err = capsys.readouterr().err
     assert "batch 0" in err and "NaN/Inf" in err and "images [0, 1]" in err
+
+
+# ---------------------------------------------------------------------- 4. all-or-nothing loads
+def _scenes_wrapper(seed: int = 0, channels: int = 8) -> ErrorCorrectionWrapper:
+    from errwrap.data import Scenes
+
+    torch.manual_seed(seed)
+    return ErrorCorrectionWrapper(tiny_base(seed, num_classes=len(Scenes.class_names)), error_channels=channels, detail_channels=8)
+
+
+def _scenes_loader(n: int = 8, batch_size: int = 2):
+    from errwrap.data import Scenes, make_loader
+
+    return make_loader(Scenes(n, size=32, seed=0, cache=True), batch_size, seed=0)
+
+
+def _state(module) -> dict:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _assert_unchanged(module, before: dict) -> None:
+    after = module.state_dict()
+    assert set(after) == set(before)
+    for k, v in before.items():
+        assert torch.equal(after[k], v), f"{k} changed by a failed load"
+
+
+def test_resume_into_a_different_model_changes_nothing(tmp_path):
+    from errwrap import finetune
+
+    finetune(_scenes_wrapper(), _scenes_loader(), steps=1, checkpoint_dir=tmp_path, log_every=None)
+    other = _scenes_wrapper(seed=3, channels=16)  # the error head differs in shape, the detail head does not
+    before = _state(other)
+    with pytest.raises(ValueError, match=r"error_head.*expected .*16.*got .*8.*nothing was loaded"):
+        finetune(other, _scenes_loader(), steps=2, checkpoint_dir=tmp_path, resume="latest", log_every=None)
+    _assert_unchanged(other, before)
+
+
+def test_load_checkpoint_weights_is_all_or_nothing(tmp_path):
+    from errwrap.training import load_checkpoint_weights
+
+    _scenes_wrapper().save_pretrained(tmp_path)  # a model.safetensors of the same key names
+    other = _scenes_wrapper(seed=2, channels=16)
+    before = _state(other)
+    with pytest.raises(ValueError, match="shape"):
+        load_checkpoint_weights(other, tmp_path)
+    _assert_unchanged(other, before)
+
+
+def test_from_pretrained_into_a_passed_base_is_all_or_nothing(saved):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(saved / WEIGHTS_NAME))
+    tensors["base.stem.0.weight"] = torch.zeros(8, 3, 5, 5)
+    save_file(tensors, str(saved / WEIGHTS_NAME))
+    base = tiny_base(seed=5)
+    before = _state(base)
+    with pytest.raises(ValueError, match=r"base\.stem\.0\.weight: expected \(8, 3, 3, 3\), got \(8, 3, 5, 5\)"):
+        ErrorCorrectionWrapper.from_pretrained(saved, model=base)
+    _assert_unchanged(base, before)
+
+
+def test_resume_with_fewer_images_is_a_clear_error(tmp_path):
+    from errwrap import finetune
+
+    finetune(_scenes_wrapper(), _scenes_loader(n=8), steps=3, checkpoint_dir=tmp_path, log_every=None)  # batch 3 of 4
+    with pytest.raises(ValueError, match=r"resume.*batch 3.*yields only 1"):
+        finetune(_scenes_wrapper(), _scenes_loader(n=2), steps=4, checkpoint_dir=tmp_path, resume="latest", log_every=None)

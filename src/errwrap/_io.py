@@ -8,7 +8,7 @@ import json
 import os
 import struct
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-__all__ = ["atomic_path", "write_text_atomic", "tensors_digest", "save_safetensors", "load_safetensors", "MAX_HEADER_BYTES", "CHECKSUM_KEY"]
+__all__ = [
+    "atomic_path", "write_text_atomic", "tensors_digest", "save_safetensors", "load_safetensors", "load_state_strict",
+    "MAX_HEADER_BYTES", "CHECKSUM_KEY",
+]  # fmt: skip
 
 #: Largest safetensors JSON header errwrap reads (a header lists names, dtypes, shapes, offsets:
 #: a few hundred bytes per tensor, so this allows well over 100k tensors).
@@ -117,3 +120,46 @@ def load_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu"
     if expected is not None and tensors_digest(tensors) != expected:
         raise ValueError(f"{path}: checksum mismatch, the weights were corrupted after they were written; refusing them")
     return tensors, {str(k): str(v) for k, v in metadata.items()}
+
+
+def _listed(keys: list[str]) -> str:
+    return f"{keys[:10]}{' ...' if len(keys) > 10 else ''}"
+
+
+def load_state_strict(
+    module: torch.nn.Module,
+    tensors: dict[str, torch.Tensor],
+    source: str,
+    *,
+    required: Collection[str] | None = None,
+    allowed: Collection[str] | None = None,
+) -> list[str]:
+    """Copy ``tensors`` into ``module`` all-or-nothing: every key and shape is checked first, and
+    on any problem a ``ValueError`` names them all and no tensor is copied.
+
+    Args:
+        module: loaded in place.
+        tensors: name -> tensor, as in ``module.state_dict()``.
+        source: what to name in the error (the file).
+        required: keys that must be in ``tensors`` (default: all of ``module``'s).
+        allowed: keys ``tensors`` may hold (default: all of ``module``'s).
+
+    Returns:
+        The loaded keys, sorted.
+    """
+    current = module.state_dict()
+    required = set(current) if required is None else set(required)
+    allowed = set(current) if allowed is None else set(allowed) & set(current)
+    missing, unexpected = sorted(required - set(tensors)), sorted(set(tensors) - allowed)
+    wrong = [f"{k}: expected {tuple(current[k].shape)}, got {tuple(t.shape)}" for k, t in sorted(tensors.items()) if k in allowed and current[k].shape != t.shape]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {_listed(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys {_listed(unexpected)}")
+    if wrong:
+        problems.append(f"shape mismatches [{'; '.join(wrong[:10])}{' ...' if len(wrong) > 10 else ''}]")
+    if problems:
+        raise ValueError(f"{source}: weights do not fit this model: {', '.join(problems)}; nothing was loaded")
+    module.load_state_dict({**current, **tensors}, strict=True)
+    return sorted(tensors)

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._io import load_safetensors, save_safetensors, write_text_atomic
+from ._io import load_safetensors, load_state_strict, save_safetensors, write_text_atomic
 from .modelcard import render_model_card
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "CARD_NAME", "FORMAT_VERSION", "HubMixin", "parse_config"]
@@ -314,20 +314,8 @@ class HubMixin:
 
     def _load_checked(self, tensors: dict[str, torch.Tensor], heads_only: bool, source: str) -> None:
         """Strict, all-or-nothing load: every problem is found before any weight is copied."""
-        current = self.state_dict()  # type: ignore[attr-defined]
-        expected = {k for k in current if not (heads_only and k.startswith("base."))}
-        missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
-        wrong = [f"{k}: expected {tuple(current[k].shape)}, got {tuple(t.shape)}" for k, t in tensors.items() if k in current and current[k].shape != t.shape]
-        problems = []
-        if missing:
-            problems.append(f"missing keys {missing[:10]}{' ...' if len(missing) > 10 else ''}")
-        if unexpected:
-            problems.append(f"unexpected keys {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
-        if wrong:
-            problems.append(f"shape mismatches [{'; '.join(wrong[:10])}]")
-        if problems:
-            raise ValueError(f"{source}: weights do not fit this model: {', '.join(problems)}; nothing was loaded")
-        self.load_state_dict({**current, **tensors}, strict=True)  # type: ignore[attr-defined]
+        keys = {k for k in self.state_dict() if not (heads_only and k.startswith("base."))}  # type: ignore[attr-defined]
+        load_state_strict(self, tensors, source, required=keys, allowed=keys)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ push
     def push_to_hub(

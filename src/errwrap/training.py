@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ._io import load_safetensors, save_safetensors, write_text_atomic
+from ._io import load_safetensors, load_state_strict, save_safetensors, write_text_atomic
 from ._validate import check_images, input_dtype, split_batch
 from .data.loader import _checked_num_classes, _explain_batch_error
 from .losses import ErrorCorrectionLoss
@@ -176,8 +176,14 @@ class _Batches:
         """Rebuild the current epoch's iterator and consume the batches already used."""
         self._start_epoch()
         assert self._it is not None
-        for _ in range(self.position):
-            next(self._it)
+        for used in range(self.position):
+            try:
+                next(self._it)
+            except StopIteration:
+                raise ValueError(
+                    f"resume: the checkpoint stopped after batch {self.position} of epoch {self.epoch}, but train_loader now "
+                    f"yields only {used} batches per epoch; resume with the same data, batch size and drop_last"
+                ) from None
 
     def __next__(self) -> Any:
         if self._it is None:
@@ -242,20 +248,16 @@ def load_checkpoint_weights(wrapper: nn.Module, checkpoint: str | os.PathLike) -
     """Load a checkpoint's ``model.safetensors`` into ``wrapper`` and return the loaded keys.
 
     A heads-only checkpoint (frozen-base training) leaves the base as it is. Keys the wrapper
-    does not have raise ``ValueError``; so do missing head keys.
+    does not have raise ``ValueError``; so do missing head keys and wrong shapes, all checked
+    before any tensor is copied (a failed load leaves ``wrapper`` unchanged).
     """
     path = Path(checkpoint) / "model.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint: expected {path}, which does not exist")
     param = next(iter(wrapper.parameters()), None)
     tensors, _ = load_safetensors(path, device=param.device if param is not None else "cpu")
-    current = wrapper.state_dict()
-    unexpected = sorted(set(tensors) - set(current))
-    missing = sorted(k for k in current if not k.startswith("base.") and k not in tensors)
-    if unexpected or missing:
-        raise ValueError(f"{path}: does not match the model; unexpected keys {unexpected[:10]}, missing keys {missing[:10]}")
-    wrapper.load_state_dict({**current, **tensors}, strict=True)
-    return sorted(tensors)
+    heads = [k for k in wrapper.state_dict() if not k.startswith("base.")]
+    return load_state_strict(wrapper, tensors, str(path), required=heads)
 
 
 # ---------------------------------------------------------------------------- validation
@@ -457,10 +459,10 @@ def finetune(
                 raise ValueError(f"{path / 'state.pt'}: expected errwrap training state format {STATE_FORMAT}, got {state.get('format')!r}")
             if bool(state["base_trained"]) != base_trained:
                 raise ValueError(f"{path}: saved with base_trained={state['base_trained']}, but this run has base_trained={base_trained} (loss.w_base)")
-            load_checkpoint_weights(wrapper, path)
-            optimizer.load_state_dict(state["optimizer"])
+            optimizer.load_state_dict(state["optimizer"])  # the optimizer is this run's own: the wrapper is loaded last
             scheduler.load_state_dict(state["scheduler"])
             scaler.load_state_dict(state["scaler"])
+            load_checkpoint_weights(wrapper, path)
             step = int(state["step"])
             history = json.loads(state["history"])
             validation = json.loads(state["validation"])

@@ -2,6 +2,8 @@
 
 import json
 import math
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -293,3 +295,70 @@ def test_resume_with_fewer_images_is_a_clear_error(tmp_path):
     finetune(_scenes_wrapper(), _scenes_loader(n=8), steps=3, checkpoint_dir=tmp_path, log_every=None)  # batch 3 of 4
     with pytest.raises(ValueError, match=r"resume.*batch 3.*yields only 1"):
         finetune(_scenes_wrapper(), _scenes_loader(n=2), steps=4, checkpoint_dir=tmp_path, resume="latest", log_every=None)
+
+
+# ---------------------------------------------------------------------- 5. atomic model directories
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_save_removes_temporaries_of_dead_processes_and_keeps_live_ones(tmp_path):
+    target = tmp_path / "m"
+    dead, live = tmp_path / f".m.tmp-{_dead_pid()}-0a1b2c3d", tmp_path / f".m.tmp-{os.getppid()}-0a1b2c3d"
+    for d in (dead, live):
+        d.mkdir()
+        (d / "config.json").write_text("{}")
+    _small_wrapper().save_pretrained(target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["m", live.name])
+    assert sorted(p.name for p in target.iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME, "README.md"])
+
+
+def test_a_directory_set_aside_by_a_killed_save_is_put_back(saved, tmp_path):
+    from errwrap._io import atomic_directory
+
+    aside = tmp_path / f".m.old-{_dead_pid()}-0a1b2c3d"
+    saved.rename(aside)  # killed between "rename the old one aside" and "rename the new one in"
+    with pytest.raises(RuntimeError):
+        with atomic_directory(saved):
+            raise RuntimeError("the next save fails too")
+    assert not aside.exists()
+    ErrorCorrectionWrapper.from_pretrained(saved, model=tiny_base())
+
+
+def test_save_into_a_directory_with_other_files_keeps_them(tmp_path):
+    target = tmp_path / "run"
+    target.mkdir()
+    (target / "notes.txt").write_text("mine")
+    _small_wrapper().save_pretrained(target)
+    assert (target / "notes.txt").read_text() == "mine"
+    ErrorCorrectionWrapper.from_pretrained(target, model=tiny_base())
+
+
+def test_save_into_a_file_is_refused(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(NotADirectoryError, match="expected a directory"):
+        _small_wrapper().save_pretrained(tmp_path / "f")
+    assert (tmp_path / "f").read_text() == "x"
+
+
+# ---------------------------------------------------------------------- 7. file modes
+@pytest.mark.skipif(os.name != "posix", reason="POSIX modes")
+@pytest.mark.parametrize("umask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700), (0o002, 0o664, 0o775)])
+def test_saved_files_get_the_users_umask(tmp_path, umask, file_mode, dir_mode):
+    from errwrap import finetune
+
+    old = os.umask(umask)
+    try:
+        _small_wrapper().save_pretrained(tmp_path / "m")
+        finetune(_scenes_wrapper(), _scenes_loader(n=2), steps=1, checkpoint_dir=tmp_path / "ckpt", log_every=None)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "m").stat().st_mode) == dir_mode
+    files = [*(tmp_path / "m").iterdir(), tmp_path / "ckpt" / "latest", *(tmp_path / "ckpt" / "step-000001").iterdir()]
+    assert len(files) == 6
+    assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in files} == {p.name: oct(file_mode) for p in files}

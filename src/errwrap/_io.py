@@ -1,12 +1,20 @@
-"""Safe file I/O: atomic writes (temporary file + rename) and checked safetensors loading."""
+"""Safe file I/O: atomic writes (temporary file or directory + rename), files with the user's
+umask, and checked safetensors loading."""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import hashlib
 import json
+import logging
 import os
+import re
+import secrets
+import shutil
 import struct
+import sys
 import tempfile
 from collections.abc import Collection, Iterator
 from pathlib import Path
@@ -17,9 +25,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 __all__ = [
-    "atomic_path", "write_text_atomic", "tensors_digest", "save_safetensors", "load_safetensors", "load_state_strict",
+    "atomic_path", "atomic_directory", "write_text_atomic", "default_mode", "tensors_digest", "save_safetensors", "load_safetensors", "load_state_strict",
     "MAX_HEADER_BYTES", "CHECKSUM_KEY",
 ]  # fmt: skip
+
+logger = logging.getLogger(__name__)
 
 #: Largest safetensors JSON header errwrap reads (a header lists names, dtypes, shapes, offsets:
 #: a few hundred bytes per tensor, so this allows well over 100k tensors).
@@ -42,10 +52,119 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp_path, default_mode())  # mkstemp makes 0600; a saved file gets the user's umask
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where the system says it (Linux)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_mode(directory: bool = False) -> int:
+    """The mode ``open()`` / ``mkdir()`` would give a new file (``0o666``) or directory
+    (``0o777``) under the user's umask: ``0o644`` / ``0o755`` with the usual umask 022."""
+    return (0o777 if directory else 0o666) & ~_umask()
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):  # not every system can open a directory
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); ``False``
+    where the system or the file system cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def _remove_stale(path: Path) -> None:
+    """Remove ``.NAME.tmp-PID-*`` / ``.NAME.old-PID-*`` left next to ``path`` by processes that
+    died mid-save; put a set-aside ``.old`` back when ``path`` itself is missing."""
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(tmp|old)-(\d+)-[0-9a-f]+$")
+    stale = []
+    for entry in path.parent.iterdir():
+        found = pattern.match(entry.name)
+        if found and int(found.group(2)) != os.getpid() and not _pid_alive(int(found.group(2))):
+            stale.append((found.group(1), entry))
+    for kind, entry in sorted(stale, key=lambda e: e[0] != "old"):
+        if kind == "old" and not path.exists():
+            os.replace(entry, path)  # a save died between setting the old directory aside and renaming the new one in
+            logger.warning("restored %s from %s, left by an interrupted save", path, entry.name)
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        logger.info("removed %s, left by an interrupted save", entry)
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a new sibling directory ``.NAME.tmp-PID-RAND`` to fill; on success it replaces
+    ``path`` as a whole (swapped in one step where Linux can, else the old one is renamed aside,
+    the new one in, and the old one removed), so a crash leaves the old or the new directory,
+    never a mix. Temporary directories of processes that died are removed on the next call.
+    The directory and the files written through :func:`atomic_path` get the user's umask."""
+    path = Path(path).absolute()
+    if path.is_symlink():
+        path = path.resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(path)
+    tag = f"{os.getpid()}-{secrets.token_hex(4)}"
+    tmp = path.with_name(f".{path.name}.tmp-{tag}")
+    tmp.mkdir()
+    try:
+        os.chmod(tmp, path.stat().st_mode & 0o7777 if path.is_dir() else default_mode(directory=True))
+        yield tmp
+        _fsync_dir(tmp)
+        if not path.exists():
+            os.rename(tmp, path)
+        elif not _exchange(tmp, path):
+            old = path.with_name(f".{path.name}.old-{tag}")
+            os.rename(path, old)
+            os.rename(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        _fsync_dir(path.parent)
+    finally:
+        if tmp.exists():  # after a swap it holds the old directory; after a failure the new one
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

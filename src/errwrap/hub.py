@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._io import load_safetensors, load_state_strict, save_safetensors, write_text_atomic
+from ._io import atomic_directory, load_safetensors, load_state_strict, save_safetensors, write_text_atomic
 from .modelcard import render_model_card
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "CARD_NAME", "FORMAT_VERSION", "HubMixin", "parse_config"]
@@ -164,6 +164,20 @@ def _resolve_file(location: str | os.PathLike, filename: str, **download: Any) -
         raise FileNotFoundError(f"{location}: could not get {filename} from the Hub ({type(exc).__name__}: {exc})") from None
 
 
+def _other_entries(directory: Path) -> list[str]:
+    """What ``directory`` holds besides a saved model's files (and temporary files of earlier
+    saves); such a directory, or the working directory, is not replaced as a whole."""
+    if not directory.is_dir():
+        return []
+    try:
+        if Path.cwd().resolve().is_relative_to(directory.resolve()):
+            return ["(the working directory)"]
+    except OSError:
+        pass
+    own = {CONFIG_NAME, WEIGHTS_NAME, CARD_NAME}
+    return sorted(p.name for p in directory.iterdir() if p.name not in own and not (p.name.startswith(".") and p.name.endswith(".tmp")))
+
+
 class HubMixin:
     """Adds ``save_pretrained``, ``from_pretrained`` and ``push_to_hub`` to the wrapper."""
 
@@ -217,8 +231,12 @@ class HubMixin:
     ) -> Path:
         """Write ``config.json``, ``model.safetensors`` and ``README.md`` to ``save_directory``.
 
-        Each file is written to a temporary name and renamed, so an interrupted save leaves
-        the previous files intact.
+        The files are written into a sibling temporary directory that then replaces
+        ``save_directory`` as a whole, so an interrupted save (even ``kill -9``) leaves the
+        previous model or the new one, never a mix; temporary directories of processes that died
+        are removed by the next save. A directory that holds other files too (or the working
+        directory) keeps them: there each file is replaced on its own, atomically. Files get the
+        user's umask (``0644`` by default).
 
         Args:
             save_directory: created if missing.
@@ -232,11 +250,25 @@ class HubMixin:
             The directory.
         """
         directory = Path(save_directory)
+        if directory.exists() and not directory.is_dir():
+            raise NotADirectoryError(f"save_directory: expected a directory (existing or new), got the file {directory}")
         config = self.hub_config(heads_only=heads_only, class_names=class_names)
-        directory.mkdir(parents=True, exist_ok=True)
-        save_safetensors(self._weights(heads_only), directory / WEIGHTS_NAME, metadata={"format": "pt", "library": "errwrap", "heads_only": str(heads_only).lower()})
-        write_text_atomic(directory / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
-        write_text_atomic(directory / CARD_NAME, render_model_card(config, metrics=metrics, training=training, license=license))
+        card = render_model_card(config, metrics=metrics, training=training, license=license)
+        weights = self._weights(heads_only)
+
+        def write(into: Path) -> None:
+            save_safetensors(weights, into / WEIGHTS_NAME, metadata={"format": "pt", "library": "errwrap", "heads_only": str(heads_only).lower()})
+            write_text_atomic(into / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
+            write_text_atomic(into / CARD_NAME, card)
+
+        others = _other_entries(directory)
+        if others:
+            logger.info("%s holds other files (%s); its model files are replaced one by one, not as one directory", directory, others[:5])
+            directory.mkdir(parents=True, exist_ok=True)
+            write(directory)
+        else:
+            with atomic_directory(directory) as tmp:
+                write(tmp)
         logger.info("saved errwrap model (%s) to %s", "heads only" if heads_only else "base and heads", directory)
         return directory
 

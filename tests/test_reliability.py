@@ -362,3 +362,134 @@ def test_saved_files_get_the_users_umask(tmp_path, umask, file_mode, dir_mode):
     files = [*(tmp_path / "m").iterdir(), tmp_path / "ckpt" / "latest", *(tmp_path / "ckpt" / "step-000001").iterdir()]
     assert len(files) == 6
     assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in files} == {p.name: oct(file_mode) for p in files}
+
+
+# ---------------------------------------------------------------------- 6. outputs checked before training
+needs_proc = pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="uses /proc as a directory nobody can write")
+
+
+class _CountingLoader:
+    """A loader that counts the batches drawn from it."""
+
+    def __init__(self, loader) -> None:
+        self.loader, self.drawn = loader, 0
+
+    def __iter__(self):
+        for b in self.loader:
+            self.drawn += 1
+            yield b
+
+
+@needs_proc
+def test_finetune_refuses_an_unwritable_checkpoint_dir_before_the_first_step():
+    from errwrap import finetune
+
+    loader = _CountingLoader(_scenes_loader(n=2))
+    with pytest.raises(OSError, match=r"checkpoint_dir /proc/errwrap-nowhere/ckpt: cannot write in /proc"):
+        finetune(_scenes_wrapper(), loader, steps=1, checkpoint_dir="/proc/errwrap-nowhere/ckpt", log_every=None)
+    assert loader.drawn == 0
+
+
+def test_finetune_refuses_a_full_disk_before_the_first_step(tmp_path, monkeypatch):
+    import shutil
+
+    from errwrap import finetune
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    loader = _CountingLoader(_scenes_loader(n=2))
+    with pytest.raises(OSError, match=r"checkpoint_dir .*: 0\.0 MB free on its disk, but saving needs about 0\.\d+ MB"):
+        finetune(_scenes_wrapper(), loader, steps=1, checkpoint_dir=tmp_path / "ckpt", log_every=None)
+    assert loader.drawn == 0
+
+
+def test_a_failed_last_checkpoint_goes_to_a_named_fallback(tmp_path, monkeypatch):
+    import shutil
+
+    import errwrap.training as training
+    from errwrap import finetune
+    from errwrap.training import load_checkpoint_weights
+
+    write = training._write_checkpoint
+
+    def full_disk(directory, *args):
+        if Path(directory) == tmp_path / "ckpt":
+            raise OSError(28, "No space left on device")
+        return write(directory, *args)
+
+    monkeypatch.setattr(training, "_write_checkpoint", full_disk)
+    wrap = _scenes_wrapper()
+    with pytest.warns(RuntimeWarning, match="could not write the last checkpoint.*No space left.*written to .*errwrap-checkpoint-"):
+        result = finetune(wrap, _scenes_loader(n=2), steps=1, checkpoint_dir=tmp_path / "ckpt", log_every=None)
+    try:
+        assert result.checkpoint.name == "step-000001" and (result.checkpoint / "state.pt").is_file()
+        other = _scenes_wrapper()  # same base, fresh heads
+        assert not torch.equal(other.error_head.classifier.weight, wrap.error_head.classifier.weight)
+        load_checkpoint_weights(other, result.checkpoint)
+        for k, v in wrap.state_dict().items():
+            assert torch.equal(other.state_dict()[k], v), k
+    finally:
+        shutil.rmtree(result.checkpoint.parent)
+
+
+@pytest.fixture(scope="module")
+def cli_model_dir(tmp_path_factory):
+    from errwrap.models import DeepLabV3Plus
+
+    torch.manual_seed(0)
+    base = DeepLabV3Plus("resnet18", num_classes=11, aspp_channels=8, decoder_channels=8, low_level_channels=8)
+    path = tmp_path_factory.mktemp("cli_model")
+    ErrorCorrectionWrapper(base, error_channels=8, detail_channels=8).save_pretrained(path)
+    return path
+
+
+@needs_proc
+def test_cli_finetune_refuses_an_unwritable_out_before_training(cli_model_dir, capsys):
+    from errwrap.cli import main
+
+    argv = ["finetune", "--model", str(cli_model_dir), "--data", "scenes:2", "--size", "32", "--steps", "1", "--batch-size", "2"]
+    assert main([*argv, "--out", "/proc/errwrap-nowhere"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("errwrap: error: --out /proc/errwrap-nowhere: cannot write in /proc") and "fine-tuned" not in err
+
+
+def test_cli_finetune_keeps_the_model_when_the_final_save_fails(cli_model_dir, tmp_path, capsys, monkeypatch):
+    import re
+    import shutil
+
+    from errwrap.cli import main
+
+    save = ErrorCorrectionWrapper.save_pretrained
+
+    def full_disk(self, directory, **kwargs):
+        if Path(directory) == tmp_path / "out":
+            raise OSError(28, "No space left on device")
+        return save(self, directory, **kwargs)
+
+    monkeypatch.setattr(ErrorCorrectionWrapper, "save_pretrained", full_disk)
+    argv = ["finetune", "--model", str(cli_model_dir), "--data", "scenes:2", "--size", "32", "--steps", "1", "--batch-size", "2"]
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    found = re.search(r"No space left on device.*saved to (\S+) instead", err)
+    assert found and "Traceback" not in err, err
+    try:
+        tuned = ErrorCorrectionWrapper.from_pretrained(found.group(1))
+        before = ErrorCorrectionWrapper.from_pretrained(cli_model_dir)
+        assert not torch.equal(tuned.error_head.classifier.weight, before.error_head.classifier.weight)
+    finally:
+        shutil.rmtree(found.group(1))
+
+
+def test_a_safetensors_write_error_is_an_oserror_and_keeps_the_old_model(saved, monkeypatch):
+    import errwrap._io as io
+    from safetensors import SafetensorError
+
+    before = {p.name: p.read_bytes() for p in saved.iterdir()}
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError("Error while serializing: IoError(No space left on device)")
+
+    monkeypatch.setattr(io, "save_file", full_disk)
+    with pytest.raises(OSError, match=r"model\.safetensors: could not write the weights .*No space left"):
+        _small_wrapper(seed=3).save_pretrained(saved)
+    assert {p.name: p.read_bytes() for p in saved.iterdir()} == before
+    assert sorted(p.name for p in saved.parent.iterdir()) == ["m"]

@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 __all__ = [
-    "atomic_path", "atomic_directory", "write_text_atomic", "default_mode", "tensors_digest", "save_safetensors", "load_safetensors", "load_state_strict",
+    "atomic_path", "atomic_directory", "write_text_atomic", "default_mode", "check_writable", "tensor_bytes", "tensors_digest", "save_safetensors", "load_safetensors", "load_state_strict",
     "MAX_HEADER_BYTES", "CHECKSUM_KEY",
 ]  # fmt: skip
 
@@ -167,6 +167,34 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def tensor_bytes(tensors: Collection[torch.Tensor]) -> int:
+    """Bytes of ``tensors`` as stored (what a safetensors file of them takes, less its header)."""
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def check_writable(path: str | os.PathLike, need_bytes: int, what: str) -> None:
+    """Before long work that ends in a write: check that ``path`` (a directory, existing or not)
+    can be written and that its file system has ``need_bytes`` free.
+
+    Raises:
+        OSError: naming ``what``, the path, and the reason (not writable, or how much is free).
+    """
+    path = Path(path)
+    probe = path
+    while not probe.is_dir():
+        if probe.exists() or probe.parent == probe:
+            raise NotADirectoryError(f"{what} {path}: expected a directory (existing or new), but {probe} is not a directory")
+        probe = probe.parent
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as exc:
+        raise OSError(f"{what} {path}: cannot write in {probe} ({exc.strerror or exc}); choose a writable directory") from None
+    free = shutil.disk_usage(probe).free
+    if free < need_bytes:
+        raise OSError(f"{what} {path}: {free / 1e6:.1f} MB free on its disk, but saving needs about {need_bytes / 1e6:.1f} MB; free some space or choose another directory")
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     with atomic_path(path) as tmp:
@@ -192,7 +220,10 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, 
     plain = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     metadata = {**(metadata or {}), CHECKSUM_KEY: tensors_digest(plain)}
     with atomic_path(path) as tmp:
-        save_file(plain, str(tmp), metadata=metadata)
+        try:
+            save_file(plain, str(tmp), metadata=metadata)
+        except SafetensorError as exc:  # e.g. a full disk: an OSError like any other failed write
+            raise OSError(f"{path}: could not write the weights ({exc})") from None
 
 
 def _check_header(path: Path) -> dict[str, Any]:

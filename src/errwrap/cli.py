@@ -274,7 +274,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
+    import tempfile
+
     from . import data as D
+    from ._io import check_writable, tensor_bytes
     from .training import finetune
 
     _output_dir(args.out)  # refuse a file before training, not after
@@ -282,6 +285,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         _output_dir(args.checkpoint_dir, "--checkpoint-dir")
     label_map = parse_label_map(args.label_map)
     wrap = _load_model(args.model, args.device)
+    check_writable(args.out, 2 * tensor_bytes(wrap.state_dict().values()), "--out")  # before training, not after
     normalize, _, _ = _normalizer(wrap)
     transforms = [D.RandomHorizontalFlip()]
     if args.crop:
@@ -300,7 +304,11 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     training = {"data": args.data, "steps": args.steps, "lr": args.lr}
     if args.label_map:
         training["label_map"] = args.label_map
-    wrap.save_pretrained(args.out, training=training)
+    try:
+        wrap.save_pretrained(args.out, training=training)
+    except OSError as exc:
+        fallback = wrap.save_pretrained(tempfile.mkdtemp(prefix="errwrap-finetune-"), training=training)
+        raise CLIError(f"--out {args.out}: could not save the fine-tuned model ({exc}); it was saved to {fallback} instead") from None
     _say(f"saved to {args.out}")
     return 0
 

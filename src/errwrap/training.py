@@ -28,7 +28,9 @@ import os
 import random
 import shutil
 import sys
+import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -38,7 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ._io import load_safetensors, load_state_strict, save_safetensors, write_text_atomic
+from ._io import check_writable, load_safetensors, load_state_strict, save_safetensors, tensor_bytes, write_text_atomic
 from ._validate import check_images, input_dtype, split_batch
 from .data.loader import _checked_num_classes, _explain_batch_error
 from .losses import ErrorCorrectionLoss
@@ -357,7 +359,10 @@ def finetune(
         loss: an :class:`~errwrap.ErrorCorrectionLoss` (default: ``ErrorCorrectionLoss()``).
         device: where to train; default: the wrapper's device. Given and different, the wrapper
             is moved there (logged). Batches are moved to it.
-        checkpoint_dir: where checkpoints go (``None``: none are written).
+        checkpoint_dir: where checkpoints go (``None``: none are written). Before the first
+            step it must be writable with room for two checkpoints (``OSError`` otherwise); if
+            the last checkpoint cannot be written there, it goes to a new temporary directory,
+            named in a ``RuntimeWarning`` and in the result's ``checkpoint``.
         checkpoint_every: write one every this many steps; one is always written at the end.
         resume: a checkpoint directory (or a file in it, such as its ``model.safetensors``), a
             ``checkpoint_dir`` or its ``latest`` file (the newest checkpoint), or ``"latest"``
@@ -429,6 +434,9 @@ def finetune(
     dtype = input_dtype(wrapper)  # float64 or float16 images run in the model's dtype
     if not params:
         raise ValueError("wrapper: no parameter requires grad; nothing to train")
+    if checkpoint_dir is not None and _distributed()[1] == 0:  # room for one checkpoint (weights, AdamW moments), twice over
+        need = 2 * (tensor_bytes(_checkpoint_weights(wrapper, base_trained).values()) + 2 * tensor_bytes(params))
+        check_writable(checkpoint_dir, need, "checkpoint_dir")
 
     # ------------------------------------------------------------ optimizer, schedule, precision
     _seed_everything(seed)
@@ -517,7 +525,19 @@ def finetune(
                 "history": json.dumps(history),
                 "validation": json.dumps(validation),
             }
-            final = _write_checkpoint(ckpt_root, at_step, _checkpoint_weights(wrapper, base_trained), state)
+            weights = _checkpoint_weights(wrapper, base_trained)
+            try:
+                final = _write_checkpoint(ckpt_root, at_step, weights, state)
+            except OSError as exc:
+                if at_step != steps:
+                    raise  # the previous checkpoint is intact; resume from it
+                final = _write_checkpoint(Path(tempfile.mkdtemp(prefix="errwrap-checkpoint-")), at_step, weights, state)
+                warnings.warn(
+                    f"finetune: could not write the last checkpoint to {ckpt_root} ({exc}); it was written to {final} "
+                    "instead (resume= or load_checkpoint_weights read it). Move it before the temporary directory is cleaned",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
             logger.info("checkpoint: %s", final)
         if distributed:
             dist.barrier()

@@ -493,3 +493,67 @@ def test_a_safetensors_write_error_is_an_oserror_and_keeps_the_old_model(saved, 
         _small_wrapper(seed=3).save_pretrained(saved)
     assert {p.name: p.read_bytes() for p in saved.iterdir()} == before
     assert sorted(p.name for p in saved.parent.iterdir()) == ["m"]
+
+
+# ---------------------------------------------------------------------- 8. clear errors for the rest
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"lr": float("nan")}, "lr"),
+        ({"lr": float("inf")}, "lr"),
+        ({"weight_decay": float("nan")}, "weight_decay"),
+        ({"weight_decay": float("inf")}, "weight_decay"),
+        ({"clip_grad_norm": float("nan")}, "clip_grad_norm"),
+        ({"clip_grad_norm": float("inf")}, "clip_grad_norm"),
+    ],
+)
+def test_finetune_refuses_non_finite_hyperparameters_before_training(kwargs, match):
+    from errwrap import finetune
+
+    wrap = _scenes_wrapper()
+    before = _state(wrap)
+    with pytest.raises(ValueError, match=rf"{match}: expected a finite"):
+        finetune(wrap, _scenes_loader(n=2), steps=1, log_every=None, **kwargs)
+    _assert_unchanged(wrap, before)
+
+
+def test_images_on_another_device_than_the_model_get_a_clear_error():
+    wrap = _small_wrapper()
+    x, _ = batch()
+    with pytest.raises(RuntimeError, match=r"images are on meta, the model's parameters on cpu.*\.to\("):
+        wrap(x.to("meta"))
+    with pytest.raises(RuntimeError, match=r"images are on meta, the model's parameters on cpu"):
+        wrap.forward_base(x.to("meta"))
+
+
+def _png(path: Path, size: int = 64) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray(np.zeros((size, size, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+@pytest.mark.parametrize("limit", [1000, 3000])  # 64x64 = 4096 pixels: over twice the limit (Pillow's error), or over it (its warning)
+def test_decompression_bomb_images_are_refused_naming_the_file(tmp_path, monkeypatch, limit):
+    from PIL import Image
+
+    from errwrap.data.datasets import load_image, load_mask
+
+    path = _png(tmp_path / "bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
+    for load in (load_image, load_mask):
+        with pytest.raises(ValueError, match=r"bomb\.png: .*4096 pixels.*decompression bomb"):
+            load(path)
+
+
+def test_cli_predict_refuses_a_decompression_bomb_in_one_line(cli_model_dir, tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    from errwrap.cli import main
+
+    path = _png(tmp_path / "bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    assert main(["predict", "--model", str(cli_model_dir), str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("errwrap: error: ") and "bomb.png" in err and "decompression bomb" in err and "Traceback" not in err

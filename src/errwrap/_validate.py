@@ -27,6 +27,7 @@ __all__ = [
     "check_logits",
     "check_finite",
     "check_outputs_finite",
+    "explain_device_mismatch",
     "check_norm_batch",
     "describe",
     "input_dtype",
@@ -284,6 +285,21 @@ def check_outputs_finite(out: Any, name: str) -> None:
             f"{sorted(images)} (0-based in the batch); the base network or the heads give non-finite values: "
             "check the weights, the temperature and the preprocessing (mean/std)"
         )
+
+
+def explain_device_mismatch(exc: BaseException, model: torch.nn.Module, x: Tensor, name: str = "images") -> None:
+    """After ``model(x)`` raised ``exc``: when ``x`` is on another device than every parameter of
+    ``model``, raise a ``RuntimeError`` that says so (chained to ``exc``); else return. Called
+    only on failure, so the forward pass pays nothing."""
+    if not isinstance(x, Tensor):
+        return
+    devices = {p.device for p in model.parameters()}
+    if devices and x.device not in devices:
+        shown = ", ".join(sorted(str(d) for d in devices))
+        raise RuntimeError(
+            f"{name} are on {x.device}, the model's parameters on {shown}: move the images with x.to({shown.split(', ')[0]!r}) "
+            "or the model with wrapper.to(device)"
+        ) from exc
 
 
 def check_norm_batch(module: torch.nn.Module, feature: Tensor, name: str) -> None:

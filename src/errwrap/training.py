@@ -399,6 +399,11 @@ def finetune(
         raise ValueError(f"schedule: expected one of {SCHEDULES}, got {schedule!r}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
+    for name, value, rule in (("lr", lr, "> 0"), ("weight_decay", weight_decay, ">= 0"), ("clip_grad_norm", clip_grad_norm, "> 0 (None: no clipping)")):
+        if name == "clip_grad_norm" and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{name}: expected a finite number {rule}, got {value!r}")
     if lr <= 0 or weight_decay < 0:
         raise ValueError(f"lr, weight_decay: expected lr > 0 and weight_decay >= 0, got {lr}, {weight_decay}")
     if clip_grad_norm is not None and clip_grad_norm <= 0:

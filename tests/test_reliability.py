@@ -557,3 +557,22 @@ def test_cli_predict_refuses_a_decompression_bomb_in_one_line(cli_model_dir, tmp
     assert main(["predict", "--model", str(cli_model_dir), str(path), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("errwrap: error: ") and "bomb.png" in err and "decompression bomb" in err and "Traceback" not in err
+
+
+def test_a_base_that_returns_another_batch_size_gets_a_clear_error():
+    from torch import nn
+
+    class DropsImages(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner, self.drop = tiny_base(), False
+
+        def forward(self, x):
+            logits, features = self.inner(x)
+            return (logits[:1], features) if self.drop else (logits, features)
+
+    base = DropsImages()
+    wrap = ErrorCorrectionWrapper(base, error_channels=8, detail_channels=8).eval()
+    base.drop = True
+    with pytest.raises(ValueError, match=r"base output: logits batch 1 for a batch of 2 images"):
+        wrap(batch()[0])

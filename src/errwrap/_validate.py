@@ -28,6 +28,7 @@ __all__ = [
     "check_finite",
     "check_outputs_finite",
     "explain_device_mismatch",
+    "check_base_batch",
     "check_norm_batch",
     "describe",
     "input_dtype",
@@ -300,6 +301,18 @@ def explain_device_mismatch(exc: BaseException, model: torch.nn.Module, x: Tenso
             f"{name} are on {x.device}, the model's parameters on {shown}: move the images with x.to({shown.split(', ')[0]!r}) "
             "or the model with wrapper.to(device)"
         ) from exc
+
+
+def check_base_batch(out: Any, x: Tensor) -> None:
+    """Raise ``ValueError`` when the base's logits or features (a ``BaseOutput``) do not have one
+    entry per image of ``x`` (shape-only check, skipped while tracing)."""
+    if is_tracing() or not isinstance(x, Tensor) or x.ndim == 0:
+        return
+    found = {"logits": getattr(out, "logits", None), **{f"feature {k!r}": v for k, v in (getattr(out, "features", None) or {}).items()}}
+    wrong = {k: int(v.shape[0]) for k, v in found.items() if isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] != x.shape[0]}
+    if wrong:
+        shown = ", ".join(f"{k} batch {b}" for k, b in wrong.items())
+        raise ValueError(f"base output: {shown} for a batch of {x.shape[0]} images; expected the base network to return one output per image")
 
 
 def check_norm_batch(module: torch.nn.Module, feature: Tensor, name: str) -> None:

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 
 from torch import Tensor, nn
 
-from .._validate import describe, explain_device_mismatch, is_tracing
+from .._validate import check_base_batch, describe, explain_device_mismatch, is_tracing
 
 __all__ = ["NoFeaturesError", "BaseOutput", "BaseAdapter", "NativeAdapter", "parse_base_output", "normalize_features", "PROTOCOL_HELP"]
 
@@ -110,10 +110,12 @@ class BaseAdapter:
         if is_tracing():
             return self.forward(model, x)
         try:
-            return self.forward(model, x)
+            out = self.forward(model, x)
         except RuntimeError as exc:  # torch's device errors are deep: say which devices differ
             explain_device_mismatch(exc, model, x)
             raise
+        check_base_batch(out, x)
+        return out
 
     def detach(self) -> None:
         """Undo whatever the adapter did to the model (e.g. remove hooks)."""

@@ -576,3 +576,15 @@ def test_a_base_that_returns_another_batch_size_gets_a_clear_error():
     base.drop = True
     with pytest.raises(ValueError, match=r"base output: logits batch 1 for a batch of 2 images"):
         wrap(batch()[0])
+
+
+def test_calibrate_temperature_never_sets_a_temperature_a_config_would_refuse(monkeypatch):
+    import errwrap.calibration as calibration
+    from errwrap import calibrate_temperature
+
+    monkeypatch.setattr(calibration, "LOG_T_RANGE", (-12.0, -10.0))  # a search that can only end below 1e-3
+    wrap = _small_wrapper()
+    wrap.temperature = 2.0
+    with pytest.raises(ValueError, match=r"fitted temperature .* outside \[0\.001, 1000\]; kept 2\.0"):
+        calibrate_temperature(wrap, [batch()])
+    assert wrap.temperature == 2.0

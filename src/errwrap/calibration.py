@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from ._validate import check_outputs_finite, input_dtype, prepare_batch
+from .hub import TEMPERATURE_RANGE
 
 __all__ = ["TemperatureFit", "calibrate_temperature", "fit_temperature"]
 
@@ -155,6 +156,10 @@ def calibrate_temperature(
         wrapper.temperature = old_t
         raise ValueError("calibrate_temperature: the loader gave no labelled pixels (all equal to ignore_index, or empty)")
     fit = fit_temperature(kept_lp, kept_y)
+    low, high = TEMPERATURE_RANGE
+    if not low <= fit.temperature <= high:  # NaN fails too
+        wrapper.temperature = old_t
+        raise ValueError(f"calibrate_temperature: the fitted temperature {fit.temperature!r} is outside [{low:g}, {high:g}]; kept {old_t}")
     wrapper.temperature = fit.temperature
     logger.info("fused temperature %.4f on %d pixels: NLL %.4f -> %.4f", fit.temperature, fit.pixels, fit.nll_before, fit.nll_after)
     return fit

@@ -588,3 +588,29 @@ def test_calibrate_temperature_never_sets_a_temperature_a_config_would_refuse(mo
     with pytest.raises(ValueError, match=r"fitted temperature .* outside \[0\.001, 1000\]; kept 2\.0"):
         calibrate_temperature(wrap, [batch()])
     assert wrap.temperature == 2.0
+
+
+# ---------------------------------------------------------------------- 3b. sizes a file cannot ask for
+def test_a_base_spec_that_would_allocate_gigabytes_is_refused_before_allocating(saved):
+    spec = {"family": "errwrap.DeepLabV3Plus", "config": {"encoder_name": "resnet18", "num_classes": 5, "aspp_channels": 100_000}}
+    _edit_config(saved, lambda c: c.update(base=spec))
+    with pytest.raises(ValueError, match=r"base of 51\.\d+ G parameters, more than the 1\.07 G.*model="):
+        ErrorCorrectionWrapper.from_pretrained(saved)
+
+
+def test_head_sizes_that_are_each_in_bounds_but_together_huge_are_refused(saved):
+    _edit_config(saved, lambda c: c["heads"].update(error_channels=4096, error_blocks=64))
+    with pytest.raises(ValueError, match=r"heads of about 9\d{3} M parameters"):
+        ErrorCorrectionWrapper.from_pretrained(saved, model=tiny_base())
+
+
+def test_oversized_or_deeply_nested_config_files_are_refused(saved):
+    config = json.loads((saved / CONFIG_NAME).read_text())
+    config["class_names"] = ["x" * 1000] * 17_000  # 17 MB
+    (saved / CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="larger than the 16777216 errwrap reads"):
+        ErrorCorrectionWrapper.from_pretrained(saved, model=tiny_base())
+    for depth in (50, 100_000):
+        (saved / CONFIG_NAME).write_text(json.dumps({**{k: v for k, v in config.items() if k != "class_names"}}).replace('"base": null', '"base": ' + "[" * depth + "]" * depth))
+        with pytest.raises(ValueError, match="nested"):
+            ErrorCorrectionWrapper.from_pretrained(saved, model=tiny_base())

@@ -51,23 +51,40 @@ _CONSTRUCTOR_KEYS = ("num_classes", "in_channels", "low_level", "high_level", "e
 #: huge allocation (the heads' weights grow with channels squared and with blocks).
 _INT_LIMITS: dict[str, int] = {
     "num_classes": 65536, "in_channels": 1024, "low_channels": 16384, "high_channels": 16384, "error_channels": 4096,
-    "error_blocks": 64, "detail_channels": 4096, "detail_blocks": 64, "sample_size": 4096,
+    "error_blocks": 64, "detail_channels": 4096, "detail_blocks": 64, "sample_size": 2048,
 }  # fmt: skip
+#: Largest ``config.json`` errwrap reads, and how deeply its JSON may nest.
+MAX_CONFIG_BYTES = 16 * 1024 * 1024
+MAX_CONFIG_DEPTH = 32
+#: Most parameters the three heads of a config may have (1 GB in float32; errwrap's defaults
+#: give about 0.1 M).
+MAX_HEAD_PARAMETERS = 2**28
 #: The temperatures a config may hold and :func:`errwrap.calibrate_temperature` may set.
 TEMPERATURE_RANGE = (1e-3, 1e3)
 #: Keys that would ask a loader to run code; refused anywhere in a config.
 _CODE_KEYS = {"auto_map", "trust_remote_code", "_target_", "__class__", "__reduce__", "import", "module", "callable"}
 
 
-def _scan_for_code_keys(obj: Any, source: str, where: str = "") -> None:
+def _scan_for_code_keys(obj: Any, source: str, where: str = "", depth: int = 0) -> None:
+    if depth > MAX_CONFIG_DEPTH:
+        raise ValueError(f"{source}: {where[:80]}... is nested more than {MAX_CONFIG_DEPTH} levels deep; an errwrap config is not")
     if isinstance(obj, dict):
         for k, v in obj.items():
             if str(k) in _CODE_KEYS:
                 raise ValueError(f"{source}: key {where + str(k)!r} asks for code to be loaded; errwrap configs are data only")
-            _scan_for_code_keys(v, source, f"{where}{k}.")
+            _scan_for_code_keys(v, source, f"{where}{k}.", depth + 1)
     elif isinstance(obj, list):
         for i, v in enumerate(obj):
-            _scan_for_code_keys(v, source, f"{where}{i}.")
+            _scan_for_code_keys(v, source, f"{where}{i}.", depth + 1)
+
+
+def _head_parameters(heads: dict[str, Any]) -> int:
+    """About how many parameters the error and detail heads of ``heads`` have (3x3 blocks)."""
+    c, low, high = heads["num_classes"], heads.get("low_channels", 0), heads.get("high_channels", 0)
+    ec, eb, dc, db = heads["error_channels"], heads["error_blocks"], heads["detail_channels"], heads["detail_blocks"]
+    error = 9 * ec * (high + c + 3) + 9 * (eb - 1) * ec * ec
+    detail = dc * high + 9 * dc * (low + dc + 1) + 9 * (db - 1) * dc * dc + dc * c
+    return error + detail
 
 
 def parse_config(raw: Any, source: str = CONFIG_NAME) -> dict[str, Any]:
@@ -105,6 +122,9 @@ def parse_config(raw: Any, source: str = CONFIG_NAME) -> dict[str, Any]:
     for key in _STR_KEYS:
         if key in heads and not isinstance(heads[key], str):
             raise ValueError(f"{source}: heads.{key} must be a string, got {heads[key]!r}")
+    size = _head_parameters(heads)
+    if size > MAX_HEAD_PARAMETERS:
+        raise ValueError(f"{source}: these head settings make heads of about {size / 1e6:.0f} M parameters, more than errwrap allows ({MAX_HEAD_PARAMETERS / 1e6:.0f} M); is this file damaged or hostile?")
     if not isinstance(heads["error_prior"], (int, float)) or not 0 < heads["error_prior"] < 1:
         raise ValueError(f"{source}: heads.error_prior must be a probability in (0, 1), got {heads['error_prior']!r}")
     temperature = heads.get("temperature", 1.0)
@@ -308,10 +328,15 @@ class HubMixin:
         """
         download = {"revision": revision, "cache_dir": cache_dir, "force_download": force_download, "local_files_only": local_files_only, "token": token}
         config_path = _resolve_file(pretrained_model_name_or_path, CONFIG_NAME, **download)
+        size = config_path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ValueError(f"{config_path}: {size} bytes, larger than the {MAX_CONFIG_BYTES} errwrap reads for a config; refusing it")
         try:
             raw = json.loads(config_path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ValueError(f"{config_path}: not valid JSON ({exc})") from None
+        except RecursionError:
+            raise ValueError(f"{config_path}: JSON nested too deeply; refusing it") from None
         config = parse_config(raw, str(config_path))
         heads, heads_only = config["heads"], bool(config.get("heads_only", False))
         if model is None:

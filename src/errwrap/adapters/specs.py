@@ -15,10 +15,12 @@ Example:
 from __future__ import annotations
 
 import copy
+import logging
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch
 from torch import nn
 
 from .smp import SMP_ARCHITECTURES, is_smp_model, smp_spec
@@ -26,6 +28,12 @@ from .torchvision import TORCHVISION_BUILDERS, is_torchvision_segmentation_model
 from .transformers import TRANSFORMERS_CLASSES, is_transformers_segmentation_model, transformers_spec
 
 __all__ = ["build_base", "family_spec", "check_model_name", "BASE_FAMILIES"]
+
+logger = logging.getLogger(__name__)
+
+#: Most parameters and buffers of a base rebuilt from a spec (4 GB in float32): a file cannot
+#: make errwrap allocate more; a larger base is built by the user and passed as ``model=``.
+MAX_BASE_ELEMENTS = 2**30
 
 #: What a model name (a timm or SMP encoder, a timm backbone) may be: a plain name, optionally
 #: with a timm pretrained tag (``resnet18.a1_in1k``); no scheme, no path.
@@ -193,7 +201,28 @@ def build_base(spec: Mapping[str, Any]) -> nn.Module:
     family = spec.get("family")
     if family not in BASE_FAMILIES:
         raise ValueError(f"base spec: unknown family {family!r}; expected one of {list(BASE_FAMILIES)}")
+    _refuse_huge(BASE_FAMILIES[family], spec)
     return BASE_FAMILIES[family](spec)
+
+
+def _refuse_huge(builder: Callable[[Mapping[str, Any]], nn.Module], spec: Mapping[str, Any]) -> None:
+    """Build the base on the meta device first (no memory) and refuse a spec whose base would
+    have more than :data:`MAX_BASE_ELEMENTS` parameters and buffers."""
+    try:
+        with torch.device("meta"):
+            probe = builder(spec)
+    except ValueError:
+        raise
+    except Exception as exc:  # noqa: BLE001 (only a size estimate: the real build reports its own errors)
+        logger.debug("base spec %s: no meta-device size estimate (%s: %s)", spec.get("family"), type(exc).__name__, exc)
+        return
+    elements = sum(t.numel() for t in probe.parameters()) + sum(t.numel() for t in probe.buffers())
+    if elements > MAX_BASE_ELEMENTS:
+        raise ValueError(
+            f"base spec {spec.get('family')}: this config builds a base of {elements / 1e9:.2f} G parameters, more than the "
+            f"{MAX_BASE_ELEMENTS / 1e9:.2f} G errwrap rebuilds from a file; for a base this large build it yourself and pass it "
+            "as from_pretrained(..., model=...)"
+        )
 
 
 def family_spec(model: nn.Module) -> dict[str, Any] | None:

@@ -199,20 +199,22 @@ def test_fit_temperature_refuses_non_finite_log_probs():
 
 @pytest.fixture(scope="module")
 def nan_model_dir(tmp_path_factory):
-    """A CLI-loadable model whose heads give NaN (a damaged or badly trained checkpoint)."""
+    """A CLI-loadable model with finite weights whose heads overflow to Inf/NaN."""
     from errwrap.models import DeepLabV3Plus
 
     torch.manual_seed(0)
     base = DeepLabV3Plus("resnet18", num_classes=11, aspp_channels=8, decoder_channels=8, low_level_channels=8)
     wrap = ErrorCorrectionWrapper(base, error_channels=8, detail_channels=8)
     with torch.no_grad():
-        wrap.detail_head.classifier.bias[1] = float("nan")
+        wrap.detail_head.classifier.weight.fill_(3e38)
     path = tmp_path_factory.mktemp("nan_model")
     wrap.save_pretrained(path)
     return path
 
 
 def test_cli_predict_and_evaluate_refuse_nan_outputs(nan_model_dir, tmp_path, capsys):
+    import re
+
     import numpy as np
     from PIL import Image
 
@@ -222,7 +224,7 @@ def test_cli_predict_and_evaluate_refuse_nan_outputs(nan_model_dir, tmp_path, ca
     Image.fromarray(np.full((32, 32, 3), 128, dtype=np.uint8)).save(image)
     assert main(["predict", "--model", str(nan_model_dir), str(image), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert "a.png" in err and "NaN/Inf" in err and "1024 pixels" in err and "Traceback" not in err
+    assert re.search(r"a\.png: the model's outputs hold NaN/Inf \(.*\) at [1-9]\d* pixels of images \[0\]", err) and "Traceback" not in err, err
     assert not (tmp_path / "out" / "a_labels.png").exists()
     assert main(["evaluate", "--model", str(nan_model_dir), "--data", "scenes:2", "--size", "32", "--batch-size", "2"]) == 2
     err = capsys.readouterr().err
@@ -614,3 +616,39 @@ def test_oversized_or_deeply_nested_config_files_are_refused(saved):
         (saved / CONFIG_NAME).write_text(json.dumps({**{k: v for k, v in config.items() if k != "class_names"}}).replace('"base": null', '"base": ' + "[" * depth + "]" * depth))
         with pytest.raises(ValueError, match="nested"):
             ErrorCorrectionWrapper.from_pretrained(saved, model=tiny_base())
+
+
+def test_weights_with_nan_or_another_dtype_kind_are_refused_and_load_nothing(saved):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(saved / WEIGHTS_NAME))
+    tensors["error_head.classifier.bias"] = torch.tensor([float("nan")])
+    tensors["detail_head.classifier.weight"] = tensors["detail_head.classifier.weight"].to(torch.int32)
+    save_file(tensors, str(saved / WEIGHTS_NAME))
+    base = tiny_base(seed=5)
+    before = _state(base)
+    with pytest.raises(ValueError) as info:
+        ErrorCorrectionWrapper.from_pretrained(saved, model=base)
+    assert "NaN/Inf values in ['error_head.classifier.bias']" in str(info.value)
+    assert "detail_head.classifier.weight: expected torch.float32, got torch.int32" in str(info.value)
+    _assert_unchanged(base, before)
+
+
+@pytest.mark.parametrize("damage", ["drop_optimizer", "step_negative", "not_a_dict"])
+def test_a_damaged_training_state_is_a_clear_error_that_loads_nothing(tmp_path, damage):
+    from errwrap import finetune
+
+    result = finetune(_scenes_wrapper(), _scenes_loader(n=2), steps=1, checkpoint_dir=tmp_path, log_every=None)
+    state = torch.load(result.checkpoint / "state.pt", weights_only=True)
+    if damage == "drop_optimizer":
+        del state["optimizer"]
+    elif damage == "step_negative":
+        state["step"] = -3
+    else:
+        state = [1, 2, 3]
+    torch.save(state, result.checkpoint / "state.pt")
+    wrap = _scenes_wrapper(seed=1)
+    before = _state(wrap)
+    with pytest.raises(ValueError, match=r"state\.pt: (damaged training state|expected errwrap training state)"):
+        finetune(wrap, _scenes_loader(n=2), steps=2, checkpoint_dir=tmp_path, resume="latest", log_every=None)
+    _assert_unchanged(wrap, before)

@@ -276,6 +276,10 @@ def _listed(keys: list[str]) -> str:
     return f"{keys[:10]}{' ...' if len(keys) > 10 else ''}"
 
 
+def _kind(t: torch.Tensor) -> str:
+    return "float" if t.is_floating_point() else "complex" if t.is_complex() else "bool" if t.dtype == torch.bool else "int"
+
+
 def load_state_strict(
     module: torch.nn.Module,
     tensors: dict[str, torch.Tensor],
@@ -284,8 +288,9 @@ def load_state_strict(
     required: Collection[str] | None = None,
     allowed: Collection[str] | None = None,
 ) -> list[str]:
-    """Copy ``tensors`` into ``module`` all-or-nothing: every key and shape is checked first, and
-    on any problem a ``ValueError`` names them all and no tensor is copied.
+    """Copy ``tensors`` into ``module`` all-or-nothing: every key, shape and kind of dtype (float,
+    integer, bool) is checked first, and NaN/Inf values are refused; on any problem a
+    ``ValueError`` names them all and no tensor is copied.
 
     Args:
         module: loaded in place.
@@ -302,7 +307,13 @@ def load_state_strict(
     allowed = set(current) if allowed is None else set(allowed) & set(current)
     missing, unexpected = sorted(required - set(tensors)), sorted(set(tensors) - allowed)
     wrong = [f"{k}: expected {tuple(current[k].shape)}, got {tuple(t.shape)}" for k, t in sorted(tensors.items()) if k in allowed and current[k].shape != t.shape]
+    kinds = [f"{k}: expected {current[k].dtype}, got {t.dtype}" for k, t in sorted(tensors.items()) if k in allowed and _kind(current[k]) != _kind(t)]
+    non_finite = sorted(k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
     problems = []
+    if kinds:
+        problems.append(f"dtype mismatches [{'; '.join(kinds[:10])}{' ...' if len(kinds) > 10 else ''}]")
+    if non_finite:
+        problems.append(f"NaN/Inf values in {_listed(non_finite)}")
     if missing:
         problems.append(f"missing keys {_listed(missing)}")
     if unexpected:

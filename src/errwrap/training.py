@@ -227,6 +227,29 @@ def _write_checkpoint(directory: Path, step: int, weights: dict[str, Tensor], st
     return final
 
 
+#: What ``state.pt`` must hold, and of which types.
+_STATE_TYPES: dict[str, type | tuple[type, ...]] = {
+    "format": int, "step": int, "steps": int, "epoch": int, "position": int, "base_trained": bool, "optimizer": dict,
+    "scheduler": dict, "scaler": dict, "rng": list, "history": str, "validation": str,
+}  # fmt: skip
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    """``state.pt`` read with ``weights_only=True`` and checked key by key (errors name the file)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 (torch raises many kinds for a damaged or hostile file)
+        raise ValueError(f"{path}: not an errwrap training state ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"{path}: expected errwrap training state format {STATE_FORMAT}, got {found!r}")
+    wrong = [f"{k} (expected {t.__name__ if isinstance(t, type) else t})" for k, t in _STATE_TYPES.items() if not isinstance(state.get(k), t)]
+    negative = [k for k in ("step", "steps", "epoch", "position") if isinstance(state.get(k), int) and state[k] < 0]
+    if wrong or negative or not state["rng"]:
+        raise ValueError(f"{path}: damaged training state: missing or invalid {wrong + negative or ['rng']}")
+    return state
+
+
 def _resolve_resume(resume: str | os.PathLike, checkpoint_dir: Path | None) -> Path | None:
     if str(resume) == "latest":
         if checkpoint_dir is None:
@@ -467,9 +490,7 @@ def finetune(
     if resume is not None:
         path = _resolve_resume(resume, ckpt_root)
         if path is not None:
-            state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-            if state.get("format") != STATE_FORMAT:
-                raise ValueError(f"{path / 'state.pt'}: expected errwrap training state format {STATE_FORMAT}, got {state.get('format')!r}")
+            state = _read_state(path / "state.pt")
             if bool(state["base_trained"]) != base_trained:
                 raise ValueError(f"{path}: saved with base_trained={state['base_trained']}, but this run has base_trained={base_trained} (loss.w_base)")
             optimizer.load_state_dict(state["optimizer"])  # the optimizer is this run's own: the wrapper is loaded last

@@ -652,3 +652,22 @@ def test_a_damaged_training_state_is_a_clear_error_that_loads_nothing(tmp_path, 
     with pytest.raises(ValueError, match=r"state\.pt: (damaged training state|expected errwrap training state)"):
         finetune(wrap, _scenes_loader(n=2), steps=2, checkpoint_dir=tmp_path, resume="latest", log_every=None)
     _assert_unchanged(wrap, before)
+
+
+def test_a_nested_timm_backbone_is_checked_and_never_pretrained(monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    import timm
+
+    from errwrap.adapters.specs import build_base
+
+    backbone = transformers.TimmBackboneConfig(backbone="resnet18", out_indices=(1, 2, 3, 4), use_pretrained_backbone=True)
+    config = transformers.UperNetConfig(backbone_config=backbone, hidden_size=16, auxiliary_channels=8, num_labels=3).to_dict()
+    spec = {"family": "transformers", "class": "UperNetForSemanticSegmentation", "config": config}
+    calls, create = [], timm.create_model
+    monkeypatch.setattr(timm, "create_model", lambda name, **kw: calls.append((name, kw.get("pretrained"))) or create(name, **kw))
+    build_base(spec)
+    assert calls and all(pretrained is False for _, pretrained in calls), calls
+    assert config["backbone_config"]["use_pretrained_backbone"] is True  # the caller's spec is not changed
+    config["backbone_config"]["backbone"] = "hf-hub:timm/resnet18.a1_in1k"
+    with pytest.raises(ValueError, match="backbone"):
+        build_base(spec)

@@ -144,21 +144,25 @@ def _build_torchvision(spec: Mapping[str, Any]) -> nn.Module:
     return getattr(segmentation, name)(weights=None, weights_backbone=None, **config)
 
 
-def _check_backbones(values: Mapping[str, Any], cls: str) -> None:
+def _check_backbones(values: dict[str, Any], cls: str) -> None:
     """A transformers config names its backbone either by a nested ``backbone_config`` (data,
     fine) or by ``backbone``: a timm name (checked) or a Hub name, which transformers would fetch
-    with ``AutoConfig.from_pretrained`` (refused)."""
+    with ``AutoConfig.from_pretrained`` (refused). At every level ``use_pretrained_backbone`` is
+    switched off, so no weights are downloaded."""
     family = f"transformers {cls}"
+    timm_backbone = bool(values.get("use_timm_backbone", False)) or values.get("model_type") == "timm_backbone"
     backbone = values.get("backbone")
     if backbone is not None:
-        if not values.get("use_timm_backbone", False):
+        if not timm_backbone:
             raise ValueError(
                 f"base spec {family}: backbone {backbone!r} names a transformers backbone by Hub name, which would be "
                 "fetched from the Hub; expected backbone null and a 'backbone_config' object (or a timm backbone)"
             )
         _check_timm_name(backbone, "backbone", family)
+    if "use_pretrained_backbone" in values:
+        values["use_pretrained_backbone"] = False  # never download
     nested = values.get("backbone_config")
-    if isinstance(nested, Mapping):
+    if isinstance(nested, dict):
         _check_backbones(nested, cls)
 
 
@@ -171,8 +175,6 @@ def _build_transformers(spec: Mapping[str, Any]) -> nn.Module:
     config_cls = getattr(transformers, TRANSFORMERS_CLASSES[cls])
     values = _config(spec)
     _check_backbones(values, cls)
-    if "use_pretrained_backbone" in values:
-        values["use_pretrained_backbone"] = False  # never download
     config = config_cls.from_dict(values)
     return getattr(transformers, cls)(config)
 

@@ -41,6 +41,16 @@ EXPECTED = {
     "calibrate_temperature",
     "TemperatureFit",
     "MCDropoutScore",
+    "MaxLogitScore",
+    "EnergyScore",
+    "TemperatureMSPScore",
+    "EnsembleScore",
+    "ErrwrapScore",
+    "RiskCoverageMetrics",
+    "RiskCoverageResult",
+    "ImageRiskCoverageResult",
+    "exact_risk_coverage",
+    "image_aurc",
 }
 
 

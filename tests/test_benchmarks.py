@@ -47,7 +47,7 @@ def tmp(tmp_path_factory) -> Path:
 
 
 def test_help_lists_the_options():
-    for script, option in (("overhead", "--channels-last"), ("mc_dropout", "--model"), ("training_cost", "--encoder"), ("quality", "--minutes")):
+    for script, option in (("overhead", "--channels-last"), ("mc_dropout", "--model"), ("training_cost", "--encoder"), ("quality", "--families")):
         proc = subprocess.run([sys.executable, str(BENCH / f"{script}.py"), "--help"], capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0 and option in proc.stdout and "--json" in proc.stdout and "--tiny" in proc.stdout
 
@@ -80,25 +80,29 @@ def test_training_cost(tmp):
     assert summary["joint_target_met"] == (summary["joint_ratio"] <= 1.25)
 
 
-def test_quality_then_mc_dropout_on_its_model(tmp):
-    summary, data, stdout = _run("quality", tmp, "--seeds", "0", "--out", str(tmp / "q"))
-    assert summary["seeds"] == [0] and set(summary["aupr_error"]) == {"error_head", "msp", "entropy", "mc_dropout"}
-    for key in ("aupr_error", "fpr95", "auroc"):
-        assert all(_is_rate(v) for v in summary[key].values()), summary[key]
-    assert _is_rate(summary["miou_base"]) and _is_rate(summary["miou_fused"]) and _is_rate(summary["ece_fused"])
-    agg = data["aggregate"]["error_detection"]["error_head"]["aupr_error"]
-    assert agg["n"] == 1 and agg["std"] == 0.0 and math.isclose(agg["mean"], summary["aupr_error"]["error_head"])
-    met = summary["targets_met"]
-    assert met["AUPR-Error: error head >= MSP + 5 points"] == (summary["aupr_error"]["error_head"] >= summary["aupr_error"]["msp"] + 0.05)
+def test_quality_over_families_bases_and_shifts(tmp):
+    summary, data, stdout = _run("quality", tmp)
+    assert summary["benchmark"] == "quality" and set(summary["worst"]) == {"aupr", "aurc", "miou"}
+    for key, worst in summary["worst"].items():
+        assert math.isfinite(worst["margin"]) and 0 <= worst["cells_met"] <= worst["cells"] == 2
+        assert summary["targets_met"][key] == (worst["margin"] >= 0)
+    (run,) = data["runs"]
+    assert set(run["conditions"]) == {"clean", data["config"]["shifts"][0]}
+    for r in run["conditions"].values():
+        assert set(r["detection"]) == {"errwrap", "error_head", "msp", "entropy", "max_logit", "energy", "temperature_msp", "mc_dropout", "ensemble"}
+        assert all(_is_rate(m["aupr_error"]) and _is_rate(m["auroc"]) for m in r["detection"].values()), r["detection"]
+        assert all(_is_rate(v) for v in r["miou"].values()) and all(_is_rate(v) for v in r["error_rate"].values())
+        assert all(0.0 <= v <= 1.0 for v in r["aurc"].values())
+    # the published worst margin is the minimum over the cells' margins
+    margins = data["cells"]["margins"]
+    assert math.isclose(summary["worst"]["aurc"]["margin"], min(m["aurc"] for m in margins.values()))
     assert "| target" in stdout
 
-    model = tmp / "q" / "seed0" / "model"
-    assert (model / "config.json").exists()
-    summary, data, _ = _run("mc_dropout", tmp, "--model", str(model))
+
+def test_mc_dropout(tmp):
+    summary, data, _ = _run("mc_dropout", tmp)
     assert summary["benchmark"] == "mc_dropout" and summary["T"] == [2, 3]
     assert set(summary["aupr_error"]) == {"error_head", "msp", "entropy", "mc_dropout T=2", "mc_dropout T=3"}
     assert all(_is_rate(v) for v in summary["aupr_error"].values())
     assert all(0 < s < 1000 for s in summary["speedup_vs_mc_T10"].values())
-    # the same model and held-out images as quality.py's evaluation: the error head's AUPR agrees
-    assert math.isclose(summary["aupr_error"]["error_head"], agg["mean"], rel_tol=1e-6)
     assert data["model"]["image_size"] == 32 and data["model"]["val_images"] == 8

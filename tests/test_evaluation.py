@@ -7,8 +7,15 @@ from torch import nn
 
 from errwrap import ErrorCorrectionWrapper
 from errwrap.evaluation import EvaluationReport, evaluate, unpack_batch
-from errwrap.metrics import CalibrationMetrics, ErrorDetectionMetrics, SegmentationMetrics
-from errwrap.scores import MSPScore, entropy_score, msp_score
+from errwrap.metrics import (
+    CalibrationMetrics,
+    ErrorDetectionMetrics,
+    ImageRiskCoverageMetrics,
+    RiskCoverageMetrics,
+    SegmentationMetrics,
+    exact_risk_coverage,
+)
+from errwrap.scores import EnsembleScore, MSPScore, TemperatureMSPScore, entropy_score, msp_score
 
 NUM_CLASSES = 4
 
@@ -79,6 +86,70 @@ def test_evaluate_matches_metrics_computed_by_hand():
     assert set(t) == {"base_forward", "wrapper_forward", "extra/msp", "extra/entropy", "score/error_head", "score/msp", "score/entropy"}
     assert all(v > 0 for v in t.values())
     assert t["score/msp"] == pytest.approx(t["base_forward"] + t["extra/msp"])
+
+
+def test_evaluate_reports_the_returned_labels_with_risk_coverage():
+    wrap = _wrapper()
+    loader = _loader()
+    report = evaluate(wrap, loader, baselines=("entropy",))
+    returned, rc = ErrorDetectionMetrics(), {k: RiskCoverageMetrics() for k in ("error_prob", "msp", "error_head", "entropy")}
+    images = {k: ImageRiskCoverageMetrics() for k in rc}
+    scores_all, wrong_all = [], []
+    wrap.eval()
+    with torch.no_grad():
+        for x, y in loader:
+            out = wrap(x)
+            valid = y != 255
+            maps = {
+                "error_prob": (out.error_prob, out.labels != y),
+                "msp": (msp_score(out.base_logits), out.base_labels != y),
+                "error_head": (out.base_error_prob, out.base_labels != y),
+                "entropy": (entropy_score(out.base_logits), out.base_labels != y),
+            }
+            returned.update(*maps["error_prob"], valid)
+            for k, (score, wrong) in maps.items():
+                rc[k].update(score, wrong, valid)
+                images[k].update(score, wrong, valid)
+            scores_all.append(out.error_prob[valid])
+            wrong_all.append((out.labels != y)[valid])
+    assert report.returned_detection == returned.compute()
+    assert list(report.risk_coverage) == ["error_prob", "msp", "error_head", "entropy"]
+    assert report.judged_labels == {"error_prob": "returned", "msp": "base", "error_head": "base", "entropy": "base"}
+    for k in rc:
+        assert report.risk_coverage[k] == rc[k].compute()
+        assert report.image_risk_coverage[k] == images[k].compute()
+        assert report.image_risk_coverage[k].num_images == 6
+    exact = exact_risk_coverage(torch.cat(scores_all), torch.cat(wrong_all))
+    got = report.risk_coverage["error_prob"]
+    assert abs(got.aurc - exact.aurc) <= got.aurc_bound + 1e-12 and got.num_errors == exact.num_errors
+    assert report.risk_coverage["msp"].num_errors == report.error_detection["error_head"].num_errors  # both: base errors
+    assert 0 <= got.eaurc <= got.aurc <= 1
+    coverage, risk = report.risk_curves["error_prob"]
+    assert len(coverage) == 100 and coverage[-1] == 1.0 and risk[-1] == pytest.approx(got.error_rate)
+    assert risk[49] == pytest.approx(got.risks[0])  # 50% coverage
+    table = report.table()
+    row = next(line for line in table.splitlines() if line.startswith("error_prob"))
+    assert row.split()[:3] == ["error_prob", "returned", f"{100 * got.error_rate:.2f}"]
+    assert f"{100 * got.aurc:.2f}" in row and f"{100 * got.eaurc:.2f}" in row
+    assert f"{100 * report.image_risk_coverage['error_prob'].aurc:.2f}" in row
+
+
+def test_evaluate_counts_the_ensemble_errors_on_its_own_labels():
+    wrap = _wrapper()
+    torch.manual_seed(1)
+    other = StrideTwoBase().eval()
+    report = evaluate(wrap, _loader(n=1), baselines=(EnsembleScore([wrap.base, other]),))
+    assert report.judged_labels["ensemble"] == "ensemble"
+    assert report.risk_coverage["ensemble"].num_errors == report.error_detection["ensemble"].num_errors
+    assert "ensemble      ensemble" in report.table()
+
+
+def test_report_table_widens_its_name_column_for_long_score_names():
+    report = evaluate(_wrapper(), _loader(n=1), baselines=(TemperatureMSPScore(0.5), "max_logit"))
+    # its error-detection row and its risk-coverage row, the name apart from the next column
+    lines = [line.split() for line in report.table().splitlines() if line.startswith("temperature_msp")]
+    assert [row[0] for row in lines] == ["temperature_msp", "temperature_msp"]
+    assert lines[1][1] == "base" and lines[0][1] == f"{100 * report.error_detection['temperature_msp'].auroc:.2f}"
 
 
 def test_evaluate_restores_modes_and_accepts_dict_batches():
@@ -153,6 +224,14 @@ def test_report_json_round_trip(tmp_path):
     assert again.to_dict() == report.to_dict()
     assert EvaluationReport.from_dict(json.loads(text)).to_json() == text
     assert EvaluationReport.from_json(text).error_detection["msp"] == report.error_detection["msp"]
+    assert again.risk_coverage["error_prob"] == report.risk_coverage["error_prob"]
+    assert again.returned_detection == report.returned_detection
+    assert again.risk_curves == report.risk_curves and len(again.risk_curves["msp"][0]) == 100
+    # a report written before the returned-label metrics existed still reads
+    new_keys = ("returned_detection", "risk_coverage", "image_risk_coverage", "judged_labels", "risk_curves")
+    old = {k: v for k, v in json.loads(text).items() if k not in new_keys}
+    legacy = EvaluationReport.from_dict(old)
+    assert legacy.returned_detection is None and legacy.risk_coverage == {} and "risk-coverage" not in legacy.table()
 
 
 def test_report_table_lists_every_score():
@@ -237,3 +316,33 @@ def test_time_per_image_leaves_out_the_first_calls_one_time_cost():
     SlowFirstCall.calls = 0
     report = evaluate(wrap, _loader(n=2), baselines=("msp",))
     assert report.time_per_image["base_forward"] < 0.1 and report.time_per_image["score/msp"] < 0.1
+
+
+def _ddp_evaluate_worker(rank, world_size, init_file, results):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        torch.set_num_threads(1)
+        shard = _loader(n=4)[rank::world_size]
+        results[rank] = evaluate(_wrapper(), shard, baselines=("msp",)).to_dict()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_evaluate_sums_every_metric_over_processes(tmp_path):
+    import os
+
+    import torch.multiprocessing as mp
+
+    manager = mp.Manager()
+    results = manager.dict()
+    mp.spawn(_ddp_evaluate_worker, args=(2, os.path.join(tmp_path, "init"), results), nprocs=2, join=True)
+    loader = _loader(n=4)
+    whole = evaluate(_wrapper(), loader[0::2] + loader[1::2], baselines=("msp",)).to_dict()
+    for rank in range(2):
+        got = results[rank]
+        assert got["num_images"] == whole["num_images"] == 8
+        for key in ("base", "fused", "error_detection", "returned_detection", "risk_coverage", "image_risk_coverage", "risk_curves"):
+            assert got[key] == whole[key], key

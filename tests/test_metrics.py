@@ -11,8 +11,14 @@ from hypothesis import strategies as st
 from errwrap.metrics import (
     CalibrationMetrics,
     ErrorDetectionMetrics,
+    ImageRiskCoverageMetrics,
+    RiskCoverageMetrics,
     SegmentationMetrics,
     exact_error_detection,
+    exact_risk_coverage,
+    image_aurc,
+    optimal_aurc,
+    risk_coverage_curve,
 )
 
 METRICS = ("auroc", "aupr_error", "aupr_success", "fpr95")
@@ -245,8 +251,152 @@ def test_error_detection_streaming_and_merge():
     assert stream.compute() == whole.compute()
     assert half_a.merge(half_b).compute() == whole.compute()
     assert all(torch.equal(a, b) for a, b in zip(stream.histograms, whole.histograms))
+    no_mask, flat = ErrorDetectionMetrics(1000), ErrorDetectionMetrics(1000)
+    no_mask.update(scores, errors)  # any shape, also without a valid mask
+    flat.update(scores.flatten(), errors.flatten())
+    assert no_mask.compute() == flat.compute() and no_mask.compute().num_pixels == scores.numel()
     with pytest.raises(ValueError, match="same settings"):
         stream.merge(ErrorDetectionMetrics(10))
+
+
+# ---------------------------------------------------------------------------- risk-coverage
+def _naive_aurc(scores, errors):
+    """Sort (no ties), accept from the lowest score up, average the running error rate."""
+    order = np.argsort(np.asarray(scores, dtype=np.float64), kind="stable")
+    e = np.asarray(errors, dtype=np.float64)[order]
+    return float((np.cumsum(e) / np.arange(1, len(e) + 1)).mean())
+
+
+def test_risk_coverage_hand_computed():
+    # accepted order by score: ok (0.1), err (0.2), ok (0.3), err (0.9): risks 0, 1/2, 1/3, 2/4
+    scores, errors = torch.tensor([0.9, 0.1, 0.3, 0.2]), torch.tensor([True, False, False, True])
+    r = exact_risk_coverage(scores, errors, coverages=(0.5, 1.0))
+    assert r.aurc == pytest.approx((0 + 1 / 2 + 1 / 3 + 2 / 4) / 4)
+    # perfect order: ok, ok, err, err -> risks 0, 0, 1/3, 2/4
+    assert r.optimal_aurc == pytest.approx((1 / 3 + 2 / 4) / 4) == optimal_aurc(2, 4)
+    assert r.eaurc == pytest.approx(r.aurc - r.optimal_aurc)
+    assert r.risks == pytest.approx([1 / 2, 2 / 4]) and r.coverages == [0.5, 1.0]
+    assert (r.num_errors, r.num_pixels, r.error_rate) == (2, 4, 0.5)
+    m = RiskCoverageMetrics(num_bins=100, coverages=(0.5, 1.0))
+    m.update(scores, errors)
+    assert m.compute() == r  # one score per bin: the histogram is exact, bounds 0
+    coverage, risk = risk_coverage_curve(scores, errors)
+    assert coverage.tolist() == [0.25, 0.5, 0.75, 1.0] and risk == pytest.approx([0, 1 / 2, 1 / 3, 2 / 4])
+    hist_cov, hist_risk = m.curve()
+    assert hist_cov == pytest.approx(coverage) and hist_risk == pytest.approx(risk)
+    grid_cov, grid_risk = m.curve(num_points=4)
+    assert grid_cov.tolist() == [0.25, 0.5, 0.75, 1.0] and grid_risk == pytest.approx(risk)
+    with pytest.raises(ValueError, match="num_points"):
+        m.curve(num_points=0)
+
+
+def test_aurc_perfect_ranking_is_optimal_and_random_ranking_is_the_error_rate():
+    g = torch.Generator().manual_seed(0)
+    n = 20_000
+    errors = torch.rand(n, generator=g) < 0.15
+    perfect = torch.where(errors, 0.6 + 0.4 * torch.rand(n, generator=g), 0.5 * torch.rand(n, generator=g))
+    for result in (exact_risk_coverage(perfect, errors), _rc(perfect, errors)):
+        assert result.aurc == pytest.approx(result.optimal_aurc, abs=1e-12) and abs(result.eaurc) < 1e-12
+        assert result.risks[:2] == [0.0, 0.0]  # 50% and 80% coverage: only successes accepted
+    rate = float(errors.double().mean())
+    # the optimum tends to r + (1 - r) ln(1 - r)
+    assert optimal_aurc(int(errors.sum()), n) == pytest.approx(rate + (1 - rate) * math.log(1 - rate), abs=2e-4)
+    random = exact_risk_coverage(torch.rand(n, generator=g), errors)
+    assert random.aurc == pytest.approx(rate, abs=0.01) and random.eaurc > 0.1
+    inverted = exact_risk_coverage(-perfect, errors)
+    assert inverted.aurc > random.aurc > exact_risk_coverage(perfect, errors).aurc
+
+
+def test_exact_aurc_matches_naive_sort_and_counts_ties_at_their_expectation():
+    g = torch.Generator().manual_seed(1)
+    scores = torch.randperm(500, generator=g).double() / 500  # distinct
+    errors = torch.rand(500, generator=g) < 0.3
+    assert exact_risk_coverage(scores, errors).aurc == pytest.approx(_naive_aurc(scores, errors), abs=1e-12)
+    # a tie between one error and one success: risk 1 or 0 at k=1 (expected 1/2), 1/2 at k=2
+    r = exact_risk_coverage(torch.tensor([0.5, 0.5]), torch.tensor([True, False]))
+    assert r.aurc == pytest.approx(0.5) and r.optimal_aurc == pytest.approx(0.25)
+    assert math.isnan(exact_risk_coverage(torch.zeros(0), torch.zeros(0, dtype=torch.bool)).aurc)
+    assert math.isnan(RiskCoverageMetrics().compute().aurc)
+
+
+def _rc(scores, errors, num_bins=10_000):
+    m = RiskCoverageMetrics(num_bins)
+    m.update(scores, errors)
+    return m.compute()
+
+
+@pytest.mark.parametrize("num_bins", [7, 100, 10_000])
+@pytest.mark.parametrize("kind", ["continuous", "ties", "saturated"])
+def test_risk_coverage_streaming_within_bound_of_exact(num_bins, kind):
+    g = torch.Generator().manual_seed(num_bins)
+    n = 4000
+    scores = torch.rand(n, generator=g)
+    if kind == "ties":
+        scores = (scores * 13).floor() / 13
+    elif kind == "saturated":
+        scores = torch.where(torch.rand(n, generator=g) < 0.5, 1 - 1e-5 * torch.rand(n, generator=g), scores)
+    errors = torch.rand(n, generator=g) < 0.1 + 0.5 * scores
+    hist, exact = _rc(scores, errors, num_bins), exact_risk_coverage(scores.double(), errors)
+    assert abs(hist.aurc - exact.aurc) <= hist.aurc_bound + 1e-12
+    assert abs(hist.eaurc - exact.eaurc) <= hist.aurc_bound + 1e-12
+    assert hist.optimal_aurc == exact.optimal_aurc and hist.num_errors == exact.num_errors
+    for a, b in zip(hist.risks, exact.risks):
+        assert abs(a - b) <= hist.risk_bound + 1e-12
+    if kind == "continuous" and num_bins == 10_000:
+        assert hist.aurc_bound < 1e-4 and abs(hist.aurc - exact.aurc) < 1e-4
+
+
+def test_risk_coverage_streaming_merge_and_input_checks():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.rand(3, 2, 16, 16, generator=g)
+    errors = torch.rand(3, 2, 16, 16, generator=g) < scores
+    valid = torch.rand(3, 2, 16, 16, generator=g) < 0.9
+    stream, whole, half = RiskCoverageMetrics(1000), RiskCoverageMetrics(1000), RiskCoverageMetrics(1000)
+    for i in range(3):
+        stream.update(scores[i], errors[i], valid[i])
+    whole.update(scores.flatten(0, 1), errors.flatten(0, 1), valid.flatten(0, 1))
+    half.update(scores[0], errors[0], valid[0])
+    rest = RiskCoverageMetrics(1000)
+    rest.update(scores[1:], errors[1:], valid[1:])
+    assert stream.compute() == whole.compute() == half.merge(rest).compute()
+    assert whole.compute().num_pixels == int(valid.sum())
+    with pytest.raises(ValueError, match="same settings"):
+        stream.merge(RiskCoverageMetrics(1000, coverages=(0.5,)))
+    with pytest.raises(ValueError, match="score_range"):
+        stream.update(torch.tensor([1.5]), torch.tensor([True]))
+    with pytest.raises(ValueError, match="coverages"):
+        RiskCoverageMetrics(coverages=(0.0,))
+
+
+def test_image_aurc_against_the_oracle():
+    rates = np.array([0.0, 0.1, 0.4, 0.9])
+    # risks along the oracle order: 0, 0.05, 0.5/3, 1.4/4
+    oracle = (0 + 0.05 + 0.5 / 3 + 1.4 / 4) / 4
+    good = image_aurc(rates * 0.5 + 0.1, rates)
+    assert good.aurc == pytest.approx(oracle) and good.oracle_aurc == pytest.approx(oracle) and good.eaurc == pytest.approx(0)
+    bad = image_aurc(-rates, rates)
+    assert bad.aurc == pytest.approx((0.9 + 1.3 / 2 + 1.4 / 3 + 1.4 / 4) / 4) and bad.eaurc > 0.3
+    assert (good.num_images, good.error_rate) == (4, pytest.approx(0.35))
+    tied = image_aurc(np.zeros(4), rates)
+    assert tied.aurc == pytest.approx(rates.mean())  # a constant score: every prefix at the mean rate, in expectation
+    with pytest.raises(ValueError, match="error_rates"):
+        image_aurc([0.1], [1.5])
+
+
+def test_image_risk_coverage_metrics_per_image_means_over_valid_pixels():
+    scores = torch.tensor([[[0.2, 0.4], [0.6, 0.9]], [[0.1, 0.1], [0.1, 0.1]], [[0.5, 0.5], [0.5, 0.5]]])
+    errors = torch.tensor([[[True, False], [False, True]], [[False, False], [False, False]], [[True, True], [True, True]]])
+    valid = torch.ones_like(errors)
+    valid[0, 1, 1] = False  # image 0: valid scores 0.2, 0.4, 0.6, one error in three
+    valid[2] = False  # image 2 has no valid pixel: skipped
+    m = ImageRiskCoverageMetrics()
+    m.update(scores, errors, valid)
+    assert m.mean_scores == pytest.approx([0.4, 0.1]) and m.error_rates == pytest.approx([1 / 3, 0.0])
+    other = ImageRiskCoverageMetrics()
+    other.update(scores[2:], errors[2:])
+    m.merge(other)
+    assert m.compute() == image_aurc([0.4, 0.1, 0.5], [1 / 3, 0.0, 1.0])
+    assert m.sync() is m and m.reset().compute().num_images == 0
 
 
 # ---------------------------------------------------------------------------- calibration
@@ -337,3 +487,43 @@ def test_sync_sums_over_two_processes():
             confusion, errors, successes = results[rank]
             assert torch.equal(confusion, seg.state_dict()["confusion"])
             assert torch.equal(errors, det.histograms[0]) and torch.equal(successes, det.histograms[1])
+
+
+def _risk_sync_worker(rank, world_size, init_file, results):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        rc, images = RiskCoverageMetrics(100), ImageRiskCoverageMetrics()
+        s, e = _risk_batch(rank)
+        rc.update(s, e)
+        images.update(s, e)
+        rc.sync()
+        images.sync()
+        results[rank] = (rc.compute(), images.compute())
+    finally:
+        dist.destroy_process_group()
+
+
+def _risk_batch(rank):
+    g = torch.Generator().manual_seed(rank)
+    s = torch.rand(3 + rank, 8, 8, generator=g)
+    return s, torch.rand(3 + rank, 8, 8, generator=g) < s
+
+
+@pytest.mark.slow
+def test_risk_coverage_sync_over_two_processes():
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        manager = mp.Manager()
+        results = manager.dict()
+        mp.spawn(_risk_sync_worker, args=(2, os.path.join(tmp, "init"), results), nprocs=2, join=True)
+        rc, images = RiskCoverageMetrics(100), ImageRiskCoverageMetrics()
+        for rank in range(2):
+            s, e = _risk_batch(rank)
+            rc.update(s, e)
+            images.update(s, e)
+        for rank in range(2):
+            assert results[rank][0] == rc.compute()
+            assert results[rank][1].num_images == 7 and results[rank][1] == images.compute()

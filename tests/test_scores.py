@@ -7,14 +7,22 @@ from torch import nn
 
 from errwrap import ErrorCorrectionWrapper
 from errwrap.scores import (
+    EnergyScore,
+    EnsembleScore,
     EntropyScore,
     ErrorHeadScore,
+    ErrwrapScore,
+    MaxLogitScore,
     MCDropoutScore,
     MSPScore,
+    TemperatureMSPScore,
     build_score,
+    energy_score,
     entropy_score,
     find_classifier,
+    max_logit_score,
     msp_score,
+    squash,
 )
 
 from .tiny import batch, tiny_base
@@ -161,3 +169,144 @@ def test_find_classifier_and_errors():
     assert build_score("mc_dropout", T=2).T == 2
     with pytest.raises(ValueError, match="unknown name"):
         build_score("odin")
+
+
+# ---------------------------------------------------------------------------- more baselines
+class LogitsBase(nn.Module):
+    """Native-protocol base whose logits are its input images (``in_channels = C``), times ``scale``."""
+
+    def __init__(self, num_classes: int = 4, scale: float = 1.0) -> None:
+        super().__init__()
+        self.scale = scale
+        self.feat = nn.Conv2d(num_classes, 8, 1)
+        self.classifier = nn.Identity()
+
+    def forward(self, x):
+        f = torch.relu(self.feat(x))
+        return self.classifier(x * self.scale), [f, f]
+
+
+def test_max_logit_and_energy_values_and_ranges():
+    logits = torch.tensor([[2.0, 1.0, 0.0], [0.5, 0.4, 0.3], [-3.0, -4.0, -5.0]]).T.reshape(1, 3, 1, 3)
+    ml = max_logit_score(logits)[0, 0]
+    assert ml.tolist() == pytest.approx([squash(torch.tensor(-2.0)).item(), squash(torch.tensor(-0.5)).item(), squash(torch.tensor(3.0)).item()])
+    assert squash(torch.tensor(0.0)).item() == 0.5 and squash(torch.tensor(-10.0)).item() == 0.25
+    assert ml[0] < ml[1] < ml[2]  # a smaller max logit is more suspicious
+    en = energy_score(logits)[0, 0]
+    free_energy = -torch.logsumexp(logits[0, :, 0], dim=0)
+    assert torch.allclose(en, squash(free_energy))
+    assert en[0] < en[1] < en[2]
+    # the squash is increasing and keeps values hundreds of logits apart distinct
+    z = torch.tensor([-500.0, -100.0, -10.0, 0.0, 10.0, 100.0, 500.0])
+    assert (squash(z).diff() > 0).all() and 0 < squash(z).min() and squash(z).max() < 1
+    bins = (squash(z.double()) * 10_000).long()  # ErrorDetectionMetrics' default bins
+    assert len(set(bins.tolist())) == len(z)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_baseline_scores_finite_for_extreme_and_bf16_logits(dtype):
+    logits = torch.tensor([1e4, -1e4, 0.0, 1e4]).view(1, 4, 1, 1).expand(2, 4, 3, 3).to(dtype)
+    logits = torch.cat([logits, -logits], dim=0)
+    for fn in (msp_score, entropy_score, max_logit_score, energy_score):
+        s = fn(logits)
+        assert s.dtype == torch.float32 and s.shape == (4, 3, 3)
+        assert torch.isfinite(s).all() and 0 <= s.min() and s.max() <= 1, fn.__name__
+    wrap = _wrap(LogitsBase(num_classes=4))
+    x = logits[:, :, :2, :2].contiguous().float().repeat(1, 1, 8, 8)
+    for score in (TemperatureMSPScore(0.5), EnsembleScore([LogitsBase(), LogitsBase()], "mutual_information"),
+                  ErrwrapScore("base"), ErrwrapScore("returned")):
+        s = score(wrap, x).score
+        assert torch.isfinite(s).all() and 0 <= s.min() and s.max() <= 1, repr(score)
+
+
+def test_new_scores_through_the_interface():
+    wrap = _wrap(tiny_base(logit_stride=4))
+    x, _ = batch(size=32)
+    out = wrap(x)
+    ml = MaxLogitScore()(wrap, x, base_logits=out.base_logits)
+    assert torch.equal(ml.score, max_logit_score(out.base_logits)) and torch.equal(ml.prediction, out.base_labels)
+    assert torch.equal(EnergyScore()(wrap, x).score, energy_score(out.base_logits))
+    assert torch.allclose(TemperatureMSPScore(1.0)(wrap, x).score, MSPScore()(wrap, x).score)
+    t2 = TemperatureMSPScore(2.0)(wrap, x, base_logits=out.base_logits)
+    assert torch.allclose(t2.score, msp_score(out.base_logits / 2)) and torch.equal(t2.prediction, out.base_labels)
+    base = ErrwrapScore("base")(wrap, x, output=out)
+    returned = ErrwrapScore("returned")(wrap, x)
+    assert torch.equal(base.score, out.base_error_prob) and torch.equal(base.prediction, out.base_labels)
+    assert torch.equal(returned.score, out.error_prob) and torch.equal(returned.prediction, out.labels)
+    assert (ErrwrapScore("base").name, ErrwrapScore("returned").name) == ("base_error_prob", "error_prob")
+    for name, cls in (("max_logit", MaxLogitScore), ("energy", EnergyScore)):
+        assert isinstance(build_score(name), cls) and build_score(name).name == name
+    assert build_score("temperature_msp", temperature=2.0).temperature == 2.0
+    with pytest.raises(TypeError, match=r"'temperature_msp'.*TemperatureMSPScore.fit"):
+        build_score("temperature_msp")  # an unfitted temperature would silently be MSP
+    with pytest.raises(TypeError, match=r"'ensemble'.*bases="):
+        build_score("ensemble")
+    assert build_score("errwrap").kind == "base" and build_score("base_error_prob").name == "base_error_prob"
+    assert build_score("error_prob").kind == "returned"
+    assert build_score("ensemble", bases=[tiny_base()]).bases[0].classifier.out_channels == 5
+    with pytest.raises(ValueError, match="kind"):
+        ErrwrapScore("fused")
+    with pytest.raises(ValueError, match="temperature"):
+        TemperatureMSPScore(0.0)
+
+
+def test_ensemble_of_identical_bases_equals_msp_and_its_prediction_is_the_mean_argmax():
+    wrap = _wrap(tiny_base(seed=0, logit_stride=4))
+    x, _ = batch(size=32)
+    msp = MSPScore()(wrap, x)
+    same = EnsembleScore([tiny_base(seed=0, logit_stride=4).eval() for _ in range(3)])(wrap, x)
+    assert torch.allclose(same.score, msp.score, atol=1e-6) and torch.equal(same.prediction, msp.prediction)
+    mi = EnsembleScore([tiny_base(seed=0, logit_stride=4).eval() for _ in range(3)], "mutual_information")(wrap, x)
+    assert mi.score.abs().max() < 1e-5  # identical members never disagree
+    members = [tiny_base(seed=s, logit_stride=4).eval() for s in (1, 2, 3)]
+    ens = EnsembleScore(members, "mutual_information")(wrap, x)
+    with torch.no_grad():
+        probs = [torch.softmax(nn.functional.interpolate(m(x)[0], size=(32, 32), mode="bilinear", align_corners=False), 1) for m in members]
+    mean = torch.stack(probs).mean(0)
+    assert torch.equal(ens.prediction, mean.argmax(1))
+    assert ens.score.max() > 1e-4 and ens.score.max() <= 1
+    calls, handle = _count_base_calls(members[0])
+    EnsembleScore(members)(wrap, x)
+    handle.remove()
+    assert len(calls) == 1
+    members[0].train()
+    EnsembleScore(members)(wrap, x)
+    assert members[0].training  # modes restored
+    with pytest.raises(ValueError, match="classes"):
+        EnsembleScore([tiny_base(num_classes=5), tiny_base(num_classes=3)])(wrap, x)
+    with pytest.raises(TypeError, match="non-empty list"):
+        EnsembleScore([])
+
+
+def test_temperature_fit_recovers_a_known_temperature():
+    torch.manual_seed(0)
+    true_t, C = 2.5, 4
+    g = torch.Generator().manual_seed(0)
+    loader = []
+    for _ in range(4):
+        z = 3.0 * torch.randn(4, C, 16, 16, generator=g)
+        probs = torch.softmax(z / true_t, dim=1).permute(0, 2, 3, 1).reshape(-1, C)
+        labels = torch.multinomial(probs, 1, generator=g).view(4, 16, 16)
+        loader.append((z, labels))
+    wrap = _wrap(LogitsBase(num_classes=C))
+    score = TemperatureMSPScore.fit(wrap, loader)
+    assert abs(score.temperature - true_t) / true_t < 0.10
+    assert score.fit_result.nll_after < score.fit_result.nll_before
+    assert abs(TemperatureMSPScore.fit(wrap, loader, max_pixels=2000).temperature - true_t) / true_t < 0.10
+    with pytest.raises(ValueError, match="no labelled pixels"):
+        TemperatureMSPScore.fit(wrap, [(z, torch.full_like(labels, 255))])
+
+
+def test_every_score_runs_on_a_bf16_wrapper_and_returns_float32_in_range():
+    torch.manual_seed(0)
+    wrap = ErrorCorrectionWrapper(tiny_base()).eval().to(torch.bfloat16)
+    x, _ = batch()
+    x = x.to(torch.bfloat16)
+    member = tiny_base(seed=1).to(torch.bfloat16)
+    scores = (MSPScore(), EntropyScore(), MaxLogitScore(), EnergyScore(), TemperatureMSPScore(0.7),
+              EnsembleScore([member, tiny_base(seed=2).to(torch.bfloat16)], "mutual_information"),
+              ErrwrapScore("base"), ErrwrapScore("returned"), ErrorHeadScore())
+    for score in scores:
+        out = score(wrap, x)
+        assert out.score.dtype == torch.float32 and out.score.shape == (2, 32, 32), repr(score)
+        assert torch.isfinite(out.score).all() and 0 <= out.score.min() and out.score.max() <= 1, repr(score)

@@ -72,3 +72,38 @@ def test_to_uint8_image_denormalises():
     mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
     x = torch.zeros(3, 2, 2)  # normalised zero == mean
     assert (viz.to_uint8_image(x, mean, std) == 128).all()
+
+
+def test_risk_coverage_plot_draws_each_curve_where_it_belongs(tmp_path):
+    coverage = np.linspace(0.01, 1.0, 5000)
+    curves = {"diagonal": (coverage, 0.4 * coverage), "flat": (coverage, np.full_like(coverage, 0.1))}
+    path = viz.risk_coverage_plot(curves, tmp_path / "rc.png", size=(400, 300), title="t", max_risk=0.5)
+    img = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    assert img.shape == (300, 400, 3)
+    blue, red = np.array(viz.PLOT_COLORS[0]), np.array(viz.PLOT_COLORS[1])
+    # plot area: left 52, right 14, top 24, bottom 38 -> x = 52 + c * 334, y = 24 + 238 * (1 - risk / 0.5)
+    for c in (0.25, 0.5, 0.75):
+        x = int(round(52 + c * 334))
+        column = img[:, x]
+        blue_rows = np.nonzero((np.abs(column - blue).sum(1) < 30))[0]
+        red_rows = np.nonzero((np.abs(column - red).sum(1) < 30))[0]
+        assert abs(blue_rows.mean() - (24 + 238 * (1 - 0.4 * c / 0.5))) <= 2, c
+        assert abs(red_rows.mean() - (24 + 238 * (1 - 0.1 / 0.5))) <= 2, c
+
+
+def test_risk_coverage_plot_from_the_curve_function_and_input_checks(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    errors = torch.rand(3000, generator=g) < 0.2
+    scores = torch.rand(3000, generator=g)
+    coverage, risk = viz.risk_coverage_curve(scores, errors)
+    assert coverage[-1] == 1.0 and risk[-1] == pytest.approx(float(errors.double().mean()))
+    assert np.all(np.diff(coverage) > 0) and len(coverage) == len(np.unique(scores.numpy()))
+    path = viz.risk_coverage_plot({"random": (coverage, risk)}, tmp_path / "one.png")
+    assert Image.open(path).size == (560, 380)
+    with pytest.raises(ValueError, match="same non-zero length"):
+        viz.risk_coverage_plot({"bad": (coverage, risk[:-1])}, tmp_path / "bad.png")
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        viz.risk_coverage_plot({"bad": (coverage * 2, risk)}, tmp_path / "bad.png")
+    with pytest.raises(ValueError, match="non-empty dict"):
+        viz.risk_coverage_plot({}, tmp_path / "bad.png")
+    assert not (tmp_path / "bad.png").exists()

@@ -28,6 +28,8 @@ from .metrics import (
     exact_error_detection,
 )
 from .scores import EntropyScore, ErrorHeadScore, ErrorScore, MCDropoutScore, MSPScore, ScoreOutput
+from .scores import EnergyScore, EnsembleScore, ErrwrapScore, MaxLogitScore, TemperatureMSPScore
+from .metrics import ImageRiskCoverageResult, RiskCoverageMetrics, RiskCoverageResult, exact_risk_coverage, image_aurc
 from .training import FinetuneResult, NonFiniteLossError, finetune
 from .wrapper import ErrorCorrectionOutput, ErrorCorrectionWrapper
 
@@ -69,6 +71,16 @@ __all__ = [
     "MCDropoutScore",
     "calibrate_temperature",
     "TemperatureFit",
+    "MaxLogitScore",
+    "EnergyScore",
+    "TemperatureMSPScore",
+    "EnsembleScore",
+    "ErrwrapScore",
+    "RiskCoverageMetrics",
+    "RiskCoverageResult",
+    "ImageRiskCoverageResult",
+    "exact_risk_coverage",
+    "image_aurc",
 ]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())

@@ -261,8 +261,9 @@ def check_finite(t: Tensor, name: str) -> None:
 
 def check_outputs_finite(out: Any, name: str) -> None:
     """Raise ``ValueError`` when the wrapper's outputs (``base_logits``, ``logits``,
-    ``error_prob``) hold NaN or Inf, naming how many pixels and which images of the batch
-    (reads values: synchronises). Used by ``evaluate``, ``calibrate_temperature`` and the CLI.
+    ``error_prob``, or ``out`` itself when it is a tensor of logits) hold NaN or Inf, naming how
+    many pixels and which images of the batch (reads values: synchronises). Used by
+    ``evaluate``, ``calibrate_temperature`` and the CLI.
 
     Shapes:
         out fields ``(B, C, H, W)`` or ``(B, H, W)``.
@@ -270,8 +271,8 @@ def check_outputs_finite(out: Any, name: str) -> None:
     if is_tracing():
         return
     fields, pixels, images = [], 0, set()
-    for field in ("base_logits", "logits", "error_prob"):
-        t = getattr(out, field, None)
+    found = {"logits": out} if isinstance(out, Tensor) else {f: getattr(out, f, None) for f in ("base_logits", "logits", "error_prob")}
+    for field, t in found.items():
         if not isinstance(t, Tensor) or t.ndim < 3:
             continue
         bad = ~torch.isfinite(t)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 import torch
@@ -28,7 +28,7 @@ from torch import Tensor
 from ._validate import check_outputs_finite, input_dtype, prepare_batch
 from .hub import TEMPERATURE_RANGE
 
-__all__ = ["TemperatureFit", "calibrate_temperature", "fit_temperature"]
+__all__ = ["TemperatureFit", "calibrate_temperature", "fit_temperature", "sample_labelled_pixels"]
 
 logger = logging.getLogger(__name__)
 
@@ -113,40 +113,13 @@ def calibrate_temperature(
     Returns:
         :class:`TemperatureFit` with the temperature now set on the wrapper.
     """
-    param = next(iter(wrapper.parameters()), None)
-    device = torch.device(device) if device is not None else (param.device if param is not None else torch.device("cpu"))
-    generator = torch.Generator().manual_seed(seed)
     was_training, old_t = wrapper.training, float(getattr(wrapper, "temperature", 1.0))
-    dtype = input_dtype(wrapper)
-    wrapper.eval()
     wrapper.temperature = 1.0
-    kept_lp = torch.empty(0, wrapper.num_classes)
-    kept_y = torch.empty(0, dtype=torch.long)
-    kept_key = torch.empty(0)
     try:
-        with torch.no_grad():
-            for i, batch in enumerate(loader):
-                if max_batches is not None and i >= max_batches:
-                    break
-                images, labels = prepare_batch(
-                    batch, i, in_channels=getattr(wrapper, "in_channels", None), num_classes=wrapper.num_classes,
-                    ignore_index=ignore_index, device=device, dtype=dtype,
-                )  # fmt: skip
-                out = wrapper(images)
-                check_outputs_finite(out, f"calibrate_temperature: batch {i}")
-                flat = labels.reshape(-1).cpu()
-                valid = (flat != ignore_index).nonzero().squeeze(1)
-                if valid.numel() == 0:
-                    continue
-                log_probs = out.logits.float().permute(0, 2, 3, 1).reshape(-1, wrapper.num_classes).cpu()
-                # a uniform sample of all labelled pixels seen so far: keep the smallest random keys
-                keys = torch.rand(valid.numel(), generator=generator)
-                kept_lp = torch.cat([kept_lp, log_probs[valid]])
-                kept_y = torch.cat([kept_y, flat[valid]])
-                kept_key = torch.cat([kept_key, keys])
-                if kept_key.numel() > max_pixels:
-                    keep = kept_key.topk(max_pixels, largest=False).indices
-                    kept_lp, kept_y, kept_key = kept_lp[keep], kept_y[keep], kept_key[keep]
+        kept_lp, kept_y = sample_labelled_pixels(
+            wrapper, loader, lambda w, x: w(x).logits,
+            ignore_index=ignore_index, max_pixels=max_pixels, max_batches=max_batches, seed=seed, device=device,
+        )  # fmt: skip
     except BaseException:
         wrapper.temperature = old_t
         raise
@@ -163,3 +136,61 @@ def calibrate_temperature(
     wrapper.temperature = fit.temperature
     logger.info("fused temperature %.4f on %d pixels: NLL %.4f -> %.4f", fit.temperature, fit.pixels, fit.nll_before, fit.nll_after)
     return fit
+
+
+def sample_labelled_pixels(
+    wrapper: Any,
+    loader: Iterable[Any],
+    logits_of: Callable[[Any, Tensor], Tensor],
+    *,
+    ignore_index: int = 255,
+    max_pixels: int = 500_000,
+    max_batches: int | None = None,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """A seeded uniform sample of at most ``max_pixels`` labelled pixels: their logits and labels.
+
+    The wrapper runs in eval mode without gradients (its mode is restored); ``logits_of(wrapper,
+    images)`` gives the ``(B, C, H, W)`` logits at the labels' resolution (e.g. the fused
+    log-probabilities ``wrapper(x).logits``, or the base logits).
+
+    Shapes:
+        -> logits ``(N, C)`` float32 on the CPU, labels ``(N,)`` int64, ``N <= max_pixels``.
+    """
+    param = next(iter(wrapper.parameters()), None)
+    device = torch.device(device) if device is not None else (param.device if param is not None else torch.device("cpu"))
+    generator = torch.Generator().manual_seed(seed)
+    was_training = wrapper.training
+    dtype = input_dtype(wrapper)
+    kept_lp = torch.empty(0, wrapper.num_classes)
+    kept_y = torch.empty(0, dtype=torch.long)
+    kept_key = torch.empty(0)
+    wrapper.eval()
+    try:
+        with torch.no_grad():
+            for i, batch in enumerate(loader):
+                if max_batches is not None and i >= max_batches:
+                    break
+                images, labels = prepare_batch(
+                    batch, i, in_channels=getattr(wrapper, "in_channels", None), num_classes=wrapper.num_classes,
+                    ignore_index=ignore_index, device=device, dtype=dtype,
+                )  # fmt: skip
+                logits = logits_of(wrapper, images)
+                check_outputs_finite(logits, f"calibration: batch {i}")
+                flat = labels.reshape(-1).cpu()
+                valid = (flat != ignore_index).nonzero().squeeze(1)
+                if valid.numel() == 0:
+                    continue
+                log_probs = logits.float().permute(0, 2, 3, 1).reshape(-1, wrapper.num_classes).cpu()
+                # a uniform sample of all labelled pixels seen so far: keep the smallest random keys
+                keys = torch.rand(valid.numel(), generator=generator)
+                kept_lp = torch.cat([kept_lp, log_probs[valid]])
+                kept_y = torch.cat([kept_y, flat[valid]])
+                kept_key = torch.cat([kept_key, keys])
+                if kept_key.numel() > max_pixels:
+                    keep = kept_key.topk(max_pixels, largest=False).indices
+                    kept_lp, kept_y, kept_key = kept_lp[keep], kept_y[keep], kept_key[keep]
+    finally:
+        wrapper.train(was_training)
+    return kept_lp, kept_y

@@ -15,9 +15,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["main", "build_parser", "parse_data_spec", "parse_label_map"]
+__all__ = ["main", "build_parser", "parse_data_spec", "parse_label_map", "parse_corrupt"]
 
-DATA_KINDS = ("scenes", "cityscapes", "ade20k", "folder")
+DATA_KINDS = ("scenes", "aerial", "cells", "cityscapes", "ade20k", "folder")
+GENERATED_KINDS = DATA_KINDS[:3]  # errwrap.data.GENERATED; the CLI imports errwrap.data lazily
 
 
 class CLIError(Exception):
@@ -42,6 +43,20 @@ def parse_label_map(text: str | None) -> dict[int, int] | None:
     return mapping
 
 
+def parse_corrupt(text: str | None):
+    """``"fog:3"`` -> ``errwrap.data.Corrupt("fog", severity=3)`` (``KIND`` alone: severity 3);
+    ``None`` stays ``None``."""
+    if text is None:
+        return None
+    from .data import CORRUPTIONS, Corrupt
+
+    kind, colon, severity = text.partition(":")
+    if kind not in CORRUPTIONS or (colon and severity not in ("1", "2", "3", "4", "5")):
+        raise CLIError(f"--corrupt {text!r}: expected KIND or KIND:SEVERITY with KIND one of {', '.join(CORRUPTIONS)} "
+                       "and SEVERITY 1 (mild) to 5 (strong)")
+    return Corrupt(kind, int(severity) if colon else 3)
+
+
 def parse_data_spec(
     spec: str,
     split: str,
@@ -51,7 +66,8 @@ def parse_data_spec(
     num_classes: int | None = None,
     label_map: dict[int, int] | None = None,
 ):
-    """``KIND:PATH`` -> a dataset. Kinds: ``scenes[:N]`` (built-in, N images), ``cityscapes:ROOT``,
+    """``KIND:PATH`` -> a dataset. Kinds: ``scenes[:N]``, ``aerial[:N]``, ``cells[:N]`` (generated,
+    N images, see ``errwrap.data.GENERATED``), ``cityscapes:ROOT``,
     ``ade20k:ROOT``, ``folder:IMAGES_DIR,MASKS_DIR``.
 
     ``num_classes`` is the model's: a folder's masks are checked against it (naming the file
@@ -64,13 +80,14 @@ def parse_data_spec(
     kind = kind.lower()
     if label_map is not None and kind != "folder":
         raise CLIError(f"--label-map: only for folder:IMAGES_DIR,MASKS_DIR data, got --data {spec!r}")
-    if kind == "scenes":
+    if kind in data.GENERATED:
         if rest and (not rest.isdigit() or int(rest) < 1):
-            raise CLIError(f"--data {spec!r}: expected scenes or scenes:N with N a positive number of images")
+            raise CLIError(f"--data {spec!r}: expected {kind} or {kind}:N with N a positive number of images")
         n = int(rest) if rest else 200
-        return data.Scenes(n, size=size or 128, seed=0, split=split, transform=transform)
+        return data.generated(kind, n, size=size or 128, seed=0, split=split, transform=transform)
     if kind not in DATA_KINDS:
-        raise CLIError(f"--data {spec!r}: unknown kind {kind!r}; expected one of {', '.join(k + ':PATH' for k in DATA_KINDS)}")
+        expected = [k + "[:N]" for k in GENERATED_KINDS] + [k + ":PATH" for k in DATA_KINDS if k not in GENERATED_KINDS]
+        raise CLIError(f"--data {spec!r}: unknown kind {kind!r}; expected one of {', '.join(expected)}")
     if not rest:
         raise CLIError(f"--data {spec!r}: expected {kind}:PATH")
     if kind == "cityscapes":
@@ -228,6 +245,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     out = _output_dir(args.out)
     paths = _image_paths(args.images)
     images = [_read_image(p) for p in paths]  # fail on a bad file before loading the model
+    corrupt = parse_corrupt(args.corrupt)
+    if corrupt is not None:
+        images = [corrupt(image) for image in images]
     wrap = _load_model(args.model, args.device)
     normalize, mean, std = _normalizer(wrap)
     palette = palette_for(wrap.num_classes, args.palette)
@@ -254,8 +274,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     json_path = _output_file(args.json, "--json")
     label_map = parse_label_map(args.label_map)
+    corrupt = parse_corrupt(args.corrupt)
     wrap = _load_model(args.model, args.device)
     normalize, _, _ = _normalizer(wrap)
+    if corrupt is not None:
+        from .data import Compose
+
+        normalize = Compose([corrupt.joint, normalize])
     dataset = parse_data_spec(args.data, args.split, transform=normalize, size=args.size, num_classes=wrap.num_classes, label_map=label_map)
     _check_classes(dataset, wrap, args.data)
     if len(dataset) == 0:
@@ -335,9 +360,11 @@ def _positive_int(text: str) -> int:
 
 MODEL_HELP = ("a model directory written by save_pretrained, or a Hub repo id; its base must be one the CLI "
               "rebuilds from config.json (errwrap's DeepLabV3Plus, SMP, torchvision or transformers models)")
-DATA_HELP = ("scenes[:N] (built-in), cityscapes:ROOT (19 classes), ade20k:ROOT (150 classes with label 0 ignored; "
+DATA_HELP = ("scenes[:N], aerial[:N] or cells[:N] (generated), cityscapes:ROOT (19 classes), ade20k:ROOT (150 classes with label 0 ignored; "
              "0 is kept as 'other' for a 151-class model) or folder:IMAGES_DIR,MASKS_DIR (masks of class indices, "
              "paired by file stem; see --label-map)")
+CORRUPT_HELP = ("corrupt the images before the model sees them, to measure a shift: blur, fog, noise, dark or jpeg, "
+                "severity 1 (mild) to 5 (strong), e.g. fog:3 (errwrap.data.Corrupt)")
 LABEL_MAP_HELP = ("folder data only: raw mask value -> class, e.g. 255:1 for binary masks saved as 0/255 "
                   "(255 = foreground); several as 255:1,128:255")
 EPILOG = """\
@@ -356,7 +383,9 @@ models:
   errwrap.evaluate (docs/training.md).
 
 data (--data KIND:PATH):
-  scenes[:N]                  errwrap's generated scenes (N images)
+  scenes[:N]                  errwrap's generated street-like scenes (N images, default 200)
+  aerial[:N]                  generated top-down map-like tiles (6 classes)
+  cells[:N]                   generated microscopy-like images (3 classes)
   cityscapes:ROOT             ROOT/leftImg8bit and ROOT/gtFine
   ade20k:ROOT                 ADEChallengeData2016 (or the directory that holds it)
   folder:IMAGES_DIR,MASKS_DIR images and masks (PNG of class indices) paired by file stem;
@@ -396,6 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--palette", choices=["cityscapes", "ade20k", "generated"], default=None,
                    help="colours of the label PNGs (default: by the number of classes)")
+    p.add_argument("--corrupt", default=None, metavar="KIND:SEVERITY", help=CORRUPT_HELP)
     p.add_argument("--device", default=None, help="e.g. cpu, cuda (default: cpu)")
     p.set_defaults(func=cmd_predict)
 
@@ -405,14 +435,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--data", required=True, metavar="KIND:PATH", help=DATA_HELP)
     p.add_argument("--label-map", default=None, metavar="RAW:CLASS,...", help=LABEL_MAP_HELP)
-    p.add_argument("--split", default="val", help="data split for cityscapes, ade20k and scenes (default: val)")
-    p.add_argument("--size", type=_positive_int, default=None, help="image size for scenes (default: 128)")
-    p.add_argument("--baselines", default="msp,entropy", help="comma-separated: msp, entropy, mc_dropout (default: msp,entropy)")
+    p.add_argument("--split", default="val", help="data split for cityscapes, ade20k and generated data (default: val)")
+    p.add_argument("--size", type=_positive_int, default=None, help="image size for generated data (default: 128)")
+    p.add_argument("--baselines", default="msp,entropy", help="comma-separated: msp, entropy, mc_dropout, max_logit, energy, error_prob (default: msp,entropy)")
     p.add_argument("--mc-T", type=_positive_int, default=10, help="passes of MC dropout (default: 10)")
     p.add_argument("--batch-size", type=_positive_int, default=4, help="images per batch (default: 4); 1 for images of different sizes")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default: 0)")
     p.add_argument("--max-batches", type=_positive_int, default=None, help="stop after this many batches (default: all)")
     p.add_argument("--json", default=None, help="also write the report as JSON here")
+    p.add_argument("--corrupt", default=None, metavar="KIND:SEVERITY", help=CORRUPT_HELP)
     p.add_argument("--device", default=None, help="e.g. cpu, cuda (default: cpu)")
     p.set_defaults(func=cmd_evaluate)
 
@@ -428,7 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=8,
                    help="images per batch (default: 8); images of different sizes need --crop or --batch-size 1")
     p.add_argument("--crop", type=_positive_int, default=None, help="random scale (0.5-2) and crop to this size")
-    p.add_argument("--size", type=_positive_int, default=None, help="image size for scenes (default: 128)")
+    p.add_argument("--size", type=_positive_int, default=None, help="image size for generated data (default: 128)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="fp32 (default), bf16 autocast (CPU or GPU) or fp16 autocast (GPU)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data order and the heads' training (default: 0)")

@@ -5,6 +5,9 @@ One pass over a loader computes, in constant memory (see :mod:`errwrap.metrics`)
 * segmentation metrics of the base prediction and of the fused (corrected) prediction;
 * error-detection metrics of the error head and of every baseline score, where an *error* is a
   labelled pixel whose *base* label is wrong (what the error head predicts);
+* for the labels errwrap returns (``out.labels``) ranked by ``out.error_prob``: error detection,
+  risk-coverage (AURC, E-AURC) and image-level AURC, next to the same for the base's labels
+  ranked by each base score (MSP always);
 * expected calibration error of the base softmax and of the fused probabilities;
 * wall time per image of the base pass, the wrapper pass, and each baseline's extra work.
 """
@@ -33,10 +36,14 @@ from .metrics import (
     CalibrationResult,
     ErrorDetectionMetrics,
     ErrorDetectionResult,
+    ImageRiskCoverageMetrics,
+    ImageRiskCoverageResult,
+    RiskCoverageMetrics,
+    RiskCoverageResult,
     SegmentationMetrics,
     SegmentationResult,
 )
-from .scores import ErrorHeadScore, ErrorScore, MCDropoutScore, build_score
+from .scores import ErrorHeadScore, ErrorScore, MCDropoutScore, build_score, msp_score
 
 __all__ = ["EvaluationReport", "evaluate", "unpack_batch"]
 
@@ -68,6 +75,11 @@ def _result_from_dict(cls: type, data: Mapping[str, Any]) -> Any:
     return cls(**{f: _none_to_nan(data[f]) for f in cls._fields})
 
 
+def _name_width(names: Sequence[str]) -> int:
+    """Width of a table's name column: 14, or wider for a longer name."""
+    return max([14, *(len(n) + 2 for n in names)])
+
+
 def _fmt(value: float, percent: bool = True) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
@@ -93,6 +105,18 @@ class EvaluationReport:
             each score its total cost ``"score/<name>"`` (the error head: the wrapper pass; a
             baseline: the base pass plus its extra time).
         config: the settings of the evaluation (bins, ``T``, ``ignore_index``, ...).
+        returned_detection: error detection of ``out.error_prob`` where an error is a labelled
+            pixel whose **returned** label ``out.labels`` is wrong.
+        risk_coverage: per score, the risk-coverage (AURC, E-AURC, risk at coverages) of the
+            labels it judges ranked by it: ``"error_prob"`` (``out.labels`` by
+            ``out.error_prob``), ``"msp"`` (the base's labels by MSP, always), then every score
+            of ``error_detection``.
+        image_risk_coverage: per score (the same keys), the image-level AURC: images ranked by
+            their mean score against their error rate, with the oracle's.
+        judged_labels: per key of ``risk_coverage``, whose labels are judged: ``"returned"``,
+            ``"base"`` or ``"ensemble"``.
+        risk_curves: per key of ``risk_coverage``, its curve ``(coverage, risk)`` at the 100
+            coverages ``0.01, 0.02, ..., 1`` (lists; for :func:`errwrap.viz.risk_coverage_plot`).
     """
 
     base: SegmentationResult
@@ -103,6 +127,11 @@ class EvaluationReport:
     num_pixels: int
     time_per_image: dict[str, float]
     config: dict[str, Any] = dataclasses.field(default_factory=dict)
+    returned_detection: ErrorDetectionResult | None = None
+    risk_coverage: dict[str, RiskCoverageResult] = dataclasses.field(default_factory=dict)
+    image_risk_coverage: dict[str, ImageRiskCoverageResult] = dataclasses.field(default_factory=dict)
+    judged_labels: dict[str, str] = dataclasses.field(default_factory=dict)
+    risk_curves: dict[str, tuple[list[float], list[float]]] = dataclasses.field(default_factory=dict)
 
     @property
     def miou_gain(self) -> float:
@@ -121,12 +150,18 @@ class EvaluationReport:
             "num_pixels": self.num_pixels,
             "time_per_image": dict(self.time_per_image),
             "config": dict(self.config),
+            "returned_detection": None if self.returned_detection is None else self.returned_detection._asdict(),
+            "risk_coverage": {k: v._asdict() for k, v in self.risk_coverage.items()},
+            "image_risk_coverage": {k: v._asdict() for k, v in self.image_risk_coverage.items()},
+            "judged_labels": dict(self.judged_labels),
+            "risk_curves": {k: [list(c), list(r)] for k, (c, r) in self.risk_curves.items()},
         }
         return _nan_to_none(data)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "EvaluationReport":
-        """Inverse of :meth:`to_dict` (``None`` becomes ``nan``)."""
+        """Inverse of :meth:`to_dict` (``None`` becomes ``nan``); reports written before the
+        returned-label metrics existed read with those fields empty."""
         if not isinstance(data, Mapping):
             raise TypeError(f"from_dict: expected a mapping, got {type(data).__name__}")
         return cls(
@@ -138,6 +173,11 @@ class EvaluationReport:
             num_pixels=int(data["num_pixels"]),
             time_per_image={k: _none_to_nan(v) for k, v in data["time_per_image"].items()},
             config=dict(data.get("config", {})),
+            returned_detection=None if data.get("returned_detection") is None else _result_from_dict(ErrorDetectionResult, data["returned_detection"]),
+            risk_coverage={k: _result_from_dict(RiskCoverageResult, v) for k, v in data.get("risk_coverage", {}).items()},
+            image_risk_coverage={k: _result_from_dict(ImageRiskCoverageResult, v) for k, v in data.get("image_risk_coverage", {}).items()},
+            judged_labels=dict(data.get("judged_labels", {})),
+            risk_curves={k: (list(c), list(r)) for k, (c, r) in data.get("risk_curves", {}).items()},
         )
 
     def to_json(self, path: str | Path | None = None, indent: int = 2) -> str:
@@ -173,17 +213,39 @@ class EvaluationReport:
         first = next(iter(self.error_detection.values()), None)
         rate = _fmt(first.error_rate) if first is not None else "n/a"
         lines.append(f"error detection (errors = wrong base labels, {rate}% of pixels; higher is better except FPR95)")
-        lines.append(f"{'score':<14}{'AUROC':>8}{'AUPR-E':>8}{'AUPR-S':>8}{'FPR95':>8}{'bound':>8}{'ms/img':>9}")
+        w = _name_width([*self.error_detection, *self.risk_coverage])
+        lines.append(f"{'score':<{w}}{'AUROC':>8}{'AUPR-E':>8}{'AUPR-S':>8}{'FPR95':>8}{'bound':>8}{'ms/img':>9}")
         for name, r in self.error_detection.items():
             t = self.time_per_image.get(f"score/{name}", float("nan"))
             ms = "n/a" if math.isnan(t) else f"{1000 * t:.2f}"
             bound = max(r.auroc_bound, r.aupr_error_bound, r.aupr_success_bound, r.fpr95_bound)
-            lines.append(f"{name:<14}{_fmt(r.auroc):>8}{_fmt(r.aupr_error):>8}{_fmt(r.aupr_success):>8}{_fmt(r.fpr95):>8}{_fmt(bound):>8}{ms:>9}")
+            lines.append(f"{name:<{w}}{_fmt(r.auroc):>8}{_fmt(r.aupr_error):>8}{_fmt(r.aupr_success):>8}{_fmt(r.fpr95):>8}{_fmt(bound):>8}{ms:>9}")
         lines.append("")
         lines.append("(bound: largest binning error bound of the four, in points; ms/img: total cost of the score)")
+        if self.risk_coverage:
+            lines.append("")
+            lines.extend(self._risk_coverage_lines())
         times = ", ".join(f"{k} {1000 * v:.2f} ms" for k, v in self.time_per_image.items() if not k.startswith("score/"))
         lines.append(f"time per image: {times}")
         return "\n".join(lines)
+
+    def _risk_coverage_lines(self) -> list[str]:
+        lines = ["risk-coverage (errors of the labels each score judges; lower is better except AUROC, AUPR-E)"]
+        w = _name_width([*self.error_detection, *self.risk_coverage])
+        lines.append(f"{'score':<{w}}{'labels':<10}{'err%':>7}{'AUROC':>8}{'AUPR-E':>8}{'FPR95':>8}{'AURC':>8}{'E-AURC':>8}{'imAURC':>8}{'imE-AURC':>10}")
+        for name, rc in self.risk_coverage.items():
+            labels = self.judged_labels.get(name, "base")
+            det = self.returned_detection if name == "error_prob" and labels == "returned" else self.error_detection.get(name)
+            auroc, aupr, fpr = (det.auroc, det.aupr_error, det.fpr95) if det is not None else (float("nan"),) * 3
+            img = self.image_risk_coverage.get(name)
+            img_aurc, img_eaurc = (img.aurc, img.eaurc) if img is not None else (float("nan"),) * 2
+            lines.append(
+                f"{name:<{w}}{labels:<10}{_fmt(rc.error_rate):>7}{_fmt(auroc):>8}{_fmt(aupr):>8}{_fmt(fpr):>8}"
+                f"{_fmt(rc.aurc):>8}{_fmt(rc.eaurc):>8}{_fmt(img_aurc):>8}{_fmt(img_eaurc):>10}"
+            )
+        lines.append("(AURC: mean risk as pixels are accepted from the least suspicious; E-AURC: AURC minus a perfect")
+        lines.append(" ranking's; imAURC, imE-AURC: images ranked by mean score against their error rate; all in points)")
+        return lines
 
     def __str__(self) -> str:
         return self.table()
@@ -254,8 +316,9 @@ def evaluate(
             different sizes need ``batch_size=1`` (or a padding ``collate_fn``). A dataset
             whose ``num_classes`` differs from the wrapper's is refused (``ValueError``).
         baselines: scores to compare with the error head: names in
-            :data:`errwrap.scores.SCORES` (``"msp"``, ``"entropy"``, ``"mc_dropout"``) or
-            :class:`~errwrap.scores.ErrorScore` objects.
+            :data:`errwrap.scores.SCORES` (``"msp"``, ``"entropy"``, ``"mc_dropout"``,
+            ``"max_logit"``, ``"energy"``, ...) or :class:`~errwrap.scores.ErrorScore` objects
+            (e.g. a fitted ``TemperatureMSPScore`` or an ``EnsembleScore``).
         mc_dropout_T: passes of ``"mc_dropout"`` (used only when it is listed).
         ignore_index: label of unlabelled pixels, left out of every metric.
         device: where the batches go; default: the device of the wrapper's parameters (the
@@ -295,6 +358,10 @@ def evaluate(
     seg = {"base": SegmentationMetrics(num_classes, ignore_index), "fused": SegmentationMetrics(num_classes, ignore_index)}
     cal = {k: CalibrationMetrics(num_classes, calibration_bins, ignore_index) for k in ("base", "fused")}
     det = {name: ErrorDetectionMetrics(score_bins) for name in [ErrorHeadScore.name, *scores]}
+    judged = {"error_prob": "returned", "msp": "base", ErrorHeadScore.name: "base", **{n: s.judges for n, s in scores.items()}}
+    returned_det = ErrorDetectionMetrics(score_bins)
+    risk = {name: RiskCoverageMetrics(score_bins) for name in judged}
+    images_rc = {name: ImageRiskCoverageMetrics() for name in judged}
     seconds = {"base_forward": 0.0, "wrapper_forward": 0.0, **{f"extra/{n}": 0.0 for n in scores}}
     num_images = 0
 
@@ -351,8 +418,15 @@ def evaluate(
                     seconds[f"extra/{name}"] += time.perf_counter() - start
 
                 valid = labels != ignore_index
+                ranked = {"error_prob": (out.error_prob, out.labels != labels), "msp": (msp_score(out.base_logits), out.base_labels != labels)}
                 for name, scored in outputs.items():
-                    det[name].update(scored.score, scored.prediction != labels, valid)
+                    wrong = scored.prediction != labels
+                    det[name].update(scored.score, wrong, valid)
+                    ranked[name] = (scored.score, wrong)
+                returned_det.update(*ranked["error_prob"], valid)
+                for name, (score_map, wrong) in ranked.items():
+                    risk[name].update(score_map, wrong, valid)
+                    images_rc[name].update(score_map, wrong, valid)
                 seg["base"].update(out.base_labels, labels)
                 seg["fused"].update(out.labels, labels)
                 cal["base"].update(torch.softmax(out.base_logits.float(), dim=1), labels)
@@ -365,7 +439,7 @@ def evaluate(
             m.training = mode
 
     if _dist_initialized():
-        for metric in [*seg.values(), *cal.values(), *det.values()]:
+        for metric in [*seg.values(), *cal.values(), *det.values(), returned_det, *risk.values(), *images_rc.values()]:
             metric.sync()
         keys = list(seconds)
         summed = _sum_over_processes([float(num_images), *(seconds[k] for k in keys)])
@@ -399,6 +473,11 @@ def evaluate(
         num_pixels=base_result.num_pixels,
         time_per_image=time_per_image,
         config=config,
+        returned_detection=returned_det.compute(),
+        risk_coverage={name: m.compute() for name, m in risk.items()},
+        image_risk_coverage={name: m.compute() for name, m in images_rc.items()},
+        judged_labels=judged,
+        risk_curves={name: tuple(a.tolist() for a in m.curve(num_points=100)) for name, m in risk.items()},
     )
     if report.num_pixels == 0:
         logger.warning("evaluate: every label was ignore_index=%d; the metrics are all nan", ignore_index)

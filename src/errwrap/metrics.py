@@ -33,6 +33,15 @@ __all__ = [
     "CalibrationMetrics",
     "exact_error_detection",
     "DEFAULT_SCORE_BINS",
+    "DEFAULT_COVERAGES",
+    "RiskCoverageResult",
+    "RiskCoverageMetrics",
+    "exact_risk_coverage",
+    "risk_coverage_curve",
+    "optimal_aurc",
+    "ImageRiskCoverageResult",
+    "ImageRiskCoverageMetrics",
+    "image_aurc",
 ]
 
 DEFAULT_SCORE_BINS = 10_000
@@ -359,9 +368,9 @@ class ErrorDetectionMetrics(StreamingMetric):
         if valid is not None:
             valid = valid.bool()
             scores, errors = scores[valid], errors[valid]
-        bins = self.bin_index(scores)
+        bins = self.bin_index(scores).reshape(-1)
         n = self.num_bins
-        counts = torch.bincount(bins + n * (~errors).long(), minlength=2 * n).to(self.device)
+        counts = torch.bincount(bins + n * (~errors).long().reshape(-1), minlength=2 * n).to(self.device)
         self._states["errors"].add_(counts[:n])
         self._states["successes"].add_(counts[n:])
 
@@ -517,3 +526,347 @@ class CalibrationMetrics(StreamingMetric):
         filled = count > 0
         mce = float((gap[filled] / count[filled]).max())
         return CalibrationResult(float(gap.sum()) / n, mce, float(correct.sum()) / n, float(conf.sum()) / n, int(n))
+
+
+# ---------------------------------------------------------------------------- risk-coverage
+DEFAULT_COVERAGES = (0.5, 0.8, 0.9, 0.95)
+"""Coverages at which :class:`RiskCoverageMetrics` reports the selective risk."""
+
+_EULER_GAMMA = 0.5772156649015329
+
+
+def _harmonic(n: Tensor) -> Tensor:
+    """``H(n) = sum_{k=1..n} 1/k`` for real ``n >= 0`` (float64), via the digamma function."""
+    return torch.special.digamma(n + 1.0) + _EULER_GAMMA
+
+
+def _area_of_groups(err: Tensor, cnt: Tensor) -> float:
+    """``sum_k risk_k`` over every acceptance count ``k = 1..n``, for groups accepted in order.
+
+    Group ``g`` holds ``cnt_g`` items carrying ``err_g`` errors (a real number: the errors of
+    pixels, or the summed error rates of images), accepted in an unknown order: the value is the
+    expectation over the orders inside each group. With ``A`` items and ``E`` errors accepted
+    before the group, accepting ``j`` of its items gives risk ``(E + j err/cnt) / (A + j)``, and
+    ``sum_{j=1..m} (E + j e/m) / (A + j) = (E - A e/m) (H(A + m) - H(A)) + e``.
+    """
+    keep = cnt > 0
+    err, cnt = err[keep].double(), cnt[keep].double()
+    if cnt.numel() == 0:
+        return 0.0
+    before_n = cnt.cumsum(0) - cnt
+    before_e = err.cumsum(0) - err
+    span = _harmonic(before_n + cnt) - _harmonic(before_n)
+    return float(((before_e - before_n * err / cnt) * span + err).sum())
+
+
+def optimal_aurc(num_errors: int, num_pixels: int) -> float:
+    """The smallest AURC of ``num_pixels`` items of which ``num_errors`` are errors: every error
+    ranked after every success, ``(e - s (H(n) - H(s))) / n`` with ``s = n - e``. It tends to
+    ``r + (1 - r) ln(1 - r)`` for the error rate ``r`` as ``n`` grows (Geifman et al., 2019)."""
+    if num_pixels <= 0:
+        return _NAN
+    s = num_pixels - num_errors
+    err = torch.tensor([0.0, float(num_errors)], dtype=torch.float64)
+    cnt = torch.tensor([float(s), float(num_errors)], dtype=torch.float64)
+    return _area_of_groups(err, cnt) / num_pixels
+
+
+class RiskCoverageResult(NamedTuple):
+    """Risk-coverage of a score: accept the pixels from the least to the most suspicious.
+
+    Attributes:
+        aurc: area under the risk-coverage curve, ``(1/n) sum_k risk_k`` where ``risk_k`` is the
+            error rate of the ``k`` least suspicious pixels (lower is better; ties: expected
+            value over the orders inside a tie).
+        eaurc: ``aurc - optimal_aurc``: 0 for a perfect ranking.
+        optimal_aurc: the AURC of a perfect ranking with the same errors, :func:`optimal_aurc`.
+        aurc_bound: bound on ``|histogram value - exact value|`` of ``aurc`` and ``eaurc``
+            (0 for exact computations).
+        coverages: the coverages of ``risks``.
+        risks: the error rate of the accepted pixels at each coverage (the ``ceil(c n)`` least
+            suspicious pixels).
+        risk_bound: bound on ``|histogram - exact|`` of every value of ``risks``.
+        num_errors: error pixels counted.
+        num_pixels: pixels counted.
+        error_rate: ``num_errors / num_pixels`` (the risk at full coverage).
+    """
+
+    aurc: float
+    eaurc: float
+    optimal_aurc: float
+    aurc_bound: float
+    coverages: list[float]
+    risks: list[float]
+    risk_bound: float
+    num_errors: int
+    num_pixels: int
+    error_rate: float
+
+
+def _check_coverages(coverages: Any) -> tuple[float, ...]:
+    values = tuple(float(c) for c in coverages)
+    if not all(0.0 < c <= 1.0 for c in values):
+        raise ValueError(f"coverages: expected values in (0, 1], got {coverages!r}")
+    return values
+
+
+def _risks_at(err: Tensor, cnt: Tensor, coverages: tuple[float, ...]) -> tuple[list[float], float]:
+    """Risk at each coverage (linear share of the errors of the group it falls in) and a bound
+    over the orders inside that group."""
+    err, cnt = err.double(), cnt.double()
+    n = float(cnt.sum())
+    cum_n, cum_e = cnt.cumsum(0), err.cumsum(0)
+    risks, bound = [], 0.0
+    for c in coverages:
+        k = max(1.0, math.ceil(c * n - 1e-9))
+        g = int(torch.searchsorted(cum_n, torch.tensor([k], dtype=torch.float64))[0].clamp(max=len(cnt) - 1))
+        before_n, before_e = float(cum_n[g] - cnt[g]), float(cum_e[g] - err[g])
+        taken, m, e = k - before_n, float(cnt[g]), float(err[g])
+        risks.append((before_e + taken * e / m) / k)
+        low, high = before_e + max(0.0, taken - (m - e)), before_e + min(taken, e)
+        bound = max(bound, (high - low) / k)
+    return risks, bound
+
+
+def _risk_coverage_result(err: Tensor, cnt: Tensor, coverages: tuple[float, ...], bound: float) -> RiskCoverageResult:
+    n_err, n = int(round(float(err.sum()))), int(round(float(cnt.sum())))
+    if n == 0:
+        return RiskCoverageResult(_NAN, _NAN, _NAN, _NAN, list(coverages), [_NAN] * len(coverages), _NAN, 0, 0, _NAN)
+    aurc = _area_of_groups(err, cnt) / n
+    best = optimal_aurc(n_err, n)
+    risks, risk_bound = _risks_at(err, cnt, coverages)
+    return RiskCoverageResult(aurc, aurc - best, best, bound, list(coverages), risks, risk_bound, n_err, n, n_err / n)
+
+
+class RiskCoverageMetrics(StreamingMetric):
+    """AURC, E-AURC and the selective risk at a few coverages of a per-pixel error score.
+
+    Selective prediction: accept the pixels with the lowest score (least suspicious) first; at
+    coverage ``k / n`` the risk is the error rate of the ``k`` accepted pixels. The state is the
+    same pair of score histograms as :class:`ErrorDetectionMetrics` (errors, successes; equal
+    bins over ``score_range``); pixels sharing a bin are a tie, counted at its expected value over
+    the orders inside the bin, and ``aurc_bound`` / ``risk_bound`` bound the difference to the
+    exact, sorted value (:func:`exact_risk_coverage`) from the same histograms: the two extreme
+    orders inside each bin (its errors first, or last).
+
+    Args:
+        num_bins: number of score bins.
+        score_range: ``(low, high)`` of the scores.
+        coverages: where to report the risk, in ``(0, 1]``.
+        device: where the state lives (default CPU).
+
+    Shapes:
+        ``update(scores, errors, valid=None)``: any shape, all three the same.
+
+    Example:
+        >>> m = RiskCoverageMetrics()
+        >>> m.update(torch.tensor([0.9, 0.1, 0.2, 0.3]), torch.tensor([True, False, False, False]))
+        >>> m.compute().eaurc
+        0.0
+    """
+
+    def __init__(
+        self,
+        num_bins: int = DEFAULT_SCORE_BINS,
+        score_range: tuple[float, float] = (0.0, 1.0),
+        coverages: tuple[float, ...] = DEFAULT_COVERAGES,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__(device)
+        self._binner = ErrorDetectionMetrics(num_bins, score_range)  # the same bins and input checks
+        self.num_bins = num_bins
+        self.score_range = self._binner.score_range
+        self.coverages = _check_coverages(coverages)
+        self._add_state("errors", num_bins, torch.int64)
+        self._add_state("successes", num_bins, torch.int64)
+
+    def config(self) -> dict[str, Any]:
+        return {"num_bins": self.num_bins, "score_range": self.score_range, "coverages": self.coverages}
+
+    @property
+    def histograms(self) -> tuple[Tensor, Tensor]:
+        """``(errors, successes)``: counts per score bin, lowest scores first."""
+        return self._states["errors"], self._states["successes"]
+
+    def update(self, scores: Tensor, errors: Tensor, valid: Tensor | None = None) -> None:
+        """Add scores with their error indicator; pixels where ``valid`` is false are skipped."""
+        binner = self._binner.reset()
+        binner.update(scores, errors, valid)
+        self._states["errors"].add_(binner._states["errors"].to(self.device))
+        self._states["successes"].add_(binner._states["successes"].to(self.device))
+
+    def _groups(self) -> tuple[Tensor, Tensor]:
+        err = self._states["errors"].double().cpu()
+        return err, err + self._states["successes"].double().cpu()
+
+    def compute(self) -> RiskCoverageResult:
+        """AURC, E-AURC, the risks at :attr:`coverages` and their binning bounds; ``nan`` when
+        nothing was counted."""
+        err, cnt = self._groups()
+        ok = cnt - err
+        n = float(cnt.sum())
+        if n == 0:
+            return _risk_coverage_result(err, cnt, self.coverages, _NAN)
+        expected = _area_of_groups(err, cnt)
+        zeros = torch.zeros_like(err)
+        # the extreme orders inside each bin: its successes first (best) or its errors first (worst)
+        best = _area_of_groups(torch.stack([zeros, err], 1).flatten(), torch.stack([ok, err], 1).flatten())
+        worst = _area_of_groups(torch.stack([err, zeros], 1).flatten(), torch.stack([err, ok], 1).flatten())
+        bound = max(expected - best, worst - expected, 0.0) / n
+        return _risk_coverage_result(err, cnt, self.coverages, bound)
+
+    def curve(self, num_points: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The risk-coverage curve ``(coverage, risk)``, coverage increasing to 1.
+
+        Args:
+            num_points: ``None``: one point at the end of every non-empty bin; an int: the
+                risk at the coverages ``k / num_points``, ``k = 1..num_points`` (in-bin errors
+                shared linearly, as for :attr:`RiskCoverageResult.risks`).
+        """
+        err, cnt = self._groups()
+        if num_points is None:
+            return _curve_of_groups(err, cnt)
+        if isinstance(num_points, bool) or not isinstance(num_points, int) or num_points < 1:
+            raise ValueError(f"num_points: expected a positive int or None, got {num_points!r}")
+        if float(cnt.sum()) == 0:
+            return np.zeros(0), np.zeros(0)
+        coverages = tuple(k / num_points for k in range(1, num_points + 1))
+        return np.asarray(coverages), np.asarray(_risks_at(err, cnt, coverages)[0])
+
+
+def _curve_of_groups(err: Tensor, cnt: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    keep = cnt > 0
+    cum_n, cum_e = cnt[keep].double().cumsum(0), err[keep].double().cumsum(0)
+    if cum_n.numel() == 0:
+        return np.zeros(0), np.zeros(0)
+    return (cum_n / cum_n[-1]).numpy(), (cum_e / cum_n).numpy()
+
+
+def _groups_by_score(scores: Any, values: Any, name: str) -> tuple[Tensor, Tensor]:
+    """Items grouped by equal score, lowest first: ``(sum of values, count)`` per group."""
+    s = np.asarray(scores.detach().cpu() if isinstance(scores, Tensor) else scores, dtype=np.float64).ravel()
+    v = np.asarray(values.detach().cpu() if isinstance(values, Tensor) else values, dtype=np.float64).ravel()
+    if s.shape != v.shape:
+        raise ValueError(f"scores and {name}: expected the same number of values, got {s.size} and {v.size}")
+    if not np.isfinite(s).all():
+        raise ValueError("scores: expected finite values, got NaN or Inf")
+    _, inverse, counts = np.unique(s, return_inverse=True, return_counts=True)
+    sums = np.bincount(inverse.ravel(), weights=v, minlength=len(counts))
+    return torch.from_numpy(sums), torch.from_numpy(counts.astype(np.float64))
+
+
+def exact_risk_coverage(
+    scores: Tensor | np.ndarray, errors: Tensor | np.ndarray, coverages: tuple[float, ...] = DEFAULT_COVERAGES
+) -> RiskCoverageResult:
+    """The same values as :class:`RiskCoverageMetrics`, exactly, by sorting (memory O(n)).
+
+    Pixels with equal scores are a tie, counted at the expected value over their orders (as the
+    histogram does for a bin); the bounds are 0.
+
+    Shapes:
+        scores, errors: any shape, the same; flattened.
+    """
+    err, cnt = _groups_by_score(scores, np.asarray(errors.detach().cpu() if isinstance(errors, Tensor) else errors).astype(bool), "errors")
+    return _risk_coverage_result(err, cnt, _check_coverages(coverages), 0.0)
+
+
+def risk_coverage_curve(scores: Tensor | np.ndarray, errors: Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The exact risk-coverage curve ``(coverage, risk)``: pixels accepted from the lowest score
+    up, one point after each distinct score (float64 arrays, coverage increasing to 1).
+
+    Shapes:
+        scores, errors: any shape, the same -> two arrays of length ``#distinct scores``.
+    """
+    err, cnt = _groups_by_score(scores, np.asarray(errors.detach().cpu() if isinstance(errors, Tensor) else errors).astype(bool), "errors")
+    return _curve_of_groups(err, cnt)
+
+
+# ---------------------------------------------------------------------------- image level
+class ImageRiskCoverageResult(NamedTuple):
+    """Image-level risk-coverage: images accepted from the lowest mean score up, the risk being
+    the mean of the accepted images' true error rates.
+
+    Attributes:
+        aurc: ``(1/N) sum_k risk_k`` (ties: expected value over their orders).
+        oracle_aurc: the AURC of the oracle ranking (images sorted by their true error rate).
+        eaurc: ``aurc - oracle_aurc``.
+        num_images: images counted.
+        error_rate: mean of the per-image error rates (the risk at full coverage).
+    """
+
+    aurc: float
+    oracle_aurc: float
+    eaurc: float
+    num_images: int
+    error_rate: float
+
+
+def image_aurc(mean_scores: Tensor | np.ndarray | list[float], error_rates: Tensor | np.ndarray | list[float]) -> ImageRiskCoverageResult:
+    """Image-level AURC of ranking images by their mean error score against their true error
+    rates, with the oracle ranking (by the true rates) and the excess over it.
+
+    Shapes:
+        mean_scores, error_rates: ``(N,)``, rates in ``[0, 1]``.
+    """
+    rates = np.asarray(error_rates.detach().cpu() if isinstance(error_rates, Tensor) else error_rates, dtype=np.float64).ravel()
+    if rates.size and (not np.isfinite(rates).all() or rates.min() < 0 or rates.max() > 1):
+        raise ValueError(f"error_rates: expected values in [0, 1], got range [{rates.min()}, {rates.max()}]")
+    n = rates.size
+    if n == 0:
+        return ImageRiskCoverageResult(_NAN, _NAN, _NAN, 0, _NAN)
+    aurc = _area_of_groups(*_groups_by_score(mean_scores, rates, "error_rates")) / n
+    oracle = _area_of_groups(*_groups_by_score(rates, rates, "error_rates")) / n
+    return ImageRiskCoverageResult(aurc, oracle, aurc - oracle, n, float(rates.mean()))
+
+
+class ImageRiskCoverageMetrics:
+    """Per image, the mean error score and the true error rate over its valid pixels, for
+    :func:`image_aurc`. Its state grows with the data: two floats per image (images without a
+    valid pixel are skipped). ``merge`` concatenates; ``sync`` gathers every process's images
+    (``all_gather_object``) when ``torch.distributed`` is initialised.
+
+    Shapes:
+        ``update(scores, errors, valid=None)``: ``(B, H, W)``, all three the same.
+    """
+
+    def __init__(self) -> None:
+        self.mean_scores: list[float] = []
+        self.error_rates: list[float] = []
+
+    def reset(self) -> "ImageRiskCoverageMetrics":
+        self.mean_scores, self.error_rates = [], []
+        return self
+
+    def update(self, scores: Tensor, errors: Tensor, valid: Tensor | None = None) -> None:
+        """Add a batch of images."""
+        if not isinstance(scores, Tensor) or scores.ndim < 2 or errors.shape != scores.shape or (valid is not None and valid.shape != scores.shape):
+            raise ValueError(f"scores, errors, valid: expected the same shape (B, H, W), got {describe(scores)}, {describe(errors)}, {describe(valid)}")
+        weight = torch.ones_like(scores, dtype=torch.float64) if valid is None else valid.double()
+        dims = tuple(range(1, scores.ndim))
+        count = weight.sum(dims)
+        keep = count > 0
+        means = (scores.double() * weight).sum(dims)[keep] / count[keep]
+        rates = (errors.double() * weight).sum(dims)[keep] / count[keep]
+        self.mean_scores += means.cpu().tolist()
+        self.error_rates += rates.cpu().tolist()
+
+    def merge(self, other: "ImageRiskCoverageMetrics") -> "ImageRiskCoverageMetrics":
+        """Append the images of ``other``."""
+        self.mean_scores += other.mean_scores
+        self.error_rates += other.error_rates
+        return self
+
+    def sync(self, group: Any = None) -> "ImageRiskCoverageMetrics":
+        """Gather the images of every process (a no-op without ``torch.distributed``)."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return self
+        gathered: list[Any] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(gathered, (self.mean_scores, self.error_rates), group=group)
+        self.mean_scores = [v for scores, _ in gathered for v in scores]
+        self.error_rates = [v for _, rates in gathered for v in rates]
+        return self
+
+    def compute(self) -> ImageRiskCoverageResult:
+        return image_aurc(self.mean_scores, self.error_rates)

@@ -1,5 +1,6 @@
-"""Pictures: colour palettes, an error-probability heat map, and the six-tile panel
-``image | ground truth | base | error probability | corrected | changed pixels``.
+"""Pictures: colour palettes, an error-probability heat map, the six-tile panel
+``image | ground truth | base | error probability | corrected | changed pixels``, and a
+risk-coverage plot.
 
 Everything returns NumPy ``uint8`` arrays (``H x W x 3``) or Pillow images; nothing is shown.
 """
@@ -16,6 +17,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from ._io import atomic_path
+from .metrics import risk_coverage_curve
 
 __all__ = [
     "CITYSCAPES_PALETTE",
@@ -31,6 +33,9 @@ __all__ = [
     "PANEL_TITLES",
     "PANEL_GAP",
     "PANEL_TITLE_HEIGHT",
+    "risk_coverage_plot",
+    "risk_coverage_curve",
+    "PLOT_COLORS",
 ]
 
 #: The 19 Cityscapes training classes' official colours (road, sidewalk, ..., bicycle).
@@ -233,3 +238,120 @@ def _save(img: Image.Image, path: str | os.PathLike) -> Path:
     with atomic_path(path) as tmp:
         img.save(tmp, format="PNG")
     return path
+
+
+#: Line colours of :func:`risk_coverage_plot`, in the order of the curves.
+PLOT_COLORS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207), (140, 86, 75), (127, 127, 127))
+
+
+def _nice_top(value: float) -> float:
+    """The smallest of 1, 2, 2.5, 5 x 10^k at or above ``value`` (``value > 0``)."""
+    exponent = math.floor(math.log10(value))
+    for step in (1.0, 2.0, 2.5, 5.0, 10.0):
+        if step * 10**exponent >= value - 1e-12:
+            return step * 10**exponent
+    return 10.0 ** (exponent + 1)
+
+
+def _checked_curve(name: str, curve: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    if not isinstance(curve, (tuple, list)) or len(curve) != 2:
+        raise ValueError(f"curves[{name!r}]: expected a (coverage, risk) pair of arrays, got {type(curve).__name__}")
+    coverage, risk = (np.asarray(_numpy(c), dtype=np.float64).ravel() for c in curve)
+    if coverage.shape != risk.shape or coverage.size == 0:
+        raise ValueError(f"curves[{name!r}]: expected coverage and risk of the same non-zero length, got {coverage.size} and {risk.size}")
+    if not (np.isfinite(coverage).all() and np.isfinite(risk).all()):
+        raise ValueError(f"curves[{name!r}]: expected finite values")
+    if coverage.min() < 0 or coverage.max() > 1 or risk.min() < 0 or risk.max() > 1:
+        raise ValueError(f"curves[{name!r}]: expected coverage and risk in [0, 1], got coverage [{coverage.min():.3g}, {coverage.max():.3g}], risk [{risk.min():.3g}, {risk.max():.3g}]")
+    return coverage, risk
+
+
+def _thinned(coverage: np.ndarray, risk: np.ndarray, columns: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted by coverage; above ``columns`` points, the last point of each pixel column."""
+    order = np.argsort(coverage, kind="stable")
+    coverage, risk = coverage[order], risk[order]
+    if coverage.size > columns:
+        column = np.floor(coverage * columns).astype(np.int64)
+        last = np.r_[column[1:] != column[:-1], True]
+        coverage, risk = coverage[last], risk[last]
+    return coverage, risk
+
+
+def risk_coverage_plot(
+    curves: dict[str, tuple[np.ndarray, np.ndarray]],
+    path: str | os.PathLike,
+    *,
+    size: tuple[int, int] = (560, 380),
+    title: str | None = "risk-coverage",
+    max_risk: float | None = None,
+) -> Path:
+    """Draw risk-coverage curves (lower is better) and save them as a PNG.
+
+    The x axis is the coverage (fraction of pixels or images accepted, least suspicious first)
+    from 0 to 1, the y axis the risk (error rate of the accepted ones) from 0 to ``max_risk``
+    (default: a round number at or above the largest risk drawn, after thinning); both carry
+    tick labels. Each
+    curve is a polyline in its colour of :data:`PLOT_COLORS`, named in a legend at the top left;
+    a curve with more points than the plot has pixels is thinned to one point per pixel column.
+
+    Args:
+        curves: name -> ``(coverage, risk)`` arrays of the same length, values in ``[0, 1]``,
+            e.g. from :func:`errwrap.metrics.risk_coverage_curve` or
+            :meth:`errwrap.metrics.RiskCoverageMetrics.curve`.
+        path: where the PNG goes (written atomically).
+        size: ``(width, height)`` in pixels.
+        title: drawn above the plot (``None``: none).
+        max_risk: top of the y axis.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+    """
+    if not isinstance(curves, dict) or not curves:
+        raise ValueError(f"curves: expected a non-empty dict name -> (coverage, risk), got {type(curves).__name__}")
+    if len(curves) > len(PLOT_COLORS):
+        raise ValueError(f"curves: at most {len(PLOT_COLORS)} curves, got {len(curves)}")
+    checked = {name: _checked_curve(name, c) for name, c in curves.items()}
+    width, height = size
+    if width < 200 or height < 150:
+        raise ValueError(f"size: expected at least (200, 150), got {size!r}")
+    left, right, upper, lower = 52, 14, 24 if title else 12, 38
+    plot_w, plot_h = width - left - right, height - upper - lower
+    checked = {name: _thinned(*curve, plot_w) for name, curve in checked.items()}
+    top = max_risk if max_risk is not None else _nice_top(max(max(float(r.max()) for _, r in checked.values()), 1e-3))
+    img = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+
+    def to_px(cov: np.ndarray, risk: np.ndarray) -> list[tuple[float, float]]:
+        x = left + cov * plot_w
+        y = upper + plot_h * (1 - np.clip(risk / top, 0, 1))
+        return list(zip(x.tolist(), y.tolist()))
+
+    for k in range(6):  # ticks, grid lines and labels: 0, 0.2, ..., 1 of each axis
+        frac = k / 5
+        x, y = left + frac * plot_w, upper + plot_h * (1 - frac)
+        draw.line([(x, upper), (x, upper + plot_h)], fill=(232, 232, 232))
+        draw.line([(left, y), (left + plot_w, y)], fill=(232, 232, 232))
+        draw.line([(x, upper + plot_h), (x, upper + plot_h + 4)], fill=(0, 0, 0))
+        draw.line([(left - 4, y), (left, y)], fill=(0, 0, 0))
+        xlabel = f"{frac:.1f}"
+        draw.text((x - draw.textlength(xlabel) / 2, upper + plot_h + 6), xlabel, fill=(0, 0, 0))
+        ylabel = f"{frac * top:.3g}"
+        draw.text((left - 6 - draw.textlength(ylabel), y - 5), ylabel, fill=(0, 0, 0))
+    draw.rectangle([left, upper, left + plot_w, upper + plot_h], outline=(0, 0, 0))
+    xname = "coverage (accepted, least suspicious first)"
+    draw.text((left + (plot_w - draw.textlength(xname)) / 2, height - 14), xname, fill=(0, 0, 0))
+    draw.text((4, 4 if not title else 12), "risk", fill=(0, 0, 0))
+    if title:
+        draw.text((left + (plot_w - draw.textlength(title)) / 2, 4), title, fill=(0, 0, 0))
+    for i, (name, (coverage, risk)) in enumerate(checked.items()):
+        color = PLOT_COLORS[i]
+        points = to_px(coverage, risk)
+        if len(points) == 1:
+            x, y = points[0]
+            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=color)
+        else:
+            draw.line(points, fill=color, width=2)
+        y = upper + 6 + 14 * i
+        draw.line([(left + 8, y + 5), (left + 26, y + 5)], fill=color, width=3)
+        draw.text((left + 30, y), name, fill=(0, 0, 0))
+    return _save(img, path)

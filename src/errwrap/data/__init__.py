@@ -1,6 +1,10 @@
 """Data for training and evaluating errwrap models: datasets on their usual layouts, joint
-image/label transforms, built-in generated :class:`Scenes`, and :func:`make_loader`."""
+image/label transforms, built-in generated families (:class:`Scenes`, :class:`Aerial`,
+:class:`Cells`, by name in :data:`GENERATED`), the :class:`Corrupt` shifts, and :func:`make_loader`."""
 
+from .aerial import AERIAL_CLASSES, Aerial, render_aerial
+from .cells import CELL_CLASSES, Cells, render_cells
+from .corruptions import CORRUPTIONS, Corrupt
 from .datasets import (
     ADE20K,
     ADE20K_CLASSES,
@@ -12,6 +16,7 @@ from .datasets import (
     load_mask,
 )
 from .loader import make_loader
+from .registry import GENERATED, generated
 from .scenes import SCENE_CLASSES, Scenes, render_scene
 from .transforms import (
     IMAGENET_MEAN,
@@ -47,4 +52,14 @@ __all__ = [
     "Normalize",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "Aerial",
+    "AERIAL_CLASSES",
+    "render_aerial",
+    "Cells",
+    "CELL_CLASSES",
+    "render_cells",
+    "GENERATED",
+    "generated",
+    "Corrupt",
+    "CORRUPTIONS",
 ]

@@ -197,6 +197,7 @@ def mixture_labels_kernel(
         b = _log_component(x1, hi1, ls1, log_p)
         out = tl.where(m, _logaddexp(a, b), float("-inf"))
         best = tl.argmax(out, 0, tie_break_left=True).to(tl.int64)
+        best_val = tl.max(out, 0)
     else:
         hi0, ls0 = _online_lse(z0_ptr, pid_b * s0b, s0c, s0p, offs_p, mask_p, C, BLOCK_P, BLOCK_C)
         hi1, ls1 = _online_lse(z1_ptr, pid_b * s1b, s1c, s1p, offs_p, mask_p, C, BLOCK_P, BLOCK_C)
@@ -214,4 +215,5 @@ def mixture_labels_kernel(
             best_val = tl.where(better, chunk_val, best_val)
             best = tl.where(better, chunk_idx.to(tl.int64) + c0, best)
     tl.store(labels_ptr + pid_b * P + offs_p, best, mask=mask_p)
-    tl.store(prob_ptr + pid_b * P + offs_p, tl.exp(log_p), mask=mask_p)
+    # P(the returned label is wrong) = 1 - max_c p_c, as ErrorCorrectionOutput.error_prob
+    tl.store(prob_ptr + pid_b * P + offs_p, tl.minimum(tl.maximum(1.0 - tl.exp(best_val), 0.0), 1.0), mask=mask_p)

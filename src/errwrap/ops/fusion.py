@@ -52,7 +52,8 @@ class FusedPrediction(NamedTuple):
 
     Attributes:
         labels: corrected labels, ``argmax`` of the fused distribution, ``(B, H, W)`` int64.
-        error_prob: ``sigmoid(error_logits)``, ``(B, H, W)`` float32.
+        error_prob: probability that ``labels`` is wrong, ``1 - max_c p_c`` of the fused
+            distribution (as :attr:`errwrap.ErrorCorrectionOutput.error_prob`), ``(B, H, W)`` float32.
     """
 
     labels: Tensor
@@ -330,5 +331,5 @@ def fused_labels_and_error_prob(
     _check_inputs(base_logits, detail_logits, error_logits)
     if _resolve_backend(backend, base_logits) == "triton":
         return _triton_labels(base_logits, detail_logits, error_logits)
-    labels = mixture_log_probs(base_logits, detail_logits, error_logits).argmax(dim=1)
-    return FusedPrediction(labels, torch.sigmoid(error_logits[:, 0].float()))
+    best, labels = mixture_log_probs(base_logits, detail_logits, error_logits).max(dim=1)
+    return FusedPrediction(labels, (1.0 - best.float().exp()).clamp_(0.0, 1.0))

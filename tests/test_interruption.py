@@ -82,23 +82,31 @@ def test_sigkill_during_save_pretrained_leaves_the_old_or_the_new_model(tmp_path
     wrap.save_pretrained(target)
     rng, seen = random.Random(0), set()
     for kill in range(30):
+        read_end, write_end = os.pipe()
         pid = os.fork()
-        if pid == 0:  # the child saves new versions until it is killed
+        if pid == 0:  # the child saves new versions until it is killed, and says when each is saved
             try:
+                os.close(read_end)
                 torch.set_num_threads(1)
                 v = 1 + 1000 * kill
                 while True:
                     set_version(v)
                     wrap.save_pretrained(target)
+                    os.write(write_end, b".")
                     v += 1
             finally:
                 os._exit(1)
-        time.sleep(rng.uniform(0.0, 0.06))
-        os.kill(pid, signal.SIGKILL)
-        _, status = os.waitpid(pid, 0)
+        os.close(write_end)
+        try:
+            assert os.read(read_end, 1) == b".", "the saving child died before its first save"  # one save done: kill during a later one
+            time.sleep(rng.uniform(0.0, 0.04))
+        finally:
+            os.kill(pid, signal.SIGKILL)
+            _, status = os.waitpid(pid, 0)
+            os.close(read_end)
         assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, "the saving child died on its own"
         seen.add(_saved_version(target))
-    assert len(seen) > 5, "the kills did not land in different saves"
+    assert len(seen) == 30, "every kill came after at least one save of its own"
     set_version(7)
     wrap.save_pretrained(target)  # removes what the killed processes left
     assert _saved_version(target) == 7

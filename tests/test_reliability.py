@@ -671,3 +671,18 @@ def test_a_nested_timm_backbone_is_checked_and_never_pretrained(monkeypatch):
     config["backbone_config"]["backbone"] = "hf-hub:timm/resnet18.a1_in1k"
     with pytest.raises(ValueError, match="backbone"):
         build_base(spec)
+
+
+@pytest.mark.parametrize("pointer", ["../elsewhere/step-000001", "/tmp/step-000001", "step-000001/../../x", ""])
+def test_a_latest_pointer_cannot_send_resume_to_another_directory(tmp_path, pointer):
+    from errwrap import finetune
+
+    result = finetune(_scenes_wrapper(), _scenes_loader(n=2), steps=1, checkpoint_dir=tmp_path / "ckpt", log_every=None)
+    elsewhere = tmp_path / "elsewhere"
+    import shutil
+
+    shutil.copytree(result.checkpoint, elsewhere / "step-000001")
+    (tmp_path / "ckpt" / "latest").write_text(pointer + "\n")
+    for resume in ("latest", tmp_path / "ckpt"):
+        with pytest.raises(ValueError, match=r"latest: expected the name of a checkpoint in the same directory"):
+            finetune(_scenes_wrapper(), _scenes_loader(n=2), steps=2, checkpoint_dir=tmp_path / "ckpt", resume=resume, log_every=None)

@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import tempfile
@@ -250,6 +251,15 @@ def _read_state(path: Path) -> dict[str, Any]:
     return state
 
 
+def _pointed(pointer: Path) -> str:
+    """The checkpoint a ``latest`` file names: only ``step-NNNNNN`` (a name in the same
+    directory), so the pointer cannot send a resume to another directory."""
+    name = pointer.read_text(encoding="utf-8", errors="replace").strip()
+    if not re.fullmatch(r"step-\d{6,}", name):
+        raise ValueError(f"{pointer}: expected the name of a checkpoint in the same directory, such as 'step-000123', got {name[:80]!r}")
+    return name
+
+
 def _resolve_resume(resume: str | os.PathLike, checkpoint_dir: Path | None) -> Path | None:
     if str(resume) == "latest":
         if checkpoint_dir is None:
@@ -258,12 +268,12 @@ def _resolve_resume(resume: str | os.PathLike, checkpoint_dir: Path | None) -> P
         if not pointer.is_file():
             logger.info("resume='latest': no checkpoint in %s yet; starting from step 0", checkpoint_dir)
             return None
-        return checkpoint_dir / pointer.read_text(encoding="utf-8").strip()
+        return checkpoint_dir / _pointed(pointer)
     path = Path(resume)
     if path.is_file() and path.name in ("latest", "model.safetensors", "state.pt"):
         path = path.parent  # a file of a checkpoint (or the 'latest' pointer): use its directory
     if (path / "latest").is_file() and not (path / "state.pt").is_file():
-        path = path / (path / "latest").read_text(encoding="utf-8").strip()
+        path = path / _pointed(path / "latest")
     if not (path / "state.pt").is_file() or not (path / "model.safetensors").is_file():
         raise FileNotFoundError(f"resume: expected a checkpoint directory with model.safetensors and state.pt (or a checkpoint_dir with a 'latest' file), got {path}")
     return path

@@ -686,3 +686,13 @@ def test_a_latest_pointer_cannot_send_resume_to_another_directory(tmp_path, poin
     for resume in ("latest", tmp_path / "ckpt"):
         with pytest.raises(ValueError, match=r"latest: expected the name of a checkpoint in the same directory"):
             finetune(_scenes_wrapper(), _scenes_loader(n=2), steps=2, checkpoint_dir=tmp_path / "ckpt", resume=resume, log_every=None)
+
+
+def test_transformers_name_or_path_notes_are_not_read_and_not_refused():
+    transformers = pytest.importorskip("transformers")
+    from errwrap.adapters.specs import build_base
+
+    config = transformers.SegformerConfig(num_encoder_blocks=1, depths=[1], sr_ratios=[1], hidden_sizes=[8], num_attention_heads=[1], decoder_hidden_size=8, num_labels=3).to_dict()
+    config["_name_or_path"] = "timm/made-up-name"  # where a config came from: informational only
+    model = build_base({"family": "transformers", "class": "SegformerForSemanticSegmentation", "config": config})
+    assert model.config.num_labels == 3

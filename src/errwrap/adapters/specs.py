@@ -82,7 +82,8 @@ def _refuse_outside_strings(obj: Any, family: str, where: str = "config") -> Non
             )
     elif isinstance(obj, Mapping):
         for k, v in obj.items():
-            _refuse_outside_strings(v, family, f"{where}.{k}")
+            if k != "_name_or_path":  # transformers' note of where a config came from; never read to build
+                _refuse_outside_strings(v, family, f"{where}.{k}")
     elif isinstance(obj, (list, tuple)):
         for i, v in enumerate(obj):
             _refuse_outside_strings(v, family, f"{where}.{i}")
@@ -94,7 +95,6 @@ def _config(spec: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(config, Mapping):
         raise ValueError(f"base spec of family {family!r}: expected a 'config' mapping, got {type(config).__name__}")
     config = copy.deepcopy(dict(config))
-    config.pop("_name_or_path", None)  # transformers' note of where a config came from; never read here
     _refuse_outside_strings(config, family)
     return config
 

@@ -696,3 +696,23 @@ def test_transformers_name_or_path_notes_are_not_read_and_not_refused():
     config["_name_or_path"] = "timm/made-up-name"  # where a config came from: informational only
     model = build_base({"family": "transformers", "class": "SegformerForSemanticSegmentation", "config": config})
     assert model.config.num_labels == 3
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+def test_rewriting_a_checkpoint_of_the_same_step_swaps_it_whole(tmp_path, monkeypatch, exchange):
+    import shutil
+
+    import errwrap._io as io
+    from errwrap.training import _write_checkpoint
+
+    if not exchange:
+        monkeypatch.setattr(io, "_exchange", lambda a, b: False, raising=False)
+    removed = []
+    rmtree = shutil.rmtree
+    monkeypatch.setattr(shutil, "rmtree", lambda p, **kw: removed.append(Path(p).name) or rmtree(p, **kw))
+    first = _write_checkpoint(tmp_path, 3, {"w": torch.zeros(2)}, {"n": 1})
+    second = _write_checkpoint(tmp_path, 3, {"w": torch.ones(2)}, {"n": 2})
+    assert first == second == tmp_path / "step-000003"
+    assert torch.load(second / "state.pt", weights_only=True) == {"n": 2}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-000003"]
+    assert "step-000003" not in removed  # the checkpoint in place was never removed before the new one was in

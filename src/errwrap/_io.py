@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 __all__ = [
-    "atomic_path", "atomic_directory", "write_text_atomic", "default_mode", "check_writable", "tensor_bytes", "tensors_digest", "save_safetensors", "load_safetensors", "load_state_strict",
+    "atomic_path", "atomic_directory", "replace_directory", "write_text_atomic", "default_mode", "check_writable", "tensor_bytes", "tensors_digest", "save_safetensors", "load_safetensors", "load_state_strict",
     "MAX_HEADER_BYTES", "CHECKSUM_KEY",
 ]  # fmt: skip
 
@@ -135,6 +135,23 @@ def _remove_stale(path: Path) -> None:
         logger.info("removed %s, left by an interrupted save", entry)
 
 
+def replace_directory(new: Path, path: Path, aside: Path | None = None) -> None:
+    """Put the complete directory ``new`` at ``path``, replacing what is there in one step where
+    Linux can swap them (``new`` then holds the old directory, which is removed); elsewhere the
+    old one is renamed to ``aside`` (default ``path`` + ``.old``), ``new`` renamed in, and the old
+    one removed."""
+    if not path.exists():
+        os.rename(new, path)
+    elif _exchange(new, path):
+        shutil.rmtree(new, ignore_errors=True)
+    else:
+        aside = aside or path.with_name(f"{path.name}.old")
+        os.rename(path, aside)
+        os.rename(new, path)
+        shutil.rmtree(aside, ignore_errors=True)
+    _fsync_dir(path.parent)
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a new sibling directory ``.NAME.tmp-PID-RAND`` to fill; on success it replaces
@@ -154,16 +171,9 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         os.chmod(tmp, path.stat().st_mode & 0o7777 if path.is_dir() else default_mode(directory=True))
         yield tmp
         _fsync_dir(tmp)
-        if not path.exists():
-            os.rename(tmp, path)
-        elif not _exchange(tmp, path):
-            old = path.with_name(f".{path.name}.old-{tag}")
-            os.rename(path, old)
-            os.rename(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        _fsync_dir(path.parent)
+        replace_directory(tmp, path, aside=path.with_name(f".{path.name}.old-{tag}"))
     finally:
-        if tmp.exists():  # after a swap it holds the old directory; after a failure the new one
+        if tmp.exists():  # the new directory, after a failure
             shutil.rmtree(tmp, ignore_errors=True)
 
 

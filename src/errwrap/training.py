@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ._io import check_writable, load_safetensors, load_state_strict, save_safetensors, tensor_bytes, write_text_atomic
+from ._io import check_writable, load_safetensors, load_state_strict, replace_directory, save_safetensors, tensor_bytes, write_text_atomic
 from ._validate import check_images, input_dtype, split_batch
 from .data.loader import _checked_num_classes, _explain_batch_error
 from .losses import ErrorCorrectionLoss
@@ -221,9 +221,7 @@ def _write_checkpoint(directory: Path, step: int, weights: dict[str, Tensor], st
     tmp.mkdir()
     save_safetensors(weights, tmp / "model.safetensors", metadata={"format": "pt", "library": "errwrap", "step": str(step)})
     torch.save(state, tmp / "state.pt")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    replace_directory(tmp, final)  # an existing checkpoint of this step is swapped out in one step, never first removed
     write_text_atomic(directory / "latest", final.name + "\n")
     return final
 

@@ -1,7 +1,6 @@
 """Hostile files, bad values and faults through the public API and CLI (issue 18, docs/robustness.md)."""
 
 import json
-import math
 import os
 import stat
 from pathlib import Path

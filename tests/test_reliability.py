@@ -715,3 +715,20 @@ def test_rewriting_a_checkpoint_of_the_same_step_swaps_it_whole(tmp_path, monkey
     assert torch.load(second / "state.pt", weights_only=True) == {"n": 2}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-000003"]
     assert "step-000003" not in removed  # the checkpoint in place was never removed before the new one was in
+
+
+def test_save_into_an_existing_directory_whose_parent_is_read_only_writes_in_place(saved, monkeypatch):
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == saved.parent else access(p, mode, **kw))
+    mkdir = Path.mkdir
+
+    def no_siblings(self, *args, **kwargs):
+        if self.parent == saved.parent and self != saved:
+            raise PermissionError(13, "Permission denied", str(self))
+        return mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", no_siblings)
+    wrap = _small_wrapper(seed=3)
+    wrap.temperature = 2.5
+    wrap.save_pretrained(saved)
+    assert ErrorCorrectionWrapper.from_pretrained(saved, model=tiny_base()).temperature == 2.5

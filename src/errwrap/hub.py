@@ -255,8 +255,8 @@ class HubMixin:
         ``save_directory`` as a whole, so an interrupted save (even ``kill -9``) leaves the
         previous model or the new one, never a mix; temporary directories of processes that died
         are removed by the next save. A directory that holds other files too (or the working
-        directory) keeps them: there each file is replaced on its own, atomically. Files get the
-        user's umask (``0644`` by default).
+        directory, or one whose parent cannot be written) keeps them: there each file is replaced
+        on its own, atomically. Files get the user's umask (``0644`` by default).
 
         Args:
             save_directory: created if missing.
@@ -282,6 +282,8 @@ class HubMixin:
             write_text_atomic(into / CARD_NAME, card)
 
         others = _other_entries(directory)
+        if directory.is_dir() and not os.access(directory.absolute().parent, os.W_OK | os.X_OK):
+            others = others or ["(a parent directory that cannot be written)"]
         if others:
             logger.info("%s holds other files (%s); its model files are replaced one by one, not as one directory", directory, others[:5])
             directory.mkdir(parents=True, exist_ok=True)

@@ -732,3 +732,21 @@ def test_save_into_an_existing_directory_whose_parent_is_read_only_writes_in_pla
     wrap.temperature = 2.5
     wrap.save_pretrained(saved)
     assert ErrorCorrectionWrapper.from_pretrained(saved, model=tiny_base()).temperature == 2.5
+
+
+def test_cli_names_the_bad_file_when_a_loader_worker_fails(cli_model_dir, tmp_path, monkeypatch, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from errwrap.cli import main
+
+    for directory in ("images", "masks"):
+        (tmp_path / directory).mkdir()
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "images" / "big.png")
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "masks" / "big.png")  # read in this process: fine
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1500)  # the worker process inherits it
+    data = f"folder:{tmp_path / 'images'},{tmp_path / 'masks'}"
+    assert main(["evaluate", "--model", str(cli_model_dir), "--data", data, "--workers", "1", "--batch-size", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("errwrap: error: ") and "big.png: 4096 pixels" in err and "decompression bomb" in err, err
+    assert len(err.strip().splitlines()) == 1

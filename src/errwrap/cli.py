@@ -485,7 +485,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CLIError, FileNotFoundError, NotADirectoryError, ValueError, TypeError, RuntimeError, OSError, json.JSONDecodeError) as exc:
         if args.debug:
             raise
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        lines = str(exc).splitlines()
+        message = lines[0] if lines else type(exc).__name__
+        if message.startswith("Caught ") and "Original Traceback" in str(exc):  # raised in a DataLoader worker
+            message = lines[-1].split(": ", 1)[-1]
         print(f"errwrap: error: {message}", file=sys.stderr)
         return 2
 

@@ -25,7 +25,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 __all__ = [
-    "atomic_path", "atomic_directory", "replace_directory", "write_text_atomic", "default_mode", "check_writable", "tensor_bytes", "tensors_digest", "save_safetensors", "load_safetensors", "load_state_strict",
+    "atomic_path", "atomic_directory", "replace_directory", "write_text_atomic", "default_mode", "check_writable",
+    "tensor_bytes", "tensors_digest", "save_safetensors", "load_safetensors", "load_state_strict",
     "MAX_HEADER_BYTES", "CHECKSUM_KEY",
 ]  # fmt: skip
 

@@ -51,6 +51,11 @@ EXPECTED = {
     "ImageRiskCoverageResult",
     "exact_risk_coverage",
     "image_aurc",
+    "estimate",
+    "EstimateReport",
+    "fit_atc",
+    "compare_estimates",
+    "EstimateComparison",
 }
 
 

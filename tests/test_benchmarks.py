@@ -47,7 +47,7 @@ def tmp(tmp_path_factory) -> Path:
 
 
 def test_help_lists_the_options():
-    for script, option in (("overhead", "--channels-last"), ("mc_dropout", "--model"), ("training_cost", "--encoder"), ("quality", "--families")):
+    for script, option in (("overhead", "--channels-last"), ("mc_dropout", "--model"), ("training_cost", "--encoder"), ("quality", "--families"), ("estimate", "--shifts")):
         proc = subprocess.run([sys.executable, str(BENCH / f"{script}.py"), "--help"], capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0 and option in proc.stdout and "--json" in proc.stdout and "--tiny" in proc.stdout
 
@@ -106,3 +106,24 @@ def test_mc_dropout(tmp):
     assert all(_is_rate(v) for v in summary["aupr_error"].values())
     assert all(0 < s < 1000 for s in summary["speedup_vs_mc_T10"].values())
     assert data["model"]["image_size"] == 32 and data["model"]["val_images"] == 8
+
+
+def test_estimate(tmp):
+    summary, data, stdout = _run("estimate", tmp, "--shifts", "blur", "noise")
+    assert summary["benchmark"] == "estimate" and summary["families"] == ["scenes"]
+    assert summary["conditions"] == ["none", "blur", "noise"]
+    for table in ("abs_error_pixel_accuracy", "abs_error_miou"):
+        for condition in summary["conditions"]:
+            values = summary[table]["scenes"][condition]
+            assert set(values) == {"errwrap", "errwrap+T", "avg_confidence", "atc"} and all(_is_rate(v) for v in values.values())
+    assert all(-1.0 <= v <= 1.0 for c in summary["spearman"]["scenes"].values() for v in c.values())
+    run = data["runs"][0]
+    assert 0.0 < run["atc_threshold"] < 1.0 and run["temperature"] > 0
+    for condition in run["conditions"].values():
+        errors, truth = condition["errors"], condition["truth"]
+        assert errors["errwrap"]["pixel_accuracy"] == abs(errors["errwrap"]["estimate_pixel_accuracy"] - truth["fused"]["pixel_accuracy"])
+        assert errors["atc"]["pixel_accuracy"] == abs(errors["atc"]["estimate_pixel_accuracy"] - truth["base"]["pixel_accuracy"])
+        assert len(condition["per_image"]) == 8
+    # a shift changes the images the model sees, so the truth moves
+    assert run["conditions"]["blur"]["truth"] != run["conditions"]["none"]["truth"]
+    assert "targets" in stdout and "Spearman" in stdout

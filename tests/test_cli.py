@@ -1,6 +1,7 @@
 """The errwrap command line: errors are one line and exit 2; predict writes the documented files."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from PIL import Image
 from errwrap import ErrorCorrectionWrapper
 from errwrap.cli import build_parser, main
 from errwrap.models import DeepLabV3Plus
-from errwrap.viz import PANEL_GAP, PANEL_TITLE_HEIGHT
+from errwrap.viz import KEY_ROW_HEIGHT, PANEL_GAP, PANEL_TITLE_HEIGHT
 
 
 @pytest.fixture(scope="module")
@@ -25,12 +26,12 @@ def model_dir(tmp_path_factory):
 
 
 def test_help_for_every_command(capsys):
-    for command in ([], ["demo"], ["predict"], ["evaluate"], ["finetune"]):
+    for command in ([], ["demo"], ["predict"], ["evaluate"], ["finetune"], ["estimate"]):
         with pytest.raises(SystemExit) as info:
             main([*command, "--help"])
         assert info.value.code == 0
         assert "usage: errwrap" in capsys.readouterr().out
-    assert {"demo", "predict", "evaluate", "finetune"} <= set(build_parser()._subparsers._group_actions[0].choices)
+    assert {"demo", "predict", "evaluate", "finetune", "estimate"} <= set(build_parser()._subparsers._group_actions[0].choices)
 
 
 def test_predict_writes_labels_error_map_and_panel(model_dir, tmp_path, capsys):
@@ -45,7 +46,9 @@ def test_predict_writes_labels_error_map_and_panel(model_dir, tmp_path, capsys):
     assert Image.open(out / "street_error.png").size == (56, 40)
     panel = Image.open(out / "street_panel.png")
     scale = (panel.size[0] - 5 * PANEL_GAP) // (6 * 56)  # small images are enlarged so the titles fit
-    assert scale >= 1 and panel.size == (6 * 56 * scale + 5 * PANEL_GAP, 40 * scale + PANEL_TITLE_HEIGHT)
+    assert scale >= 1 and panel.width == 6 * 56 * scale + 5 * PANEL_GAP
+    key_height = panel.height - (40 * scale + PANEL_TITLE_HEIGHT)  # the key below: classes, error colour bar, changed pixels
+    assert 3 * KEY_ROW_HEIGHT <= key_height <= 12 * KEY_ROW_HEIGHT
     assert "re-labelled" in capsys.readouterr().out
 
 
@@ -268,3 +271,30 @@ def test_ade20k_keeps_label_0_for_a_151_class_model(tmp_path, capsys):
         assert main(["evaluate", "--model", str(tmp_path / str(classes)), "--data", f"ade20k:{tmp_path}", "--json", str(tmp_path / f"{classes}.json")]) == 0
         pixels[classes] = json.loads((tmp_path / f"{classes}.json").read_text())["num_pixels"]
     assert pixels == {150: 16 * 8, 151: 16 * 16}  # label 0 ignored for 150 classes, class "other" for 151
+
+
+def test_estimate_on_a_labelled_split_and_on_image_files(model_dir, tmp_path, capsys):
+    out_json = tmp_path / "estimate.json"
+    assert main(["estimate", "--model", str(model_dir), "--data", "scenes:4", "--size", "32", "--worst", "2", "--json", str(out_json)]) == 0
+    text = capsys.readouterr().out
+    assert "errwrap estimate (no labels): 4 images, 4096 pixels" in text and "avg_confidence" in text
+    data = json.loads(out_json.read_text())
+    assert data["num_images"] == 4 and [r["index"] for r in data["per_image"]] == [0, 1, 2, 3]
+    assert 0.0 <= data["pixel_accuracy"] <= 1.0 and 0.0 <= data["miou"] <= 1.0
+    blurred = tmp_path / "blurred.json"
+    assert main(["estimate", "--model", str(model_dir), "--data", "scenes:4", "--size", "32", "--corrupt", "blur:5", "--json", str(blurred)]) == 0
+    assert json.loads(blurred.read_text())["mean_error_prob"] != data["mean_error_prob"]  # the shift reaches the model
+    capsys.readouterr()
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for name, shape in (("a.png", (40, 56, 3)), ("b.jpg", (32, 32, 3))):  # different sizes: one image per batch
+        Image.fromarray((rng.random(shape) * 255).astype(np.uint8)).save(folder / name)
+    assert main(["estimate", "--model", str(model_dir), "--data", f"images:{folder}", "--json", str(out_json)]) == 0
+    text = capsys.readouterr().out
+    rows = json.loads(out_json.read_text())["per_image"]
+    assert sorted(Path(r["file"]).name for r in rows) == ["a.png", "b.jpg"]
+    assert [r["num_pixels"] for r in rows] == [40 * 56, 32 * 32]
+    assert "files, most likely wrong first:" in text
+    assert main(["estimate", "--model", str(model_dir), "--data", f"images:{tmp_path / 'none'}"]) == 2
+    assert "no such image file" in capsys.readouterr().err

@@ -238,7 +238,7 @@ def test_report_table_lists_every_score():
     report = evaluate(_wrapper(), _loader(n=1), baselines=("msp", "entropy"))
     table = report.table()
     assert str(report) == table
-    for word in ("mIoU", "base", "fused", "error_head", "msp", "entropy", "AUROC", "FPR95", "ECE"):
+    for word in ("mIoU", "base", "corrected", "error_head", "msp", "entropy", "AUROC", "FPR95", "ECE"):
         assert word in table
     msp_line = next(line for line in table.splitlines() if line.startswith("msp"))
     assert f"{100 * report.error_detection['msp'].auroc:.2f}" in msp_line

@@ -176,6 +176,9 @@ def test_each_corruption_changes_the_image_and_keeps_shape_dtype_and_range(kind)
         assert out.shape == x.shape and out.dtype == x.dtype
         assert 0.0 <= float(out.min()) and float(out.max()) <= 1.0
         assert float((out - x).abs().mean()) > 0.01
+    assert Corrupt(kind, 3)(torch.zeros(0, 3, 8, 8)).shape == (0, 3, 8, 8)
+    half = Corrupt(kind, 3)(image.bfloat16())
+    assert half.dtype == torch.bfloat16 and float((half.float() - image).abs().mean()) > 0.01
 
 
 @pytest.mark.parametrize("kind", CORRUPTIONS)
@@ -265,3 +268,44 @@ def test_cli_corrupt_spec():
     for bad in ("rain:2", "fog:6", "fog:", "fog:two"):
         with pytest.raises(CLIError, match="--corrupt .*: expected KIND or KIND:SEVERITY"):
             parse_corrupt(bad)
+
+
+
+@pytest.fixture(scope="module")
+def aerial_model(tmp_path_factory):
+    from errwrap import ErrorCorrectionWrapper
+    from errwrap.models import DeepLabV3Plus
+
+    torch.manual_seed(0)
+    base = DeepLabV3Plus("resnet18", num_classes=6, aspp_channels=16, decoder_channels=16, low_level_channels=8)
+    path = tmp_path_factory.mktemp("aerial_model")
+    ErrorCorrectionWrapper(base, error_channels=8, detail_channels=8).save_pretrained(path)
+    return path
+
+
+def test_cli_evaluate_on_a_generated_family_under_a_shift(aerial_model, tmp_path, capsys):
+    import json
+
+    from errwrap.cli import main
+
+    reports = {}
+    for name, extra in (("clean", []), ("fog", ["--corrupt", "fog:5"])):
+        path = tmp_path / f"{name}.json"
+        assert main(["evaluate", "--model", str(aerial_model), "--data", "aerial:2", "--size", "32", "--json", str(path), *extra]) == 0
+        reports[name] = json.loads(path.read_text())
+    assert reports["clean"]["num_images"] == reports["fog"]["num_images"] == 2
+    assert reports["clean"]["calibration"] != reports["fog"]["calibration"]  # the model saw other images
+    assert main(["evaluate", "--model", str(aerial_model), "--data", "cells:2", "--size", "32"]) == 2
+    assert "the data has 3 classes, the model 6" in capsys.readouterr().err
+
+
+def test_cli_predict_under_a_shift(aerial_model, tmp_path):
+    from errwrap.cli import main
+
+    image_path = tmp_path / "tile.png"
+    Image.fromarray((Aerial(1, size=32)[0][0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)).save(image_path)
+    for name, extra in (("clean", []), ("dark", ["--corrupt", "dark:5"])):
+        assert main(["predict", "--model", str(aerial_model), str(image_path), "--out", str(tmp_path / name), *extra]) == 0
+    assert (tmp_path / "dark" / "tile_error.png").is_file()
+    panels = [np.asarray(Image.open(tmp_path / name / "tile_panel.png")) for name in ("clean", "dark")]
+    assert panels[0].shape == panels[1].shape and not np.array_equal(*panels)  # the panel shows the darkened input

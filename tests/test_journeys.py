@@ -270,5 +270,5 @@ def test_model_card_says_how_images_are_normalised_and_whether_the_cli_can_load_
     assert "errwrap predict --model REPO_ID" in card
     own = ErrorCorrectionWrapper(NoDropout(), error_channels=8, detail_channels=8)
     card = own.save_pretrained(tmp_path / "own").joinpath("README.md").read_text()
-    assert "the errwrap CLI uses the ImageNet mean and std" in card
+    assert "not normalised: RGB in [0, 1]" in card and "the errwrap CLI applies none either" in card
     assert "command line cannot rebuild this base network" in card and "errwrap predict" not in card

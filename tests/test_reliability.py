@@ -206,6 +206,7 @@ def nan_model_dir(tmp_path_factory):
     wrap = ErrorCorrectionWrapper(base, error_channels=8, detail_channels=8)
     with torch.no_grad():
         wrap.detail_head.classifier.weight.fill_(3e38)
+    wrap.preprocessing = {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
     path = tmp_path_factory.mktemp("nan_model")
     wrap.save_pretrained(path)
     return path
@@ -220,7 +221,7 @@ def test_cli_predict_and_evaluate_refuse_nan_outputs(nan_model_dir, tmp_path, ca
     from errwrap.cli import main
 
     image = tmp_path / "a.png"
-    Image.fromarray(np.full((32, 32, 3), 128, dtype=np.uint8)).save(image)
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(image)
     assert main(["predict", "--model", str(nan_model_dir), str(image), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert re.search(r"a\.png: the model's outputs hold NaN/Inf \(.*\) at [1-9]\d* pixels of images \[0\]", err) and "Traceback" not in err, err
@@ -439,7 +440,9 @@ def cli_model_dir(tmp_path_factory):
     torch.manual_seed(0)
     base = DeepLabV3Plus("resnet18", num_classes=11, aspp_channels=8, decoder_channels=8, low_level_channels=8)
     path = tmp_path_factory.mktemp("cli_model")
-    ErrorCorrectionWrapper(base, error_channels=8, detail_channels=8).save_pretrained(path)
+    wrap = ErrorCorrectionWrapper(base, error_channels=8, detail_channels=8)
+    wrap.preprocessing = {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}  # saved, so the CLI has nothing to note
+    wrap.save_pretrained(path)
     return path
 
 

@@ -1,5 +1,4 @@
 import gc
-import logging
 
 import pytest
 import torch
@@ -340,20 +339,25 @@ def test_register_adapter_as_class_decorator():
         unregister_adapter("odd-family")
 
 
-def test_fresh_heads_warn_once_unless_trained_or_loaded(caplog):
+def test_fresh_heads_warn_once_unless_trained_or_loaded():
+    import warnings
+
     x = torch.randn(1, 3, 32, 32)
     wrap = ErrorCorrectionWrapper(tiny_base()).eval()
-    with caplog.at_level(logging.WARNING, logger="errwrap.wrapper"), torch.no_grad():
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
         wrap(x)
         wrap(x)
-    assert caplog.text.count("freshly initialised") == 1
+    fresh = [w for w in caught if "freshly initialised" in str(w.message)]
+    assert len(fresh) == 1 and fresh[0].category is UserWarning
+    assert fresh[0].filename == __file__  # it points at the user's line, not at torch or errwrap
     for prepare in (lambda w: w.train(), lambda w: w.load_state_dict(wrap.state_dict())):
-        caplog.clear()
         other = ErrorCorrectionWrapper(tiny_base())
         prepare(other)
-        with caplog.at_level(logging.WARNING, logger="errwrap.wrapper"), torch.no_grad():
+        with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+            warnings.simplefilter("always")
             other.eval()(x)
-        assert "freshly initialised" not in caplog.text
+        assert not [w for w in caught if "freshly initialised" in str(w.message)]
 
 
 def test_images_are_cast_to_the_model_dtype():

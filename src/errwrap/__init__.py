@@ -18,6 +18,7 @@ from .losses import (
 )
 from .evaluation import EvaluationReport, evaluate
 from .calibration import TemperatureFit, calibrate_temperature
+from .estimation import EstimateComparison, EstimateReport, compare_estimates, estimate, fit_atc
 from .metrics import (
     CalibrationMetrics,
     CalibrationResult,
@@ -81,6 +82,11 @@ __all__ = [
     "ImageRiskCoverageResult",
     "exact_risk_coverage",
     "image_aurc",
+    "estimate",
+    "EstimateReport",
+    "fit_atc",
+    "compare_estimates",
+    "EstimateComparison",
 ]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())

@@ -1,4 +1,4 @@
-"""The ``errwrap`` command line: ``demo``, ``predict``, ``evaluate`` and ``finetune``.
+"""The ``errwrap`` command line: ``demo``, ``predict``, ``evaluate``, ``finetune`` and ``estimate``.
 
 Every failure the user can fix (a missing file, an unknown model, a wrong data layout) is one
 line on stderr and exit code 2; ``--debug`` shows the traceback instead.
@@ -7,11 +7,14 @@ line on stderr and exit code 2; ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
+import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -132,22 +135,122 @@ def _refuse_what_the_cli_cannot_rebuild(location: str) -> None:
     )
 
 
+def _check_device(device: str | None) -> None:
+    """``--device``: a device torch knows and this machine has, or one line saying what is wrong."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        target = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise CLIError(f"--device {device}: not a device name; expected cpu, cuda, cuda:N or mps") from None
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {device}: no CUDA GPU is available here (torch {torch.__version__}, "
+                       f"built {'with CUDA ' + torch.version.cuda if torch.version.cuda else 'for CPU only'}); use --device cpu")
+    if target.type == "cuda" and target.index is not None and target.index >= torch.cuda.device_count():
+        raise CLIError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0")
+    if target.type == "mps" and not torch.backends.mps.is_available():
+        raise CLIError(f"--device {device}: the MPS backend is not available here; use --device cpu")
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?$")
+
+
+def _hub_offline() -> bool:
+    """``HF_HUB_OFFLINE`` as huggingface_hub reads it (1, ON, YES, TRUE), from the environment now."""
+    from huggingface_hub import constants
+
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"} or bool(constants.HF_HUB_OFFLINE)
+
+
+def _check_model_location(location: str) -> bool:
+    """Local first: ``True`` for a local path. A name that is no local path fails in one line,
+    before any Hub request, when it cannot be a Hub id, when its first part is a local directory
+    (a typo in a path), or when the Hub is offline (``HF_HUB_OFFLINE``) and its cache lacks it."""
+    path = Path(location).expanduser()
+    if path.exists():
+        return True
+    missing = f"--model {location}: no local directory {location!r}"
+    parent = path.parent
+    if str(parent) not in ("", ".") and parent.is_dir():
+        entries = sorted(p.name for p in parent.iterdir() if p.is_dir())[:8]
+        listing = f"; {parent} holds: {', '.join(entries)}" if entries else f"; {parent} holds no directories"
+        raise CLIError(missing + listing)
+    if not _HUB_ID.match(location) or ".." in location or "--" in location:
+        raise CLIError(f"{missing}, and it is not a Hub repository id (org/name)")
+    from huggingface_hub import try_to_load_from_cache
+
+    from .hub import CONFIG_NAME
+
+    if isinstance(try_to_load_from_cache(location, CONFIG_NAME), str):
+        return False  # in the cache: from_pretrained takes it from there
+    if _hub_offline():
+        raise CLIError(f"{missing} and not found in the Hub cache (HF_HUB_OFFLINE is set: the Hub is not asked)")
+    unreachable = _hub_unreachable()
+    if unreachable:
+        raise CLIError(f"{missing}, not in the Hub cache, and the Hub cannot be reached ({unreachable})")
+    return False
+
+
+def _hub_unreachable() -> str | None:
+    """Why the Hub's host name does not resolve (no network), or ``None``: one cheap look-up
+    instead of huggingface_hub's retries, which take about 30 s to give up."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    host = urlparse(constants.ENDPOINT).hostname
+    if not host:
+        return None
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError as exc:
+        return f"{host}: {exc.strerror or exc}"
+    return None
+
+
 def _load_model(location: str, device: str | None):
     from .wrapper import ErrorCorrectionWrapper
 
+    local = _check_model_location(location)
+    _check_device(device)
     _refuse_what_the_cli_cannot_rebuild(location)
     try:
         return ErrorCorrectionWrapper.from_pretrained(location, device=device).eval()
     except FileNotFoundError as exc:
-        raise CLIError(f"--model {location}: {exc}") from None
+        where = "" if local else f"no local directory {location!r} and not found on the Hub/cache: "
+        raise CLIError(f"--model {location}: {where}{exc}") from None
 
 
-def _normalizer(wrap):
-    from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, Normalize
+def _unchanged(image: Any, label: Any) -> tuple[Any, Any]:
+    """The transform of a model saved without preprocessing: images go in as read, in ``[0, 1]``."""
+    return image, label
 
-    pre = getattr(wrap, "preprocessing", None) or {}
-    mean, std = pre.get("mean", IMAGENET_MEAN), pre.get("std", IMAGENET_STD)
-    return Normalize(mean, std), mean, std
+
+def _normalizer(wrap, location: str = "the model"):
+    """The model's own preprocessing, as saved in its ``config.json``: ``(transform, mean, std)``.
+
+    ``"preprocessing": null`` means the model was used on raw ``[0, 1]`` images (what the Python
+    API feeds when the user normalises nothing): the CLI then applies none, so Python and the CLI
+    give the same answers, and says so once on stderr instead of guessing ImageNet statistics.
+    """
+    from .data.transforms import Normalize
+
+    pre = getattr(wrap, "preprocessing", None)
+    if not pre:
+        print(f"errwrap: note: {location} was saved without preprocessing (config.json \"preprocessing\": null): images go in "
+              "unnormalised, RGB in [0, 1], as in Python; if its base expects normalised images, set "
+              "wrap.preprocessing = {\"mean\": [...], \"std\": [...]} and save it again", file=sys.stderr, flush=True)
+        return _unchanged, None, None
+    return Normalize(pre["mean"], pre["std"]), pre["mean"], pre["std"]
+
+
+def _preprocessing_record(wrap) -> str:
+    """How the model's images were preprocessed, in words, for the model card's training notes."""
+    pre = getattr(wrap, "preprocessing", None)
+    return f"mean {pre['mean']}, std {pre['std']}" if pre else "none (RGB in [0, 1])"
 
 
 def _read_image(path: Path):
@@ -208,21 +311,61 @@ def _output_file(value: str | None, option: str) -> Path | None:
     return path
 
 
+# ---------------------------------------------------------------------- progress
+#: On a non-terminal, a progress line at least this often (seconds), besides every tenth of the work.
+PROGRESS_SECONDS = 10.0
+
+
+def _on_terminal() -> bool:
+    return sys.stdout.isatty()
+
+
+@contextlib.contextmanager
+def _training_progress(prefix: str = "  ") -> Iterator[None]:
+    """Print the fine-tuning loop's progress lines (``errwrap.training`` INFO) on stdout, one plain
+    line each, and restore the logger afterwards."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter(prefix + "%(message)s"))
+    train_log = logging.getLogger("errwrap.training")
+    level, propagate = train_log.level, train_log.propagate
+    train_log.addHandler(handler)
+    if not train_log.isEnabledFor(logging.INFO):
+        train_log.setLevel(logging.INFO)
+    train_log.propagate = False
+    try:
+        yield
+    finally:
+        train_log.removeHandler(handler)
+        train_log.setLevel(level)
+        train_log.propagate = propagate
+
+
+def _batch_progress(total: int | None, what: str = "evaluate") -> Callable[[int], None]:
+    """A callback ``f(batch_index)`` printing a plain line every tenth of ``total`` batches, at
+    least every :data:`PROGRESS_SECONDS`, and at the last batch."""
+    start = last = time.perf_counter()
+    every = max(1, (total or 10) // 10)
+
+    def report(index: int) -> None:
+        nonlocal last
+        done, now = index + 1, time.perf_counter()
+        if done % every == 0 or done == total or now - last >= PROGRESS_SECONDS:
+            last = now
+            _say(f"  {what}: batch {done}/{total if total is not None else '?'}, {now - start:.0f} s")
+
+    return report
+
+
 # ---------------------------------------------------------------------- commands
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import DemoConfig, run_demo
 
     cfg = DemoConfig(minutes=args.minutes, seed=args.seed)
-    progress = logging.StreamHandler(sys.stdout)  # the fine-tuning loop's progress lines
-    progress.setFormatter(logging.Formatter("  %(message)s"))
-    train_log = logging.getLogger("errwrap.training")
-    train_log.addHandler(progress)
-    train_log.setLevel(logging.INFO)
-    train_log.propagate = False
     if args.quick:
         cfg = DemoConfig(minutes=0.1, seed=args.seed, image_size=64, train_images=64, val_images=16, panels=2, mc_dropout=False)
     _say(f"errwrap demo: {cfg.scaled(cfg.base_steps)} base steps, {cfg.scaled(cfg.head_steps)} head steps, output {args.out}")
-    result = run_demo(args.out, cfg, say=_say)
+    with _training_progress():
+        result = run_demo(args.out, cfg, say=_say)
     report = result.report
     _say("")
     _say(report.table())
@@ -236,47 +379,154 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _readable_images(paths: Sequence[Path]) -> tuple[list[Path], list[str]]:
+    """Split ``paths`` into files whose header Pillow reads and one-line reasons for the others;
+    a path that does not exist is a typo on the command line: refused at once."""
+    from PIL import UnidentifiedImageError
+
+    from .data.datasets import _open as open_image
+
+    readable, skipped = [], []
+    for path in paths:
+        if not path.is_file():
+            raise CLIError(f"{path}: no such image file")
+        try:
+            with open_image(path):  # refuses decompression bombs with a ValueError naming the file
+                pass
+        except (UnidentifiedImageError, OSError, ValueError) as exc:
+            skipped.append(f"{path}: not an image errwrap can read ({exc})")
+            continue
+        readable.append(path)
+    if not readable:
+        raise CLIError(skipped[0] if len(skipped) == 1 else f"none of the {len(skipped)} files is an image errwrap can read; first: {skipped[0]}")
+    return readable, skipped
+
+
+def _report_skipped(skipped: Sequence[str], total: int) -> int:
+    """Name the files that were skipped on stderr; the exit code: 1 when any was, else 0."""
+    if not skipped:
+        return 0
+    print(f"errwrap: skipped {len(skipped)} of {total} files (the others were written):", file=sys.stderr)
+    for reason in skipped:
+        print(f"  {reason}", file=sys.stderr)
+    return 1
+
+
+def _panel(x, base, error, labels, *, palette, mean, std, class_names, max_width: int | None):
+    """The six-tile panel with its key (class legend, error colour bar, changed-pixels colours),
+    built from inputs shrunk first when the panel would be wider than ``max_width``."""
+    import torch.nn.functional as F
+
+    from .viz import add_panel_key, make_panel, panel_scale, shrink_to_width
+
+    scale = panel_scale(x.shape[-1], max_width)
+    if scale < 1.0:
+        size = (max(1, round(x.shape[-2] * scale)), max(1, round(x.shape[-1] * scale)))
+        x = F.interpolate(x[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+        error = F.interpolate(error[None, None], size=size, mode="bilinear", align_corners=False, antialias=True)[0, 0]
+        base, labels = (F.interpolate(t[None, None].float(), size=size, mode="nearest")[0, 0].long() for t in (base, labels))
+    panel = make_panel(x, base, error, labels, palette=palette, mean=mean, std=std)
+    present = sorted(set(base.unique().tolist()) | set(labels.unique().tolist()))
+    return shrink_to_width(add_panel_key(panel, palette, present, class_names=class_names), max_width)
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     import torch
+    from PIL import Image
 
     from ._validate import check_outputs_finite
-    from .viz import make_panel, palette_for, save_heatmap_png, save_label_png
+    from .viz import colorize, heatmap, overlay, palette_for, save_heatmap_png, save_label_png
 
     out = _output_dir(args.out)
-    paths = _image_paths(args.images)
-    images = [_read_image(p) for p in paths]  # fail on a bad file before loading the model
+    json_path = _output_file(args.json, "--json")
+    all_paths = _image_paths(args.images)
+    paths, skipped = _readable_images(all_paths)  # before loading the model
     corrupt = parse_corrupt(args.corrupt)
-    if corrupt is not None:
-        images = [corrupt(image) for image in images]
     wrap = _load_model(args.model, args.device)
-    normalize, mean, std = _normalizer(wrap)
+    normalize, mean, std = _normalizer(wrap, args.model)
     palette = palette_for(wrap.num_classes, args.palette)
     out.mkdir(parents=True, exist_ok=True)
     device = next(wrap.parameters()).device
-    for path, stem, image in zip(paths, _output_names(paths), images):
+    results: list[dict[str, Any]] = []
+    for path, stem in zip(paths, _output_names(paths)):  # one image at a time: any mix of sizes
+        try:
+            image = _read_image(path)
+        except CLIError as exc:  # a header that reads, a body that does not (a truncated file)
+            skipped.append(str(exc))
+            continue
+        if corrupt is not None:
+            image = corrupt(image)
         x, _ = normalize(image, torch.zeros(image.shape[-2:], dtype=torch.long))
         with torch.no_grad():
             o = wrap(x[None].to(device))
         check_outputs_finite(o, str(path))
-        labels, error, base = o.labels[0].cpu(), o.error_prob[0].cpu(), o.base_labels[0].cpu()
-        save_label_png(labels, out / f"{stem}_labels.png", palette)
-        save_heatmap_png(error, out / f"{stem}_error.png")
-        make_panel(x, base, error, labels, palette=palette, mean=mean, std=std).save(out / f"{stem}_panel.png")
-        changed = float((labels != base).float().mean())
-        _say(f"{path}: mean error probability {float(error.mean()):.3f}, {100 * changed:.2f}% of pixels re-labelled -> {out}/{stem}_*.png")
-    return 0
+        labels, error, base = o.labels[0].cpu(), o.error_prob[0].cpu().float(), o.base_labels[0].cpu()
+        written = [save_label_png(labels, out / f"{stem}_labels.png", palette), save_heatmap_png(error, out / f"{stem}_error.png")]
+        if not args.no_panel:
+            panel = _panel(x, base, error, labels, palette=palette, mean=mean, std=std, class_names=wrap.class_names,
+                           max_width=args.panel_max_width)
+            panel.save(out / f"{stem}_panel.png")
+            written.append(out / f"{stem}_panel.png")
+        if args.overlay:
+            for suffix, colours in (("overlay", colorize(labels, palette)), ("error_overlay", heatmap(error))):
+                target = out / f"{stem}_{suffix}.png"
+                Image.fromarray(overlay(x, colours, alpha=0.5, mean=mean, std=std)).save(target)
+                written.append(target)
+        mean_error, changed = float(error.mean()), float((labels != base).float().mean())
+        results.append({"file": str(path), "height": int(labels.shape[0]), "width": int(labels.shape[1]),
+                        "mean_error_prob": mean_error, "relabelled_fraction": changed, "predicted_accuracy": 1.0 - mean_error,
+                        "outputs": [str(w) for w in written]})
+        _say(f"{path}: mean error probability {mean_error:.3f}, {100 * changed:.2f}% of pixels re-labelled -> {out}/{stem}_*.png")
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps({"model": args.model, "images": results, "skipped": list(skipped)}, indent=2) + "\n")
+        _say(f"wrote {json_path}")
+    return _report_skipped(skipped, len(all_paths))
+
+
+def _image_sizes(dataset) -> list[tuple[int, int]] | None:
+    """Each image's ``(width, height)`` from its file header, for datasets of files (folders,
+    Cityscapes, ADE20K); ``None`` for others (the built-in scenes share one size)."""
+    from PIL import Image
+
+    pairs = getattr(dataset, "pairs", None)
+    if not pairs:
+        return None
+    sizes = []
+    for image_path, _ in pairs:
+        with Image.open(image_path) as im:
+            sizes.append(im.size)
+    return sizes
+
+
+def _batches_by_size(sizes: Sequence[tuple[int, int]], batch_size: int) -> list[list[int]]:
+    """Indices in batches of at most ``batch_size`` images of one size, in the data's order
+    within each size."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for index, size in enumerate(sizes):
+        groups.setdefault(size, []).append(index)
+    return [group[i:i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]
+
+
+def _evaluation_loader(dataset, batch_size: int, workers: int):
+    """A loader that never stacks images of different sizes: mixed sizes are batched by size."""
+    from torch.utils.data import DataLoader
+
+    sizes = _image_sizes(dataset) if batch_size > 1 else None
+    if sizes is None or len(set(sizes)) == 1:
+        return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+    _say(f"images of {len(set(sizes))} different sizes: batched by size (up to {batch_size} images of one size per batch)")
+    return DataLoader(dataset, batch_sampler=_batches_by_size(sizes, batch_size), num_workers=workers)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from torch.utils.data import DataLoader
-
     from .evaluation import evaluate
 
     json_path = _output_file(args.json, "--json")
     label_map = parse_label_map(args.label_map)
     corrupt = parse_corrupt(args.corrupt)
     wrap = _load_model(args.model, args.device)
-    normalize, _, _ = _normalizer(wrap)
+    normalize, _, _ = _normalizer(wrap, args.model)
     if corrupt is not None:
         from .data import Compose
 
@@ -285,10 +535,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     _check_classes(dataset, wrap, args.data)
     if len(dataset) == 0:
         raise CLIError(f"--data {args.data}: no images found for split {args.split!r}")
-    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers)
+    loader = _evaluation_loader(dataset, args.batch_size, args.workers)
     baselines = tuple(b for b in args.baselines.split(",") if b)
     start = time.perf_counter()
-    report = evaluate(wrap, loader, baselines=baselines, mc_dropout_T=args.mc_T, max_batches=args.max_batches)
+    total = min(len(loader), args.max_batches or len(loader))
+    progress: bool | Callable[[int], None] = True if _on_terminal() else _batch_progress(total)  # a bar, or plain lines
+    report = evaluate(wrap, loader, baselines=baselines, mc_dropout_T=args.mc_T, max_batches=args.max_batches, progress=progress)
     _say(report.table())
     _say(f"evaluated {report.num_images} images in {time.perf_counter() - start:.1f} s")
     if json_path is not None:
@@ -296,6 +548,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         report.to_json(json_path)
         _say(f"wrote {json_path}")
     return 0
+
+
+def _training_batch_size(dataset, batch_size: int, *, crop: int | None) -> int:
+    """``batch_size``, made smaller (and said so) where it cannot work: fewer images than a batch
+    (full batches only are used), or images of different sizes without ``--crop``."""
+    if len(dataset) < batch_size:
+        _say(f"{len(dataset)} training images, fewer than --batch-size {batch_size}: batches of {len(dataset)}")
+        batch_size = len(dataset)
+    sizes = _image_sizes(dataset) if crop is None and batch_size > 1 else None
+    if sizes is not None and len(set(sizes)) > 1:
+        _say(f"images of {len(set(sizes))} different sizes and no --crop: one image per batch (--crop N trains on batches of NxN crops)")
+        batch_size = 1
+    return batch_size
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
@@ -311,7 +576,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     label_map = parse_label_map(args.label_map)
     wrap = _load_model(args.model, args.device)
     check_writable(args.out, 2 * tensor_bytes(wrap.state_dict().values()), "--out")  # before training, not after
-    normalize, _, _ = _normalizer(wrap)
+    normalize, _, _ = _normalizer(wrap, args.model)
     transforms = [D.RandomHorizontalFlip()]
     if args.crop:
         transforms = [D.RandomScale(0.5, 2.0), D.RandomCrop(args.crop), D.RandomHorizontalFlip()]
@@ -320,13 +585,17 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     _check_classes(dataset, wrap, args.data)
     if len(dataset) == 0:
         raise CLIError(f"--data {args.data}: no training images found")
-    loader = D.make_loader(dataset, batch_size=args.batch_size, shuffle=True, seed=args.seed, num_workers=args.workers, drop_last=True)
-    result = finetune(wrap, loader, steps=args.steps, lr=args.lr, precision=args.precision, seed=args.seed,
-                      checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
-                      resume=args.resume)
+    batch_size = _training_batch_size(dataset, args.batch_size, crop=args.crop)
+    loader = D.make_loader(dataset, batch_size=batch_size, shuffle=True, seed=args.seed, num_workers=args.workers, drop_last=True)
+    log_every = args.log_every or max(1, min(50, args.steps // 10))
+    progress = contextlib.nullcontext() if _on_terminal() else _training_progress()  # a terminal gets tqdm's bar
+    with progress:
+        result = finetune(wrap, loader, steps=args.steps, lr=args.lr, precision=args.precision, seed=args.seed,
+                          checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
+                          resume=args.resume, log_every=log_every, progress=_on_terminal() or None)
     last = result.history[-1] if result.history else {}
     _say(f"fine-tuned {args.steps} steps; last losses: " + ", ".join(f"{k} {v:.4f}" for k, v in last.items() if isinstance(v, float)))
-    training = {"data": args.data, "steps": args.steps, "lr": args.lr}
+    training = {"data": args.data, "steps": args.steps, "lr": args.lr, "preprocessing": _preprocessing_record(wrap)}
     if args.label_map:
         training["label_map"] = args.label_map
     try:
@@ -335,6 +604,69 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         fallback = wrap.save_pretrained(tempfile.mkdtemp(prefix="errwrap-finetune-"), training=training)
         raise CLIError(f"--out {args.out}: could not save the fine-tuned model ({exc}); it was saved to {fallback} instead") from None
     _say(f"saved to {args.out}")
+    return 0
+
+
+class _ImageFiles:
+    """Unlabelled images for ``errwrap estimate --data images:PATH``: normalised ``(3, H, W)`` tensors."""
+
+    def __init__(self, paths: Sequence[Path], normalize: Any, corrupt: Any = None) -> None:
+        self.paths, self.normalize, self.corrupt = list(paths), normalize, corrupt
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        import torch
+
+        image = _read_image(self.paths[index])
+        if self.corrupt is not None:
+            image = self.corrupt(image)
+        return self.normalize(image, torch.zeros(image.shape[-2:], dtype=torch.long))[0]
+
+
+def cmd_estimate(args: argparse.Namespace) -> int:
+    from torch.utils.data import DataLoader
+
+    from .estimation import estimate
+
+    json_path = _output_file(args.json, "--json")
+    corrupt = parse_corrupt(args.corrupt)
+    kind, _, rest = args.data.partition(":")
+    paths = _image_paths(rest.split(",")) if kind.lower() == "images" and rest else None
+    if kind.lower() == "images" and not paths:
+        raise CLIError(f"--data {args.data!r}: expected images:PATH with PATH an image file or a directory of images")
+    if paths is not None:
+        for path in paths:  # fail on a bad file before loading the model
+            _read_image(path)
+    wrap = _load_model(args.model, args.device)
+    normalize, _, _ = _normalizer(wrap)
+    if paths is not None:
+        dataset: Any = _ImageFiles(paths, normalize, corrupt)
+        batch_size = args.batch_size or 1
+    else:
+        if corrupt is not None:
+            from .data import Compose
+
+            normalize = Compose([corrupt.joint, normalize])
+        dataset = parse_data_spec(args.data, args.split, transform=normalize, size=args.size, num_classes=wrap.num_classes,
+                                  label_map=parse_label_map(args.label_map))  # fmt: skip
+        _check_classes(dataset, wrap, args.data)
+        batch_size = args.batch_size or 4
+    if len(dataset) == 0:
+        raise CLIError(f"--data {args.data}: no images found for split {args.split!r}")
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=args.workers)
+    report = estimate(wrap, loader, threshold=args.threshold, max_batches=args.max_batches)
+    if paths is not None:
+        for row in report.per_image:
+            row["file"] = str(paths[row["index"]])
+    _say(report.table(k=args.worst))
+    if paths is not None and args.worst:
+        _say("files, most likely wrong first: " + ", ".join(Path(row["file"]).name for row in report.worst(args.worst)))
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        report.to_json(json_path)
+        _say(f"wrote {json_path}")
     return 0
 
 
@@ -374,7 +706,9 @@ models:
     import torchvision, errwrap
     net = torchvision.models.segmentation.deeplabv3_mobilenet_v3_large(num_classes=5)
     # ... train net, or load your weights into it ...
-    errwrap.ErrorCorrectionWrapper(net).save_pretrained("my-model")
+    wrap = errwrap.ErrorCorrectionWrapper(net)
+    wrap.preprocessing = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}  # as net was trained; omit for raw [0, 1]
+    wrap.save_pretrained("my-model")
 
   then: errwrap finetune --model my-model --data folder:images,masks --steps 1000 --out my-model-tuned
   The CLI rebuilds the base from config.json for errwrap's DeepLabV3Plus, SMP, torchvision and
@@ -418,13 +752,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="corrected labels, error map and panel for images",
                        description="For each image write OUT/STEM_labels.png (palette PNG of corrected class ids), "
                                    "OUT/STEM_error.png (error-probability heat map) and OUT/STEM_panel.png. "
-                                   "Images are normalised with the model's saved preprocessing (default: ImageNet "
-                                   "mean and std). " + model_note)
+                                   "Images are normalised with the model's saved preprocessing (none when it saved "
+                                   "none: RGB in [0, 1], as in Python). " + model_note)
     p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...; RGB, RGBA, grayscale, 16-bit) or directories of them")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--palette", choices=["cityscapes", "ade20k", "generated"], default=None,
                    help="colours of the label PNGs (default: by the number of classes)")
+    p.add_argument("--no-panel", action="store_true", help="do not write STEM_panel.png")
+    p.add_argument("--panel-max-width", type=_positive_int, default=2048,
+                   help="shrink panels wider than this many pixels (default: 2048)")
+    p.add_argument("--overlay", action="store_true",
+                   help="also write STEM_overlay.png (the image blended with the corrected labels) and STEM_error_overlay.png "
+                        "(blended with the error map)")
+    p.add_argument("--json", default=None, help="write per-image results here: file, mean error probability, fraction of "
+                                                 "pixels re-labelled, predicted accuracy (1 - mean error probability)")
     p.add_argument("--corrupt", default=None, metavar="KIND:SEVERITY", help=CORRUPT_HELP)
     p.add_argument("--device", default=None, help="e.g. cpu, cuda (default: cpu)")
     p.set_defaults(func=cmd_predict)
@@ -439,7 +781,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=_positive_int, default=None, help="image size for generated data (default: 128)")
     p.add_argument("--baselines", default="msp,entropy", help="comma-separated: msp, entropy, mc_dropout, max_logit, energy, error_prob (default: msp,entropy)")
     p.add_argument("--mc-T", type=_positive_int, default=10, help="passes of MC dropout (default: 10)")
-    p.add_argument("--batch-size", type=_positive_int, default=4, help="images per batch (default: 4); 1 for images of different sizes")
+    p.add_argument("--batch-size", type=_positive_int, default=4, help="images per batch (default: 4); images of different sizes are batched by size")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default: 0)")
     p.add_argument("--max-batches", type=_positive_int, default=None, help="stop after this many batches (default: all)")
     p.add_argument("--json", default=None, help="also write the report as JSON here")
@@ -457,7 +799,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="directory to save the fine-tuned model to")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of AdamW, poly schedule (default: 0.001)")
     p.add_argument("--batch-size", type=_positive_int, default=8,
-                   help="images per batch (default: 8); images of different sizes need --crop or --batch-size 1")
+                   help="images per batch (default: 8); images of different sizes without --crop train one per batch")
     p.add_argument("--crop", type=_positive_int, default=None, help="random scale (0.5-2) and crop to this size")
     p.add_argument("--size", type=_positive_int, default=None, help="image size for generated data (default: 128)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
@@ -467,8 +809,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-dir", default=None, help="write resumable checkpoints here")
     p.add_argument("--checkpoint-every", type=_positive_int, default=None, help="a checkpoint every this many steps (and at the end)")
     p.add_argument("--resume", default=None, help="a checkpoint directory, or 'latest' (the newest in --checkpoint-dir)")
+    p.add_argument("--log-every", type=_positive_int, default=None,
+                   help="when the output is not a terminal, a progress line every this many steps (default: a tenth of "
+                        "--steps, at most 50)")
     p.add_argument("--device", default=None, help="e.g. cpu, cuda (default: cpu)")
     p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("estimate", help="predicted accuracy and mIoU without labels; the images to check first",
+                       description="Estimate, without labels, the pixel accuracy and mIoU of the corrected labels per image and "
+                                   "for the data set (from the error map and the fused probabilities; docs/estimate.md), "
+                                   "beside the average-confidence baseline, and list the images most likely wrong first. "
+                                   "Labels in --data are ignored. " + model_note)
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("--data", required=True, metavar="KIND:PATH",
+                   help="images:PATH (image files or directories, comma-separated; no labels needed) or " + DATA_HELP)
+    p.add_argument("--label-map", default=None, metavar="RAW:CLASS,...", help=LABEL_MAP_HELP)
+    p.add_argument("--split", default="val", help="data split for cityscapes, ade20k and scenes (default: val)")
+    p.add_argument("--size", type=_positive_int, default=None, help="image size for scenes (default: 128)")
+    p.add_argument("--corrupt", default=None, metavar="KIND:SEVERITY", help=CORRUPT_HELP)
+    p.add_argument("--threshold", type=float, default=0.5, help="error probability above which a pixel counts as flagged (default: 0.5)")
+    p.add_argument("--worst", type=int, default=10, help="how many of the most-likely-wrong images to list (default: 10)")
+    p.add_argument("--batch-size", type=_positive_int, default=None, help="images per batch (default: 1 for images:PATH, else 4)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default: 0)")
+    p.add_argument("--max-batches", type=_positive_int, default=None, help="stop after this many batches (default: all)")
+    p.add_argument("--json", default=None, help="also write the report (every image's row) as JSON here")
+    p.add_argument("--device", default=None, help="e.g. cpu, cuda (default: cpu)")
+    p.set_defaults(func=cmd_estimate)
     return parser
 
 
@@ -477,6 +843,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    hub_log = logging.getLogger("huggingface_hub")
+    if hub_log.handlers:  # it prints its own messages (Hub retries): not a second time through the root handler
+        hub_log.propagate = False
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

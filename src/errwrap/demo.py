@@ -26,7 +26,7 @@ from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, Compose, Normalize, Ra
 from .evaluation import EvaluationReport, evaluate
 from .models import DeepLabV3Plus
 from .training import finetune
-from .viz import make_panel, palette_for
+from .viz import add_panel_key, make_panel, palette_for
 from .wrapper import ErrorCorrectionWrapper
 
 __all__ = ["DemoConfig", "DemoResult", "run_demo"]
@@ -160,6 +160,8 @@ def run_demo(out_dir: str | Path = "errwrap-demo", config: DemoConfig | None = N
             image, label = val[i]
             o = wrap(image[None])
             panel = make_panel(image, o.base_labels[0], o.error_prob[0], o.labels[0], ground_truth=label, palette=palette, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+            present = sorted(set(o.base_labels[0].unique().tolist()) | set(o.labels[0].unique().tolist()) | set(label[label != 255].unique().tolist()))
+            panel = add_panel_key(panel, palette, present, class_names=train.class_names, ground_truth=True)
             path = out / "panels" / f"panel_{i:02d}.png"
             path.parent.mkdir(exist_ok=True)
             panel.resize((panel.width * 2, panel.height * 2), resample=0).save(path)

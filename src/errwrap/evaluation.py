@@ -201,14 +201,14 @@ class EvaluationReport:
         lines = [f"errwrap evaluation: {self.num_images} images, {self.num_pixels} labelled pixels"]
         lines.append("")
         lines.append(f"{'segmentation':<14}{'mIoU':>8}{'pixAcc':>8}{'mAcc':>8}{'ECE':>8}")
-        for name, seg in (("base", self.base), ("fused", self.fused)):
+        for name, label, seg in (("base", "base", self.base), ("fused", "corrected", self.fused)):  # corrected: the fused labels
             ece = self.calibration[name].ece if name in self.calibration else float("nan")
-            lines.append(f"{name:<14}{_fmt(seg.miou):>8}{_fmt(seg.pixel_accuracy):>8}{_fmt(seg.mean_accuracy):>8}{_fmt(ece):>8}")
+            lines.append(f"{label:<14}{_fmt(seg.miou):>8}{_fmt(seg.pixel_accuracy):>8}{_fmt(seg.mean_accuracy):>8}{_fmt(ece):>8}")
         gain = "n/a" if math.isnan(self.miou_gain) else f"{100 * self.miou_gain:+.2f}"
-        lines.append(f"{'fused - base':<14}{gain:>8}")
+        lines.append(f"{'corrected - base':<16}{gain:>6}")
         lines.append("")
-        lines.append(f"per-class IoU  base : {' '.join(_fmt(v) for v in self.base.iou)}")
-        lines.append(f"per-class IoU  fused: {' '.join(_fmt(v) for v in self.fused.iou)}")
+        lines.append(f"per-class IoU  base     : {' '.join(_fmt(v) for v in self.base.iou)}")
+        lines.append(f"per-class IoU  corrected: {' '.join(_fmt(v) for v in self.fused.iou)}")
         lines.append("")
         first = next(iter(self.error_detection.values()), None)
         rate = _fmt(first.error_rate) if first is not None else "n/a"

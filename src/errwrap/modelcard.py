@@ -52,7 +52,7 @@ def _normalisation(config: dict[str, Any]) -> str:
     pre = config.get("preprocessing")
     if pre:
         return f"normalised with mean {pre['mean']} and std {pre['std']}"
-    return "normalised as the base was trained (the errwrap CLI uses the ImageNet mean and std)"
+    return "not normalised: RGB in [0, 1] (config.json has no preprocessing; the errwrap CLI applies none either)"
 
 
 def _cli_usage(config: dict[str, Any]) -> list[str]:
@@ -115,7 +115,7 @@ def render_model_card(
         ("wrap = ErrorCorrectionWrapper.from_pretrained(REPO_ID, model=my_base)" if base is None or config.get("heads_only")
          else "wrap = ErrorCorrectionWrapper.from_pretrained(REPO_ID)"),
         f"out = wrap(images)          # images: B x {heads['in_channels']} x H x W float, {_normalisation(config)}",
-        "out.labels, out.error_prob  # corrected labels, P(base label is wrong)",
+        "out.labels, out.error_prob  # corrected labels, P(returned label is wrong)",
         "```",
         "",
         *_cli_usage(config),

@@ -354,7 +354,9 @@ def finetune(
 
     With the default loss (``w_base = 0``) the base is frozen (``wrapper.freeze_base()``) and
     only the heads train; a loss with ``w_base > 0`` calls ``wrapper.unfreeze_base()`` and trains
-    everything (joint fine-tuning). Either change of the wrapper's freezing is logged.
+    everything (joint fine-tuning). Either change of the wrapper's freezing is logged. A
+    ``Normalize`` in the loader's dataset transform is recorded as ``wrapper.preprocessing`` when
+    that is ``None`` (``save_pretrained`` writes it; the CLI applies it).
 
     The loader is cycled (epochs) until ``steps`` optimizer steps, of ``accumulate`` batches
     each, are done. Epoch ``e`` is ordered by ``seed + e`` (torch's global RNG, and the
@@ -442,6 +444,7 @@ def finetune(
     if not hasattr(wrapper, "freeze_base") or not hasattr(wrapper, "unfreeze_base"):
         raise TypeError(f"wrapper: expected an ErrorCorrectionWrapper, got {type(wrapper).__name__}")
     _checked_num_classes(train_loader, int(wrapper.num_classes), "train_loader")
+    _record_preprocessing(wrapper, train_loader)
     if val_loader is not None:
         _checked_num_classes(val_loader, int(wrapper.num_classes), "val_loader")
     if checkpoint_dir is not None and Path(checkpoint_dir).exists() and not Path(checkpoint_dir).is_dir():
@@ -655,3 +658,23 @@ def finetune(
             bar.close()
         wrapper.train(was_training)
     return FinetuneResult(history, step, last_checkpoint, validation)
+
+
+def _record_preprocessing(wrapper: nn.Module, loader: Iterable) -> None:
+    """Set ``wrapper.preprocessing`` from an ``errwrap.data.Normalize`` in ``loader.dataset``'s
+    transform (directly or inside a ``Compose``) when the wrapper has none, so that a saved model
+    says how its images were normalised; warn when the wrapper records other statistics."""
+    from .data.transforms import Compose, Normalize  # noqa: PLC0415
+
+    transform = getattr(getattr(loader, "dataset", None), "transform", None)
+    chain = list(transform.transforms) if isinstance(transform, Compose) else [transform]
+    found = [t for t in chain if isinstance(t, Normalize)]
+    if len(found) != 1 or not hasattr(wrapper, "preprocessing"):
+        return
+    seen = {"mean": [float(v) for v in found[0].mean], "std": [float(v) for v in found[0].std]}
+    if wrapper.preprocessing is None:
+        wrapper.preprocessing = seen
+        logger.info("finetune: recorded the loader's Normalize as wrapper.preprocessing %s", seen)
+    elif {k: [float(v) for v in wrapper.preprocessing[k]] for k in ("mean", "std")} != seen:
+        warnings.warn(f"finetune: the loader normalises with {seen}, but wrapper.preprocessing is {wrapper.preprocessing}; "
+                      "save_pretrained records the latter", UserWarning, stacklevel=3)

@@ -240,6 +240,147 @@ def _save(img: Image.Image, path: str | os.PathLike) -> Path:
     return path
 
 
+# ---------------------------------------------------------------------- keys, overlays, sizes
+#: The changed-pixels tile's colours as ``make_panel`` draws them, with ground truth.
+CHANGED_KEY = (
+    ("fixed", (0, 200, 0)),
+    ("broken", (220, 0, 0)),
+    ("changed, still wrong", (255, 210, 0)),
+    ("unchanged", (40, 40, 40)),
+)
+#: The same tile's colours without ground truth.
+CHANGED_KEY_NO_GROUND_TRUTH = (("changed", (255, 255, 255)), ("unchanged", (40, 40, 40)))
+KEY_ROW_HEIGHT = 14
+KEY_SWATCH = 10
+#: Panels wider than this are shrunk by ``errwrap predict`` (``--panel-max-width``).
+PANEL_MAX_WIDTH = 2048
+
+__all__ += [
+    "CHANGED_KEY",
+    "CHANGED_KEY_NO_GROUND_TRUTH",
+    "KEY_ROW_HEIGHT",
+    "PANEL_MAX_WIDTH",
+    "colorbar",
+    "panel_key",
+    "add_panel_key",
+    "overlay",
+    "shrink_to_width",
+    "panel_scale",
+]
+
+
+def colorbar(width: int, height: int = KEY_SWATCH) -> np.ndarray:
+    """The heat map's colour ramp from 0 (left) to 1 (right), ``height x width x 3`` uint8."""
+    if width < 2 or height < 1:
+        raise ValueError(f"colorbar: expected width >= 2 and height >= 1, got {width}x{height}")
+    return heatmap(np.repeat(np.linspace(0.0, 1.0, width)[None], height, axis=0))
+
+
+def _flow(draw: ImageDraw.ImageDraw, items: Sequence[tuple[str, tuple[int, int, int]]], x0: int, y: int, width: int) -> int:
+    """Draw ``swatch name`` items left to right from ``(x0, y)``, wrapping at ``width``; the ``y``
+    below the last row."""
+    x = x0
+    for name, colour in items:
+        step = KEY_SWATCH + 4 + int(draw.textlength(name)) + 10
+        if x > x0 and x + step > width:
+            x, y = x0, y + KEY_ROW_HEIGHT
+        draw.rectangle((x, y + 2, x + KEY_SWATCH - 1, y + 1 + KEY_SWATCH), fill=tuple(colour), outline=(0, 0, 0))
+        draw.text((x + KEY_SWATCH + 4, y + 1), name, fill=(0, 0, 0))
+        x += step
+    return y + KEY_ROW_HEIGHT
+
+
+def panel_key(
+    width: int,
+    palette: np.ndarray,
+    class_ids: Sequence[int],
+    *,
+    class_names: Sequence[str] | None = None,
+    ground_truth: bool = False,
+    max_classes: int = 40,
+) -> Image.Image:
+    """A key for a panel, ``width`` pixels wide: the colours of ``class_ids`` (a class legend;
+    names from ``class_names``, else the ids; at most ``max_classes``, then "+N more"), a colour
+    bar for the error probability from 0 to 1, and the changed-pixels colours."""
+    ids = sorted({int(c) for c in class_ids if 0 <= int(c) < len(palette)})
+    names = [class_names[c] if class_names is not None and c < len(class_names) else str(c) for c in ids]
+    items = [(name, tuple(int(v) for v in palette[c])) for c, name in zip(ids[:max_classes], names[:max_classes])]
+    canvas = Image.new("RGB", (width, 64 + KEY_ROW_HEIGHT * (len(items) + 3)), (255, 255, 255))  # tall enough; cropped below
+    draw = ImageDraw.Draw(canvas)
+    label = "classes:"
+    draw.text((2, 1), label, fill=(0, 0, 0))
+    x0 = 2 + int(draw.textlength("changed pixels:")) + 8
+    y = _flow(draw, items, x0, 0, width)
+    if len(ids) > max_classes:
+        draw.text((x0, y + 1), f"+{len(ids) - max_classes} more", fill=(0, 0, 0))
+        y += KEY_ROW_HEIGHT
+    draw.text((2, y + 1), "error prob.:", fill=(0, 0, 0))
+    draw.text((x0, y + 1), "0", fill=(0, 0, 0))
+    bar_left = x0 + int(draw.textlength("0")) + 4
+    bar_width = max(2, min(256, width - bar_left - int(draw.textlength("1")) - 8))
+    canvas.paste(Image.fromarray(colorbar(bar_width)), (bar_left, y + 2))
+    draw.text((bar_left + bar_width + 4, y + 1), "1", fill=(0, 0, 0))
+    y += KEY_ROW_HEIGHT
+    draw.text((2, y + 1), "changed pixels:", fill=(0, 0, 0))
+    y = _flow(draw, CHANGED_KEY if ground_truth else CHANGED_KEY_NO_GROUND_TRUTH, x0, y, width)
+    return canvas.crop((0, 0, width, y + 2))
+
+
+def add_panel_key(
+    panel: Image.Image,
+    palette: np.ndarray,
+    class_ids: Sequence[int],
+    *,
+    class_names: Sequence[str] | None = None,
+    ground_truth: bool = False,
+) -> Image.Image:
+    """``panel`` with :func:`panel_key` below it (same width)."""
+    key = panel_key(panel.width, palette, class_ids, class_names=class_names, ground_truth=ground_truth)
+    out = Image.new("RGB", (panel.width, panel.height + key.height), (255, 255, 255))
+    out.paste(panel.convert("RGB"), (0, 0))
+    out.paste(key, (0, panel.height))
+    return out
+
+
+def overlay(image: torch.Tensor | np.ndarray, colours: np.ndarray, alpha: float = 0.5, mean: Sequence[float] | None = None,
+            std: Sequence[float] | None = None) -> np.ndarray:
+    """``image`` blended with a colour map (``colorize`` labels or a ``heatmap``):
+    ``(1 - alpha) * image + alpha * colours``, ``H x W x 3`` uint8.
+
+    Shapes:
+        image ``3 x H x W`` float (as :func:`to_uint8_image` reads it) or ``H x W x 3`` uint8;
+        colours ``H x W x 3`` uint8.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha: expected a value in [0, 1], got {alpha}")
+    img = _numpy(image)
+    if not (img.ndim == 3 and img.shape[-1] == 3 and img.dtype == np.uint8):
+        img = to_uint8_image(image, mean, std)
+    colours = np.asarray(colours)
+    if colours.shape != img.shape:
+        raise ValueError(f"colours: expected shape {img.shape} like the image, got {colours.shape}")
+    return np.round((1.0 - alpha) * img + alpha * colours.astype(np.float64)).astype(np.uint8)
+
+
+def panel_scale(width: int, max_width: int | None, tiles: int = len(PANEL_TITLES)) -> float:
+    """The factor (at most 1) by which images ``width`` pixels wide must shrink so that a panel of
+    ``tiles`` tiles is at most ``max_width`` wide; 1 when ``max_width`` is ``None``."""
+    if max_width is None:
+        return 1.0
+    room = (max_width - (tiles - 1) * PANEL_GAP) // tiles
+    if room < 1:
+        raise ValueError(f"max_width: {max_width} px leaves no room for {tiles} tiles")
+    return min(1.0, room / width)
+
+
+def shrink_to_width(img: Image.Image, max_width: int | None) -> Image.Image:
+    """``img`` downscaled (aspect kept) to at most ``max_width`` pixels wide; unchanged if narrower."""
+    if max_width is None or img.width <= max_width:
+        return img
+    height = max(1, round(img.height * max_width / img.width))
+    return img.resize((max_width, height), resample=Image.Resampling.BOX)
+
+
 #: Line colours of :func:`risk_coverage_plot`, in the order of the curves.
 PLOT_COLORS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207), (140, 86, 75), (127, 127, 127))
 

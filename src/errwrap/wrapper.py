@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
+import warnings
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
@@ -21,6 +24,18 @@ __all__ = ["ErrorCorrectionOutput", "ErrorCorrectionWrapper", "binary_to_two_cla
 logger = logging.getLogger(__name__)
 
 FeatureRef = int | str | None
+
+_LIBRARY_DIRS = (os.path.dirname(os.path.abspath(__file__)) + os.sep, os.path.dirname(os.path.abspath(torch.__file__)) + os.sep)
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` of a ``warnings.warn`` made by this function's caller that points at
+    the first frame outside errwrap and torch: the user's own line (``wrap(x)``, or their call
+    of ``errwrap.evaluate``), whichever torch version's ``Module.__call__`` is in between."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(_LIBRARY_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 class ErrorCorrectionOutput(NamedTuple):
@@ -270,8 +285,9 @@ class ErrorCorrectionWrapper(nn.Module, HubMixin):
         self._trainable_base: list[str] = []
         #: temperature of the fused probabilities (1: none); set by errwrap.calibrate_temperature.
         self.temperature = 1.0
-        # Fresh heads: the error map starts as the max-softmax baseline, but the detail head is
-        # random, so the corrected labels are not corrections yet. Warned about once, at the
+        # Fresh heads: the error head starts as the max-softmax baseline, but the detail head is
+        # random, so neither the labels nor the error maps (read from the fused distribution) are
+        # trained yet. Warned about once, at the
         # first eval-mode forward, unless the heads were trained (train()) or loaded first.
         self._fresh_heads = True
         self.register_load_state_dict_post_hook(_heads_loaded)
@@ -411,10 +427,12 @@ class ErrorCorrectionWrapper(nn.Module, HubMixin):
                 x = x.to(dtype)
         if self._fresh_heads and not self.training and not is_tracing():
             self._fresh_heads = False
-            logger.warning(
-                "the error, detail and fusion heads are freshly initialised: error_prob starts as the max-softmax "
-                "baseline, and labels are not corrections until the heads are trained (errwrap.finetune) or loaded "
-                "(ErrorCorrectionWrapper.from_pretrained, load_state_dict)"
+            warnings.warn(
+                "the error, detail and fusion heads are freshly initialised: labels are not corrections and "
+                "error_prob is not a trained error map until the heads are trained (errwrap.finetune) or loaded "
+                "(ErrorCorrectionWrapper.from_pretrained, load_state_dict)",
+                UserWarning,
+                stacklevel=_user_stacklevel(),
             )
         return self.forward_heads(self.forward_base(x), x.shape[-2:])
 

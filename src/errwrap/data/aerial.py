@@ -41,7 +41,7 @@ _ROOF_COLOURS = np.array([(0.62, 0.30, 0.22), (0.50, 0.50, 0.52), (0.32, 0.32, 0
 _CAR_COLOURS = np.array([(0.92, 0.92, 0.90), (0.10, 0.10, 0.12), (0.70, 0.12, 0.10), (0.15, 0.25, 0.60), (0.65, 0.66, 0.68)], np.float32)
 
 
-def _jitter(rng: np.random.Generator, colour, amount: float = 0.04) -> np.ndarray:
+def _jitter(rng: np.random.Generator, colour: tuple[float, float, float] | np.ndarray, amount: float = 0.04) -> np.ndarray:
     return np.asarray(colour, dtype=np.float32) + rng.uniform(-amount, amount, 3).astype(np.float32)
 
 
@@ -116,7 +116,7 @@ def _layout(rng: np.random.Generator, h: int, w: int, noise: dict[str, np.ndarra
         a, b = rng.uniform(4.0, 13.0) * scale, rng.uniform(3.0, 8.0) * scale
         cy, cx = rng.uniform(0, h), rng.uniform(0, w)
         angle = angle0 + rng.choice([0.0, math.pi / 2]) + rng.uniform(-0.05, 0.05)
-        box = window(cy, cx, math.hypot(a, b) + 1, h, w)
+        box = window(cy, cx, math.hypot(a, 2.6 * b) + 1, h, w)  # room for an L wing
         u, v = rotated_coords(yy[box], xx[box], cy, cx, angle)
         inside = (np.abs(u) <= a) & (np.abs(v) <= b)
         if rng.random() < 0.3:  # an L: a wing along one end
@@ -184,6 +184,16 @@ def _textures(rng: np.random.Generator, h: int, w: int, noise: dict[str, np.ndar
     return {SOIL: soil, WATER: water, VEGETATION: vegetation}
 
 
+def _cast(shadow: np.ndarray, inside: np.ndarray, box: tuple[slice, slice], dy: int, dx: int) -> None:
+    """Mark in ``shadow`` the footprint ``inside`` (drawn in ``box``) moved by ``(dy, dx)``, no wrap."""
+    h, w = shadow.shape
+    y0, x0 = box[0].start + dy, box[1].start + dx
+    ys, xs = max(0, y0), max(0, x0)
+    ye, xe = min(h, y0 + inside.shape[0]), min(w, x0 + inside.shape[1])
+    if ys < ye and xs < xe:
+        shadow[ys:ye, xs:xe] |= inside[ys - y0:ye - y0, xs - x0:xe - x0]
+
+
 def render_aerial(seed: int, split: str, index: int, size: int | tuple[int, int] = 128) -> tuple[np.ndarray, np.ndarray]:
     """Draw one tile: image ``(H, W, 3)`` float32 in ``[0, 1]`` and labels ``(H, W)`` int64.
 
@@ -238,11 +248,9 @@ def render_aerial(seed: int, split: str, index: int, size: int | tuple[int, int]
         roof += 0.015 * noise["high"][box][..., None]
         image[box][inside] = roof[inside]
         dy, dx = round(b["height"] * math.sin(sun)), round(b["height"] * math.cos(sun))
-        footprint = np.zeros((h, w), dtype=bool)
-        footprint[box] = inside
         for step in range(1, max(abs(dy), abs(dx)) + 1):
             frac = step / max(abs(dy), abs(dx))
-            shadow |= np.roll(footprint, (round(dy * frac), round(dx * frac)), (0, 1))
+            _cast(shadow, inside, box, round(dy * frac), round(dx * frac))
     shadow &= (label != BUILDING) & (label != CAR)
     image[shadow] *= rng.uniform(0.45, 0.65)
 

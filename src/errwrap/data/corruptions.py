@@ -86,6 +86,8 @@ class Corrupt:
         """The corrupted image(s); ``index`` (of the first image) seeds the random parts."""
         batched = _check_image(image, self.kind)
         x = (image if batched else image[None]).float()
+        if x.shape[0] == 0:
+            return image.clone()
         items = []
         for b in range(x.shape[0]):
             generator = torch.Generator().manual_seed(self._item_seed(x[b], None if index is None else index + b))

@@ -26,6 +26,9 @@ __all__ = [
     "LABEL_KEYS",
     "check_logits",
     "check_finite",
+    "check_outputs_finite",
+    "explain_device_mismatch",
+    "check_base_batch",
     "check_norm_batch",
     "describe",
     "input_dtype",
@@ -254,6 +257,63 @@ def check_finite(t: Tensor, name: str) -> None:
             f"{name}: expected finite values, got {int(bad.sum())} NaN/Inf entries of {t.numel()}; "
             "check the images (NaN/Inf pixels) and the base network"
         )
+
+
+def check_outputs_finite(out: Any, name: str) -> None:
+    """Raise ``ValueError`` when the wrapper's outputs (``base_logits``, ``logits``,
+    ``error_prob``, or ``out`` itself when it is a tensor of logits) hold NaN or Inf, naming how
+    many pixels and which images of the batch (reads values: synchronises). Used by
+    ``evaluate``, ``calibrate_temperature`` and the CLI.
+
+    Shapes:
+        out fields ``(B, C, H, W)`` or ``(B, H, W)``.
+    """
+    if is_tracing():
+        return
+    fields, pixels, images = [], 0, set()
+    found = {"logits": out} if isinstance(out, Tensor) else {f: getattr(out, f, None) for f in ("base_logits", "logits", "error_prob")}
+    for field, t in found.items():
+        if not isinstance(t, Tensor) or t.ndim < 3:
+            continue
+        bad = ~torch.isfinite(t)
+        bad = bad.flatten(2).any(1) if t.ndim == 4 else bad.flatten(1)  # (B, pixels)
+        if bool(bad.any()):
+            fields.append(field)
+            pixels = max(pixels, int(bad.sum()))
+            images.update(bad.any(1).nonzero().flatten().tolist())
+    if fields:
+        raise ValueError(
+            f"{name}: the model's outputs hold NaN/Inf ({', '.join(fields)}) at {pixels} pixels of images "
+            f"{sorted(images)} (0-based in the batch); the base network or the heads give non-finite values: "
+            "check the weights, the temperature and the preprocessing (mean/std)"
+        )
+
+
+def explain_device_mismatch(exc: BaseException, model: torch.nn.Module, x: Tensor, name: str = "images") -> None:
+    """After ``model(x)`` raised ``exc``: when ``x`` is on another device than every parameter of
+    ``model``, raise a ``RuntimeError`` that says so (chained to ``exc``); else return. Called
+    only on failure, so the forward pass pays nothing."""
+    if not isinstance(x, Tensor):
+        return
+    devices = {p.device for p in model.parameters()}
+    if devices and x.device not in devices:
+        shown = ", ".join(sorted(str(d) for d in devices))
+        raise RuntimeError(
+            f"{name} are on {x.device}, the model's parameters on {shown}: move the images with x.to({shown.split(', ')[0]!r}) "
+            "or the model with wrapper.to(device)"
+        ) from exc
+
+
+def check_base_batch(out: Any, x: Tensor) -> None:
+    """Raise ``ValueError`` when the base's logits or features (a ``BaseOutput``) do not have one
+    entry per image of ``x`` (shape-only check, skipped while tracing)."""
+    if is_tracing() or not isinstance(x, Tensor) or x.ndim == 0:
+        return
+    found = {"logits": getattr(out, "logits", None), **{f"feature {k!r}": v for k, v in (getattr(out, "features", None) or {}).items()}}
+    wrong = {k: int(v.shape[0]) for k, v in found.items() if isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] != x.shape[0]}
+    if wrong:
+        shown = ", ".join(f"{k} batch {b}" for k, b in wrong.items())
+        raise ValueError(f"base output: {shown} for a batch of {x.shape[0]} images; expected the base network to return one output per image")
 
 
 def check_norm_batch(module: torch.nn.Module, feature: Tensor, name: str) -> None:

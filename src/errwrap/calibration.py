@@ -25,7 +25,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ._validate import input_dtype, prepare_batch
+from ._validate import check_outputs_finite, input_dtype, prepare_batch
+from .hub import TEMPERATURE_RANGE
 
 __all__ = ["TemperatureFit", "calibrate_temperature", "fit_temperature", "sample_labelled_pixels"]
 
@@ -62,6 +63,9 @@ def fit_temperature(log_probs: Tensor, labels: Tensor, tol: float = 1e-4) -> Tem
     if log_probs.shape[0] == 0:
         raise ValueError("fit_temperature: expected at least one labelled pixel, got none")
     log_probs = log_probs.float()
+    bad = ~torch.isfinite(log_probs)
+    if bool(bad.any()):
+        raise ValueError(f"fit_temperature: expected finite log_probs, got NaN/Inf in {int(bad.any(1).sum())} of {log_probs.shape[0]} pixels")
     lo, hi = LOG_T_RANGE
     ratio = (math.sqrt(5.0) - 1.0) / 2.0
     a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
@@ -125,6 +129,10 @@ def calibrate_temperature(
         wrapper.temperature = old_t
         raise ValueError("calibrate_temperature: the loader gave no labelled pixels (all equal to ignore_index, or empty)")
     fit = fit_temperature(kept_lp, kept_y)
+    low, high = TEMPERATURE_RANGE
+    if not low <= fit.temperature <= high:  # NaN fails too
+        wrapper.temperature = old_t
+        raise ValueError(f"calibrate_temperature: the fitted temperature {fit.temperature!r} is outside [{low:g}, {high:g}]; kept {old_t}")
     wrapper.temperature = fit.temperature
     logger.info("fused temperature %.4f on %d pixels: NLL %.4f -> %.4f", fit.temperature, fit.pixels, fit.nll_before, fit.nll_after)
     return fit
@@ -169,6 +177,7 @@ def sample_labelled_pixels(
                     ignore_index=ignore_index, device=device, dtype=dtype,
                 )  # fmt: skip
                 logits = logits_of(wrapper, images)
+                check_outputs_finite(logits, f"calibration: batch {i}")
                 flat = labels.reshape(-1).cpu()
                 valid = (flat != ignore_index).nonzero().squeeze(1)
                 if valid.numel() == 0:

@@ -382,14 +382,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _readable_images(paths: Sequence[Path]) -> tuple[list[Path], list[str]]:
     """Split ``paths`` into files whose header Pillow reads and one-line reasons for the others;
     a path that does not exist is a typo on the command line: refused at once."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
+
+    from .data.datasets import _open as open_image
 
     readable, skipped = [], []
     for path in paths:
         if not path.is_file():
             raise CLIError(f"{path}: no such image file")
         try:
-            with Image.open(path):
+            with open_image(path):  # refuses decompression bombs with a ValueError naming the file
                 pass
         except (UnidentifiedImageError, OSError, ValueError) as exc:
             skipped.append(f"{path}: not an image errwrap can read ({exc})")
@@ -432,6 +434,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     import torch
     from PIL import Image
 
+    from ._validate import check_outputs_finite
     from .viz import colorize, heatmap, overlay, palette_for, save_heatmap_png, save_label_png
 
     out = _output_dir(args.out)
@@ -456,6 +459,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         x, _ = normalize(image, torch.zeros(image.shape[-2:], dtype=torch.long))
         with torch.no_grad():
             o = wrap(x[None].to(device))
+        check_outputs_finite(o, str(path))
         labels, error, base = o.labels[0].cpu(), o.error_prob[0].cpu().float(), o.base_labels[0].cpu()
         written = [save_label_png(labels, out / f"{stem}_labels.png", palette), save_heatmap_png(error, out / f"{stem}_error.png")]
         if not args.no_panel:
@@ -560,7 +564,10 @@ def _training_batch_size(dataset, batch_size: int, *, crop: int | None) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
+    import tempfile
+
     from . import data as D
+    from ._io import check_writable, tensor_bytes
     from .training import finetune
 
     _output_dir(args.out)  # refuse a file before training, not after
@@ -568,6 +575,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         _output_dir(args.checkpoint_dir, "--checkpoint-dir")
     label_map = parse_label_map(args.label_map)
     wrap = _load_model(args.model, args.device)
+    check_writable(args.out, 2 * tensor_bytes(wrap.state_dict().values()), "--out")  # before training, not after
     normalize, _, _ = _normalizer(wrap, args.model)
     transforms = [D.RandomHorizontalFlip()]
     if args.crop:
@@ -590,7 +598,11 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     training = {"data": args.data, "steps": args.steps, "lr": args.lr, "preprocessing": _preprocessing_record(wrap)}
     if args.label_map:
         training["label_map"] = args.label_map
-    wrap.save_pretrained(args.out, training=training)
+    try:
+        wrap.save_pretrained(args.out, training=training)
+    except OSError as exc:
+        fallback = wrap.save_pretrained(tempfile.mkdtemp(prefix="errwrap-finetune-"), training=training)
+        raise CLIError(f"--out {args.out}: could not save the fine-tuned model ({exc}); it was saved to {fallback} instead") from None
     _say(f"saved to {args.out}")
     return 0
 
@@ -903,7 +915,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CLIError, FileNotFoundError, NotADirectoryError, ValueError, TypeError, RuntimeError, OSError, json.JSONDecodeError) as exc:
         if args.debug:
             raise
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        lines = str(exc).splitlines()
+        message = lines[0] if lines else type(exc).__name__
+        if message.startswith("Caught ") and "Original Traceback" in str(exc):  # raised in a DataLoader worker
+            message = lines[-1].split(": ", 1)[-1]
         print(f"errwrap: error: {message}", file=sys.stderr)
         return 2
 

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._validate import input_dtype, prepare_batch, split_batch
+from ._validate import check_outputs_finite, input_dtype, prepare_batch, split_batch
 from .data.loader import _checked_num_classes, _explain_batch_error
 from .layers import resize
 from .metrics import (
@@ -407,6 +407,7 @@ def evaluate(
                 out = wrapper(images)
                 _synchronize(device)
                 seconds["wrapper_forward"] += time.perf_counter() - start
+                check_outputs_finite(out, f"batch {index}")
 
                 outputs = {ErrorHeadScore.name: error_head(wrapper, images, output=out)}
                 for name, score in scores.items():

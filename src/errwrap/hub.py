@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -25,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._io import load_safetensors, save_safetensors, write_text_atomic
+from ._io import atomic_directory, load_safetensors, load_state_strict, save_safetensors, write_text_atomic
 from .modelcard import render_model_card
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "CARD_NAME", "FORMAT_VERSION", "HubMixin", "parse_config"]
@@ -46,19 +47,44 @@ _HEAD_KEYS = set(_INT_KEYS) | set(_STR_KEYS) | {"error_prior", "temperature"}
 _OPTIONAL_HEAD_DEFAULTS: dict[str, Any] = {"sample_size": 64, "temperature": 1.0}
 #: Head settings passed to the constructor when a model is rebuilt (the others are checked after).
 _CONSTRUCTOR_KEYS = ("num_classes", "in_channels", "low_level", "high_level", "error_channels", "error_blocks", "detail_channels", "detail_blocks", "fusion", "norm_layer", "act_layer", "error_prior")
+#: Largest value of each integer head setting a config may hold: a config cannot ask for a
+#: huge allocation (the heads' weights grow with channels squared and with blocks).
+_INT_LIMITS: dict[str, int] = {
+    "num_classes": 65536, "in_channels": 1024, "low_channels": 16384, "high_channels": 16384, "error_channels": 4096,
+    "error_blocks": 64, "detail_channels": 4096, "detail_blocks": 64, "sample_size": 2048,
+}  # fmt: skip
+#: Largest ``config.json`` errwrap reads, and how deeply its JSON may nest.
+MAX_CONFIG_BYTES = 16 * 1024 * 1024
+MAX_CONFIG_DEPTH = 32
+#: Most parameters the three heads of a config may have (1 GB in float32; errwrap's defaults
+#: give about 0.1 M).
+MAX_HEAD_PARAMETERS = 2**28
+#: The temperatures a config may hold and :func:`errwrap.calibrate_temperature` may set.
+TEMPERATURE_RANGE = (1e-3, 1e3)
 #: Keys that would ask a loader to run code; refused anywhere in a config.
 _CODE_KEYS = {"auto_map", "trust_remote_code", "_target_", "__class__", "__reduce__", "import", "module", "callable"}
 
 
-def _scan_for_code_keys(obj: Any, source: str, where: str = "") -> None:
+def _scan_for_code_keys(obj: Any, source: str, where: str = "", depth: int = 0) -> None:
+    if depth > MAX_CONFIG_DEPTH:
+        raise ValueError(f"{source}: {where[:80]}... is nested more than {MAX_CONFIG_DEPTH} levels deep; an errwrap config is not")
     if isinstance(obj, dict):
         for k, v in obj.items():
             if str(k) in _CODE_KEYS:
                 raise ValueError(f"{source}: key {where + str(k)!r} asks for code to be loaded; errwrap configs are data only")
-            _scan_for_code_keys(v, source, f"{where}{k}.")
+            _scan_for_code_keys(v, source, f"{where}{k}.", depth + 1)
     elif isinstance(obj, list):
         for i, v in enumerate(obj):
-            _scan_for_code_keys(v, source, f"{where}{i}.")
+            _scan_for_code_keys(v, source, f"{where}{i}.", depth + 1)
+
+
+def _head_parameters(heads: dict[str, Any]) -> int:
+    """About how many parameters the error and detail heads of ``heads`` have (3x3 blocks)."""
+    c, low, high = heads["num_classes"], heads.get("low_channels", 0), heads.get("high_channels", 0)
+    ec, eb, dc, db = heads["error_channels"], heads["error_blocks"], heads["detail_channels"], heads["detail_blocks"]
+    error = 9 * ec * (high + c + 3) + 9 * (eb - 1) * ec * ec
+    detail = dc * high + 9 * dc * (low + dc + 1) + 9 * (db - 1) * dc * dc + dc * c
+    return error + detail
 
 
 def parse_config(raw: Any, source: str = CONFIG_NAME) -> dict[str, Any]:
@@ -91,14 +117,20 @@ def parse_config(raw: Any, source: str = CONFIG_NAME) -> dict[str, Any]:
     for key in _INT_KEYS:
         if key in heads and (not isinstance(heads[key], int) or isinstance(heads[key], bool) or heads[key] < 1):
             raise ValueError(f"{source}: heads.{key} must be a positive integer, got {heads[key]!r}")
+        if key in heads and heads[key] > _INT_LIMITS[key]:
+            raise ValueError(f"{source}: heads.{key}={heads[key]} is larger than errwrap allows ({_INT_LIMITS[key]}); is this file damaged or hostile?")
     for key in _STR_KEYS:
         if key in heads and not isinstance(heads[key], str):
             raise ValueError(f"{source}: heads.{key} must be a string, got {heads[key]!r}")
+    size = _head_parameters(heads)
+    if size > MAX_HEAD_PARAMETERS:
+        raise ValueError(f"{source}: these head settings make heads of about {size / 1e6:.0f} M parameters, more than errwrap allows ({MAX_HEAD_PARAMETERS / 1e6:.0f} M); is this file damaged or hostile?")
     if not isinstance(heads["error_prior"], (int, float)) or not 0 < heads["error_prior"] < 1:
         raise ValueError(f"{source}: heads.error_prior must be a probability in (0, 1), got {heads['error_prior']!r}")
     temperature = heads.get("temperature", 1.0)
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < float("inf"):
-        raise ValueError(f"{source}: heads.temperature must be a positive number, got {temperature!r}")
+    low, high = TEMPERATURE_RANGE
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not low <= temperature <= high:
+        raise ValueError(f"{source}: heads.temperature must be a positive number in [{low:g}, {high:g}], got {temperature!r}")
     if not isinstance(raw.get("heads_only", False), bool):
         raise ValueError(f"{source}: 'heads_only' must be true or false")
     base = raw.get("base")
@@ -117,6 +149,15 @@ def parse_config(raw: Any, source: str = CONFIG_NAME) -> dict[str, Any]:
         )
         if not ok:
             raise ValueError(f"{source}: 'preprocessing' must be {{'mean': [...], 'std': [...]}} with {heads['in_channels']} numbers each")
+        if not all(math.isfinite(v) for v in pre["mean"]) or not all(math.isfinite(v) and v > 0 for v in pre["std"]):
+            raise ValueError(f"{source}: 'preprocessing' must have finite means and finite stds > 0, got mean {pre['mean']}, std {pre['std']}")
+    options = raw.get("adapter_options")
+    if options not in (None, {}):
+        keys = sorted(options) if isinstance(options, dict) else options
+        raise ValueError(
+            f"{source}: adapter_options {keys!r} are not allowed in a saved config; no adapter takes options from a file "
+            "(expected {} or none). Pass such settings in Python, e.g. from_pretrained(...).unfreeze_base()"
+        )
     return raw
 
 
@@ -141,6 +182,20 @@ def _resolve_file(location: str | os.PathLike, filename: str, **download: Any) -
         raise FileNotFoundError(f"{location}: has no {filename} (not in the local Hub cache, or not in the repository)") from None
     except (HfHubHTTPError, OfflineModeIsEnabled, OSError) as exc:
         raise FileNotFoundError(f"{location}: could not get {filename} from the Hub ({type(exc).__name__}: {exc})") from None
+
+
+def _other_entries(directory: Path) -> list[str]:
+    """What ``directory`` holds besides a saved model's files (and temporary files of earlier
+    saves); such a directory, or the working directory, is not replaced as a whole."""
+    if not directory.is_dir():
+        return []
+    try:
+        if Path.cwd().resolve().is_relative_to(directory.resolve()):
+            return ["(the working directory)"]
+    except OSError:
+        pass
+    own = {CONFIG_NAME, WEIGHTS_NAME, CARD_NAME}
+    return sorted(p.name for p in directory.iterdir() if p.name not in own and not (p.name.startswith(".") and p.name.endswith(".tmp")))
 
 
 class HubMixin:
@@ -196,8 +251,12 @@ class HubMixin:
     ) -> Path:
         """Write ``config.json``, ``model.safetensors`` and ``README.md`` to ``save_directory``.
 
-        Each file is written to a temporary name and renamed, so an interrupted save leaves
-        the previous files intact.
+        The files are written into a sibling temporary directory that then replaces
+        ``save_directory`` as a whole, so an interrupted save (even ``kill -9``) leaves the
+        previous model or the new one, never a mix; temporary directories of processes that died
+        are removed by the next save. A directory that holds other files too (or the working
+        directory, or one whose parent cannot be written) keeps them: there each file is replaced
+        on its own, atomically. Files get the user's umask (``0644`` by default).
 
         Args:
             save_directory: created if missing.
@@ -211,11 +270,27 @@ class HubMixin:
             The directory.
         """
         directory = Path(save_directory)
+        if directory.exists() and not directory.is_dir():
+            raise NotADirectoryError(f"save_directory: expected a directory (existing or new), got the file {directory}")
         config = self.hub_config(heads_only=heads_only, class_names=class_names)
-        directory.mkdir(parents=True, exist_ok=True)
-        save_safetensors(self._weights(heads_only), directory / WEIGHTS_NAME, metadata={"format": "pt", "library": "errwrap", "heads_only": str(heads_only).lower()})
-        write_text_atomic(directory / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
-        write_text_atomic(directory / CARD_NAME, render_model_card(config, metrics=metrics, training=training, license=license))
+        card = render_model_card(config, metrics=metrics, training=training, license=license)
+        weights = self._weights(heads_only)
+
+        def write(into: Path) -> None:
+            save_safetensors(weights, into / WEIGHTS_NAME, metadata={"format": "pt", "library": "errwrap", "heads_only": str(heads_only).lower()})
+            write_text_atomic(into / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
+            write_text_atomic(into / CARD_NAME, card)
+
+        others = _other_entries(directory)
+        if directory.is_dir() and not os.access(directory.absolute().parent, os.W_OK | os.X_OK):
+            others = others or ["(a parent directory that cannot be written)"]
+        if others:
+            logger.info("%s holds other files (%s); its model files are replaced one by one, not as one directory", directory, others[:5])
+            directory.mkdir(parents=True, exist_ok=True)
+            write(directory)
+        else:
+            with atomic_directory(directory) as tmp:
+                write(tmp)
         logger.info("saved errwrap model (%s) to %s", "heads only" if heads_only else "base and heads", directory)
         return directory
 
@@ -255,10 +330,15 @@ class HubMixin:
         """
         download = {"revision": revision, "cache_dir": cache_dir, "force_download": force_download, "local_files_only": local_files_only, "token": token}
         config_path = _resolve_file(pretrained_model_name_or_path, CONFIG_NAME, **download)
+        size = config_path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ValueError(f"{config_path}: {size} bytes, larger than the {MAX_CONFIG_BYTES} errwrap reads for a config; refusing it")
         try:
             raw = json.loads(config_path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ValueError(f"{config_path}: not valid JSON ({exc})") from None
+        except RecursionError:
+            raise ValueError(f"{config_path}: JSON nested too deeply; refusing it") from None
         config = parse_config(raw, str(config_path))
         heads, heads_only = config["heads"], bool(config.get("heads_only", False))
         if model is None:
@@ -277,9 +357,6 @@ class HubMixin:
         kwargs = {k: heads[k] for k in _CONSTRUCTOR_KEYS}
         kwargs["sample_size"] = heads.get("sample_size", _OPTIONAL_HEAD_DEFAULTS["sample_size"])
         adapter = heads.get("adapter")
-        options = config.get("adapter_options") or {}
-        if options:
-            kwargs.update(options)
         wrapper = cls(model, adapter=None if adapter in (None, "native") else adapter, **kwargs)
         for key in ("low_channels", "high_channels"):
             if key in heads and wrapper.head_config[key] != heads[key]:
@@ -296,20 +373,8 @@ class HubMixin:
 
     def _load_checked(self, tensors: dict[str, torch.Tensor], heads_only: bool, source: str) -> None:
         """Strict, all-or-nothing load: every problem is found before any weight is copied."""
-        current = self.state_dict()  # type: ignore[attr-defined]
-        expected = {k for k in current if not (heads_only and k.startswith("base."))}
-        missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
-        wrong = [f"{k}: expected {tuple(current[k].shape)}, got {tuple(t.shape)}" for k, t in tensors.items() if k in current and current[k].shape != t.shape]
-        problems = []
-        if missing:
-            problems.append(f"missing keys {missing[:10]}{' ...' if len(missing) > 10 else ''}")
-        if unexpected:
-            problems.append(f"unexpected keys {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
-        if wrong:
-            problems.append(f"shape mismatches [{'; '.join(wrong[:10])}]")
-        if problems:
-            raise ValueError(f"{source}: weights do not fit this model: {', '.join(problems)}; nothing was loaded")
-        self.load_state_dict({**current, **tensors}, strict=True)  # type: ignore[attr-defined]
+        keys = {k for k in self.state_dict() if not (heads_only and k.startswith("base."))}  # type: ignore[attr-defined]
+        load_state_strict(self, tensors, source, required=keys, allowed=keys)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ push
     def push_to_hub(

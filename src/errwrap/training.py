@@ -26,8 +26,10 @@ import logging
 import math
 import os
 import random
+import re
 import shutil
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -39,7 +41,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ._io import load_safetensors, save_safetensors, write_text_atomic
+from ._io import check_writable, load_safetensors, load_state_strict, replace_directory, save_safetensors, tensor_bytes, write_text_atomic
 from ._validate import check_images, input_dtype, split_batch
 from .data.loader import _checked_num_classes, _explain_batch_error
 from .losses import ErrorCorrectionLoss
@@ -177,8 +179,14 @@ class _Batches:
         """Rebuild the current epoch's iterator and consume the batches already used."""
         self._start_epoch()
         assert self._it is not None
-        for _ in range(self.position):
-            next(self._it)
+        for used in range(self.position):
+            try:
+                next(self._it)
+            except StopIteration:
+                raise ValueError(
+                    f"resume: the checkpoint stopped after batch {self.position} of epoch {self.epoch}, but train_loader now "
+                    f"yields only {used} batches per epoch; resume with the same data, batch size and drop_last"
+                ) from None
 
     def __next__(self) -> Any:
         if self._it is None:
@@ -213,11 +221,41 @@ def _write_checkpoint(directory: Path, step: int, weights: dict[str, Tensor], st
     tmp.mkdir()
     save_safetensors(weights, tmp / "model.safetensors", metadata={"format": "pt", "library": "errwrap", "step": str(step)})
     torch.save(state, tmp / "state.pt")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    replace_directory(tmp, final)  # an existing checkpoint of this step is swapped out in one step, never first removed
     write_text_atomic(directory / "latest", final.name + "\n")
     return final
+
+
+#: What ``state.pt`` must hold, and of which types.
+_STATE_TYPES: dict[str, type | tuple[type, ...]] = {
+    "format": int, "step": int, "steps": int, "epoch": int, "position": int, "base_trained": bool, "optimizer": dict,
+    "scheduler": dict, "scaler": dict, "rng": list, "history": str, "validation": str,
+}  # fmt: skip
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    """``state.pt`` read with ``weights_only=True`` and checked key by key (errors name the file)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 (torch raises many kinds for a damaged or hostile file)
+        raise ValueError(f"{path}: not an errwrap training state ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"{path}: expected errwrap training state format {STATE_FORMAT}, got {found!r}")
+    wrong = [f"{k} (expected {t.__name__ if isinstance(t, type) else t})" for k, t in _STATE_TYPES.items() if not isinstance(state.get(k), t)]
+    negative = [k for k in ("step", "steps", "epoch", "position") if isinstance(state.get(k), int) and state[k] < 0]
+    if wrong or negative or not state["rng"]:
+        raise ValueError(f"{path}: damaged training state: missing or invalid {wrong + negative or ['rng']}")
+    return state
+
+
+def _pointed(pointer: Path) -> str:
+    """The checkpoint a ``latest`` file names: only ``step-NNNNNN`` (a name in the same
+    directory), so the pointer cannot send a resume to another directory."""
+    name = pointer.read_text(encoding="utf-8", errors="replace").strip()
+    if not re.fullmatch(r"step-\d{6,}", name):
+        raise ValueError(f"{pointer}: expected the name of a checkpoint in the same directory, such as 'step-000123', got {name[:80]!r}")
+    return name
 
 
 def _resolve_resume(resume: str | os.PathLike, checkpoint_dir: Path | None) -> Path | None:
@@ -228,12 +266,12 @@ def _resolve_resume(resume: str | os.PathLike, checkpoint_dir: Path | None) -> P
         if not pointer.is_file():
             logger.info("resume='latest': no checkpoint in %s yet; starting from step 0", checkpoint_dir)
             return None
-        return checkpoint_dir / pointer.read_text(encoding="utf-8").strip()
+        return checkpoint_dir / _pointed(pointer)
     path = Path(resume)
     if path.is_file() and path.name in ("latest", "model.safetensors", "state.pt"):
         path = path.parent  # a file of a checkpoint (or the 'latest' pointer): use its directory
     if (path / "latest").is_file() and not (path / "state.pt").is_file():
-        path = path / (path / "latest").read_text(encoding="utf-8").strip()
+        path = path / _pointed(path / "latest")
     if not (path / "state.pt").is_file() or not (path / "model.safetensors").is_file():
         raise FileNotFoundError(f"resume: expected a checkpoint directory with model.safetensors and state.pt (or a checkpoint_dir with a 'latest' file), got {path}")
     return path
@@ -243,20 +281,16 @@ def load_checkpoint_weights(wrapper: nn.Module, checkpoint: str | os.PathLike) -
     """Load a checkpoint's ``model.safetensors`` into ``wrapper`` and return the loaded keys.
 
     A heads-only checkpoint (frozen-base training) leaves the base as it is. Keys the wrapper
-    does not have raise ``ValueError``; so do missing head keys.
+    does not have raise ``ValueError``; so do missing head keys and wrong shapes, all checked
+    before any tensor is copied (a failed load leaves ``wrapper`` unchanged).
     """
     path = Path(checkpoint) / "model.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint: expected {path}, which does not exist")
     param = next(iter(wrapper.parameters()), None)
     tensors, _ = load_safetensors(path, device=param.device if param is not None else "cpu")
-    current = wrapper.state_dict()
-    unexpected = sorted(set(tensors) - set(current))
-    missing = sorted(k for k in current if not k.startswith("base.") and k not in tensors)
-    if unexpected or missing:
-        raise ValueError(f"{path}: does not match the model; unexpected keys {unexpected[:10]}, missing keys {missing[:10]}")
-    wrapper.load_state_dict({**current, **tensors}, strict=True)
-    return sorted(tensors)
+    heads = [k for k in wrapper.state_dict() if not k.startswith("base.")]
+    return load_state_strict(wrapper, tensors, str(path), required=heads)
 
 
 # ---------------------------------------------------------------------------- validation
@@ -358,7 +392,10 @@ def finetune(
         loss: an :class:`~errwrap.ErrorCorrectionLoss` (default: ``ErrorCorrectionLoss()``).
         device: where to train; default: the wrapper's device. Given and different, the wrapper
             is moved there (logged). Batches are moved to it.
-        checkpoint_dir: where checkpoints go (``None``: none are written).
+        checkpoint_dir: where checkpoints go (``None``: none are written). Before the first
+            step it must be writable with room for two checkpoints (``OSError`` otherwise); if
+            the last checkpoint cannot be written there, it goes to a new temporary directory,
+            named in a ``RuntimeWarning`` and in the result's ``checkpoint``.
         checkpoint_every: write one every this many steps; one is always written at the end.
         resume: a checkpoint directory (or a file in it, such as its ``model.safetensors``), a
             ``checkpoint_dir`` or its ``latest`` file (the newest checkpoint), or ``"latest"``
@@ -395,6 +432,11 @@ def finetune(
         raise ValueError(f"schedule: expected one of {SCHEDULES}, got {schedule!r}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
+    for name, value, rule in (("lr", lr, "> 0"), ("weight_decay", weight_decay, ">= 0"), ("clip_grad_norm", clip_grad_norm, "> 0 (None: no clipping)")):
+        if name == "clip_grad_norm" and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{name}: expected a finite number {rule}, got {value!r}")
     if lr <= 0 or weight_decay < 0:
         raise ValueError(f"lr, weight_decay: expected lr > 0 and weight_decay >= 0, got {lr}, {weight_decay}")
     if clip_grad_norm is not None and clip_grad_norm <= 0:
@@ -431,6 +473,9 @@ def finetune(
     dtype = input_dtype(wrapper)  # float64 or float16 images run in the model's dtype
     if not params:
         raise ValueError("wrapper: no parameter requires grad; nothing to train")
+    if checkpoint_dir is not None and _distributed()[1] == 0:  # room for one checkpoint (weights, AdamW moments), twice over
+        need = 2 * (tensor_bytes(_checkpoint_weights(wrapper, base_trained).values()) + 2 * tensor_bytes(params))
+        check_writable(checkpoint_dir, need, "checkpoint_dir")
 
     # ------------------------------------------------------------ optimizer, schedule, precision
     _seed_everything(seed)
@@ -456,15 +501,13 @@ def finetune(
     if resume is not None:
         path = _resolve_resume(resume, ckpt_root)
         if path is not None:
-            state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-            if state.get("format") != STATE_FORMAT:
-                raise ValueError(f"{path / 'state.pt'}: expected errwrap training state format {STATE_FORMAT}, got {state.get('format')!r}")
+            state = _read_state(path / "state.pt")
             if bool(state["base_trained"]) != base_trained:
                 raise ValueError(f"{path}: saved with base_trained={state['base_trained']}, but this run has base_trained={base_trained} (loss.w_base)")
-            load_checkpoint_weights(wrapper, path)
-            optimizer.load_state_dict(state["optimizer"])
+            optimizer.load_state_dict(state["optimizer"])  # the optimizer is this run's own: the wrapper is loaded last
             scheduler.load_state_dict(state["scheduler"])
             scaler.load_state_dict(state["scaler"])
+            load_checkpoint_weights(wrapper, path)
             step = int(state["step"])
             history = json.loads(state["history"])
             validation = json.loads(state["validation"])
@@ -519,7 +562,19 @@ def finetune(
                 "history": json.dumps(history),
                 "validation": json.dumps(validation),
             }
-            final = _write_checkpoint(ckpt_root, at_step, _checkpoint_weights(wrapper, base_trained), state)
+            weights = _checkpoint_weights(wrapper, base_trained)
+            try:
+                final = _write_checkpoint(ckpt_root, at_step, weights, state)
+            except OSError as exc:
+                if at_step != steps:
+                    raise  # the previous checkpoint is intact; resume from it
+                final = _write_checkpoint(Path(tempfile.mkdtemp(prefix="errwrap-checkpoint-")), at_step, weights, state)
+                warnings.warn(
+                    f"finetune: could not write the last checkpoint to {ckpt_root} ({exc}); it was written to {final} "
+                    "instead (resume= or load_checkpoint_weights read it). Move it before the temporary directory is cleaned",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
             logger.info("checkpoint: %s", final)
         if distributed:
             dist.barrier()

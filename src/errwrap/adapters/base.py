@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 
 from torch import Tensor, nn
 
-from .._validate import describe, is_tracing
+from .._validate import check_base_batch, describe, explain_device_mismatch, is_tracing
 
 __all__ = ["NoFeaturesError", "BaseOutput", "BaseAdapter", "NativeAdapter", "parse_base_output", "normalize_features", "PROTOCOL_HELP"]
 
@@ -107,7 +107,15 @@ class BaseAdapter:
         raise NotImplementedError
 
     def __call__(self, model: nn.Module, x: Tensor) -> BaseOutput:
-        return self.forward(model, x)
+        if is_tracing():
+            return self.forward(model, x)
+        try:
+            out = self.forward(model, x)
+        except RuntimeError as exc:  # torch's device errors are deep: say which devices differ
+            explain_device_mismatch(exc, model, x)
+            raise
+        check_base_batch(out, x)
+        return out
 
     def detach(self) -> None:
         """Undo whatever the adapter did to the model (e.g. remove hooks)."""

@@ -9,6 +9,8 @@ raises ``FileNotFoundError`` naming the path that was expected.
 from __future__ import annotations
 
 import os
+import re
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -76,6 +78,22 @@ for _label_id, _train_id in CITYSCAPES_LABEL_TO_TRAIN.items():
 _WIDE_GRAY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
+def _open(path: str | os.PathLike) -> Image.Image:
+    """``Image.open`` that refuses images over Pillow's ``Image.MAX_IMAGE_PIXELS`` (decompression
+    bombs: a small file that decodes to gigabytes) with a ``ValueError`` naming the file."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return Image.open(path)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        pixels = f"{found.group(1)} pixels" if found else "too many pixels"
+        raise ValueError(
+            f"{path}: {pixels}, more than Pillow's limit of {Image.MAX_IMAGE_PIXELS} (PIL.Image.MAX_IMAGE_PIXELS); refused as "
+            "a possible decompression bomb. Raise that limit for an image you trust"
+        ) from None
+
+
 def load_image(path: str | os.PathLike) -> Tensor:
     """Read an image file as RGB, ``(3, H, W)`` float32 in ``[0, 1]``.
 
@@ -84,7 +102,7 @@ def load_image(path: str | os.PathLike) -> Tensor:
     (Pillow's own ``convert("RGB")`` would clip them at 255 and saturate the image).
     Floating-point (``F``) images must already hold values in ``[0, 1]``.
     """
-    with Image.open(path) as im:
+    with _open(path) as im:
         if im.mode in _WIDE_GRAY_MODES or im.mode == "F":
             gray = np.asarray(im).astype(np.float32)
             if im.mode == "F":
@@ -104,7 +122,7 @@ def load_mask(path: str | os.PathLike) -> np.ndarray:
     int64 array. A palette (``P``) mask gives its palette indices, not its colours; an ``RGB`` or
     ``RGBA`` mask is accepted when its three colour channels are equal (a grayscale mask saved as
     RGB), and refused otherwise (colour-coded masks must be mapped to class indices first)."""
-    with Image.open(path) as im:
+    with _open(path) as im:
         if im.mode in ("RGB", "RGBA"):
             rgb = np.asarray(im.convert("RGB"))
             if (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 0] == rgb[..., 2]).all():

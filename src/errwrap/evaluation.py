@@ -205,7 +205,7 @@ class EvaluationReport:
             ece = self.calibration[name].ece if name in self.calibration else float("nan")
             lines.append(f"{label:<14}{_fmt(seg.miou):>8}{_fmt(seg.pixel_accuracy):>8}{_fmt(seg.mean_accuracy):>8}{_fmt(ece):>8}")
         gain = "n/a" if math.isnan(self.miou_gain) else f"{100 * self.miou_gain:+.2f}"
-        lines.append(f"{'corrected - base':<16}{gain:>6}")
+        lines.append(f"{'corrected - base':<16} {gain:>5}")
         lines.append("")
         lines.append(f"per-class IoU  base     : {' '.join(_fmt(v) for v in self.base.iou)}")
         lines.append(f"per-class IoU  corrected: {' '.join(_fmt(v) for v in self.fused.iou)}")

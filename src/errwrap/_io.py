@@ -9,6 +9,7 @@ import errno
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -16,7 +17,7 @@ import shutil
 import struct
 import sys
 import tempfile
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 __all__ = [
+    "nan_to_none",
+    "none_to_nan",
     "atomic_path", "atomic_directory", "replace_directory", "write_text_atomic", "default_mode", "check_writable",
     "tensor_bytes", "tensors_digest", "save_safetensors", "load_safetensors", "load_state_strict",
     "MAX_HEADER_BYTES", "CHECKSUM_KEY",
@@ -339,3 +342,25 @@ def load_state_strict(
         raise ValueError(f"{source}: weights do not fit this model: {', '.join(problems)}; nothing was loaded")
     module.load_state_dict({**current, **tensors}, strict=True)
     return sorted(tensors)
+
+
+def nan_to_none(obj: Any) -> Any:
+    """``obj`` with every float NaN (in nested mappings, lists and tuples) as ``None``: JSON has no NaN."""
+    if isinstance(obj, float):
+        return None if math.isnan(obj) else obj
+    if isinstance(obj, Mapping):
+        return {k: nan_to_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [nan_to_none(v) for v in obj]
+    return obj
+
+
+def none_to_nan(obj: Any) -> Any:
+    """The inverse of :func:`nan_to_none` for values read back from JSON."""
+    if obj is None:
+        return float("nan")
+    if isinstance(obj, Mapping):
+        return {k: none_to_nan(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [none_to_nan(v) for v in obj]
+    return obj

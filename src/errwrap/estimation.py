@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ._io import nan_to_none, none_to_nan
 from ._validate import IMAGE_KEYS, check_finite, check_images, describe, input_dtype, prepare_batch
 from .data.loader import _checked_num_classes, _explain_batch_error
 
@@ -394,24 +395,6 @@ def _rows(start: int, counts: dict[str, Tensor], stats: Tensor, with_atc: bool, 
 
 
 # ---------------------------------------------------------------------------- reports
-def _nan_to_none(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return None if math.isnan(obj) else obj
-    if isinstance(obj, Mapping):
-        return {k: _nan_to_none(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_nan_to_none(v) for v in obj]
-    return obj
-
-
-def _none_to_nan(obj: Any) -> Any:
-    if obj is None:
-        return float("nan")
-    if isinstance(obj, Mapping):
-        return {k: _none_to_nan(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_none_to_nan(v) for v in obj]
-    return obj
 
 
 def _pct(value: float) -> str:
@@ -469,7 +452,7 @@ class EstimateReport:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON data; ``nan`` becomes ``None``."""
-        return _nan_to_none({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+        return nan_to_none({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "EstimateReport":
@@ -480,7 +463,7 @@ class EstimateReport:
         missing = [n for n in names if n not in data and n != "config"]
         if missing:
             raise ValueError(f"EstimateReport.from_dict: missing keys {missing} in {sorted(data)}")
-        values = {n: _none_to_nan(data[n]) for n in names if n in data}
+        values = {n: none_to_nan(data[n]) for n in names if n in data}
         values["per_image"] = [dict(r) for r in values["per_image"]]
         values["num_images"], values["num_pixels"] = int(data["num_images"]), int(data["num_pixels"])
         values["config"] = dict(data.get("config", {}))
@@ -700,7 +683,7 @@ class EstimateComparison:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON data; ``nan`` becomes ``None``."""
-        return _nan_to_none({"estimate": self.estimate.to_dict(), "truth": self.truth, "errors": self.errors, "per_image": self.per_image})
+        return nan_to_none({"estimate": self.estimate.to_dict(), "truth": self.truth, "errors": self.errors, "per_image": self.per_image})
 
     def to_json(self, path: str | Path | None = None, indent: int = 2) -> str:
         """Strict JSON text; also written to ``path`` if given."""

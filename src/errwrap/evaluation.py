@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._io import nan_to_none, none_to_nan
 from ._validate import check_outputs_finite, input_dtype, prepare_batch, split_batch
 from .data.loader import _checked_num_classes, _explain_batch_error
 from .layers import resize
@@ -50,29 +51,11 @@ __all__ = ["EvaluationReport", "evaluate", "unpack_batch"]
 logger = logging.getLogger(__name__)
 
 
-def _nan_to_none(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return None if math.isnan(obj) else obj
-    if isinstance(obj, Mapping):
-        return {k: _nan_to_none(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_nan_to_none(v) for v in obj]
-    return obj
-
-
-def _none_to_nan(value: Any) -> Any:
-    if value is None:
-        return float("nan")
-    if isinstance(value, list):
-        return [_none_to_nan(v) for v in value]
-    return value
-
-
 def _result_from_dict(cls: type, data: Mapping[str, Any]) -> Any:
     missing = [f for f in cls._fields if f not in data]
     if missing:
         raise ValueError(f"{cls.__name__}: missing keys {missing} in {sorted(data)}")
-    return cls(**{f: _none_to_nan(data[f]) for f in cls._fields})
+    return cls(**{f: none_to_nan(data[f]) for f in cls._fields})
 
 
 def _name_width(names: Sequence[str]) -> int:
@@ -156,7 +139,7 @@ class EvaluationReport:
             "judged_labels": dict(self.judged_labels),
             "risk_curves": {k: [list(c), list(r)] for k, (c, r) in self.risk_curves.items()},
         }
-        return _nan_to_none(data)
+        return nan_to_none(data)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "EvaluationReport":
@@ -171,7 +154,7 @@ class EvaluationReport:
             calibration={k: _result_from_dict(CalibrationResult, v) for k, v in data["calibration"].items()},
             num_images=int(data["num_images"]),
             num_pixels=int(data["num_pixels"]),
-            time_per_image={k: _none_to_nan(v) for k, v in data["time_per_image"].items()},
+            time_per_image={k: none_to_nan(v) for k, v in data["time_per_image"].items()},
             config=dict(data.get("config", {})),
             returned_detection=None if data.get("returned_detection") is None else _result_from_dict(ErrorDetectionResult, data["returned_detection"]),
             risk_coverage={k: _result_from_dict(RiskCoverageResult, v) for k, v in data.get("risk_coverage", {}).items()},

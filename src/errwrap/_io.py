@@ -28,6 +28,8 @@ from safetensors.torch import load_file, save_file
 __all__ = [
     "nan_to_none",
     "none_to_nan",
+    "read_json_text",
+    "write_json_text",
     "atomic_path", "atomic_directory", "replace_directory", "write_text_atomic", "default_mode", "check_writable",
     "tensor_bytes", "tensors_digest", "save_safetensors", "load_safetensors", "load_state_strict",
     "MAX_HEADER_BYTES", "CHECKSUM_KEY",
@@ -364,3 +366,20 @@ def none_to_nan(obj: Any) -> Any:
     if isinstance(obj, list):
         return [none_to_nan(v) for v in obj]
     return obj
+
+
+def write_json_text(obj: Any, path: str | os.PathLike | None = None, indent: int = 2) -> str:
+    """``obj`` as strict JSON text (a NaN is an error: pass it through :func:`nan_to_none`);
+    also written to ``path`` (with a final newline) when given."""
+    text = json.dumps(obj, indent=indent, allow_nan=False)
+    if path is not None:
+        Path(path).write_text(text + "\n", encoding="utf-8")
+    return text
+
+
+def read_json_text(text_or_path: str | os.PathLike) -> Any:
+    """JSON from text that starts with ``{``, otherwise from the file at that path."""
+    text = str(text_or_path)
+    if not text.lstrip().startswith("{"):
+        text = Path(text_or_path).read_text(encoding="utf-8")
+    return json.loads(text)

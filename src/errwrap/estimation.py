@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
-import json
 import logging
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -40,7 +39,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ._io import nan_to_none, none_to_nan
+from ._io import nan_to_none, none_to_nan, read_json_text, write_json_text
 from ._validate import IMAGE_KEYS, check_finite, check_images, describe, input_dtype, prepare_batch
 from .data.loader import _checked_num_classes, _explain_batch_error
 
@@ -471,18 +470,12 @@ class EstimateReport:
 
     def to_json(self, path: str | Path | None = None, indent: int = 2) -> str:
         """The report as strict JSON text (no ``NaN``); also written to ``path`` if given."""
-        text = json.dumps(self.to_dict(), indent=indent, allow_nan=False)
-        if path is not None:
-            Path(path).write_text(text + "\n", encoding="utf-8")
-        return text
+        return write_json_text(self.to_dict(), path, indent)
 
     @classmethod
     def from_json(cls, text_or_path: str | Path) -> "EstimateReport":
         """Read a report from JSON text or from a ``.json`` file."""
-        text = str(text_or_path)
-        if not text.lstrip().startswith("{"):
-            text = Path(text_or_path).read_text(encoding="utf-8")
-        return cls.from_dict(json.loads(text))
+        return cls.from_dict(read_json_text(text_or_path))
 
     def table(self, k: int = 5) -> str:
         """A readable text table: the data-set estimate, the baselines, the ``k`` worst images."""
@@ -687,10 +680,7 @@ class EstimateComparison:
 
     def to_json(self, path: str | Path | None = None, indent: int = 2) -> str:
         """Strict JSON text; also written to ``path`` if given."""
-        text = json.dumps(self.to_dict(), indent=indent, allow_nan=False)
-        if path is not None:
-            Path(path).write_text(text + "\n", encoding="utf-8")
-        return text
+        return write_json_text(self.to_dict(), path, indent)
 
     def table(self) -> str:
         """Each estimator against the truth of the labels it describes (points, lower is better

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import logging
 import math
 import time
@@ -27,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._io import nan_to_none, none_to_nan
+from ._io import nan_to_none, none_to_nan, read_json_text, write_json_text
 from ._validate import check_outputs_finite, input_dtype, prepare_batch, split_batch
 from .data.loader import _checked_num_classes, _explain_batch_error
 from .layers import resize
@@ -165,18 +164,12 @@ class EvaluationReport:
 
     def to_json(self, path: str | Path | None = None, indent: int = 2) -> str:
         """The report as JSON text (strict: no ``NaN`` literals); also written to ``path`` if given."""
-        text = json.dumps(self.to_dict(), indent=indent, allow_nan=False)
-        if path is not None:
-            Path(path).write_text(text + "\n", encoding="utf-8")
-        return text
+        return write_json_text(self.to_dict(), path, indent)
 
     @classmethod
     def from_json(cls, text_or_path: str | Path) -> "EvaluationReport":
         """Read a report from JSON text or from a ``.json`` file."""
-        text = str(text_or_path)
-        if not text.lstrip().startswith("{"):
-            text = Path(text_or_path).read_text(encoding="utf-8")
-        return cls.from_dict(json.loads(text))
+        return cls.from_dict(read_json_text(text_or_path))
 
     # ------------------------------------------------------------------ display
     def table(self) -> str:

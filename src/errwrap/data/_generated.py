@@ -107,6 +107,8 @@ class GeneratedDataset(Dataset):
     num_classes: ClassVar[int] = 0
     ignore_index = 255
     _render: ClassVar[Render]
+    #: smallest side ``size`` may ask for
+    min_size: ClassVar[int] = 16
 
     def __init__(
         self,
@@ -119,7 +121,7 @@ class GeneratedDataset(Dataset):
     ) -> None:
         if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 0:
             raise ValueError(f"num_images: expected a non-negative integer, got {num_images!r}")
-        check_render_args(split, size)
+        check_render_args(split, size, type(self).min_size)
         self.num_images, self.size, self.seed, self.split = num_images, size, seed, split
         self.transform = transform
         self._cache: dict[int, tuple[Tensor, Tensor]] | None = {} if cache else None

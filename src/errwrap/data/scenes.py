@@ -22,12 +22,10 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
 
 import numpy as np
-import torch
-from torch import Tensor
-from torch.utils.data import Dataset
+
+from ._generated import SPLITS, GeneratedDataset
 
 __all__ = ["Scenes", "SCENE_CLASSES", "render_scene"]
 
@@ -48,9 +46,6 @@ SCENE_CLASSES: tuple[str, ...] = (
 
 SKY, GROUND, GRASS, FOLIAGE, BRICK, STRIPES, PLANKS, CHECKER, DOTS, POLE, WIRE = range(len(SCENE_CLASSES))
 _OBJECT_CLASSES = np.array([FOLIAGE, BRICK, STRIPES, PLANKS, CHECKER, DOTS, GROUND, GRASS])
-_SPLITS = {"train": 0, "val": 1, "test": 2}
-
-JointTransform = Callable[[Tensor, Tensor], "tuple[Tensor, Tensor]"]
 
 
 # ---------------------------------------------------------------------------- noise and shapes
@@ -247,12 +242,12 @@ def render_scene(seed: int, split: str, index: int, size: int | tuple[int, int] 
 
     The result depends on ``(seed, split, index, size)`` only.
     """
-    if split not in _SPLITS:
-        raise ValueError(f"split: expected one of {sorted(_SPLITS)}, got {split!r}")
+    if split not in SPLITS:
+        raise ValueError(f"split: expected one of {sorted(SPLITS)}, got {split!r}")
     h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     if h < 8 or w < 8:
         raise ValueError(f"size: expected at least 8x8 pixels, got {h}x{w}")
-    rng = np.random.default_rng([int(seed), _SPLITS[split], int(index)])
+    rng = np.random.default_rng([int(seed), SPLITS[split], int(index)])
     yy, xx = _grid(h, w)
     low, illum = _band_noise(rng, (h, w), [(0.0, 0.025), (0.0, 0.008)])
     high, mid = _band_noise(rng, (h, w), [(0.5, 0.25), (0.09, 0.03)])
@@ -282,7 +277,7 @@ def render_scene(seed: int, split: str, index: int, size: int | tuple[int, int] 
     return np.clip(image, 0.0, 1.0).astype(np.float32), label
 
 
-class Scenes(Dataset):
+class Scenes(GeneratedDataset):
     """Built-in generated segmentation scenes (11 textured classes, see :data:`SCENE_CLASSES`).
 
     Args:
@@ -306,45 +301,5 @@ class Scenes(Dataset):
 
     class_names = list(SCENE_CLASSES)
     num_classes = len(SCENE_CLASSES)
-    ignore_index = 255
-
-    def __init__(
-        self,
-        num_images: int,
-        size: int | tuple[int, int] = 128,
-        seed: int = 0,
-        split: str = "train",
-        transform: JointTransform | None = None,
-        cache: bool = False,
-    ) -> None:
-        if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 0:
-            raise ValueError(f"num_images: expected a non-negative integer, got {num_images!r}")
-        if split not in _SPLITS:
-            raise ValueError(f"split: expected one of {sorted(_SPLITS)}, got {split!r}")
-        self.num_images, self.size, self.seed, self.split = num_images, size, seed, split
-        self.transform = transform
-        self._cache: dict[int, tuple[Tensor, Tensor]] | None = {} if cache else None
-
-    def __len__(self) -> int:
-        return self.num_images
-
-    def _draw(self, index: int) -> tuple[Tensor, Tensor]:
-        if self._cache is not None and index in self._cache:
-            image, label = self._cache[index]
-            return image.clone(), label.clone()
-        image, label = render_scene(self.seed, self.split, index, self.size)
-        out = torch.from_numpy(image).permute(2, 0, 1).contiguous(), torch.from_numpy(label)
-        if self._cache is not None:
-            self._cache[index] = (out[0].clone(), out[1].clone())
-        return out
-
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
-        if not -self.num_images <= index < self.num_images:
-            raise IndexError(f"index {index} out of range for Scenes of length {self.num_images}")
-        image, label = self._draw(index % self.num_images)
-        if self.transform is not None:
-            image, label = self.transform(image, label)
-        return image, label
-
-    def __repr__(self) -> str:
-        return f"Scenes(num_images={self.num_images}, size={self.size}, seed={self.seed}, split={self.split!r})"
+    min_size = 1
+    _render = staticmethod(render_scene)

@@ -407,7 +407,7 @@ def test_finetune_refuses_a_full_disk_before_the_first_step(tmp_path, monkeypatc
 def test_a_failed_last_checkpoint_goes_to_a_named_fallback(tmp_path, monkeypatch):
     import shutil
 
-    import errwrap.training as training
+    import errwrap.training.checkpoint as training
     from errwrap import finetune
     from errwrap.training import load_checkpoint_weights
 

@@ -1,0 +1,152 @@
+"""``finetune``'s argument checks and the choices it makes before building anything: the device,
+which part of the wrapper trains, and the preprocessing a loader's ``Normalize`` records."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .. import _distributed
+from .._io import check_writable, tensor_bytes
+from ..data.loader import _checked_num_classes
+from ..data.transforms import Compose, Normalize
+from ..losses import ErrorCorrectionLoss
+from .checkpoint import checkpoint_weights
+from .optim import PRECISIONS, SCHEDULES
+
+__all__ = ["check_arguments", "check_data", "check_room", "place", "select_trained"]
+
+logger = logging.getLogger("errwrap.training")
+
+
+def check_arguments(
+    *,
+    steps: int,
+    accumulate: int,
+    warmup_steps: int,
+    checkpoint_every: int | None,
+    val_every: int | None,
+    log_every: int | None,
+    schedule: str,
+    precision: str,
+    lr: float,
+    weight_decay: float,
+    clip_grad_norm: float | None,
+) -> None:
+    """Refuse out-of-range numbers and unknown choices with a ``ValueError`` naming the argument."""
+    for name, value, low in (("steps", steps, 1), ("accumulate", accumulate, 1), ("warmup_steps", warmup_steps, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name}: expected an integer >= {low}, got {value!r}")
+    for name, value in (("checkpoint_every", checkpoint_every), ("val_every", val_every), ("log_every", log_every)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name}: expected a positive integer or None, got {value!r}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule: expected one of {SCHEDULES}, got {schedule!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
+    numbers = (("lr", lr, "> 0"), ("weight_decay", weight_decay, ">= 0"))
+    for name, value, rule in (*numbers, ("clip_grad_norm", clip_grad_norm, "> 0 (None: no clipping)")):
+        if name == "clip_grad_norm" and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{name}: expected a finite number {rule}, got {value!r}")
+    if lr <= 0 or weight_decay < 0:
+        raise ValueError(f"lr, weight_decay: expected lr > 0 and weight_decay >= 0, got {lr}, {weight_decay}")
+    if clip_grad_norm is not None and clip_grad_norm <= 0:
+        raise ValueError(f"clip_grad_norm: expected a positive number or None, got {clip_grad_norm}")
+
+
+def check_data(
+    wrapper: nn.Module, train_loader: Iterable, val_loader: Iterable | None, checkpoint_dir: str | os.PathLike | None
+) -> None:
+    """Refuse a wrapper that is no ``ErrorCorrectionWrapper`` (``TypeError``), loaders whose
+    datasets declare other classes, and a ``checkpoint_dir`` that is a file; record the train
+    loader's ``Normalize`` as the wrapper's preprocessing."""
+    if not hasattr(wrapper, "freeze_base") or not hasattr(wrapper, "unfreeze_base"):
+        raise TypeError(f"wrapper: expected an ErrorCorrectionWrapper, got {type(wrapper).__name__}")
+    _checked_num_classes(train_loader, int(wrapper.num_classes), "train_loader")
+    _record_preprocessing(wrapper, train_loader)
+    if val_loader is not None:
+        _checked_num_classes(val_loader, int(wrapper.num_classes), "val_loader")
+    if checkpoint_dir is not None and Path(checkpoint_dir).exists() and not Path(checkpoint_dir).is_dir():
+        raise NotADirectoryError(
+            f"checkpoint_dir: expected a directory (existing or not), got the file {checkpoint_dir}"
+        )
+
+
+def _record_preprocessing(wrapper: nn.Module, loader: Iterable) -> None:
+    """Set ``wrapper.preprocessing`` from an ``errwrap.data.Normalize`` in ``loader.dataset``'s
+    transform (directly or inside a ``Compose``) when the wrapper has none, so that a saved model
+    says how its images were normalised; warn when the wrapper records other statistics."""
+    transform = getattr(getattr(loader, "dataset", None), "transform", None)
+    chain = list(transform.transforms) if isinstance(transform, Compose) else [transform]
+    found = [t for t in chain if isinstance(t, Normalize)]
+    if len(found) != 1 or not hasattr(wrapper, "preprocessing"):
+        return
+    seen = {"mean": [float(v) for v in found[0].mean], "std": [float(v) for v in found[0].std]}
+    if wrapper.preprocessing is None:
+        wrapper.preprocessing = seen
+        logger.info("finetune: recorded the loader's Normalize as wrapper.preprocessing %s", seen)
+    elif {k: [float(v) for v in wrapper.preprocessing[k]] for k in ("mean", "std")} != seen:
+        warnings.warn(
+            f"finetune: the loader normalises with {seen}, but wrapper.preprocessing is {wrapper.preprocessing}; "
+            "save_pretrained records the latter",
+            UserWarning,
+            stacklevel=4,  # finetune's caller
+        )
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    param = next(iter(module.parameters()), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def place(wrapper: nn.Module, device: str | torch.device | None, precision: str) -> torch.device:
+    """The device to train on (``device``, default the wrapper's; CUDA with its index), the
+    wrapper moved there when it is elsewhere (logged). fp16 needs CUDA (``ValueError``)."""
+    current = _module_device(wrapper)
+    target = torch.device(device) if device is not None else current
+    if target.type == "cuda" and target.index is None:
+        target = torch.device("cuda", torch.cuda.current_device())
+    if target != current:
+        logger.info("finetune: moving the wrapper from %s to %s", current, target)
+        wrapper.to(target)
+    if precision == "fp16" and target.type != "cuda":
+        raise ValueError(
+            f"precision='fp16': expected a CUDA device (fp16 needs GradScaler on GPU), got {target}; use 'bf16' on CPU"
+        )
+    return target
+
+
+def select_trained(wrapper: nn.Module, loss: nn.Module | None) -> tuple[nn.Module, bool, list[Tensor]]:
+    """The loss (default ``ErrorCorrectionLoss()``), whether the base trains (``loss.w_base > 0``;
+    the wrapper is unfrozen or frozen to match, logged) and the parameters to train."""
+    loss_fn = loss if loss is not None else ErrorCorrectionLoss()
+    base_trained = float(getattr(loss_fn, "w_base", 0.0)) > 0
+    if base_trained and wrapper.base_frozen:
+        logger.info("finetune: loss has w_base > 0; unfreezing the base for joint training")
+        wrapper.unfreeze_base()
+    elif not base_trained and not wrapper.base_frozen:
+        logger.info("finetune: loss has w_base = 0; freezing the base, training the heads only")
+        wrapper.freeze_base()
+    params = [p for p in wrapper.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("wrapper: no parameter requires grad; nothing to train")
+    return loss_fn, base_trained, params
+
+
+def check_room(
+    checkpoint_dir: str | os.PathLike | None, wrapper: nn.Module, base_trained: bool, params: list[Tensor]
+) -> None:
+    """On rank 0, refuse (``OSError``) a ``checkpoint_dir`` without room for one checkpoint
+    (weights and AdamW moments) twice over."""
+    if checkpoint_dir is not None and _distributed.rank() == 0:
+        need = 2 * (tensor_bytes(checkpoint_weights(wrapper, base_trained).values()) + 2 * tensor_bytes(params))
+        check_writable(checkpoint_dir, need, "checkpoint_dir")

@@ -1,0 +1,65 @@
+"""Validation during training: run ``val_fn`` (or ``errwrap.evaluation.evaluate``) without
+changing the training run, and keep its result as JSON-safe values."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ["run_validation", "validate"]
+
+logger = logging.getLogger("errwrap.training")
+
+
+ValFn = Callable[[nn.Module], dict]
+
+
+def run_validation(wrapper: nn.Module, val_fn: ValFn | None, val_loader: Iterable | None) -> dict[str, Any]:
+    """``val_fn(wrapper)``, by default ``evaluate(wrapper, val_loader).to_dict()``, under
+    ``torch.no_grad()`` in eval mode, with the RNG states and the train/eval mode restored after."""
+    if val_fn is None:
+        try:
+            # looked up when a val_loader is given, not at import: training does not need errwrap.evaluation
+            from ..evaluation import evaluate  # noqa: PLC0415
+        except ImportError as exc:
+            raise ImportError(
+                f"val_loader given but errwrap.evaluation.evaluate could not be imported ({exc}); pass val_fn= instead"
+            ) from exc
+
+        def val_fn(model: nn.Module) -> dict:
+            report = evaluate(model, val_loader)
+            return report.to_dict() if hasattr(report, "to_dict") else dict(report)
+
+    was_training = wrapper.training
+    cuda = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    saved = (random.getstate(), np.random.get_state())
+    wrapper.eval()
+    try:
+        with torch.random.fork_rng(devices=cuda), torch.no_grad():
+            result = val_fn(wrapper)
+    finally:
+        wrapper.train(was_training)
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
+    if not isinstance(result, dict):
+        raise TypeError(f"validation: expected a dict of metrics, got {type(result).__name__}")
+    return result
+
+
+def _to_json_safe(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+
+
+def validate(wrapper: nn.Module, step: int, val_fn: ValFn | None, val_loader: Iterable | None) -> dict[str, Any]:
+    """Validate at optimizer step ``step`` (logged) and return ``{"step": step, **metrics}``, JSON-safe."""
+    result = run_validation(wrapper, val_fn, val_loader)
+    entry = {"step": step, **_to_json_safe(result)}
+    logger.info("validation at step %d: %s", step, result)
+    return entry

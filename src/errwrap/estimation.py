@@ -39,6 +39,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ._distributed import gather_objects as _gather
+from ._distributed import rank_and_world as _dist_world
 from ._io import nan_to_none, none_to_nan, read_json_text, write_json_text
 from ._validate import IMAGE_KEYS, check_finite, check_images, describe, input_dtype, prepare_batch
 from .data.loader import _checked_num_classes, _explain_batch_error
@@ -205,26 +207,6 @@ def _images_of(batch: Any, index: int, in_channels: int | None, device: torch.de
     images = images.to(device, dtype=dtype)
     check_finite(images, f"images of batch {index}")
     return images
-
-
-def _dist_world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _gather(obj: Any) -> list[Any]:
-    """``[obj of rank 0, obj of rank 1, ...]`` on every process (``[obj]`` without distribution)."""
-    import torch.distributed as dist
-
-    rank, world = _dist_world()
-    if world == 1:
-        return [obj]
-    gathered: list[Any] = [None] * world
-    dist.all_gather_object(gathered, obj)
-    return gathered
 
 
 # ---------------------------------------------------------------------------- the pass

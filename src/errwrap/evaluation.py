@@ -26,6 +26,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._distributed import is_initialized as _dist_initialized
+from ._distributed import sum_over_processes as _sum_over_processes
+from ._distributed import world_size as _world_size
 from ._io import nan_to_none, none_to_nan, read_json_text, write_json_text
 from ._validate import check_outputs_finite, input_dtype, prepare_batch, split_batch
 from .data.loader import _checked_num_classes, _explain_batch_error
@@ -245,21 +248,6 @@ def _default_device(wrapper: nn.Module) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
-def _dist_initialized() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized()
-
-
-def _sum_over_processes(values: list[float]) -> list[float]:
-    import torch.distributed as dist
-
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    buffer = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(buffer)
-    return buffer.cpu().tolist()
-
-
 def evaluate(
     wrapper: nn.Module,
     loader: Iterable[Any],
@@ -459,9 +447,3 @@ def evaluate(
         logger.warning("evaluate: every label was ignore_index=%d; the metrics are all nan", ignore_index)
     logger.info("evaluated %d images: base mIoU %.4f, fused mIoU %.4f", num_images, report.base.miou, report.fused.miou)
     return report
-
-
-def _world_size() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if _dist_initialized() else 1

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ._distributed import all_reduce_sum, gather_objects, is_initialized
 from ._validate import describe
 
 __all__ = [
@@ -108,17 +109,8 @@ class StreamingMetric:
     def sync(self, group: Any = None) -> "StreamingMetric":
         """Sum the state over every process of ``group`` (``all_reduce``); a no-op when
         ``torch.distributed`` is not initialised. Call it once, after the last ``update``."""
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
-            return self
-        comm_device = self.device
-        if dist.get_backend(group) == "nccl":
-            comm_device = torch.device("cuda", torch.cuda.current_device())
         for state in self._states.values():
-            buffer = state.to(comm_device)
-            dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group)
-            state.copy_(buffer.to(state.device))
+            all_reduce_sum(state, group)
         return self
 
     all_reduce = sync
@@ -858,12 +850,9 @@ class ImageRiskCoverageMetrics:
 
     def sync(self, group: Any = None) -> "ImageRiskCoverageMetrics":
         """Gather the images of every process (a no-op without ``torch.distributed``)."""
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
+        if not is_initialized():
             return self
-        gathered: list[Any] = [None] * dist.get_world_size(group)
-        dist.all_gather_object(gathered, (self.mean_scores, self.error_rates), group=group)
+        gathered = gather_objects((self.mean_scores, self.error_rates), group)
         self.mean_scores = [v for scores, _ in gathered for v in scores]
         self.error_rates = [v for _, rates in gathered for v in rates]
         return self

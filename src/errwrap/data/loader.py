@@ -6,8 +6,9 @@ import logging
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
+
+from .._distributed import is_initialized
 
 __all__ = ["make_loader"]
 
@@ -46,7 +47,7 @@ def make_loader(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
     if distributed is None:
-        distributed = dist.is_available() and dist.is_initialized()
+        distributed = is_initialized()
     if distributed:
         sampler: torch.utils.data.Sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
     elif shuffle:

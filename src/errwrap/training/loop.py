@@ -97,8 +97,9 @@ class _Stepper:
         """Forward and backward one batch; its loss terms (means over ranks) and its number of images."""
         run = self.run
         images, labels = run.batches.next_on(self.device, self.dtype, getattr(run.wrapper, "in_channels", None))
-        last = micro == self.accumulate - 1
-        sync = self.model.no_sync() if _distributed.is_initialized() and not last else contextlib.nullcontext()
+        accumulating = micro < self.accumulate - 1  # DDP syncs the gradients at the step's last micro-batch only
+        ddp = self.model if isinstance(self.model, DistributedDataParallel) else None
+        sync = ddp.no_sync() if ddp is not None and accumulating else contextlib.nullcontext()
         with sync:
             with self.autocast():
                 out = self.model(images)

@@ -149,8 +149,7 @@ def test_inference_mixture_equals_log_space_mixture(scale, num_classes):
     e = torch.randn(2, 1, 6, 6) * scale
     e[0, 0, 0, 0], e[0, 0, 0, 1] = 40.0, -40.0  # sigmoid rounds to 1 (or 0) in float32
     expected = mixture_log_probs(z0, z1, e)
-    log_p0 = torch.log_softmax(z0, dim=1)
-    got = mixture_log_probs_inference(log_p0, log_p0.exp(), z1, e)
+    got = mixture_log_probs_inference(z0, torch.softmax(z0, dim=1), z1, e)
     assert got.shape == expected.shape and got.dtype == torch.float32
     assert torch.isfinite(got).all()
     assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
@@ -160,11 +159,11 @@ def test_inference_mixture_equals_log_space_mixture(scale, num_classes):
 def test_mixture_fusion_takes_the_inference_path_only_without_gradients():
     torch.manual_seed(0)
     z0, z1, e = torch.randn(1, 5, 4, 4), torch.randn(1, 5, 4, 4), torch.randn(1, 1, 4, 4)
-    log_p0 = torch.log_softmax(z0, dim=1)
+    p0 = torch.softmax(z0, dim=1)
     fusion = MixtureFusion()
     with torch.no_grad():
-        fast = fusion(z0, z1, e, log_p0, log_p0.exp())
+        fast = fusion(z0, z1, e, p0)
     e.requires_grad_(True)
-    slow = fusion(z0, z1, e, log_p0, log_p0.exp())
+    slow = fusion(z0, z1, e, p0)
     assert slow.requires_grad and not fast.requires_grad
     assert torch.allclose(fast, slow.detach(), atol=1e-6)

@@ -52,7 +52,7 @@ def confidence_cues(probs: Tensor, log_probs: Tensor | None = None) -> Tensor:
     margin = max_prob - second
     # log(p) floored at log(1e-12), as for probabilities clamped to 1e-12: 0 * log(0) stays 0.
     log_probs = torch.log(probs.clamp_min(1e-12)) if log_probs is None else log_probs.clamp_min(_LOG_EPS)
-    entropy = -(probs * log_probs).sum(dim=1, keepdim=True)
+    entropy = -log_probs.mul_(probs).sum(dim=1, keepdim=True)
     entropy = entropy / math.log(probs.shape[1])
     return torch.cat([max_prob, margin, entropy], dim=1)
 
@@ -80,31 +80,28 @@ def mixture_log_probs(base_logits: Tensor, detail_logits: Tensor, error_logits: 
     return torch.logaddexp(keep, change)
 
 
-def mixture_log_probs_inference(
-    base_log_probs: Tensor, base_probs: Tensor, detail_logits: Tensor, error_logits: Tensor
-) -> Tensor:
-    """:func:`mixture_log_probs` for inference, from the base's log-probabilities already computed.
+def mixture_log_probs_inference(base_logits: Tensor, base_probs: Tensor, detail_logits: Tensor, error_logits: Tensor) -> Tensor:
+    """:func:`mixture_log_probs` for inference, from the base's probabilities already computed.
 
-    Mixes in probability space, ``log(sigmoid(-e) * p0 + sigmoid(e) * softmax(z1))``: one
-    logarithm instead of :func:`mixture_log_probs`'s two log-sigmoids, two log-softmaxes and a
-    ``logaddexp`` per class, 3-5x faster on CPU. Both terms are non-negative and each is exact
-    to float32 rounding, so the result equals the log-space one to float32 tolerance wherever the
-    mixture probability is a normal float (``>= 1.2e-38``); pixels with a smaller probability
-    (logits tens of units apart) are recomputed with :func:`mixture_log_probs`. Not for training
-    (its gradient is not the log-space one where probabilities underflow).
+    Mixes in probability space, ``log(sigmoid(-e) * p0 + sigmoid(e) * softmax(z1))``, in place:
+    one logarithm instead of :func:`mixture_log_probs`'s two log-sigmoids, two log-softmaxes and
+    a ``logaddexp`` per class, and one ``B x C x H x W`` buffer instead of five. Both terms are
+    non-negative and each is exact to float32 rounding, so the result equals the log-space one
+    to float32 tolerance wherever the mixture probability is a normal float (``>= 1.2e-38``);
+    pixels with a smaller probability (logits tens of units apart) are recomputed with
+    :func:`mixture_log_probs`. Not for training: no gradient flows through the in-place ops.
 
     Shapes:
-        base_log_probs, base_probs (``log_softmax`` and ``softmax`` of the base logits, float32),
-        detail_logits ``(B, C, H, W)``; error_logits ``(B, 1, H, W)``; returns ``(B, C, H, W)`` float32.
+        base_logits, base_probs (``softmax(base_logits)`` in float32), detail_logits
+        ``(B, C, H, W)``; error_logits ``(B, 1, H, W)``; returns ``(B, C, H, W)`` float32.
     """
     error = error_logits.float()
-    detail_probs = torch.softmax(detail_logits.float(), dim=1)
-    mixed = torch.addcmul(base_probs * torch.sigmoid(-error), detail_probs, torch.sigmoid(error))
-    log_probs = torch.log(mixed)
-    if bool(mixed.amin() < _TINY):  # rare: recompute, in log space, the pixels that underflowed
-        keep = F.logsigmoid(-error) + base_log_probs
-        change = F.logsigmoid(error) + F.log_softmax(detail_logits.float(), dim=1)
-        log_probs = torch.where(mixed < _TINY, torch.logaddexp(keep, change), log_probs)
+    mixed = torch.softmax(detail_logits.float(), dim=1).mul_(torch.sigmoid(error))
+    mixed = mixed.addcmul_(base_probs, torch.sigmoid(-error))
+    underflow = mixed < _TINY if bool(mixed.amin() < _TINY) else None
+    log_probs = mixed.log_()
+    if underflow is not None:  # rare: recompute, in log space, the pixels that underflowed
+        log_probs = torch.where(underflow, mixture_log_probs(base_logits, detail_logits, error_logits), log_probs)
     return log_probs
 
 
@@ -273,18 +270,17 @@ class MixtureFusion(nn.Module):
         base_logits: Tensor,
         detail_logits: Tensor,
         error_logits: Tensor,
-        base_log_probs: Tensor | None = None,
         base_probs: Tensor | None = None,
     ) -> Tensor:
-        """Fused log-probabilities. ``base_log_probs`` and ``base_probs`` (``log_softmax`` and
-        ``softmax`` of ``base_logits`` in float32), when given, let inference without gradients
-        on the CPU take the faster :func:`mixture_log_probs_inference`."""
+        """Fused log-probabilities. ``base_probs`` (``softmax(base_logits)`` in float32), when
+        given, lets inference without gradients on the CPU take the faster
+        :func:`mixture_log_probs_inference`."""
         # Compilers and tracers get the plain ops (inductor fuses them itself), and so does the
         # CPU, where the plain ops are 10-20% faster to train than the memory-light custom
         # function; eager CUDA runs the fused op (Triton when available), see errwrap.ops.fusion.
         if is_tracing() or not base_logits.is_cuda:
-            if base_log_probs is not None and base_probs is not None and not torch.is_grad_enabled() and not is_tracing():
-                return mixture_log_probs_inference(base_log_probs, base_probs, detail_logits, error_logits)
+            if base_probs is not None and not torch.is_grad_enabled() and not is_tracing():
+                return mixture_log_probs_inference(base_logits, base_probs, detail_logits, error_logits)
             return mixture_log_probs(base_logits, detail_logits, error_logits)
         from .ops.fusion import fused_mixture_log_probs  # heads <- ops.fusion imports heads
 
@@ -320,7 +316,6 @@ class LearnedFusion(nn.Module):
         base_logits: Tensor,
         detail_logits: Tensor,
         error_logits: Tensor,
-        base_log_probs: Tensor | None = None,
         base_probs: Tensor | None = None,
     ) -> Tensor:
         dtype = self.gate.weight.dtype

@@ -54,9 +54,12 @@ def test_help_lists_the_options():
 
 def test_overhead(tmp):
     summary, data, stdout = _run("overhead", tmp, "--plot", str(tmp / "overhead.png"))
-    assert summary["benchmark"] == "overhead" and summary["size"] == [64, 128]
-    (model,) = summary["models"].values()
+    assert summary["benchmark"] == "overhead" and summary["size"] == [[64, 128]]
+    ((key, model),) = summary["models"].items()
+    assert key == "tiny_deeplabv3plus_resnet18/64x128/b1" and model["target_all"] == 1.3
     assert model["width"] == 64 and 0 < model["error_ratio"] < 20 and 0 < model["all_ratio"] < 20
+    assert model["all_met"] == (model["all_ratio"] <= 1.3) and model["memory_met"] is None
+    assert 1.0 <= model["memory_ratio"] < 20
     assert 0 < model["added_params_pct_of_reference"] < 5  # a few hundred thousand parameters on 40 M
     rows = {r["variant"]: r for r in data["results"][0]["rows"]}
     assert set(rows) == {"base", "error@64", "all@64", "error@16", "all@16"}

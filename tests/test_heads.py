@@ -3,7 +3,15 @@ import math
 import pytest
 import torch
 
-from errwrap.heads import DetailHead, ErrorHead, LearnedFusion, MixtureFusion, confidence_cues, mixture_log_probs
+from errwrap.heads import (
+    DetailHead,
+    ErrorHead,
+    LearnedFusion,
+    MixtureFusion,
+    confidence_cues,
+    mixture_log_probs,
+    mixture_log_probs_inference,
+)
 
 
 def test_confidence_cues_values():
@@ -120,3 +128,42 @@ def test_unknown_layer_names_are_refused():
         ErrorHead(6, 3, norm_layer="layernorm2000")
     with pytest.raises(ValueError, match="act_layer"):
         DetailHead(6, 6, 3, act_layer="swishy")
+
+
+def test_confidence_cues_from_log_probs_equal_the_plain_ones():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 7, 6, 5) * 4
+    logits[0, :, 0, 0] = torch.tensor([60.0, -60.0, 0.0, 0.0, 0.0, 0.0, 0.0])  # probabilities below 1e-12
+    log_probs = torch.log_softmax(logits, dim=1)
+    probs = log_probs.exp()
+    assert torch.allclose(confidence_cues(probs, log_probs), confidence_cues(probs), atol=1e-6)
+
+
+@pytest.mark.parametrize("scale", [1.0, 5.0, 40.0, 1e4])
+@pytest.mark.parametrize("num_classes", [2, 19])
+def test_inference_mixture_equals_log_space_mixture(scale, num_classes):
+    """The probability-space mixture equals the log-space one to float32 tolerance, including
+    pixels whose probabilities underflow (recomputed in log space) and saturated error logits."""
+    torch.manual_seed(0)
+    z0, z1 = torch.randn(2, num_classes, 6, 6) * scale, torch.randn(2, num_classes, 6, 6) * scale
+    e = torch.randn(2, 1, 6, 6) * scale
+    e[0, 0, 0, 0], e[0, 0, 0, 1] = 40.0, -40.0  # sigmoid rounds to 1 (or 0) in float32
+    expected = mixture_log_probs(z0, z1, e)
+    got = mixture_log_probs_inference(z0, torch.softmax(z0, dim=1), z1, e)
+    assert got.shape == expected.shape and got.dtype == torch.float32
+    assert torch.isfinite(got).all()
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(got.argmax(1), expected.argmax(1))
+
+
+def test_mixture_fusion_takes_the_inference_path_only_without_gradients():
+    torch.manual_seed(0)
+    z0, z1, e = torch.randn(1, 5, 4, 4), torch.randn(1, 5, 4, 4), torch.randn(1, 1, 4, 4)
+    p0 = torch.softmax(z0, dim=1)
+    fusion = MixtureFusion()
+    with torch.no_grad():
+        fast = fusion(z0, z1, e, p0)
+    e.requires_grad_(True)
+    slow = fusion(z0, z1, e, p0)
+    assert slow.requires_grad and not fast.requires_grad
+    assert torch.allclose(fast, slow.detach(), atol=1e-6)

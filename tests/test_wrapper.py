@@ -368,3 +368,27 @@ def test_images_are_cast_to_the_model_dtype():
         half = ErrorCorrectionWrapper(tiny_base()).to(torch.bfloat16).eval()
         out = half(x)
     assert out.base_logits.dtype == torch.bfloat16 and out.labels.shape == (1, 32, 32)
+
+
+@pytest.mark.parametrize("logit_stride", [1, 4])
+def test_inference_mode_and_channels_last_give_the_training_path_outputs(logit_stride):
+    """Under ``torch.inference_mode`` the wrapper shares the base's softmax and mixes in
+    probability space; with gradients on it runs the log-space ops: both give one answer, and
+    so does a channels-last wrapper on channels-last images."""
+    torch.manual_seed(0)
+    wrap = ErrorCorrectionWrapper(tiny_base(num_classes=4, logit_stride=logit_stride)).eval()
+    wrap.train().eval()  # no fresh-heads warning
+    for p in wrap.head_parameters():
+        p.data.add_(0.1 * torch.randn_like(p))
+    x, _ = batch(num_classes=4)
+    reference = wrap(x)  # gradients on: the log-space path
+    assert reference.logits.requires_grad
+    with torch.inference_mode():
+        fast = wrap(x)
+        wrap.to(memory_format=torch.channels_last)
+        last = wrap(x.contiguous(memory_format=torch.channels_last))
+    for out in (fast, last):
+        for name in ("logits", "base_logits", "error_logits", "detail_logits"):
+            assert torch.allclose(getattr(out, name), getattr(reference, name).detach(), atol=1e-5), name
+        assert torch.equal(out.labels, reference.labels)
+        assert torch.allclose(out.error_prob, reference.error_prob.detach(), atol=1e-6)

@@ -14,9 +14,15 @@ from torch import Tensor, nn
 from ._validate import is_tracing
 from .layers import ConvNormAct, LayerSpec, resize
 
+_LOG_EPS = math.log(1e-12)
+#: Smallest normal float32: a mixture probability below it lost precision (or underflowed to 0) in
+#: :func:`mixture_log_probs_inference`, which then recomputes those pixels in log space.
+_TINY = torch.finfo(torch.float32).tiny
+
 __all__ = [
     "confidence_cues",
     "mixture_log_probs",
+    "mixture_log_probs_inference",
     "ErrorHead",
     "DetailHead",
     "MixtureFusion",
@@ -25,12 +31,17 @@ __all__ = [
 ]
 
 
-def confidence_cues(probs: Tensor) -> Tensor:
+def confidence_cues(probs: Tensor, log_probs: Tensor | None = None) -> Tensor:
     """Per-pixel confidence cues of a softmax map: max probability, top-2 margin, and entropy
     normalised by ``log(C)`` (all in ``[0, 1]``).
 
+    Args:
+        probs: class probabilities.
+        log_probs: ``log(probs)`` when the caller has it (e.g. a ``log_softmax``): the entropy then
+            reads it instead of taking another logarithm.
+
     Shapes:
-        probs ``(B, C, H, W)`` with ``C >= 2`` -> ``(B, 3, H, W)``.
+        probs, log_probs ``(B, C, H, W)`` with ``C >= 2`` -> ``(B, 3, H, W)``.
     """
     # max and masked max instead of topk(2): 2-3x faster on CPU for C in 11..19; a tie for the
     # top class gives margin 0, as topk would.
@@ -39,7 +50,9 @@ def confidence_cues(probs: Tensor) -> Tensor:
     second = torch.where(is_max, -1.0, probs).amax(dim=1, keepdim=True)
     second = torch.where(is_max.sum(dim=1, keepdim=True) > 1, max_prob, second)
     margin = max_prob - second
-    entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(dim=1, keepdim=True)
+    # log(p) floored at log(1e-12), as for probabilities clamped to 1e-12: 0 * log(0) stays 0.
+    log_probs = torch.log(probs.clamp_min(1e-12)) if log_probs is None else log_probs.clamp_min(_LOG_EPS)
+    entropy = -log_probs.mul_(probs).sum(dim=1, keepdim=True)
     entropy = entropy / math.log(probs.shape[1])
     return torch.cat([max_prob, margin, entropy], dim=1)
 
@@ -65,6 +78,31 @@ def mixture_log_probs(base_logits: Tensor, detail_logits: Tensor, error_logits: 
     keep = F.logsigmoid(-error_logits.to(dtype)) + F.log_softmax(base_logits.to(dtype), dim=1)
     change = F.logsigmoid(error_logits.to(dtype)) + F.log_softmax(detail_logits.to(dtype), dim=1)
     return torch.logaddexp(keep, change)
+
+
+def mixture_log_probs_inference(base_logits: Tensor, base_probs: Tensor, detail_logits: Tensor, error_logits: Tensor) -> Tensor:
+    """:func:`mixture_log_probs` for inference, from the base's probabilities already computed.
+
+    Mixes in probability space, ``log(sigmoid(-e) * p0 + sigmoid(e) * softmax(z1))``, in place:
+    one logarithm instead of :func:`mixture_log_probs`'s two log-sigmoids, two log-softmaxes and
+    a ``logaddexp`` per class, and one ``B x C x H x W`` buffer instead of five. Both terms are
+    non-negative and each is exact to float32 rounding, so the result equals the log-space one
+    to float32 tolerance wherever the mixture probability is a normal float (``>= 1.2e-38``);
+    pixels with a smaller probability (logits tens of units apart) are recomputed with
+    :func:`mixture_log_probs`. Not for training: no gradient flows through the in-place ops.
+
+    Shapes:
+        base_logits, base_probs (``softmax(base_logits)`` in float32), detail_logits
+        ``(B, C, H, W)``; error_logits ``(B, 1, H, W)``; returns ``(B, C, H, W)`` float32.
+    """
+    error = error_logits.float()
+    mixed = torch.softmax(detail_logits.float(), dim=1).mul_(torch.sigmoid(error))
+    mixed = mixed.addcmul_(base_probs, torch.sigmoid(-error))
+    underflow = mixed < _TINY if bool(mixed.amin() < _TINY) else None
+    log_probs = mixed.log_()
+    if underflow is not None:  # rare: recompute, in log space, the pixels that underflowed
+        log_probs = torch.where(underflow, mixture_log_probs(base_logits, detail_logits, error_logits), log_probs)
+    return log_probs
 
 
 class ErrorHead(nn.Module):
@@ -127,20 +165,35 @@ class ErrorHead(nn.Module):
             self.refine.weight.copy_(torch.tensor([-8.0, 0.0, 0.0]).view(1, 3, 1, 1))
             self.refine.bias.fill_(4.0)
 
-    def forward(self, feature: Tensor, base_logits: Tensor) -> Tensor:
-        probs = torch.softmax(base_logits.detach().float(), dim=1)
+    def forward(self, feature: Tensor, base_logits: Tensor, base_probs: Tensor | None = None) -> Tensor:
+        """Error logits at the feature's resolution.
+
+        Args:
+            feature: the high-level feature.
+            base_logits: the base's logits (detached here).
+            base_probs: ``softmax(base_logits)`` in float32 when the caller has it (computed once
+                for the error head, the cues and the fusion).
+        """
+        probs = torch.softmax(base_logits.detach().float(), dim=1) if base_probs is None else base_probs
         probs = resize(probs, feature.shape[-2:])
         cues = confidence_cues(probs)
         x = torch.cat([feature, probs.to(feature.dtype), cues.to(feature.dtype)], dim=1)
         return self.classifier(self.blocks(x))
 
-    def forward_refine(self, error_logits: Tensor, base_logits: Tensor) -> Tensor:
+    def forward_refine(self, error_logits: Tensor, base_logits: Tensor, cues: Tensor | None = None) -> Tensor:
         """Add the full-resolution cue skip to error logits already resized to ``base_logits``.
 
+        Args:
+            error_logits: the error head's logits, resized to ``base_logits``.
+            base_logits: the base's logits (detached here).
+            cues: ``confidence_cues`` of ``softmax(base_logits)`` when the caller has them.
+
         Shapes:
-            error_logits ``(B, 1, H, W)``, base_logits ``(B, C, H, W)`` -> ``(B, 1, H, W)``.
+            error_logits ``(B, 1, H, W)``, base_logits ``(B, C, H, W)``, cues ``(B, 3, H, W)`` ->
+            ``(B, 1, H, W)``.
         """
-        cues = confidence_cues(torch.softmax(base_logits.detach().float(), dim=1))
+        if cues is None:
+            cues = confidence_cues(torch.softmax(base_logits.detach().float(), dim=1))
         # self.refine as a weighted sum: a 3->1 1x1 convolution at full resolution is ~50x
         # slower on CPU (oneDNN) than these element-wise ops.
         weight, bias = self.refine.weight.float(), self.refine.bias.float()
@@ -212,11 +265,22 @@ class MixtureFusion(nn.Module):
         fused log-probabilities ``(B, C, H, W)``.
     """
 
-    def forward(self, base_logits: Tensor, detail_logits: Tensor, error_logits: Tensor) -> Tensor:
+    def forward(
+        self,
+        base_logits: Tensor,
+        detail_logits: Tensor,
+        error_logits: Tensor,
+        base_probs: Tensor | None = None,
+    ) -> Tensor:
+        """Fused log-probabilities. ``base_probs`` (``softmax(base_logits)`` in float32), when
+        given, lets inference without gradients on the CPU take the faster
+        :func:`mixture_log_probs_inference`."""
         # Compilers and tracers get the plain ops (inductor fuses them itself), and so does the
         # CPU, where the plain ops are 10-20% faster to train than the memory-light custom
         # function; eager CUDA runs the fused op (Triton when available), see errwrap.ops.fusion.
         if is_tracing() or not base_logits.is_cuda:
+            if base_probs is not None and not torch.is_grad_enabled() and not is_tracing():
+                return mixture_log_probs_inference(base_logits, base_probs, detail_logits, error_logits)
             return mixture_log_probs(base_logits, detail_logits, error_logits)
         from .ops.fusion import fused_mixture_log_probs  # heads <- ops.fusion imports heads
 
@@ -247,7 +311,13 @@ class LearnedFusion(nn.Module):
         nn.init.zeros_(self.gate.weight)
         nn.init.zeros_(self.gate.bias)
 
-    def forward(self, base_logits: Tensor, detail_logits: Tensor, error_logits: Tensor) -> Tensor:
+    def forward(
+        self,
+        base_logits: Tensor,
+        detail_logits: Tensor,
+        error_logits: Tensor,
+        base_probs: Tensor | None = None,
+    ) -> Tensor:
         dtype = self.gate.weight.dtype
         x = torch.cat(
             [

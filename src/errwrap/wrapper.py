@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from ._validate import check_images, check_logits, check_norm_batch, input_dtype, is_tracing
 from .adapters import BaseAdapter, BaseOutput, HooksAdapter, NativeAdapter, find_adapter
 from .adapters.auto import NoFeaturesError, choose_feature_modules
-from .heads import DetailHead, ErrorHead, build_fusion
+from .heads import DetailHead, ErrorHead, build_fusion, confidence_cues
 from .hub import HubMixin
 from .layers import resize
 
@@ -408,15 +408,21 @@ class ErrorCorrectionWrapper(nn.Module, HubMixin):
         low = base_out.features[self.low_key]
         high = base_out.features[self.high_key]
         check_norm_batch(self.error_head, high, "error head")
-        error = self.error_head(high, base_logits)
+        full = resize(base_logits, size)
+        # The base's distribution at the output, computed once for the error head (when the base's
+        # logits are already at the output's size), the cues and the fusion.
+        base_log_probs = torch.log_softmax(full.detach().float(), dim=1)
+        base_probs = base_log_probs.exp()
+        error = self.error_head(high, base_logits, base_probs if base_logits.shape[-2:] == full.shape[-2:] else None)
+        cues = confidence_cues(base_probs, base_log_probs)
+        del base_log_probs
         error_prob_low = resize(torch.sigmoid(error), low.shape[-2:]).detach()
-        detail = self.detail_head(low, high, error_prob_low)
-        base_logits = resize(base_logits, size)
-        detail = resize(detail, size)
-        error = self.error_head.forward_refine(resize(error, size), base_logits)
-        fused = self.fusion(base_logits, detail, error)
+        detail = resize(self.detail_head(low, high, error_prob_low), size)
+        error = self.error_head.forward_refine(resize(error, size), full, cues)
+        fused = self.fusion(full, detail, error, base_probs)
         if self.temperature != 1.0:  # temperature scaling keeps the argmax: labels do not change
             fused = torch.log_softmax(fused / self.temperature, dim=1)
+        base_logits = full
         return ErrorCorrectionOutput(fused, base_logits, error, detail)
 
     def forward(self, x: Tensor) -> ErrorCorrectionOutput:
@@ -434,7 +440,13 @@ class ErrorCorrectionWrapper(nn.Module, HubMixin):
                 UserWarning,
                 stacklevel=_user_stacklevel(),
             )
-        return self.forward_heads(self.forward_base(x), x.shape[-2:])
+        return self.forward_heads(self._keep_used_features(self.forward_base(x)), x.shape[-2:])
+
+    def _keep_used_features(self, out: BaseOutput) -> BaseOutput:
+        """``out`` with only the features the heads read, so the others (a backbone's every
+        stage, for some adapters) are freed before the heads run at the output's resolution."""
+        keys = (self.low_key, self.high_key)
+        return BaseOutput(out.logits, {k: v for k, v in out.features.items() if k in keys})
 
     def extra_repr(self) -> str:
         temperature = f", temperature={self.temperature:.4g}" if self.temperature != 1.0 else ""

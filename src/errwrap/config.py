@@ -69,7 +69,9 @@ def _temperature(value: Any) -> str | None:
     return None
 
 
-def _field(check: _Check, *, constructor: bool = True, convert: Callable[[Any], Any] | None = None, **kwargs: Any) -> Any:
+def _field(
+    check: _Check, *, constructor: bool = True, convert: Callable[[Any], Any] | None = None, **kwargs: Any
+) -> Any:
     """A dataclass field with its check. ``constructor``: passed to
     :class:`~errwrap.ErrorCorrectionWrapper` when a model is rebuilt (the others are read from
     the base, or set after construction); ``convert``: applied to a checked value read from a file."""

@@ -32,8 +32,8 @@ from .config import MAX_HEAD_PARAMETERS, TEMPERATURE_RANGE, HeadConfig
 from .modelcard import render_model_card
 
 __all__ = [
-    "CONFIG_NAME", "WEIGHTS_NAME", "CARD_NAME", "FORMAT_VERSION", "HubMixin", "SavedConfig", "parse_config", "read_config",
-    "MAX_HEAD_PARAMETERS", "TEMPERATURE_RANGE",
+    "CONFIG_NAME", "WEIGHTS_NAME", "CARD_NAME", "FORMAT_VERSION", "HubMixin", "SavedConfig",
+    "parse_config", "read_config", "MAX_HEAD_PARAMETERS", "TEMPERATURE_RANGE",
 ]  # fmt: skip
 
 logger = logging.getLogger(__name__)
@@ -115,9 +115,14 @@ def _check_preprocessing(pre: Any, in_channels: int, source: str) -> None:
         for k in ("mean", "std")
     )
     if not ok:
-        raise ValueError(f"{source}: 'preprocessing' must be {{'mean': [...], 'std': [...]}} with {in_channels} numbers each")
+        raise ValueError(
+            f"{source}: 'preprocessing' must be {{'mean': [...], 'std': [...]}} with {in_channels} numbers each"
+        )
     if not all(math.isfinite(v) for v in pre["mean"]) or not all(math.isfinite(v) and v > 0 for v in pre["std"]):
-        raise ValueError(f"{source}: 'preprocessing' must have finite means and finite stds > 0, got mean {pre['mean']}, std {pre['std']}")
+        raise ValueError(
+            f"{source}: 'preprocessing' must have finite means and finite stds > 0, "
+            f"got mean {pre['mean']}, std {pre['std']}"
+        )
 
 
 def _check_config(raw: Any, source: str) -> SavedConfig:
@@ -146,7 +151,9 @@ def _check_config(raw: Any, source: str) -> SavedConfig:
             "(expected {} or none). Pass such settings in Python, e.g. from_pretrained(...).unfreeze_base()"
         )
     version = raw.get("errwrap_version")
-    return SavedConfig(heads, bool(raw.get("heads_only", False)), base, names, pre, version if isinstance(version, str) else None)
+    return SavedConfig(
+        heads, bool(raw.get("heads_only", False)), base, names, pre, version if isinstance(version, str) else None
+    )
 
 
 def parse_config(raw: Any, source: str = CONFIG_NAME) -> dict[str, Any]:
@@ -169,7 +176,9 @@ def read_config(path: str | os.PathLike) -> SavedConfig:
     path = Path(path)
     size = path.stat().st_size
     if size > MAX_CONFIG_BYTES:
-        raise ValueError(f"{path}: {size} bytes, larger than the {MAX_CONFIG_BYTES} errwrap reads for a config; refusing it")
+        raise ValueError(
+            f"{path}: {size} bytes, larger than the {MAX_CONFIG_BYTES} errwrap reads for a config; refusing it"
+        )
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -387,13 +396,16 @@ class HubMixin:
         for key in ("low_channels", "high_channels"):
             saved, found = getattr(config.heads, key), getattr(built, key)
             if saved is not None and found != saved:
-                raise ValueError(f"{config_path}: heads.{key}={saved}, but the base gives {found} channels; is this the right base network?")
+                raise ValueError(
+                    f"{config_path}: heads.{key}={saved}, but the base gives {found} channels; "
+                    "is this the right base network?"
+                )
         weights_path = _resolve_file(pretrained_model_name_or_path, WEIGHTS_NAME, **download)
         tensors, _ = load_safetensors(weights_path)
         wrapper._hub_load_weights(tensors, config.heads_only, str(weights_path))
         wrapper.class_names = config.class_names
         wrapper.preprocessing = config.preprocessing
-        return wrapper._hub_place(device, dtype)  # eval mode, as transformers and huggingface_hub: call .train() to fine-tune
+        return wrapper._hub_place(device, dtype)  # eval mode, as in transformers: call .train() to fine-tune
 
     # ------------------------------------------------------------------ push
     def push_to_hub(

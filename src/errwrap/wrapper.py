@@ -263,9 +263,10 @@ class ErrorCorrectionWrapper(nn.Module, HubMixin):
         #: ``low_key``, ``high_key`` and ``temperature`` read it.
         self.config = HeadConfig(
             num_classes=inferred, in_channels=in_channels, low_level=low_key, high_level=high_key,
-            low_channels=low_channels, high_channels=high_channels, error_channels=error_channels, error_blocks=error_blocks,
-            detail_channels=detail_channels, detail_blocks=detail_blocks, fusion=fusion, norm_layer=norm_layer,
-            act_layer=act_layer, error_prior=error_prior, adapter=self.adapter.name, sample_size=sample_size,
+            low_channels=low_channels, high_channels=high_channels, error_channels=error_channels,
+            error_blocks=error_blocks, detail_channels=detail_channels, detail_blocks=detail_blocks, fusion=fusion,
+            norm_layer=norm_layer, act_layer=act_layer, error_prior=error_prior, adapter=self.adapter.name,
+            sample_size=sample_size,
         )  # fmt: skip
         param = next(iter(base.parameters()), None)
         dd = {"device": param.device, "dtype": param.dtype} if param is not None and param.is_floating_point() else {}

@@ -125,7 +125,7 @@ def test_adapter_options_from_a_file_are_refused_by_name(saved):
 
 @pytest.mark.parametrize("options", [{}, None, "absent"])
 def test_empty_or_absent_adapter_options_load_with_the_base_frozen(saved, options):
-    _edit_config(saved, lambda c: c.pop("adapter_options") if options == "absent" else c.update(adapter_options=options))
+    _edit_config(saved, lambda c: c.pop("adapter_options", None) if options == "absent" else c.update(adapter_options=options))
     loaded = ErrorCorrectionWrapper.from_pretrained(saved, model=tiny_base())
     assert loaded.base_frozen
     assert not any(p.requires_grad for p in loaded.base.parameters())

@@ -112,19 +112,17 @@ def _check_classes(dataset, wrap, spec: str) -> None:
 
 def _refuse_what_the_cli_cannot_rebuild(location: str) -> None:
     """A local model whose base is the user's own network (or that holds only the heads) needs
-    that network, which only Python can pass: say so in CLI terms, before any work."""
-    config_path = Path(location) / "config.json"
+    that network, which only Python can pass: say so in CLI terms, before any work. A config that
+    is not valid is refused here with the message ``from_pretrained`` would give."""
+    from .hub import CONFIG_NAME, read_config
+
+    config_path = Path(location) / CONFIG_NAME
     if not config_path.is_file():
         return  # a Hub id, or a missing file: from_pretrained reports it
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return  # from_pretrained names the problem
-    if not isinstance(config, dict):
-        return
-    if config.get("heads_only"):
+    config = read_config(config_path)
+    if config.heads_only:
         what = "holds only the heads (saved with heads_only=True)"
-    elif "base" in config and config["base"] is None:
+    elif config.base is None:
         what = "has a base network of your own, which errwrap cannot rebuild from config.json"
     else:
         return

@@ -20,16 +20,21 @@ import logging
 import math
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
-from ._io import atomic_directory, load_safetensors, load_state_strict, save_safetensors, write_text_atomic
+from ._io import atomic_directory, load_safetensors, save_safetensors, write_text_atomic
+from .config import MAX_HEAD_PARAMETERS, TEMPERATURE_RANGE, HeadConfig
 from .modelcard import render_model_card
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "CARD_NAME", "FORMAT_VERSION", "HubMixin", "parse_config"]
+__all__ = [
+    "CONFIG_NAME", "WEIGHTS_NAME", "CARD_NAME", "FORMAT_VERSION", "HubMixin", "SavedConfig",
+    "parse_config", "read_config", "MAX_HEAD_PARAMETERS", "TEMPERATURE_RANGE",
+]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -38,31 +43,16 @@ WEIGHTS_NAME = "model.safetensors"
 CARD_NAME = "README.md"
 FORMAT_VERSION = 1
 
+#: Top-level keys of ``config.json``. ``adapter_options`` is no longer written; older files hold
+#: ``{}`` there, which is still read (and anything else refused).
 _TOP_KEYS = {"errwrap_version", "format_version", "heads", "heads_only", "base", "class_names", "adapter_options", "preprocessing"}
-_INT_KEYS = ("num_classes", "in_channels", "low_channels", "high_channels", "error_channels", "error_blocks", "detail_channels", "detail_blocks", "sample_size")
-_STR_KEYS = ("low_level", "high_level", "fusion", "norm_layer", "act_layer", "adapter")
-_HEAD_KEYS = set(_INT_KEYS) | set(_STR_KEYS) | {"error_prior", "temperature"}
-#: Head settings added after format 1 was first written, with the value a config without them
-#: means; they are written only when they differ, so older errwrap still reads the usual config.
-_OPTIONAL_HEAD_DEFAULTS: dict[str, Any] = {"sample_size": 64, "temperature": 1.0}
-#: Head settings passed to the constructor when a model is rebuilt (the others are checked after).
-_CONSTRUCTOR_KEYS = ("num_classes", "in_channels", "low_level", "high_level", "error_channels", "error_blocks", "detail_channels", "detail_blocks", "fusion", "norm_layer", "act_layer", "error_prior")
-#: Largest value of each integer head setting a config may hold: a config cannot ask for a
-#: huge allocation (the heads' weights grow with channels squared and with blocks).
-_INT_LIMITS: dict[str, int] = {
-    "num_classes": 65536, "in_channels": 1024, "low_channels": 16384, "high_channels": 16384, "error_channels": 4096,
-    "error_blocks": 64, "detail_channels": 4096, "detail_blocks": 64, "sample_size": 2048,
-}  # fmt: skip
 #: Largest ``config.json`` errwrap reads, and how deeply its JSON may nest.
 MAX_CONFIG_BYTES = 16 * 1024 * 1024
 MAX_CONFIG_DEPTH = 32
-#: Most parameters the three heads of a config may have (1 GB in float32; errwrap's defaults
-#: give about 0.1 M).
-MAX_HEAD_PARAMETERS = 2**28
-#: The temperatures a config may hold and :func:`errwrap.calibrate_temperature` may set.
-TEMPERATURE_RANGE = (1e-3, 1e3)
 #: Keys that would ask a loader to run code; refused anywhere in a config.
 _CODE_KEYS = {"auto_map", "trust_remote_code", "_target_", "__class__", "__reduce__", "import", "module", "callable"}
+
+_M = TypeVar("_M", bound="HubMixin")
 
 
 def _scan_for_code_keys(obj: Any, source: str, where: str = "", depth: int = 0) -> None:
@@ -78,17 +68,29 @@ def _scan_for_code_keys(obj: Any, source: str, where: str = "", depth: int = 0) 
             _scan_for_code_keys(v, source, f"{where}{i}.", depth + 1)
 
 
-def _head_parameters(heads: dict[str, Any]) -> int:
-    """About how many parameters the error and detail heads of ``heads`` have (3x3 blocks)."""
-    c, low, high = heads["num_classes"], heads.get("low_channels", 0), heads.get("high_channels", 0)
-    ec, eb, dc, db = heads["error_channels"], heads["error_blocks"], heads["detail_channels"], heads["detail_blocks"]
-    error = 9 * ec * (high + c + 3) + 9 * (eb - 1) * ec * ec
-    detail = dc * high + 9 * dc * (low + dc + 1) + 9 * (db - 1) * dc * dc + dc * c
-    return error + detail
+@dataclass(frozen=True)
+class SavedConfig:
+    """A checked ``config.json`` (what :func:`read_config` returns).
+
+    Attributes:
+        heads: the heads' configuration.
+        heads_only: the weights hold only the three heads.
+        base: the base spec errwrap rebuilds the base from, or ``None`` for a custom network.
+        class_names: names of the classes, or ``None``.
+        preprocessing: ``{"mean": [...], "std": [...]}`` for the base's images, or ``None``.
+        errwrap_version: the errwrap that wrote the file, when recorded.
+    """
+
+    heads: HeadConfig
+    heads_only: bool = False
+    base: dict[str, Any] | None = None
+    class_names: list[str] | None = None
+    preprocessing: dict[str, list[float]] | None = None
+    errwrap_version: str | None = None
 
 
-def parse_config(raw: Any, source: str = CONFIG_NAME) -> dict[str, Any]:
-    """Validate a loaded ``config.json``; raise ``ValueError`` naming the file and the key."""
+def _check_format(raw: Any, source: str) -> None:
+    """The file is an errwrap config of a format this errwrap reads, with known keys and no code."""
     from . import __version__
 
     if not isinstance(raw, dict):
@@ -105,32 +107,29 @@ def parse_config(raw: Any, source: str = CONFIG_NAME) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"{source}: unknown keys {unknown} (written by errwrap {raw.get('errwrap_version', '?')}?); this errwrap {__version__} knows {sorted(_TOP_KEYS)}")
     _scan_for_code_keys(raw, source)
-    heads = raw.get("heads")
-    if not isinstance(heads, dict):
-        raise ValueError(f"{source}: 'heads' must be a JSON object")
-    unknown = sorted(set(heads) - _HEAD_KEYS)
-    if unknown:
-        raise ValueError(f"{source}: unknown keys heads.{unknown}; expected {sorted(_HEAD_KEYS)}")
-    missing = sorted(set(_CONSTRUCTOR_KEYS) - set(heads))
-    if missing:
-        raise ValueError(f"{source}: missing keys heads.{missing}")
-    for key in _INT_KEYS:
-        if key in heads and (not isinstance(heads[key], int) or isinstance(heads[key], bool) or heads[key] < 1):
-            raise ValueError(f"{source}: heads.{key} must be a positive integer, got {heads[key]!r}")
-        if key in heads and heads[key] > _INT_LIMITS[key]:
-            raise ValueError(f"{source}: heads.{key}={heads[key]} is larger than errwrap allows ({_INT_LIMITS[key]}); is this file damaged or hostile?")
-    for key in _STR_KEYS:
-        if key in heads and not isinstance(heads[key], str):
-            raise ValueError(f"{source}: heads.{key} must be a string, got {heads[key]!r}")
-    size = _head_parameters(heads)
-    if size > MAX_HEAD_PARAMETERS:
-        raise ValueError(f"{source}: these head settings make heads of about {size / 1e6:.0f} M parameters, more than errwrap allows ({MAX_HEAD_PARAMETERS / 1e6:.0f} M); is this file damaged or hostile?")
-    if not isinstance(heads["error_prior"], (int, float)) or not 0 < heads["error_prior"] < 1:
-        raise ValueError(f"{source}: heads.error_prior must be a probability in (0, 1), got {heads['error_prior']!r}")
-    temperature = heads.get("temperature", 1.0)
-    low, high = TEMPERATURE_RANGE
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not low <= temperature <= high:
-        raise ValueError(f"{source}: heads.temperature must be a positive number in [{low:g}, {high:g}], got {temperature!r}")
+
+
+def _check_preprocessing(pre: Any, in_channels: int, source: str) -> None:
+    ok = isinstance(pre, dict) and set(pre) <= {"mean", "std"} and all(
+        isinstance(pre.get(k), list) and len(pre[k]) == in_channels and all(isinstance(v, (int, float)) for v in pre[k])
+        for k in ("mean", "std")
+    )
+    if not ok:
+        raise ValueError(
+            f"{source}: 'preprocessing' must be {{'mean': [...], 'std': [...]}} with {in_channels} numbers each"
+        )
+    if not all(math.isfinite(v) for v in pre["mean"]) or not all(math.isfinite(v) and v > 0 for v in pre["std"]):
+        raise ValueError(
+            f"{source}: 'preprocessing' must have finite means and finite stds > 0, "
+            f"got mean {pre['mean']}, std {pre['std']}"
+        )
+
+
+def _check_config(raw: Any, source: str) -> SavedConfig:
+    """Every check of a loaded ``config.json``; the heads are checked field by field by
+    :meth:`HeadConfig.from_json`."""
+    _check_format(raw, source)
+    heads = HeadConfig.from_json(raw.get("heads"), source)
     if not isinstance(raw.get("heads_only", False), bool):
         raise ValueError(f"{source}: 'heads_only' must be true or false")
     base = raw.get("base")
@@ -139,26 +138,54 @@ def parse_config(raw: Any, source: str = CONFIG_NAME) -> dict[str, Any]:
     names = raw.get("class_names")
     if names is not None and (not isinstance(names, list) or not all(isinstance(n, str) for n in names)):
         raise ValueError(f"{source}: 'class_names' must be a list of strings")
-    if names is not None and len(names) != heads["num_classes"]:
-        raise ValueError(f"{source}: {len(names)} class_names for num_classes={heads['num_classes']}")
+    if names is not None and len(names) != heads.num_classes:
+        raise ValueError(f"{source}: {len(names)} class_names for num_classes={heads.num_classes}")
     pre = raw.get("preprocessing")
     if pre is not None:
-        ok = isinstance(pre, dict) and set(pre) <= {"mean", "std"} and all(
-            isinstance(pre.get(k), list) and len(pre[k]) == heads["in_channels"] and all(isinstance(v, (int, float)) for v in pre[k])
-            for k in ("mean", "std")
-        )
-        if not ok:
-            raise ValueError(f"{source}: 'preprocessing' must be {{'mean': [...], 'std': [...]}} with {heads['in_channels']} numbers each")
-        if not all(math.isfinite(v) for v in pre["mean"]) or not all(math.isfinite(v) and v > 0 for v in pre["std"]):
-            raise ValueError(f"{source}: 'preprocessing' must have finite means and finite stds > 0, got mean {pre['mean']}, std {pre['std']}")
+        _check_preprocessing(pre, heads.in_channels, source)
     options = raw.get("adapter_options")
-    if options not in (None, {}):
+    if options not in (None, {}):  # older files hold {}; no adapter takes options from a file
         keys = sorted(options) if isinstance(options, dict) else options
         raise ValueError(
             f"{source}: adapter_options {keys!r} are not allowed in a saved config; no adapter takes options from a file "
             "(expected {} or none). Pass such settings in Python, e.g. from_pretrained(...).unfreeze_base()"
         )
+    version = raw.get("errwrap_version")
+    return SavedConfig(
+        heads, bool(raw.get("heads_only", False)), base, names, pre, version if isinstance(version, str) else None
+    )
+
+
+def parse_config(raw: Any, source: str = CONFIG_NAME) -> dict[str, Any]:
+    """Validate a loaded ``config.json``; raise ``ValueError`` naming the file and the key.
+
+    Returns:
+        ``raw``, checked (see :func:`read_config` for the config as typed data).
+    """
+    _check_config(raw, source)
     return raw
+
+
+def read_config(path: str | os.PathLike) -> SavedConfig:
+    """Read and check a ``config.json`` file.
+
+    Raises:
+        OSError: the file cannot be read.
+        ValueError: it is too large, not JSON, or not a valid errwrap config (naming the file and the key).
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ValueError(
+            f"{path}: {size} bytes, larger than the {MAX_CONFIG_BYTES} errwrap reads for a config; refusing it"
+        )
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: JSON nested too deeply; refusing it") from None
+    return _check_config(raw, str(path))
 
 
 def _resolve_file(location: str | os.PathLike, filename: str, **download: Any) -> Path:
@@ -199,13 +226,43 @@ def _other_entries(directory: Path) -> list[str]:
 
 
 class HubMixin:
-    """Adds ``save_pretrained``, ``from_pretrained`` and ``push_to_hub`` to the wrapper."""
+    """Adds ``save_pretrained``, ``from_pretrained`` and ``push_to_hub`` to a model class.
 
-    head_config: dict[str, Any]
+    The mixin owns the files (their format, checks, atomic writes, downloads); the model class
+    declares the template hooks below, which are all the mixin asks of it.
+    """
+
     #: Names of the classes, saved in ``config.json``.
     class_names: list[str] | None = None
     #: How images are normalised for the base, ``{"mean": [...], "std": [...]}`` (for the CLI).
     preprocessing: dict[str, list[float]] | None = None
+
+    # ------------------------------------------------------------------ hooks the model declares
+    def _hub_config(self) -> HeadConfig:
+        """The heads' configuration to save, with the current temperature."""
+        raise NotImplementedError
+
+    def _hub_base_spec(self) -> dict[str, Any] | None:
+        """The JSON spec errwrap rebuilds the base from, or ``None`` for a custom network."""
+        raise NotImplementedError
+
+    def _hub_weights(self, heads_only: bool) -> dict[str, torch.Tensor]:
+        """The tensors to save: the whole model's, or only the heads' with ``heads_only``."""
+        raise NotImplementedError
+
+    def _hub_load_weights(self, tensors: dict[str, torch.Tensor], heads_only: bool, source: str) -> None:
+        """Load ``tensors`` strictly (every key of :meth:`_hub_weights`, no other), all or nothing."""
+        raise NotImplementedError
+
+    @classmethod
+    def _hub_from_config(cls: type[_M], model: nn.Module, heads: HeadConfig) -> _M:
+        """A new model around the base ``model`` with the heads ``heads`` describe (fresh
+        weights, the saved temperature)."""
+        raise NotImplementedError
+
+    def _hub_place(self: _M, device: torch.device | str | None, dtype: torch.dtype | None) -> _M:
+        """The loaded model moved to ``device``/``dtype`` (when given) and put in eval mode."""
+        raise NotImplementedError
 
     # ------------------------------------------------------------------ config
     def hub_config(self, *, heads_only: bool = False, class_names: list[str] | None = None) -> dict[str, Any]:
@@ -213,19 +270,13 @@ class HubMixin:
         from . import __version__
 
         names = class_names if class_names is not None else self.class_names
-        spec = self.adapter.spec(self.base)  # type: ignore[attr-defined]
         config: dict[str, Any] = {
             "errwrap_version": __version__,
             "format_version": FORMAT_VERSION,
-            "heads": {
-                k: v
-                for k, v in {**self.head_config, "temperature": float(getattr(self, "temperature", 1.0))}.items()
-                if _OPTIONAL_HEAD_DEFAULTS.get(k, object()) != v
-            },
+            "heads": self._hub_config().to_json(),
             "heads_only": heads_only,
-            "base": spec,
+            "base": self._hub_base_spec(),
             "class_names": list(names) if names is not None else None,
-            "adapter_options": self.adapter.options() if hasattr(self.adapter, "options") else {},  # type: ignore[attr-defined]
             "preprocessing": self.preprocessing,
         }
         try:
@@ -233,10 +284,6 @@ class HubMixin:
         except (TypeError, ValueError) as exc:
             raise TypeError(f"the model's configuration is not plain JSON ({exc}); name layers by string (e.g. norm_layer='batchnorm')") from None
         return parse_config(config, "the configuration")
-
-    def _weights(self, heads_only: bool) -> dict[str, torch.Tensor]:
-        state = self.state_dict()  # type: ignore[attr-defined]
-        return {k: v for k, v in state.items() if not (heads_only and k.startswith("base."))}
 
     # ------------------------------------------------------------------ save
     def save_pretrained(
@@ -274,7 +321,7 @@ class HubMixin:
             raise NotADirectoryError(f"save_directory: expected a directory (existing or new), got the file {directory}")
         config = self.hub_config(heads_only=heads_only, class_names=class_names)
         card = render_model_card(config, metrics=metrics, training=training, license=license)
-        weights = self._weights(heads_only)
+        weights = self._hub_weights(heads_only)
 
         def write(into: Path) -> None:
             save_safetensors(weights, into / WEIGHTS_NAME, metadata={"format": "pt", "library": "errwrap", "heads_only": str(heads_only).lower()})
@@ -297,7 +344,7 @@ class HubMixin:
     # ------------------------------------------------------------------ load
     @classmethod
     def from_pretrained(
-        cls,
+        cls: type[_M],
         pretrained_model_name_or_path: str | os.PathLike,
         *,
         model: nn.Module | None = None,
@@ -308,7 +355,7 @@ class HubMixin:
         token: str | bool | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
-    ):
+    ) -> _M:
         """Load a wrapper from a local directory or a Hub repository id, in eval mode (call
         ``.train()`` to fine-tune it further).
 
@@ -330,51 +377,35 @@ class HubMixin:
         """
         download = {"revision": revision, "cache_dir": cache_dir, "force_download": force_download, "local_files_only": local_files_only, "token": token}
         config_path = _resolve_file(pretrained_model_name_or_path, CONFIG_NAME, **download)
-        size = config_path.stat().st_size
-        if size > MAX_CONFIG_BYTES:
-            raise ValueError(f"{config_path}: {size} bytes, larger than the {MAX_CONFIG_BYTES} errwrap reads for a config; refusing it")
-        try:
-            raw = json.loads(config_path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{config_path}: not valid JSON ({exc})") from None
-        except RecursionError:
-            raise ValueError(f"{config_path}: JSON nested too deeply; refusing it") from None
-        config = parse_config(raw, str(config_path))
-        heads, heads_only = config["heads"], bool(config.get("heads_only", False))
+        config = read_config(config_path)
         if model is None:
-            if heads_only:
+            if config.heads_only:
                 raise ValueError(f"{pretrained_model_name_or_path}: this checkpoint holds only the heads; pass your trained base network as model=")
-            if config["base"] is None:
+            if config.base is None:
                 raise ValueError(
                     f"{pretrained_model_name_or_path}: the base is a custom network that errwrap cannot rebuild from "
                     f"{CONFIG_NAME}; pass it as from_pretrained(..., model=your_network)"
                 )
             from .adapters.specs import build_base
 
-            model = build_base(config["base"])
+            model = build_base(config.base)
         elif not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-        kwargs = {k: heads[k] for k in _CONSTRUCTOR_KEYS}
-        kwargs["sample_size"] = heads.get("sample_size", _OPTIONAL_HEAD_DEFAULTS["sample_size"])
-        adapter = heads.get("adapter")
-        wrapper = cls(model, adapter=None if adapter in (None, "native") else adapter, **kwargs)
+        wrapper = cls._hub_from_config(model, config.heads)
+        built = wrapper._hub_config()
         for key in ("low_channels", "high_channels"):
-            if key in heads and wrapper.head_config[key] != heads[key]:
-                raise ValueError(f"{config_path}: heads.{key}={heads[key]}, but the base gives {wrapper.head_config[key]} channels; is this the right base network?")
+            saved, found = getattr(config.heads, key), getattr(built, key)
+            if saved is not None and found != saved:
+                raise ValueError(
+                    f"{config_path}: heads.{key}={saved}, but the base gives {found} channels; "
+                    "is this the right base network?"
+                )
         weights_path = _resolve_file(pretrained_model_name_or_path, WEIGHTS_NAME, **download)
         tensors, _ = load_safetensors(weights_path)
-        wrapper._load_checked(tensors, heads_only, str(weights_path))
-        wrapper.temperature = float(heads.get("temperature", _OPTIONAL_HEAD_DEFAULTS["temperature"]))
-        wrapper.class_names = config.get("class_names")
-        wrapper.preprocessing = config.get("preprocessing")
-        if device is not None or dtype is not None:
-            wrapper.to(device=device, dtype=dtype)
-        return wrapper.eval()  # as transformers and huggingface_hub do: call .train() to fine-tune
-
-    def _load_checked(self, tensors: dict[str, torch.Tensor], heads_only: bool, source: str) -> None:
-        """Strict, all-or-nothing load: every problem is found before any weight is copied."""
-        keys = {k for k in self.state_dict() if not (heads_only and k.startswith("base."))}  # type: ignore[attr-defined]
-        load_state_strict(self, tensors, source, required=keys, allowed=keys)  # type: ignore[arg-type]
+        wrapper._hub_load_weights(tensors, config.heads_only, str(weights_path))
+        wrapper.class_names = config.class_names
+        wrapper.preprocessing = config.preprocessing
+        return wrapper._hub_place(device, dtype)  # eval mode, as in transformers: call .train() to fine-tune
 
     # ------------------------------------------------------------------ push
     def push_to_hub(

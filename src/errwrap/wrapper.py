@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -12,9 +13,11 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from ._io import load_state_strict
 from ._validate import check_images, check_logits, check_norm_batch, input_dtype, is_tracing
 from .adapters import BaseAdapter, BaseOutput, HooksAdapter, NativeAdapter, find_adapter
 from .adapters.auto import NoFeaturesError, choose_feature_modules
+from .config import HeadConfig
 from .heads import DetailHead, ErrorHead, build_fusion, confidence_cues
 from .hub import HubMixin
 from .layers import resize
@@ -252,39 +255,26 @@ class ErrorCorrectionWrapper(nn.Module, HubMixin):
             default_low = max(features, key=lambda k: features[k].shape[-2] * features[k].shape[-1])  # the finest
         if default_high not in features:
             default_high = list(features)[-1]
-        self.low_key = _resolve_feature(low_level, features, "low_level", default_low)
-        self.high_key = _resolve_feature(high_level, features, "high_level", default_high)
-        self.num_classes = inferred
-        self.in_channels = in_channels
-        low_channels = int(features[self.low_key].shape[1])
-        high_channels = int(features[self.high_key].shape[1])
+        low_key = _resolve_feature(low_level, features, "low_level", default_low)
+        high_key = _resolve_feature(high_level, features, "high_level", default_high)
+        low_channels = int(features[low_key].shape[1])
+        high_channels = int(features[high_key].shape[1])
+        #: The heads' configuration, saved as config.json's "heads": ``num_classes``, ``in_channels``,
+        #: ``low_key``, ``high_key`` and ``temperature`` read it.
+        self.config = HeadConfig(
+            num_classes=inferred, in_channels=in_channels, low_level=low_key, high_level=high_key,
+            low_channels=low_channels, high_channels=high_channels, error_channels=error_channels,
+            error_blocks=error_blocks, detail_channels=detail_channels, detail_blocks=detail_blocks, fusion=fusion,
+            norm_layer=norm_layer, act_layer=act_layer, error_prior=error_prior, adapter=self.adapter.name,
+            sample_size=sample_size,
+        )  # fmt: skip
         param = next(iter(base.parameters()), None)
         dd = {"device": param.device, "dtype": param.dtype} if param is not None and param.is_floating_point() else {}
         self.error_head = ErrorHead(high_channels, inferred, error_channels, error_blocks, norm_layer=norm_layer, act_layer=act_layer, prior=error_prior, **dd)
         self.detail_head = DetailHead(low_channels, high_channels, inferred, detail_channels, detail_blocks, norm_layer=norm_layer, act_layer=act_layer, **dd)
         self.fusion = build_fusion(fusion, inferred, **dd)
-        self.head_config: dict[str, Any] = {
-            "num_classes": inferred,
-            "in_channels": in_channels,
-            "low_level": self.low_key,
-            "high_level": self.high_key,
-            "low_channels": low_channels,
-            "high_channels": high_channels,
-            "error_channels": error_channels,
-            "error_blocks": error_blocks,
-            "detail_channels": detail_channels,
-            "detail_blocks": detail_blocks,
-            "fusion": fusion,
-            "norm_layer": norm_layer,
-            "act_layer": act_layer,
-            "error_prior": error_prior,
-            "adapter": self.adapter.name,
-            "sample_size": sample_size,
-        }
         self.base_frozen = False
         self._trainable_base: list[str] = []
-        #: temperature of the fused probabilities (1: none); set by errwrap.calibrate_temperature.
-        self.temperature = 1.0
         # Fresh heads: the error head starts as the max-softmax baseline, but the detail head is
         # random, so neither the labels nor the error maps (read from the fused distribution) are
         # trained yet. Warned about once, at the
@@ -298,6 +288,70 @@ class ErrorCorrectionWrapper(nn.Module, HubMixin):
             type(base).__name__, inferred, self.low_key, low_channels, tuple(features[self.low_key].shape[-2:]),
             self.high_key, high_channels, tuple(features[self.high_key].shape[-2:]),
         )
+
+    # ------------------------------------------------------------------ configuration
+    @property
+    def num_classes(self) -> int:
+        """Number of classes ``C`` (``config.num_classes``)."""
+        return self.config.num_classes
+
+    @property
+    def in_channels(self) -> int:
+        """Channels of the images the base takes (``config.in_channels``)."""
+        return self.config.in_channels
+
+    @property
+    def low_key(self) -> str:
+        """The base's feature that feeds the detail head (``config.low_level``)."""
+        return self.config.low_level
+
+    @property
+    def high_key(self) -> str:
+        """The base's feature that feeds the error head (``config.high_level``)."""
+        return self.config.high_level
+
+    @property
+    def temperature(self) -> float:
+        """Temperature of the fused probabilities (1: none); set by :func:`errwrap.calibrate_temperature`,
+        saved with the model (``config.temperature``)."""
+        return self.config.temperature
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        self.config = dataclasses.replace(self.config, temperature=float(value))
+
+    @property
+    def head_config(self) -> dict[str, Any]:
+        """The heads' configuration as a dict (every field of :attr:`config` but the temperature)."""
+        config = self.config.as_dict()
+        del config["temperature"]
+        return config
+
+    # ------------------------------------------------------------------ hub hooks (see errwrap.hub.HubMixin)
+    def _hub_config(self) -> HeadConfig:
+        return self.config
+
+    def _hub_base_spec(self) -> dict[str, Any] | None:
+        return self.adapter.spec(self.base)
+
+    def _hub_weights(self, heads_only: bool) -> dict[str, Tensor]:
+        return {k: v for k, v in self.state_dict().items() if not (heads_only and k.startswith("base."))}
+
+    def _hub_load_weights(self, tensors: dict[str, Tensor], heads_only: bool, source: str) -> None:
+        keys = {k for k in self.state_dict() if not (heads_only and k.startswith("base."))}
+        load_state_strict(self, tensors, source, required=keys, allowed=keys)
+
+    @classmethod
+    def _hub_from_config(cls, model: nn.Module, heads: HeadConfig) -> "ErrorCorrectionWrapper":
+        adapter = None if heads.adapter in (None, "native") else heads.adapter
+        wrapper = cls(model, adapter=adapter, **heads.constructor_kwargs())
+        wrapper.temperature = heads.temperature
+        return wrapper
+
+    def _hub_place(self, device: torch.device | str | None, dtype: torch.dtype | None) -> "ErrorCorrectionWrapper":
+        if device is not None or dtype is not None:
+            self.to(device=device, dtype=dtype)
+        return self.eval()
 
     # ------------------------------------------------------------------ construction helpers
     def _probe(self, in_channels: int, sample_size: int, discover: bool = False) -> BaseOutput:

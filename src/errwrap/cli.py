@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from ._version import __version__
+
 __all__ = ["main", "build_parser", "parse_data_spec", "parse_label_map", "parse_corrupt"]
 
 DATA_KINDS = ("scenes", "aerial", "cells", "cityscapes", "ade20k", "folder")
@@ -767,8 +769,6 @@ data (--data KIND:PATH):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-
     parser = _Parser(prog="errwrap", description="Predict where a segmentation network is wrong, and correct it.",
                      epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"errwrap {__version__}")

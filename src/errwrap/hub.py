@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ._io import atomic_directory, load_safetensors, load_state_strict, save_safetensors, write_text_atomic
+from ._version import __version__
 from .modelcard import render_model_card
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "CARD_NAME", "FORMAT_VERSION", "HubMixin", "parse_config"]
@@ -89,8 +90,6 @@ def _head_parameters(heads: dict[str, Any]) -> int:
 
 def parse_config(raw: Any, source: str = CONFIG_NAME) -> dict[str, Any]:
     """Validate a loaded ``config.json``; raise ``ValueError`` naming the file and the key."""
-    from . import __version__
-
     if not isinstance(raw, dict):
         raise ValueError(f"{source}: expected a JSON object, got {type(raw).__name__}")
     version = raw.get("format_version")
@@ -210,8 +209,6 @@ class HubMixin:
     # ------------------------------------------------------------------ config
     def hub_config(self, *, heads_only: bool = False, class_names: list[str] | None = None) -> dict[str, Any]:
         """The ``config.json`` content: plain JSON data only."""
-        from . import __version__
-
         names = class_names if class_names is not None else self.class_names
         spec = self.adapter.spec(self.base)  # type: ignore[attr-defined]
         config: dict[str, Any] = {

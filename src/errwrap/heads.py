@@ -1,6 +1,7 @@
 """The three heads of the method: error prediction, detail re-labelling, and fusion.
 
-See docs/method.md for which choices are the paper's and which are errwrap's own.
+See docs/method.md for which choices are the paper's and which are errwrap's own. The math
+(:func:`mixture_log_probs`, :func:`confidence_cues`) lives in :mod:`errwrap.functional`.
 """
 
 from __future__ import annotations
@@ -8,63 +9,22 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._validate import is_tracing
+from .functional import confidence_cues, mixture_log_probs
 from .layers import ConvNormAct, LayerSpec, resize
+from .ops.fusion import fused_mixture_log_probs
 
 __all__ = [
-    "confidence_cues",
-    "mixture_log_probs",
+    "confidence_cues",  # from errwrap.functional, re-exported (documented here)
+    "mixture_log_probs",  # from errwrap.functional, re-exported (documented here)
     "ErrorHead",
     "DetailHead",
     "MixtureFusion",
     "LearnedFusion",
     "build_fusion",
 ]
-
-
-def confidence_cues(probs: Tensor) -> Tensor:
-    """Per-pixel confidence cues of a softmax map: max probability, top-2 margin, and entropy
-    normalised by ``log(C)`` (all in ``[0, 1]``).
-
-    Shapes:
-        probs ``(B, C, H, W)`` with ``C >= 2`` -> ``(B, 3, H, W)``.
-    """
-    # max and masked max instead of topk(2): 2-3x faster on CPU for C in 11..19; a tie for the
-    # top class gives margin 0, as topk would.
-    max_prob = probs.amax(dim=1, keepdim=True)
-    is_max = probs == max_prob
-    second = torch.where(is_max, -1.0, probs).amax(dim=1, keepdim=True)
-    second = torch.where(is_max.sum(dim=1, keepdim=True) > 1, max_prob, second)
-    margin = max_prob - second
-    entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(dim=1, keepdim=True)
-    entropy = entropy / math.log(probs.shape[1])
-    return torch.cat([max_prob, margin, entropy], dim=1)
-
-
-def mixture_log_probs(base_logits: Tensor, detail_logits: Tensor, error_logits: Tensor) -> Tensor:
-    """Fused log-probabilities of the paper's mixture
-    ``p = (1 - p_err) * softmax(base) + p_err * softmax(detail)``, with ``p_err = sigmoid(error)``.
-
-    Computed in log space, ``logsumexp(logsigmoid(-e) + log_softmax(z0), logsigmoid(e) +
-    log_softmax(z1))``, so it stays finite for logits as large as ``±1e4`` and never takes
-    ``log(0)``. Half-precision inputs are computed (and returned) in float32.
-
-    Shapes:
-        base_logits, detail_logits ``(B, C, H, W)``; error_logits ``(B, 1, H, W)``;
-        returns ``(B, C, H, W)``.
-
-    Example:
-        >>> z0, z1, e = torch.randn(2, 5, 8, 8), torch.randn(2, 5, 8, 8), torch.randn(2, 1, 8, 8)
-        >>> mixture_log_probs(z0, z1, e).exp().sum(1).allclose(torch.ones(2, 8, 8))
-        True
-    """
-    dtype = torch.promote_types(base_logits.dtype, torch.float32)
-    keep = F.logsigmoid(-error_logits.to(dtype)) + F.log_softmax(base_logits.to(dtype), dim=1)
-    change = F.logsigmoid(error_logits.to(dtype)) + F.log_softmax(detail_logits.to(dtype), dim=1)
-    return torch.logaddexp(keep, change)
 
 
 class ErrorHead(nn.Module):
@@ -205,7 +165,7 @@ class DetailHead(nn.Module):
 
 
 class MixtureFusion(nn.Module):
-    """Stage (iii), the paper's mixture: no parameters, see :func:`mixture_log_probs`.
+    """Stage (iii), the paper's mixture: no parameters, see :func:`~errwrap.functional.mixture_log_probs`.
 
     Shapes:
         base_logits, detail_logits ``(B, C, H, W)``, error_logits ``(B, 1, H, W)`` ->
@@ -218,8 +178,6 @@ class MixtureFusion(nn.Module):
         # function; eager CUDA runs the fused op (Triton when available), see errwrap.ops.fusion.
         if is_tracing() or not base_logits.is_cuda:
             return mixture_log_probs(base_logits, detail_logits, error_logits)
-        from .ops.fusion import fused_mixture_log_probs  # heads <- ops.fusion imports heads
-
         return fused_mixture_log_probs(base_logits, detail_logits, error_logits)
 
 

@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .functional import normalized_entropy, normalized_entropy_of_logits
 from .layers import resize
 
 __all__ = [
@@ -106,8 +107,7 @@ def msp_score(logits: Tensor) -> Tensor:
 
 
 def _entropy_of_probs(probs: Tensor) -> Tensor:
-    entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(dim=1)
-    return (entropy / math.log(probs.shape[1])).clamp_(0.0, 1.0)
+    return normalized_entropy(probs).clamp_(0.0, 1.0)
 
 
 def entropy_score(logits: Tensor) -> Tensor:
@@ -116,9 +116,7 @@ def entropy_score(logits: Tensor) -> Tensor:
     Shapes:
         logits ``(B, C, H, W)`` with ``C >= 2`` -> ``(B, H, W)``.
     """
-    log_probs = torch.log_softmax(logits.float(), dim=1)
-    entropy = -(log_probs.exp() * log_probs).sum(dim=1)
-    return (entropy / math.log(logits.shape[1])).clamp_(0.0, 1.0)
+    return normalized_entropy_of_logits(logits.float()).clamp_(0.0, 1.0)
 
 
 def squash(values: Tensor, scale: float = 10.0) -> Tensor:

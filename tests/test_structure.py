@@ -237,7 +237,7 @@ def _functions(tree: ast.AST, prefix: str = "") -> Iterator[tuple[str, ast.Funct
 def test_no_import_cycle() -> None:
     graph = import_graph()
     for importer, imported in KNOWN_CYCLE_EDGES:
-        assert imported in graph[importer], f"allow-listed edge {importer} -> {imported} is gone: remove it from the list"
+        assert imported in graph[importer], f"allow-listed edge {importer} -> {imported} is gone: remove it"
         graph[importer].discard(imported)
     cycles = find_cycles(graph)
     assert not cycles, "import cycles among errwrap modules (function-level imports count):\n" + "\n".join(
@@ -290,8 +290,8 @@ def _local_imports() -> dict[tuple[str, str], int]:
 def test_no_function_level_import_of_errwrap_or_mandatory_dependency() -> None:
     found = _local_imports()
     unexpected = {k: v for k, v in found.items() if k not in KNOWN_LOCAL_IMPORTS}
-    assert not unexpected, "imports inside functions (move them to the top; only optional dependencies may be " \
-        "imported lazily):\n" + "\n".join(f"{f} imports {m} (line {line})" for (f, m), line in sorted(unexpected.items()))
+    shown = "\n".join(f"{f} imports {m} (line {line})" for (f, m), line in sorted(unexpected.items()))
+    assert not unexpected, f"imports inside functions (move them up; only optional dependencies may stay):\n{shown}"
     assert KNOWN_LOCAL_IMPORTS <= set(found), f"no longer imported locally: {sorted(KNOWN_LOCAL_IMPORTS - set(found))}"
 
 
@@ -334,5 +334,6 @@ def test_find_cycles_prints_a_cycle() -> None:
 
 
 def test_statement_count_includes_nested_blocks() -> None:
-    tree = ast.parse("def f(x):\n    if x:\n        y = 1\n        return y\n    def g():\n        pass\n    return 0\n")
+    source = "def f(x):\n    if x:\n        y = 1\n        return y\n    def g():\n        pass\n    return 0\n"
+    tree = ast.parse(source)
     assert statement_count(tree.body[0]) == 6  # if, y =, return y, def g, pass, return 0

@@ -59,7 +59,8 @@ def prepare_batch(
     check_images(images, in_channels, name=f"images of batch {index}")
     images = images.to(device, dtype=dtype)
     check_finite(images, f"images of batch {index}")
-    labels = prepare_labels(labels, num_classes, ignore_index, size=tuple(images.shape[-2:]), batch=images.shape[0], name=f"labels of batch {index}")
+    size, batch_size = tuple(images.shape[-2:]), images.shape[0]
+    labels = prepare_labels(labels, num_classes, ignore_index, size=size, batch=batch_size, name=f"labels of batch {index}")
     return images, labels.to(device)
 
 
@@ -75,12 +76,17 @@ def images_of(batch: Any, index: int, in_channels: int | None, device: torch.dev
     if isinstance(batch, Mapping):
         key = next((k for k in IMAGE_KEYS if k in batch), None)
         if key is None:
-            raise ValueError(f"batch {index}: expected a mapping with an image key (one of {list(IMAGE_KEYS)}), got keys {list(batch)[:8]}")
+            raise ValueError(
+                f"batch {index}: expected a mapping with an image key (one of {list(IMAGE_KEYS)}), "
+                f"got keys {list(batch)[:8]}"
+            )
         images = batch[key]
     elif isinstance(batch, Sequence) and not isinstance(batch, (str, bytes)) and len(batch) >= 1:
         images = batch[0]
     if not isinstance(images, Tensor):
-        raise TypeError(f"batch {index}: expected images, (images, labels) or a mapping with key 'image', got {describe(batch)}")
+        raise TypeError(
+            f"batch {index}: expected images, (images, labels) or a mapping with key 'image', got {describe(batch)}"
+        )
     check_images(images, in_channels, name=f"images of batch {index}")
     images = images.to(device, dtype=dtype)
     check_finite(images, f"images of batch {index}")
@@ -105,7 +111,8 @@ def check_loader_num_classes(loader: Any, num_classes: int, name: str) -> None:
     declared = getattr(getattr(loader, "dataset", None), "num_classes", None)
     if isinstance(declared, int) and not isinstance(declared, bool) and declared != num_classes:
         raise ValueError(
-            f"{name}: its dataset has num_classes={declared}, but the model predicts {num_classes} classes, so labels and "
+            f"{name}: its dataset has num_classes={declared}, but the model predicts {num_classes} classes, "
+            "so labels and "
             "predictions would name different classes; use data labelled for this model's classes (for ADE20K and a "
             "151-output model: ADE20K(..., reduce_zero_label=False)), or set dataset.num_classes = None if the labels "
             "already use the model's class indices"

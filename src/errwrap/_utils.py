@@ -23,8 +23,12 @@ def resolve_device(wrapper: nn.Module, device: torch.device | str | None) -> tor
     when it is not where the wrapper's parameters are (the wrapper is never moved)."""
     wrapper_device = module_device(wrapper)
     chosen = torch.device(device) if device is not None else wrapper_device
-    if chosen.type != wrapper_device.type or (chosen.index is not None and wrapper_device.index is not None and chosen != wrapper_device):
-        raise ValueError(f"device={chosen}, but the wrapper's parameters are on {wrapper_device}; move the wrapper first (wrapper.to(device))")
+    indexed = chosen.index is not None and wrapper_device.index is not None
+    if chosen.type != wrapper_device.type or (indexed and chosen != wrapper_device):
+        raise ValueError(
+            f"device={chosen}, but the wrapper's parameters are on {wrapper_device}; "
+            "move the wrapper first (wrapper.to(device))"
+        )
     return chosen
 
 

@@ -566,7 +566,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if len(dataset) == 0:
         raise CLIError(f"--data {args.data}: no training images found")
     batch_size = _training_batch_size(dataset, args.batch_size, crop=args.crop)
-    loader = data.make_loader(dataset, batch_size=batch_size, shuffle=True, seed=args.seed, num_workers=args.workers, drop_last=True)
+    loader = data.make_loader(dataset, batch_size=batch_size, shuffle=True, seed=args.seed, num_workers=args.workers,
+                              drop_last=True)
     log_every = args.log_every or max(1, min(50, args.steps // 10))
     progress = contextlib.nullcontext() if _on_terminal() else _training_progress()  # a terminal gets tqdm's bar
     with progress:

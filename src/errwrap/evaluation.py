@@ -308,7 +308,8 @@ def evaluate(
     scores = _build_scores(baselines, mc_dropout_T, mc_dropout_seed, mc_dropout_p)
     device = resolve_device(wrapper, device)
     meters = _Meters.create(num_classes, ignore_index, score_bins, calibration_bins, scores)
-    seg, cal, det, returned_det, risk, images_rc = meters.seg, meters.cal, meters.det, meters.returned_det, meters.risk, meters.images_rc
+    seg, cal, det, returned_det = meters.seg, meters.cal, meters.det, meters.returned_det
+    risk, images_rc = meters.risk, meters.images_rc
     seconds = {"base_forward": 0.0, "wrapper_forward": 0.0, **{f"extra/{n}": 0.0 for n in scores}}
     num_images = 0
 
@@ -369,7 +370,9 @@ def evaluate(
     return report
 
 
-def _build_scores(baselines: Sequence[str | ErrorScore], mc_dropout_T: int, mc_dropout_seed: int, mc_dropout_p: float) -> dict[str, ErrorScore]:
+def _build_scores(
+    baselines: Sequence[str | ErrorScore], mc_dropout_T: int, mc_dropout_seed: int, mc_dropout_p: float
+) -> dict[str, ErrorScore]:
     """The baseline scores by name, refusing duplicates and the error head's own name."""
     scores: dict[str, ErrorScore] = {}
     for spec in baselines:
@@ -378,7 +381,9 @@ def _build_scores(baselines: Sequence[str | ErrorScore], mc_dropout_T: int, mc_d
         else:
             score = build_score(spec)
         if score.name == ErrorHeadScore.name or score.name in scores:
-            raise ValueError(f"baselines: expected distinct baseline names other than 'error_head', got {list(baselines)}")
+            raise ValueError(
+                f"baselines: expected distinct baseline names other than 'error_head', got {list(baselines)}"
+            )
         scores[score.name] = score
     return scores
 
@@ -418,7 +423,9 @@ def _timed_pass(
     return out, outputs
 
 
-def _time_per_image(seconds: Mapping[str, float], num_images: int, scores: Mapping[str, ErrorScore]) -> dict[str, float]:
+def _time_per_image(
+    seconds: Mapping[str, float], num_images: int, scores: Mapping[str, ErrorScore]
+) -> dict[str, float]:
     """Seconds per image of each pass, and of each score in all (its base pass included)."""
     per_image = {k: v / num_images for k, v in seconds.items()}
     time_per_image = {"base_forward": per_image["base_forward"], "wrapper_forward": per_image["wrapper_forward"]}
@@ -442,10 +449,18 @@ class _Meters:
     judged: dict[str, str]
 
     @classmethod
-    def create(cls, num_classes: int, ignore_index: int, score_bins: int, calibration_bins: int, scores: Mapping[str, ErrorScore]) -> "_Meters":
-        judged = {"error_prob": "returned", "msp": "base", ErrorHeadScore.name: "base", **{n: s.judges for n, s in scores.items()}}
+    def create(
+        cls,
+        num_classes: int,
+        ignore_index: int,
+        score_bins: int,
+        calibration_bins: int,
+        scores: Mapping[str, ErrorScore],
+    ) -> "_Meters":
+        judged = {"error_prob": "returned", "msp": "base", ErrorHeadScore.name: "base"}
+        judged.update({n: s.judges for n, s in scores.items()})
         return cls(
-            seg={"base": SegmentationMetrics(num_classes, ignore_index), "fused": SegmentationMetrics(num_classes, ignore_index)},
+            seg={k: SegmentationMetrics(num_classes, ignore_index) for k in ("base", "fused")},
             cal={k: CalibrationMetrics(num_classes, calibration_bins, ignore_index) for k in ("base", "fused")},
             det={name: ErrorDetectionMetrics(score_bins) for name in [ErrorHeadScore.name, *scores]},
             returned_det=ErrorDetectionMetrics(score_bins),
@@ -457,7 +472,10 @@ class _Meters:
     def update(self, out: Any, outputs: Mapping[str, Any], labels: Tensor, ignore_index: int) -> None:
         """Add one batch: the wrapper's output, each score's output, and the labels."""
         valid = labels != ignore_index
-        ranked = {"error_prob": (out.error_prob, out.labels != labels), "msp": (msp_score(out.base_logits), out.base_labels != labels)}
+        ranked = {
+            "error_prob": (out.error_prob, out.labels != labels),
+            "msp": (msp_score(out.base_logits), out.base_labels != labels),
+        }
         for name, scored in outputs.items():
             wrong = scored.prediction != labels
             self.det[name].update(scored.score, wrong, valid)

@@ -6,6 +6,7 @@ Computational Visual Media 8(1), 2022, as a wrapper around any segmentation netw
 
 import logging
 
+from ._version import __version__
 from .heads import DetailHead, ErrorHead, LearnedFusion, MixtureFusion, mixture_log_probs
 from .losses import (
     ErrorCorrectionLoss,
@@ -34,8 +35,6 @@ from .scores import EnergyScore, EnsembleScore, ErrwrapScore, MaxLogitScore, Tem
 from .metrics import ImageRiskCoverageResult, RiskCoverageMetrics, RiskCoverageResult, exact_risk_coverage, image_aurc
 from .training import FinetuneResult, NonFiniteLossError, finetune
 from .wrapper import ErrorCorrectionOutput, ErrorCorrectionWrapper
-
-__version__ = "0.1.0"
 
 __all__ = [
     "__version__",

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.fx import _symbolic_trace
 
 __all__ = [
     "is_tracing",
@@ -21,7 +22,6 @@ __all__ = [
     "check_labels",
     "prepare_labels",
     "split_batch",
-    "prepare_batch",
     "IMAGE_KEYS",
     "LABEL_KEYS",
     "check_logits",
@@ -32,6 +32,7 @@ __all__ = [
     "check_norm_batch",
     "describe",
     "input_dtype",
+    "check_positive_int",
 ]
 
 
@@ -39,8 +40,6 @@ def is_tracing() -> bool:
     """True while the code is being compiled, exported or traced (checks are skipped then)."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
         return True
-    from torch.fx import _symbolic_trace
-
     fx_check = getattr(_symbolic_trace, "is_fx_symbolic_tracing", None) or _symbolic_trace.is_fx_tracing
     return bool(fx_check())
 
@@ -198,6 +197,8 @@ def prepare_labels(
     return labels if labels.dtype == torch.long else labels.long()
 
 
+# The batch protocol is errwrap._batch; split_batch and its keys stay here, where errwrap.training
+# imports them, and _batch re-exports them.
 #: Keys that :func:`split_batch` reads images and labels from, in order of preference.
 IMAGE_KEYS: tuple[str, ...] = ("image", "images", "pixel_values", "img")
 LABEL_KEYS: tuple[str, ...] = ("label", "labels", "mask", "masks", "target", "targets")
@@ -221,30 +222,13 @@ def split_batch(batch: Any, name: str = "batch") -> tuple[Any, Any]:
     raise TypeError(f"{name}: expected (images, labels) or a mapping with keys 'image' and 'label', got {describe(batch)}")
 
 
-def prepare_batch(
-    batch: Any,
-    index: int,
-    *,
-    in_channels: int | None,
-    num_classes: int,
-    ignore_index: int,
-    device: torch.device,
-    dtype: torch.dtype,
-) -> tuple[Tensor, Tensor]:
-    """Images and labels of batch ``index`` of a labelled loader, checked (errors name the batch),
-    the images moved and cast to ``device`` and ``dtype`` and refused when not finite, the labels
-    as :func:`prepare_labels` makes them, on ``device``. Shared by ``evaluate`` and
-    ``calibrate_temperature``.
-
-    Shapes:
-        -> images ``(B, in_channels, H, W)``, labels ``(B, H, W)`` int64.
-    """
-    images, labels = split_batch(batch, name=f"batch {index}")
-    check_images(images, in_channels, name=f"images of batch {index}")
-    images = images.to(device, dtype=dtype)
-    check_finite(images, f"images of batch {index}")
-    labels = prepare_labels(labels, num_classes, ignore_index, size=tuple(images.shape[-2:]), batch=images.shape[0], name=f"labels of batch {index}")
-    return images, labels.to(device)
+def check_positive_int(value: Any, name: str, *, or_none: bool = False) -> None:
+    """Raise ``ValueError`` unless ``value`` is an ``int`` (not a ``bool``) ``>= 1``, or ``None``
+    when ``or_none``: ``"{name}: expected a positive int[ or None], got {value!r}"``."""
+    if or_none and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected a positive int{' or None' if or_none else ''}, got {value!r}")
 
 
 def check_finite(t: Tensor, name: str) -> None:

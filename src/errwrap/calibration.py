@@ -25,7 +25,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ._validate import check_outputs_finite, input_dtype, prepare_batch
+from ._batch import prepare_batch
+from ._utils import module_device
+from ._validate import check_outputs_finite, input_dtype
 from .hub import TEMPERATURE_RANGE
 
 __all__ = ["TemperatureFit", "calibrate_temperature", "fit_temperature", "sample_labelled_pixels"]
@@ -158,8 +160,7 @@ def sample_labelled_pixels(
     Shapes:
         -> logits ``(N, C)`` float32 on the CPU, labels ``(N,)`` int64, ``N <= max_pixels``.
     """
-    param = next(iter(wrapper.parameters()), None)
-    device = torch.device(device) if device is not None else (param.device if param is not None else torch.device("cpu"))
+    device = torch.device(device) if device is not None else module_device(wrapper)
     generator = torch.Generator().manual_seed(seed)
     was_training = wrapper.training
     dtype = input_dtype(wrapper)

@@ -12,16 +12,53 @@ import json
 import logging
 import os
 import re
+import socket
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
+
+import torch
+import torch.nn.functional as F
+from huggingface_hub import constants, try_to_load_from_cache
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Subset
+
+from . import data
+from ._io import check_writable, tensor_bytes
+from ._validate import check_outputs_finite
+from ._version import __version__
+from .data import CORRUPTIONS, Compose, Corrupt
+from .data.datasets import IMAGE_EXTENSIONS, load_image
+from .data.datasets import _open as open_image
+from .data.transforms import Normalize
+from .demo import DemoConfig, run_demo
+from .estimation import estimate
+from .evaluation import evaluate
+from .hub import CONFIG_NAME
+from .report import write_report
+from .training import finetune
+from .viz import (
+    add_panel_key,
+    colorize,
+    heatmap,
+    make_panel,
+    overlay,
+    palette_for,
+    panel_scale,
+    save_heatmap_png,
+    save_label_png,
+    shrink_to_width,
+)
+from .wrapper import ErrorCorrectionWrapper
 
 __all__ = ["main", "build_parser", "parse_data_spec", "parse_label_map", "parse_corrupt"]
 
 DATA_KINDS = ("scenes", "aerial", "cells", "cityscapes", "ade20k", "folder")
-GENERATED_KINDS = DATA_KINDS[:3]  # errwrap.data.GENERATED; the CLI imports errwrap.data lazily
+GENERATED_KINDS = DATA_KINDS[:3]  # errwrap.data.GENERATED
 
 
 class CLIError(Exception):
@@ -51,8 +88,6 @@ def parse_corrupt(text: str | None):
     ``None`` stays ``None``."""
     if text is None:
         return None
-    from .data import CORRUPTIONS, Corrupt
-
     kind, colon, severity = text.partition(":")
     if kind not in CORRUPTIONS or (colon and severity not in ("1", "2", "3", "4", "5")):
         raise CLIError(f"--corrupt {text!r}: expected KIND or KIND:SEVERITY with KIND one of {', '.join(CORRUPTIONS)} "
@@ -77,8 +112,6 @@ def parse_data_spec(
     with a bad value), and ADE20K keeps label 0 as the class "other" for a 151-class model
     (``reduce_zero_label=False``). ``label_map`` (raw mask value -> class) is for folders only.
     """
-    from . import data
-
     kind, _, rest = spec.partition(":")
     kind = kind.lower()
     if label_map is not None and kind != "folder":
@@ -137,8 +170,6 @@ def _check_device(device: str | None) -> None:
     """``--device``: a device torch knows and this machine has, or one line saying what is wrong."""
     if device is None:
         return
-    import torch
-
     try:
         target = torch.device(device)
     except (RuntimeError, ValueError):
@@ -157,8 +188,6 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?$")
 
 def _hub_offline() -> bool:
     """``HF_HUB_OFFLINE`` as huggingface_hub reads it (1, ON, YES, TRUE), from the environment now."""
-    from huggingface_hub import constants
-
     return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"} or bool(constants.HF_HUB_OFFLINE)
 
 
@@ -177,10 +206,6 @@ def _check_model_location(location: str) -> bool:
         raise CLIError(missing + listing)
     if not _HUB_ID.match(location) or ".." in location or "--" in location:
         raise CLIError(f"{missing}, and it is not a Hub repository id (org/name)")
-    from huggingface_hub import try_to_load_from_cache
-
-    from .hub import CONFIG_NAME
-
     if isinstance(try_to_load_from_cache(location, CONFIG_NAME), str):
         return False  # in the cache: from_pretrained takes it from there
     if _hub_offline():
@@ -194,11 +219,6 @@ def _check_model_location(location: str) -> bool:
 def _hub_unreachable() -> str | None:
     """Why the Hub's host name does not resolve (no network), or ``None``: one cheap look-up
     instead of huggingface_hub's retries, which take about 30 s to give up."""
-    import socket
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants
-
     host = urlparse(constants.ENDPOINT).hostname
     if not host:
         return None
@@ -210,8 +230,6 @@ def _hub_unreachable() -> str | None:
 
 
 def _load_model(location: str, device: str | None):
-    from .wrapper import ErrorCorrectionWrapper
-
     local = _check_model_location(location)
     _check_device(device)
     _refuse_what_the_cli_cannot_rebuild(location)
@@ -234,8 +252,6 @@ def _normalizer(wrap, location: str = "the model"):
     API feeds when the user normalises nothing): the CLI then applies none, so Python and the CLI
     give the same answers, and says so once on stderr instead of guessing ImageNet statistics.
     """
-    from .data.transforms import Normalize
-
     pre = getattr(wrap, "preprocessing", None)
     if not pre:
         print(f"errwrap: note: {location} was saved without preprocessing (config.json \"preprocessing\": null): images go in "
@@ -252,10 +268,6 @@ def _preprocessing_record(wrap) -> str:
 
 
 def _read_image(path: Path):
-    from PIL import UnidentifiedImageError
-
-    from .data.datasets import load_image
-
     if not path.is_file():
         raise CLIError(f"{path}: no such image file")
     try:
@@ -266,8 +278,6 @@ def _read_image(path: Path):
 
 def _image_paths(arguments: Sequence[str]) -> list[Path]:
     """Image files named on the command line; a directory stands for the images directly in it."""
-    from .data.datasets import IMAGE_EXTENSIONS
-
     paths: list[Path] = []
     for argument in arguments:
         path = Path(argument)
@@ -356,8 +366,6 @@ def _batch_progress(total: int | None, what: str = "evaluate") -> Callable[[int]
 
 # ---------------------------------------------------------------------- commands
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import DemoConfig, run_demo
-
     cfg = DemoConfig(minutes=args.minutes, seed=args.seed)
     if args.quick:
         cfg = DemoConfig(minutes=0.1, seed=args.seed, image_size=64, train_images=64, val_images=16, panels=2, mc_dropout=False)
@@ -380,10 +388,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _readable_images(paths: Sequence[Path]) -> tuple[list[Path], list[str]]:
     """Split ``paths`` into files whose header Pillow reads and one-line reasons for the others;
     a path that does not exist is a typo on the command line: refused at once."""
-    from PIL import UnidentifiedImageError
-
-    from .data.datasets import _open as open_image
-
     readable, skipped = [], []
     for path in paths:
         if not path.is_file():
@@ -413,10 +417,6 @@ def _report_skipped(skipped: Sequence[str], total: int) -> int:
 def _panel(x, base, error, labels, *, palette, mean, std, class_names, max_width: int | None):
     """The six-tile panel with its key (class legend, error colour bar, changed-pixels colours),
     built from inputs shrunk first when the panel would be wider than ``max_width``."""
-    import torch.nn.functional as F
-
-    from .viz import add_panel_key, make_panel, panel_scale, shrink_to_width
-
     scale = panel_scale(x.shape[-1], max_width)
     if scale < 1.0:
         size = (max(1, round(x.shape[-2] * scale)), max(1, round(x.shape[-1] * scale)))
@@ -429,12 +429,6 @@ def _panel(x, base, error, labels, *, palette, mean, std, class_names, max_width
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    import torch
-    from PIL import Image
-
-    from ._validate import check_outputs_finite
-    from .viz import colorize, heatmap, overlay, palette_for, save_heatmap_png, save_label_png
-
     out = _output_dir(args.out)
     json_path = _output_file(args.json, "--json")
     all_paths = _image_paths(args.images)
@@ -485,8 +479,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def _image_sizes(dataset) -> list[tuple[int, int]] | None:
     """Each image's ``(width, height)`` from its file header, for datasets of files (folders,
     Cityscapes, ADE20K); ``None`` for others (the built-in scenes share one size)."""
-    from PIL import Image
-
     pairs = getattr(dataset, "pairs", None)
     if not pairs:
         return None
@@ -508,8 +500,6 @@ def _batches_by_size(sizes: Sequence[tuple[int, int]], batch_size: int) -> list[
 
 def _evaluation_loader(dataset, batch_size: int, workers: int):
     """A loader that never stacks images of different sizes: mixed sizes are batched by size."""
-    from torch.utils.data import DataLoader
-
     sizes = _image_sizes(dataset) if batch_size > 1 else None
     if sizes is None or len(set(sizes)) == 1:
         return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
@@ -518,16 +508,12 @@ def _evaluation_loader(dataset, batch_size: int, workers: int):
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluation import evaluate
-
     json_path = _output_file(args.json, "--json")
     label_map = parse_label_map(args.label_map)
     corrupt = parse_corrupt(args.corrupt)
     wrap = _load_model(args.model, args.device)
     normalize, _, _ = _normalizer(wrap, args.model)
     if corrupt is not None:
-        from .data import Compose
-
         normalize = Compose([corrupt.joint, normalize])
     dataset = parse_data_spec(args.data, args.split, transform=normalize, size=args.size, num_classes=wrap.num_classes, label_map=label_map)
     _check_classes(dataset, wrap, args.data)
@@ -562,12 +548,6 @@ def _training_batch_size(dataset, batch_size: int, *, crop: int | None) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    import tempfile
-
-    from . import data as D
-    from ._io import check_writable, tensor_bytes
-    from .training import finetune
-
     _output_dir(args.out)  # refuse a file before training, not after
     if args.checkpoint_dir is not None:
         _output_dir(args.checkpoint_dir, "--checkpoint-dir")
@@ -575,16 +555,17 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     wrap = _load_model(args.model, args.device)
     check_writable(args.out, 2 * tensor_bytes(wrap.state_dict().values()), "--out")  # before training, not after
     normalize, _, _ = _normalizer(wrap, args.model)
-    transforms = [D.RandomHorizontalFlip()]
+    transforms = [data.RandomHorizontalFlip()]
     if args.crop:
-        transforms = [D.RandomScale(0.5, 2.0), D.RandomCrop(args.crop), D.RandomHorizontalFlip()]
-    dataset = parse_data_spec(args.data, "train", transform=D.Compose([*transforms, normalize]), size=args.size,
+        transforms = [data.RandomScale(0.5, 2.0), data.RandomCrop(args.crop), data.RandomHorizontalFlip()]
+    dataset = parse_data_spec(args.data, "train", transform=data.Compose([*transforms, normalize]), size=args.size,
                               num_classes=wrap.num_classes, label_map=label_map)
     _check_classes(dataset, wrap, args.data)
     if len(dataset) == 0:
         raise CLIError(f"--data {args.data}: no training images found")
     batch_size = _training_batch_size(dataset, args.batch_size, crop=args.crop)
-    loader = D.make_loader(dataset, batch_size=batch_size, shuffle=True, seed=args.seed, num_workers=args.workers, drop_last=True)
+    loader = data.make_loader(dataset, batch_size=batch_size, shuffle=True, seed=args.seed, num_workers=args.workers,
+                              drop_last=True)
     log_every = args.log_every or max(1, min(50, args.steps // 10))
     progress = contextlib.nullcontext() if _on_terminal() else _training_progress()  # a terminal gets tqdm's bar
     with progress:
@@ -615,8 +596,6 @@ class _ImageFiles:
         return len(self.paths)
 
     def __getitem__(self, index: int):
-        import torch
-
         image = _read_image(self.paths[index])
         if self.corrupt is not None:
             image = self.corrupt(image)
@@ -624,10 +603,6 @@ class _ImageFiles:
 
 
 def cmd_estimate(args: argparse.Namespace) -> int:
-    from torch.utils.data import DataLoader
-
-    from .estimation import estimate
-
     json_path = _output_file(args.json, "--json")
     corrupt = parse_corrupt(args.corrupt)
     kind, _, rest = args.data.partition(":")
@@ -644,8 +619,6 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         batch_size = args.batch_size or 1
     else:
         if corrupt is not None:
-            from .data import Compose
-
             normalize = Compose([corrupt.joint, normalize])
         dataset = parse_data_spec(args.data, args.split, transform=normalize, size=args.size, num_classes=wrap.num_classes,
                                   label_map=parse_label_map(args.label_map))  # fmt: skip
@@ -669,10 +642,6 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from torch.utils.data import Subset
-
-    from .report import write_report
-
     out = _output_dir(args.out)
     corrupt = parse_corrupt(args.corrupt)
     kind, _, rest = args.data.partition(":")
@@ -689,8 +658,6 @@ def cmd_report(args: argparse.Namespace) -> int:
         dataset: Any = _ImageFiles(paths, normalize, corrupt)  # named by file in the page
     else:
         if corrupt is not None:
-            from .data import Compose
-
             normalize = Compose([corrupt.joint, normalize])
         dataset = parse_data_spec(args.data, args.split, transform=normalize, size=args.size, num_classes=wrap.num_classes,
                                   label_map=parse_label_map(args.label_map))  # fmt: skip
@@ -764,17 +731,24 @@ data (--data KIND:PATH):
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+_MODEL_NOTE = ("--model is a directory written by ErrorCorrectionWrapper(net).save_pretrained(DIR) in Python "
+               "(see 'errwrap --help'); a base network of your own needs Python instead of the CLI.")
 
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``errwrap`` parser: global options and one sub-parser per command (``_add_<command>``)."""
     parser = _Parser(prog="errwrap", description="Predict where a segmentation network is wrong, and correct it.",
                      epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"errwrap {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    model_note = ("--model is a directory written by ErrorCorrectionWrapper(net).save_pretrained(DIR) in Python "
-                  "(see 'errwrap --help'); a base network of your own needs Python instead of the CLI.")
+    for add in (_add_demo, _add_predict, _add_evaluate, _add_finetune, _add_estimate, _add_report):
+        add(sub)
+    return parser
 
+
+def _add_demo(sub: Any) -> None:
+    """The ``demo`` command's arguments."""
     p = sub.add_parser("demo", help="train, wrap, fine-tune and evaluate on the built-in scenes (CPU, ~5 min)",
                        description="On the built-in Scenes: train a small DeepLabV3+ base, wrap it, fine-tune the heads with the "
                                    "base frozen, evaluate on a held-out split, print a before/after table, and write metrics.json, "
@@ -786,11 +760,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a tiny run of a few seconds (smoke test; numbers are meaningless)")
     p.set_defaults(func=cmd_demo)
 
+
+def _add_predict(sub: Any) -> None:
+    """The ``predict`` command's arguments."""
     p = sub.add_parser("predict", help="corrected labels, error map and panel for images",
                        description="For each image write OUT/STEM_labels.png (palette PNG of corrected class ids), "
                                    "OUT/STEM_error.png (error-probability heat map) and OUT/STEM_panel.png. "
                                    "Images are normalised with the model's saved preprocessing (none when it saved "
-                                   "none: RGB in [0, 1], as in Python). " + model_note)
+                                   "none: RGB in [0, 1], as in Python). " + _MODEL_NOTE)
     p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...; RGB, RGBA, grayscale, 16-bit) or directories of them")
     p.add_argument("--out", required=True, help="output directory")
@@ -808,9 +785,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="e.g. cpu, cuda (default: cpu)")
     p.set_defaults(func=cmd_predict)
 
+
+def _add_evaluate(sub: Any) -> None:
+    """The ``evaluate`` command's arguments."""
     p = sub.add_parser("evaluate", help="metrics report: segmentation, error detection, calibration, timing",
                        description="Evaluate a model on a data set: base vs corrected mIoU, error head vs baselines (AUROC, "
-                                   "AUPR-Error, AUPR-Success, FPR95), ECE and time per image. " + model_note)
+                                   "AUPR-Error, AUPR-Success, FPR95), ECE and time per image. " + _MODEL_NOTE)
     p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--data", required=True, metavar="KIND:PATH", help=DATA_HELP)
     p.add_argument("--label-map", default=None, metavar="RAW:CLASS,...", help=LABEL_MAP_HELP)
@@ -826,9 +806,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="e.g. cpu, cuda (default: cpu)")
     p.set_defaults(func=cmd_evaluate)
 
+
+def _add_finetune(sub: Any) -> None:
+    """The ``finetune`` command's arguments."""
     p = sub.add_parser("finetune", help="fine-tune the heads (base frozen) and save the model",
                        description="Fine-tune a saved model's heads with the base frozen on the training split of --data "
-                                   "and save the model (base and heads) to --out. " + model_note)
+                                   "and save the model (base and heads) to --out. " + _MODEL_NOTE)
     p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--data", required=True, metavar="KIND:PATH", help=DATA_HELP)
     p.add_argument("--label-map", default=None, metavar="RAW:CLASS,...", help=LABEL_MAP_HELP)
@@ -852,11 +835,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="e.g. cpu, cuda (default: cpu)")
     p.set_defaults(func=cmd_finetune)
 
+
+def _add_estimate(sub: Any) -> None:
+    """The ``estimate`` command's arguments."""
     p = sub.add_parser("estimate", help="predicted accuracy and mIoU without labels; the images to check first",
                        description="Estimate, without labels, the pixel accuracy and mIoU of the corrected labels per image and "
                                    "for the data set (from the error map and the fused probabilities; docs/estimate.md), "
                                    "beside the average-confidence baseline, and list the images most likely wrong first. "
-                                   "Labels in --data are ignored. " + model_note)
+                                   "Labels in --data are ignored. " + _MODEL_NOTE)
     p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--data", required=True, metavar="KIND:PATH",
                    help="images:PATH (image files or directories, comma-separated; no labels needed) or " + DATA_HELP)
@@ -873,12 +859,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="e.g. cpu, cuda (default: cpu)")
     p.set_defaults(func=cmd_estimate)
 
+
+def _add_report(sub: Any) -> None:
+    """The ``report`` command's arguments."""
     p = sub.add_parser("report", help="a static HTML page: the estimate and the images most likely wrong first",
                        description="Write OUT/index.html, a page that opens from disk offline (pictures in OUT/images/, numbers "
                                    "in OUT/report.json): the estimate of errwrap estimate, the --worst images with the lowest "
                                    "predicted accuracy first (image, labels, error map with a colour bar, class legend), and, "
                                    "when --data has labels, true against predicted accuracy and the risk-coverage plot. "
-                                   + model_note)
+                                   + _MODEL_NOTE)
     p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--data", required=True, metavar="KIND:PATH",
                    help="images:PATH (image files or directories, comma-separated; no labels needed) or " + DATA_HELP)
@@ -894,7 +883,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-side", type=_positive_int, default=512, help="shrink pictures to at most this many pixels a side (default: 512)")
     p.add_argument("--device", default=None, help="e.g. cpu, cuda (default: cpu)")
     p.set_defaults(func=cmd_report)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -38,12 +38,14 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
+from ._batch import check_loader_num_classes, explain_batch_error, images_of, prepare_batch
 from ._distributed import gather_objects as _gather
 from ._distributed import rank_and_world as _dist_world
 from ._io import nan_to_none, none_to_nan, read_json_text, write_json_text
-from ._validate import IMAGE_KEYS, check_finite, check_images, describe, input_dtype, prepare_batch
-from .data.loader import _checked_num_classes, _explain_batch_error
+from ._utils import eval_mode, resolve_device
+from ._validate import check_positive_int, input_dtype
 
 __all__ = [
     "EstimateReport",
@@ -180,33 +182,6 @@ def _bootstrap_interval(counts: Tensor, resamples: int, level: float, seed: int)
 
 
 # ---------------------------------------------------------------------------- batches and devices
-def _resolve_device(wrapper: nn.Module, device: torch.device | str | None) -> torch.device:
-    param = next(iter(wrapper.parameters()), None)
-    wrapper_device = param.device if param is not None else torch.device("cpu")
-    chosen = torch.device(device) if device is not None else wrapper_device
-    if chosen.type != wrapper_device.type or (chosen.index is not None and wrapper_device.index is not None and chosen != wrapper_device):
-        raise ValueError(f"device={chosen}, but the wrapper's parameters are on {wrapper_device}; move the wrapper first (wrapper.to(device))")
-    return chosen
-
-
-def _images_of(batch: Any, index: int, in_channels: int | None, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """The images of an unlabelled batch: a tensor, a mapping with an image key, or an
-    ``(images, ...)`` sequence whose other items (labels, names) are ignored; checked like
-    :func:`~errwrap._validate.prepare_batch` checks them."""
-    images = batch
-    if isinstance(batch, Mapping):
-        key = next((k for k in IMAGE_KEYS if k in batch), None)
-        if key is None:
-            raise ValueError(f"batch {index}: expected a mapping with an image key (one of {list(IMAGE_KEYS)}), got keys {list(batch)[:8]}")
-        images = batch[key]
-    elif isinstance(batch, Sequence) and not isinstance(batch, (str, bytes)) and len(batch) >= 1:
-        images = batch[0]
-    if not isinstance(images, Tensor):
-        raise TypeError(f"batch {index}: expected images, (images, labels) or a mapping with key 'image', got {describe(batch)}")
-    check_images(images, in_channels, name=f"images of batch {index}")
-    images = images.to(device, dtype=dtype)
-    check_finite(images, f"images of batch {index}")
-    return images
 
 
 # ---------------------------------------------------------------------------- the pass
@@ -222,8 +197,7 @@ class _Pass:
 
 
 def _check_run_settings(threshold: float, atc_threshold: float | None, max_batches: int | None) -> None:
-    if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1):
-        raise ValueError(f"max_batches: expected a positive int or None, got {max_batches!r}")
+    check_positive_int(max_batches, "max_batches", or_none=True)
     if not 0.0 <= float(threshold) <= 1.0:
         raise ValueError(f"threshold: expected a probability in [0, 1], got {threshold!r}")
     if atc_threshold is not None and not 0.0 <= float(atc_threshold) <= 1.0:
@@ -244,19 +218,15 @@ def _outputs(
     """Run the wrapper (eval mode, no gradients; every module's mode restored at the end) on each
     batch and yield ``(output, labelled pixels or None, labels or None)``."""
     num_classes = int(wrapper.num_classes)
-    _checked_num_classes(loader, num_classes, "loader")
-    device = _resolve_device(wrapper, device)
+    check_loader_num_classes(loader, num_classes, "loader")
+    device = resolve_device(wrapper, device)
     in_channels = getattr(wrapper, "in_channels", None)
     dtype = input_dtype(wrapper)
     iterator: Iterable[Any] = loader
     if progress is True:
-        from tqdm.auto import tqdm
-
         iterator = tqdm(loader, desc=name, total=max_batches)
     callback = progress if callable(progress) else None
-    modes = {m: m.training for m in wrapper.modules()}
-    wrapper.eval()
-    try:
+    with eval_mode(wrapper):
         batches = iter(iterator)
         for index in itertools.count():
             if max_batches is not None and index >= max_batches:
@@ -266,20 +236,17 @@ def _outputs(
             except StopIteration:
                 break
             except RuntimeError as exc:
-                raise _explain_batch_error(exc, "loader") from exc
+                raise explain_batch_error(exc, "loader") from exc
             truth = None
             if labelled:
                 images, truth = prepare_batch(batch, index, in_channels=in_channels, num_classes=num_classes, ignore_index=ignore_index, device=device, dtype=dtype)
             else:
-                images = _images_of(batch, index, in_channels, device, dtype)
+                images = images_of(batch, index, in_channels, device, dtype)
             with torch.no_grad():
                 out = wrapper(images)
             yield out, (truth != ignore_index if truth is not None else None), truth
             if callback is not None:
                 callback(index)
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
 
 
 def _run(

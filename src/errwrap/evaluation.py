@@ -25,13 +25,15 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
+from ._batch import check_loader_num_classes, explain_batch_error, prepare_batch, unpack_batch
 from ._distributed import is_initialized as _dist_initialized
 from ._distributed import sum_over_processes as _sum_over_processes
 from ._distributed import world_size as _world_size
 from ._io import nan_to_none, none_to_nan, read_json_text, write_json_text
-from ._validate import check_outputs_finite, input_dtype, prepare_batch, split_batch
-from .data.loader import _checked_num_classes, _explain_batch_error
+from ._utils import eval_mode, resolve_device
+from ._validate import check_outputs_finite, check_positive_int, input_dtype
 from .layers import resize
 from .metrics import (
     DEFAULT_SCORE_BINS,
@@ -230,22 +232,11 @@ class EvaluationReport:
         return self.table()
 
 
-def unpack_batch(batch: Any) -> tuple[Tensor, Tensor]:
-    """``(images, labels)`` from a batch that is a ``(images, labels, ...)`` sequence or a mapping
-    with an image key (``"image"``, ``"images"``, ``"pixel_values"``, ``"img"``) and a label key
-    (``"label"``, ``"labels"``, ``"mask"``, ``"masks"``, ``"target"``, ``"targets"``); the same
-    rule as :func:`errwrap.finetune`."""
-    return split_batch(batch)
-
-
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def _default_device(wrapper: nn.Module) -> torch.device:
-    param = next(iter(wrapper.parameters()), None)
-    return param.device if param is not None else torch.device("cpu")
 
 
 def evaluate(
@@ -301,106 +292,47 @@ def evaluate(
         >>> report = evaluate(wrapper, val_loader, baselines=("msp", "entropy"))  # doctest: +SKIP
         >>> print(report.table())                                                 # doctest: +SKIP
     """
-    if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1):
-        raise ValueError(f"max_batches: expected a positive int or None, got {max_batches!r}")
+    check_positive_int(max_batches, "max_batches", or_none=True)
     num_classes = int(wrapper.num_classes)
-    _checked_num_classes(loader, num_classes, "loader")
-    scores: dict[str, ErrorScore] = {}
-    for spec in baselines:
-        if spec == "mc_dropout":
-            score = MCDropoutScore(T=mc_dropout_T, seed=mc_dropout_seed, p=mc_dropout_p)
-        else:
-            score = build_score(spec)
-        if score.name == ErrorHeadScore.name or score.name in scores:
-            raise ValueError(f"baselines: expected distinct baseline names other than 'error_head', got {list(baselines)}")
-        scores[score.name] = score
-    wrapper_device = _default_device(wrapper)
-    device = torch.device(device) if device is not None else wrapper_device
-    if device.type != wrapper_device.type or (device.index is not None and wrapper_device.index is not None and device != wrapper_device):
-        raise ValueError(f"device={device}, but the wrapper's parameters are on {wrapper_device}; move the wrapper first (wrapper.to(device))")
-
-    seg = {"base": SegmentationMetrics(num_classes, ignore_index), "fused": SegmentationMetrics(num_classes, ignore_index)}
-    cal = {k: CalibrationMetrics(num_classes, calibration_bins, ignore_index) for k in ("base", "fused")}
-    det = {name: ErrorDetectionMetrics(score_bins) for name in [ErrorHeadScore.name, *scores]}
-    judged = {"error_prob": "returned", "msp": "base", ErrorHeadScore.name: "base", **{n: s.judges for n, s in scores.items()}}
-    returned_det = ErrorDetectionMetrics(score_bins)
-    risk = {name: RiskCoverageMetrics(score_bins) for name in judged}
-    images_rc = {name: ImageRiskCoverageMetrics() for name in judged}
+    check_loader_num_classes(loader, num_classes, "loader")
+    scores = _build_scores(baselines, mc_dropout_T, mc_dropout_seed, mc_dropout_p)
+    device = resolve_device(wrapper, device)
+    meters = _Meters.create(num_classes, ignore_index, score_bins, calibration_bins, scores)
+    seg, cal, det, returned_det = meters.seg, meters.cal, meters.det, meters.returned_det
+    risk, images_rc = meters.risk, meters.images_rc
     seconds = {"base_forward": 0.0, "wrapper_forward": 0.0, **{f"extra/{n}": 0.0 for n in scores}}
     num_images = 0
 
     iterator: Iterable[Any] = loader
     if progress is True:
-        from tqdm.auto import tqdm
-
         iterator = tqdm(loader, desc="evaluate", total=max_batches)
     callback = progress if callable(progress) else None
 
-    modes = {m: m.training for m in wrapper.modules()}
     dtype = input_dtype(wrapper)  # float64 or float16 images run in the model's dtype
-    wrapper.eval()
     error_head = ErrorHeadScore()
-    try:
+    with eval_mode(wrapper), torch.no_grad():
         batches = iter(iterator)
-        with torch.no_grad():
-            for index in itertools.count():
-                if max_batches is not None and index >= max_batches:
-                    break
-                try:
-                    batch = next(batches)
-                except StopIteration:
-                    break
-                except RuntimeError as exc:
-                    raise _explain_batch_error(exc, "loader") from exc
-                images, labels = prepare_batch(
-                    batch, index, in_channels=getattr(wrapper, "in_channels", None), num_classes=num_classes,
-                    ignore_index=ignore_index, device=device, dtype=dtype,
-                )  # fmt: skip
-                size = images.shape[-2:]
-                if index == 0:  # untimed warm-up, so one-time costs do not land on whichever pass runs first
-                    wrapper.forward_base(images)
-                    wrapper(images)
-
-                _synchronize(device)
-                start = time.perf_counter()
-                base_logits = resize(wrapper.forward_base(images).logits, size)
-                _synchronize(device)
-                seconds["base_forward"] += time.perf_counter() - start
-
-                start = time.perf_counter()
-                out = wrapper(images)
-                _synchronize(device)
-                seconds["wrapper_forward"] += time.perf_counter() - start
-                check_outputs_finite(out, f"batch {index}")
-
-                outputs = {ErrorHeadScore.name: error_head(wrapper, images, output=out)}
-                for name, score in scores.items():
-                    _synchronize(device)
-                    start = time.perf_counter()
-                    outputs[name] = score(wrapper, images, base_logits=base_logits)
-                    _synchronize(device)
-                    seconds[f"extra/{name}"] += time.perf_counter() - start
-
-                valid = labels != ignore_index
-                ranked = {"error_prob": (out.error_prob, out.labels != labels), "msp": (msp_score(out.base_logits), out.base_labels != labels)}
-                for name, scored in outputs.items():
-                    wrong = scored.prediction != labels
-                    det[name].update(scored.score, wrong, valid)
-                    ranked[name] = (scored.score, wrong)
-                returned_det.update(*ranked["error_prob"], valid)
-                for name, (score_map, wrong) in ranked.items():
-                    risk[name].update(score_map, wrong, valid)
-                    images_rc[name].update(score_map, wrong, valid)
-                seg["base"].update(out.base_labels, labels)
-                seg["fused"].update(out.labels, labels)
-                cal["base"].update(torch.softmax(out.base_logits.float(), dim=1), labels)
-                cal["fused"].update(out.probs, labels)
-                num_images += int(images.shape[0])
-                if callback is not None:
-                    callback(index)
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
+        for index in itertools.count():
+            if max_batches is not None and index >= max_batches:
+                break
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            except RuntimeError as exc:
+                raise explain_batch_error(exc, "loader") from exc
+            images, labels = prepare_batch(
+                batch, index, in_channels=getattr(wrapper, "in_channels", None), num_classes=num_classes,
+                ignore_index=ignore_index, device=device, dtype=dtype,
+            )  # fmt: skip
+            if index == 0:  # untimed warm-up, so one-time costs do not land on whichever pass runs first
+                wrapper.forward_base(images)
+                wrapper(images)
+            out, outputs = _timed_pass(wrapper, images, error_head, scores, device, seconds, f"batch {index}")
+            meters.update(out, outputs, labels, ignore_index)
+            num_images += int(images.shape[0])
+            if callback is not None:
+                callback(index)
 
     if _dist_initialized():
         for metric in [*seg.values(), *cal.values(), *det.values(), returned_det, *risk.values(), *images_rc.values()]:
@@ -412,13 +344,6 @@ def evaluate(
     if num_images == 0:
         raise ValueError("loader: expected at least one batch of images, got none")
 
-    per_image = {k: v / num_images for k, v in seconds.items()}
-    time_per_image = {"base_forward": per_image["base_forward"], "wrapper_forward": per_image["wrapper_forward"]}
-    time_per_image[f"score/{ErrorHeadScore.name}"] = per_image["wrapper_forward"]
-    for name in scores:
-        time_per_image[f"extra/{name}"] = per_image[f"extra/{name}"]
-        time_per_image[f"score/{name}"] = per_image["base_forward"] + per_image[f"extra/{name}"]
-    base_result = seg["base"].compute()
     config = {
         "num_classes": num_classes,
         "ignore_index": ignore_index,
@@ -428,22 +353,148 @@ def evaluate(
         "device": str(device),
         "world_size": _world_size(),
     }
-    report = EvaluationReport(
-        base=base_result,
-        fused=seg["fused"].compute(),
-        error_detection={name: m.compute() for name, m in det.items()},
-        calibration={k: m.compute() for k, m in cal.items()},
-        num_images=num_images,
-        num_pixels=base_result.num_pixels,
-        time_per_image=time_per_image,
-        config=config,
-        returned_detection=returned_det.compute(),
-        risk_coverage={name: m.compute() for name, m in risk.items()},
-        image_risk_coverage={name: m.compute() for name, m in images_rc.items()},
-        judged_labels=judged,
-        risk_curves={name: tuple(a.tolist() for a in m.curve(num_points=100)) for name, m in risk.items()},
-    )
+    report = meters.report(num_images, _time_per_image(seconds, num_images, scores), config)
     if report.num_pixels == 0:
         logger.warning("evaluate: every label was ignore_index=%d; the metrics are all nan", ignore_index)
     logger.info("evaluated %d images: base mIoU %.4f, fused mIoU %.4f", num_images, report.base.miou, report.fused.miou)
     return report
+
+
+def _build_scores(
+    baselines: Sequence[str | ErrorScore], mc_dropout_T: int, mc_dropout_seed: int, mc_dropout_p: float
+) -> dict[str, ErrorScore]:
+    """The baseline scores by name, refusing duplicates and the error head's own name."""
+    scores: dict[str, ErrorScore] = {}
+    for spec in baselines:
+        if spec == "mc_dropout":
+            score = MCDropoutScore(T=mc_dropout_T, seed=mc_dropout_seed, p=mc_dropout_p)
+        else:
+            score = build_score(spec)
+        if score.name == ErrorHeadScore.name or score.name in scores:
+            raise ValueError(
+                f"baselines: expected distinct baseline names other than 'error_head', got {list(baselines)}"
+            )
+        scores[score.name] = score
+    return scores
+
+
+def _timed_pass(
+    wrapper: nn.Module,
+    images: Tensor,
+    error_head: ErrorScore,
+    scores: Mapping[str, ErrorScore],
+    device: torch.device,
+    seconds: dict[str, float],
+    name: str,
+) -> tuple[Any, dict[str, Any]]:
+    """The wrapper's output and every score's :class:`~errwrap.scores.ScoreOutput` on one batch,
+    the wall time of the base pass, the wrapper pass and each score's extra work added to
+    ``seconds``."""
+    size = images.shape[-2:]
+    _synchronize(device)
+    start = time.perf_counter()
+    base_logits = resize(wrapper.forward_base(images).logits, size)
+    _synchronize(device)
+    seconds["base_forward"] += time.perf_counter() - start
+
+    start = time.perf_counter()
+    out = wrapper(images)
+    _synchronize(device)
+    seconds["wrapper_forward"] += time.perf_counter() - start
+    check_outputs_finite(out, name)
+
+    outputs = {ErrorHeadScore.name: error_head(wrapper, images, output=out)}
+    for score_name, score in scores.items():
+        _synchronize(device)
+        start = time.perf_counter()
+        outputs[score_name] = score(wrapper, images, base_logits=base_logits)
+        _synchronize(device)
+        seconds[f"extra/{score_name}"] += time.perf_counter() - start
+    return out, outputs
+
+
+def _time_per_image(
+    seconds: Mapping[str, float], num_images: int, scores: Mapping[str, ErrorScore]
+) -> dict[str, float]:
+    """Seconds per image of each pass, and of each score in all (its base pass included)."""
+    per_image = {k: v / num_images for k, v in seconds.items()}
+    time_per_image = {"base_forward": per_image["base_forward"], "wrapper_forward": per_image["wrapper_forward"]}
+    time_per_image[f"score/{ErrorHeadScore.name}"] = per_image["wrapper_forward"]
+    for name in scores:
+        time_per_image[f"extra/{name}"] = per_image[f"extra/{name}"]
+        time_per_image[f"score/{name}"] = per_image["base_forward"] + per_image[f"extra/{name}"]
+    return time_per_image
+
+
+@dataclasses.dataclass
+class _Meters:
+    """The streaming metrics one evaluation fills, and which labels each ranking judges."""
+
+    seg: dict[str, SegmentationMetrics]
+    cal: dict[str, CalibrationMetrics]
+    det: dict[str, ErrorDetectionMetrics]
+    returned_det: ErrorDetectionMetrics
+    risk: dict[str, RiskCoverageMetrics]
+    images_rc: dict[str, ImageRiskCoverageMetrics]
+    judged: dict[str, str]
+
+    @classmethod
+    def create(
+        cls,
+        num_classes: int,
+        ignore_index: int,
+        score_bins: int,
+        calibration_bins: int,
+        scores: Mapping[str, ErrorScore],
+    ) -> "_Meters":
+        judged = {"error_prob": "returned", "msp": "base", ErrorHeadScore.name: "base"}
+        judged.update({n: s.judges for n, s in scores.items()})
+        return cls(
+            seg={k: SegmentationMetrics(num_classes, ignore_index) for k in ("base", "fused")},
+            cal={k: CalibrationMetrics(num_classes, calibration_bins, ignore_index) for k in ("base", "fused")},
+            det={name: ErrorDetectionMetrics(score_bins) for name in [ErrorHeadScore.name, *scores]},
+            returned_det=ErrorDetectionMetrics(score_bins),
+            risk={name: RiskCoverageMetrics(score_bins) for name in judged},
+            images_rc={name: ImageRiskCoverageMetrics() for name in judged},
+            judged=judged,
+        )
+
+    def update(self, out: Any, outputs: Mapping[str, Any], labels: Tensor, ignore_index: int) -> None:
+        """Add one batch: the wrapper's output, each score's output, and the labels."""
+        valid = labels != ignore_index
+        ranked = {
+            "error_prob": (out.error_prob, out.labels != labels),
+            "msp": (msp_score(out.base_logits), out.base_labels != labels),
+        }
+        for name, scored in outputs.items():
+            wrong = scored.prediction != labels
+            self.det[name].update(scored.score, wrong, valid)
+            ranked[name] = (scored.score, wrong)
+        self.returned_det.update(*ranked["error_prob"], valid)
+        for name, (score_map, wrong) in ranked.items():
+            self.risk[name].update(score_map, wrong, valid)
+            self.images_rc[name].update(score_map, wrong, valid)
+        self.seg["base"].update(out.base_labels, labels)
+        self.seg["fused"].update(out.labels, labels)
+        self.cal["base"].update(torch.softmax(out.base_logits.float(), dim=1), labels)
+        self.cal["fused"].update(out.probs, labels)
+
+    def report(self, num_images: int, time_per_image: dict[str, float], config: dict[str, Any]) -> EvaluationReport:
+        """The :class:`EvaluationReport` of what was added."""
+        base_result = self.seg["base"].compute()
+        return EvaluationReport(
+            base=base_result,
+            fused=self.seg["fused"].compute(),
+            error_detection={name: m.compute() for name, m in self.det.items()},
+            calibration={k: m.compute() for k, m in self.cal.items()},
+            num_images=num_images,
+            num_pixels=base_result.num_pixels,
+            time_per_image=time_per_image,
+            config=config,
+            returned_detection=self.returned_det.compute(),
+            risk_coverage={name: m.compute() for name, m in self.risk.items()},
+            image_risk_coverage={name: m.compute() for name, m in self.images_rc.items()},
+            judged_labels=self.judged,
+            risk_curves={name: tuple(a.tolist() for a in m.curve(num_points=100)) for name, m in self.risk.items()},
+        )
+

@@ -1,6 +1,7 @@
 """The three heads of the method: error prediction, detail re-labelling, and fusion.
 
-See docs/method.md for which choices are the paper's and which are errwrap's own.
+See docs/method.md for which choices are the paper's and which are errwrap's own. The math
+(:func:`mixture_log_probs`, :func:`confidence_cues`) lives in :mod:`errwrap.functional`.
 """
 
 from __future__ import annotations
@@ -8,101 +9,23 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._validate import is_tracing
+from .functional import confidence_cues, mixture_log_probs, mixture_log_probs_inference
 from .layers import ConvNormAct, LayerSpec, resize
-
-_LOG_EPS = math.log(1e-12)
-#: Smallest normal float32: a mixture probability below it lost precision (or underflowed to 0) in
-#: :func:`mixture_log_probs_inference`, which then recomputes those pixels in log space.
-_TINY = torch.finfo(torch.float32).tiny
+from .ops.fusion import fused_mixture_log_probs
 
 __all__ = [
-    "confidence_cues",
-    "mixture_log_probs",
-    "mixture_log_probs_inference",
+    "confidence_cues",  # from errwrap.functional, re-exported (documented here)
+    "mixture_log_probs",  # from errwrap.functional, re-exported (documented here)
+    "mixture_log_probs_inference",  # from errwrap.functional, re-exported
     "ErrorHead",
     "DetailHead",
     "MixtureFusion",
     "LearnedFusion",
     "build_fusion",
 ]
-
-
-def confidence_cues(probs: Tensor, log_probs: Tensor | None = None) -> Tensor:
-    """Per-pixel confidence cues of a softmax map: max probability, top-2 margin, and entropy
-    normalised by ``log(C)`` (all in ``[0, 1]``).
-
-    Args:
-        probs: class probabilities.
-        log_probs: ``log(probs)`` when the caller has it (e.g. a ``log_softmax``): the entropy then
-            reads it instead of taking another logarithm.
-
-    Shapes:
-        probs, log_probs ``(B, C, H, W)`` with ``C >= 2`` -> ``(B, 3, H, W)``.
-    """
-    # max and masked max instead of topk(2): 2-3x faster on CPU for C in 11..19; a tie for the
-    # top class gives margin 0, as topk would.
-    max_prob = probs.amax(dim=1, keepdim=True)
-    is_max = probs == max_prob
-    second = torch.where(is_max, -1.0, probs).amax(dim=1, keepdim=True)
-    second = torch.where(is_max.sum(dim=1, keepdim=True) > 1, max_prob, second)
-    margin = max_prob - second
-    # log(p) floored at log(1e-12), as for probabilities clamped to 1e-12: 0 * log(0) stays 0.
-    log_probs = torch.log(probs.clamp_min(1e-12)) if log_probs is None else log_probs.clamp_min(_LOG_EPS)
-    entropy = -log_probs.mul_(probs).sum(dim=1, keepdim=True)
-    entropy = entropy / math.log(probs.shape[1])
-    return torch.cat([max_prob, margin, entropy], dim=1)
-
-
-def mixture_log_probs(base_logits: Tensor, detail_logits: Tensor, error_logits: Tensor) -> Tensor:
-    """Fused log-probabilities of the paper's mixture
-    ``p = (1 - p_err) * softmax(base) + p_err * softmax(detail)``, with ``p_err = sigmoid(error)``.
-
-    Computed in log space, ``logsumexp(logsigmoid(-e) + log_softmax(z0), logsigmoid(e) +
-    log_softmax(z1))``, so it stays finite for logits as large as ``±1e4`` and never takes
-    ``log(0)``. Half-precision inputs are computed (and returned) in float32.
-
-    Shapes:
-        base_logits, detail_logits ``(B, C, H, W)``; error_logits ``(B, 1, H, W)``;
-        returns ``(B, C, H, W)``.
-
-    Example:
-        >>> z0, z1, e = torch.randn(2, 5, 8, 8), torch.randn(2, 5, 8, 8), torch.randn(2, 1, 8, 8)
-        >>> mixture_log_probs(z0, z1, e).exp().sum(1).allclose(torch.ones(2, 8, 8))
-        True
-    """
-    dtype = torch.promote_types(base_logits.dtype, torch.float32)
-    keep = F.logsigmoid(-error_logits.to(dtype)) + F.log_softmax(base_logits.to(dtype), dim=1)
-    change = F.logsigmoid(error_logits.to(dtype)) + F.log_softmax(detail_logits.to(dtype), dim=1)
-    return torch.logaddexp(keep, change)
-
-
-def mixture_log_probs_inference(base_logits: Tensor, base_probs: Tensor, detail_logits: Tensor, error_logits: Tensor) -> Tensor:
-    """:func:`mixture_log_probs` for inference, from the base's probabilities already computed.
-
-    Mixes in probability space, ``log(sigmoid(-e) * p0 + sigmoid(e) * softmax(z1))``, in place:
-    one logarithm instead of :func:`mixture_log_probs`'s two log-sigmoids, two log-softmaxes and
-    a ``logaddexp`` per class, and one ``B x C x H x W`` buffer instead of five. Both terms are
-    non-negative and each is exact to float32 rounding, so the result equals the log-space one
-    to float32 tolerance wherever the mixture probability is a normal float (``>= 1.2e-38``);
-    pixels with a smaller probability (logits tens of units apart) are recomputed with
-    :func:`mixture_log_probs`. Not for training: no gradient flows through the in-place ops.
-
-    Shapes:
-        base_logits, base_probs (``softmax(base_logits)`` in float32), detail_logits
-        ``(B, C, H, W)``; error_logits ``(B, 1, H, W)``; returns ``(B, C, H, W)`` float32.
-    """
-    error = error_logits.float()
-    mixed = torch.softmax(detail_logits.float(), dim=1).mul_(torch.sigmoid(error))
-    mixed = mixed.addcmul_(base_probs, torch.sigmoid(-error))
-    underflow = mixed < _TINY if bool(mixed.amin() < _TINY) else None
-    log_probs = mixed.log_()
-    if underflow is not None:  # rare: recompute, in log space, the pixels that underflowed
-        log_probs = torch.where(underflow, mixture_log_probs(base_logits, detail_logits, error_logits), log_probs)
-    return log_probs
 
 
 class ErrorHead(nn.Module):
@@ -258,7 +181,7 @@ class DetailHead(nn.Module):
 
 
 class MixtureFusion(nn.Module):
-    """Stage (iii), the paper's mixture: no parameters, see :func:`mixture_log_probs`.
+    """Stage (iii), the paper's mixture: no parameters, see :func:`~errwrap.functional.mixture_log_probs`.
 
     Shapes:
         base_logits, detail_logits ``(B, C, H, W)``, error_logits ``(B, 1, H, W)`` ->
@@ -282,8 +205,6 @@ class MixtureFusion(nn.Module):
             if base_probs is not None and not torch.is_grad_enabled() and not is_tracing():
                 return mixture_log_probs_inference(base_logits, base_probs, detail_logits, error_logits)
             return mixture_log_probs(base_logits, detail_logits, error_logits)
-        from .ops.fusion import fused_mixture_log_probs  # heads <- ops.fusion imports heads
-
         return fused_mixture_log_probs(base_logits, detail_logits, error_logits)
 
 

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ._io import atomic_directory, load_safetensors, save_safetensors, write_text_atomic
+from ._version import __version__
 from .config import MAX_HEAD_PARAMETERS, TEMPERATURE_RANGE, HeadConfig
 from .modelcard import render_model_card
 
@@ -91,8 +92,6 @@ class SavedConfig:
 
 def _check_format(raw: Any, source: str) -> None:
     """The file is an errwrap config of a format this errwrap reads, with known keys and no code."""
-    from . import __version__
-
     if not isinstance(raw, dict):
         raise ValueError(f"{source}: expected a JSON object, got {type(raw).__name__}")
     version = raw.get("format_version")
@@ -267,8 +266,6 @@ class HubMixin:
     # ------------------------------------------------------------------ config
     def hub_config(self, *, heads_only: bool = False, class_names: list[str] | None = None) -> dict[str, Any]:
         """The ``config.json`` content: plain JSON data only."""
-        from . import __version__
-
         names = class_names if class_names is not None else self.class_names
         config: dict[str, Any] = {
             "errwrap_version": __version__,

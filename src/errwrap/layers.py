@@ -95,13 +95,11 @@ class ConvNormAct(nn.Sequential):
         nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
 
 
-def resize(x: torch.Tensor, size: tuple[int, int] | torch.Size, mode: str = "bilinear") -> torch.Tensor:
+def resize(x: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
     """Resize a ``B x C x h x w`` map to ``size`` (bilinear, ``align_corners=False``).
 
     Returns ``x`` itself when it already has that size, so same-size maps cost nothing.
     """
     if tuple(x.shape[-2:]) == tuple(size):
         return x
-    if mode == "nearest":
-        return nn.functional.interpolate(x, size=tuple(size), mode="nearest")
-    return nn.functional.interpolate(x, size=tuple(size), mode=mode, align_corners=False)
+    return nn.functional.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ._distributed import all_reduce_sum, gather_objects, is_initialized
-from ._validate import describe
+from ._validate import check_positive_int, describe
 
 __all__ = [
     "StreamingMetric",
@@ -175,8 +175,7 @@ class SegmentationMetrics(StreamingMetric):
 
     def __init__(self, num_classes: int, ignore_index: int = 255, device: torch.device | str | None = None) -> None:
         super().__init__(device)
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes: expected a positive int, got {num_classes!r}")
+        check_positive_int(num_classes, "num_classes")
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self._add_state("confusion", num_classes * num_classes, torch.int64)
@@ -313,8 +312,7 @@ class ErrorDetectionMetrics(StreamingMetric):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__(device)
-        if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 1:
-            raise ValueError(f"num_bins: expected a positive int, got {num_bins!r}")
+        check_positive_int(num_bins, "num_bins")
         low, high = (float(v) for v in score_range)
         if not (math.isfinite(low) and math.isfinite(high) and high > low):
             raise ValueError(f"score_range: expected finite (low, high) with low < high, got {score_range!r}")
@@ -471,8 +469,7 @@ class CalibrationMetrics(StreamingMetric):
 
     def __init__(self, num_classes: int | None = None, num_bins: int = 15, ignore_index: int = 255, device: torch.device | str | None = None) -> None:
         super().__init__(device)
-        if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 1:
-            raise ValueError(f"num_bins: expected a positive int, got {num_bins!r}")
+        check_positive_int(num_bins, "num_bins")
         self.num_classes = num_classes
         self.num_bins = num_bins
         self.ignore_index = ignore_index
@@ -718,8 +715,7 @@ class RiskCoverageMetrics(StreamingMetric):
         err, cnt = self._groups()
         if num_points is None:
             return _curve_of_groups(err, cnt)
-        if isinstance(num_points, bool) or not isinstance(num_points, int) or num_points < 1:
-            raise ValueError(f"num_points: expected a positive int or None, got {num_points!r}")
+        check_positive_int(num_points, "num_points", or_none=True)
         if float(cnt.sum()) == 0:
             return np.zeros(0), np.zeros(0)
         coverages = tuple(k / num_points for k in range(1, num_points + 1))

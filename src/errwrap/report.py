@@ -27,12 +27,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, Subset
 
 from ._io import atomic_path
-from ._validate import LABEL_KEYS, input_dtype, prepare_batch
-from .estimation import EstimateComparison, EstimateReport, _dist_world, _images_of, _resolve_device, compare_estimates, estimate
+from ._batch import LABEL_KEYS, images_of, prepare_batch
+from ._utils import eval_mode, resolve_device
+from ._validate import input_dtype
+from .estimation import EstimateComparison, EstimateReport, _dist_world, compare_estimates, estimate
+from .evaluation import evaluate
 from .viz import colorize, heatmap, palette_for, risk_coverage_plot, to_uint8_image
 
 __all__ = ["write_report", "REPORT_FILES"]
@@ -48,8 +52,6 @@ _COLORBAR_TICKS = (0.0, 0.25, 0.5, 0.75, 1.0)
 def _as_loader(data: Any, batch_size: int) -> Iterable[Any]:
     """A dataset (``__getitem__`` and ``__len__``) becomes an unshuffled DataLoader; a loader is
     kept. A one-shot iterator is refused: the report reads the data more than once."""
-    from torch.utils.data import DataLoader
-
     if isinstance(data, DataLoader):
         return data
     if hasattr(data, "__getitem__") and hasattr(data, "__len__") and not isinstance(data, (str, bytes, Tensor, Mapping)):
@@ -76,8 +78,6 @@ def _first_batch(loader: Iterable[Any]) -> Any:
 
 def _dataset_of(loader: Iterable[Any]) -> tuple[Any, list[int] | None]:
     """The loader's dataset, looked through a ``Subset`` (with the indices it picks)."""
-    from torch.utils.data import Subset
-
     dataset, indices = getattr(loader, "dataset", None), None
     while isinstance(dataset, Subset):
         picked = [int(i) for i in dataset.indices]
@@ -153,8 +153,6 @@ def _risk_plot(comparison_curves: Mapping[str, Any], path: Path) -> bool:
 def _accuracy_scatter(rows: Sequence[Mapping[str, Any]], shown: Sequence[int], path: Path, size: int = 380) -> int:
     """Per image, true (x) against predicted (y) pixel accuracy of the returned labels, both axes
     0 to 1, the diagonal in grey, the images shown on the page in red; returns the points drawn."""
-    from PIL import ImageDraw
-
     left, right, upper, lower = 44, 12, 22, 36
     plot = size - left - right
     height = upper + plot + lower
@@ -213,9 +211,7 @@ def _render_worst(
     dtype = input_dtype(wrapper)
     num_classes = int(wrapper.num_classes)
     start = 0
-    modes = {m: m.training for m in wrapper.modules()}
-    wrapper.eval()
-    try:
+    with eval_mode(wrapper):
         for index, batch in enumerate(loader):
             if len(found) == len(wanted) or (max_batches is not None and index >= max_batches):
                 break
@@ -223,7 +219,7 @@ def _render_worst(
                 images, truth = prepare_batch(batch, index, in_channels=in_channels, num_classes=num_classes,
                                               ignore_index=ignore_index, device=device, dtype=dtype)  # fmt: skip
             else:
-                images, truth = _images_of(batch, index, in_channels, device, dtype), None
+                images, truth = images_of(batch, index, in_channels, device, dtype), None
             picks = [i for i in range(images.shape[0]) if start + i in wanted]
             if picks:
                 with torch.no_grad():
@@ -238,9 +234,6 @@ def _render_worst(
                     _check_same_image(item, wanted[start + i], ignore_index)
                     found[start + i] = save(start + i, item)
             start += images.shape[0]
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
     return found
 
 
@@ -472,7 +465,7 @@ def write_report(
         raise ValueError("write_report: runs on one process; call it outside torch.distributed (or on rank 0 with a loader of all images)")
     loader = _as_loader(data, batch_size)
     labelled = bool(labels) and _has_labels(_first_batch(loader))
-    dev = _resolve_device(wrapper, device)
+    dev = resolve_device(wrapper, device)
     num_classes = int(wrapper.num_classes)
     class_names = _class_names(class_names, wrapper, loader, num_classes)
     palette = np.asarray(palette, dtype=np.uint8) if palette is not None else palette_for(num_classes)
@@ -487,8 +480,6 @@ def write_report(
     comparison: EstimateComparison | None = None
     evaluation = None
     if labelled:
-        from .evaluation import evaluate
-
         comparison = compare_estimates(wrapper, loader, threshold=threshold, ignore_index=ignore_index, device=dev, max_batches=max_batches)
         report, rows = comparison.estimate, comparison.per_image
         evaluation = evaluate(wrapper, loader, baselines=(), ignore_index=ignore_index, device=dev, max_batches=max_batches)

@@ -49,6 +49,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._utils import eval_mode
+from .adapters import NativeAdapter, find_adapter
+from .calibration import fit_temperature, sample_labelled_pixels
+from ._validate import check_positive_int
+from .functional import normalized_entropy, normalized_entropy_of_logits
 from .layers import resize
 
 __all__ = [
@@ -106,8 +111,7 @@ def msp_score(logits: Tensor) -> Tensor:
 
 
 def _entropy_of_probs(probs: Tensor) -> Tensor:
-    entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(dim=1)
-    return (entropy / math.log(probs.shape[1])).clamp_(0.0, 1.0)
+    return normalized_entropy(probs).clamp_(0.0, 1.0)
 
 
 def entropy_score(logits: Tensor) -> Tensor:
@@ -116,9 +120,7 @@ def entropy_score(logits: Tensor) -> Tensor:
     Shapes:
         logits ``(B, C, H, W)`` with ``C >= 2`` -> ``(B, H, W)``.
     """
-    log_probs = torch.log_softmax(logits.float(), dim=1)
-    entropy = -(log_probs.exp() * log_probs).sum(dim=1)
-    return (entropy / math.log(logits.shape[1])).clamp_(0.0, 1.0)
+    return normalized_entropy_of_logits(logits.float()).clamp_(0.0, 1.0)
 
 
 def squash(values: Tensor, scale: float = 10.0) -> Tensor:
@@ -284,8 +286,6 @@ class TemperatureMSPScore(ErrorScore):
             **kwargs: ``ignore_index``, ``max_pixels``, ``max_batches``, ``seed``, ``device`` of
                 :func:`errwrap.calibration.sample_labelled_pixels`.
         """
-        from .calibration import fit_temperature, sample_labelled_pixels
-
         logits, labels = sample_labelled_pixels(wrapper, loader, _base_logits, **kwargs)
         if labels.numel() == 0:
             raise ValueError("TemperatureMSPScore.fit: the loader gave no labelled pixels (all equal to ignore_index, or empty)")
@@ -306,8 +306,6 @@ def _member_logits(member: nn.Module, images: Tensor) -> Tensor:
     registered adapter."""
     if hasattr(member, "forward_base"):
         return member.forward_base(images).logits
-    from .adapters import NativeAdapter, find_adapter
-
     adapter = find_adapter(member)
     if not isinstance(adapter, NativeAdapter):
         return adapter(member, images).logits
@@ -370,13 +368,8 @@ class EnsembleScore(ErrorScore):
             param = next(iter(member.parameters()), None)
             if param is not None and param.device != images.device:
                 raise ValueError(f"ensemble member {i} is on {param.device}, the images on {images.device}: move the members (member.to(device))")
-            modes = {m: m.training for m in member.modules()}
-            try:
-                member.eval()
+            with eval_mode(member):
                 logits = _member_logits(member, images.to(param.dtype) if param is not None else images)
-            finally:
-                for m, mode in modes.items():
-                    m.training = mode
             if logits.shape[1] == 1:
                 logits = torch.cat([torch.zeros_like(logits), logits], dim=1)
             if probs and logits.shape[1] != probs[0].shape[1]:
@@ -486,8 +479,7 @@ class MCDropoutScore(ErrorScore):
     STATISTICS: ClassVar[tuple[str, ...]] = ("entropy", "msp", "variance")
 
     def __init__(self, T: int = 10, seed: int = 0, statistic: str = "entropy", p: float = 0.1, classifier: str | None = None) -> None:
-        if isinstance(T, bool) or not isinstance(T, int) or T < 1:
-            raise ValueError(f"T: expected a positive int, got {T!r}")
+        check_positive_int(T, "T")
         if statistic not in self.STATISTICS:
             raise ValueError(f"statistic: expected one of {self.STATISTICS}, got {statistic!r}")
         if not 0.0 <= p < 1.0:
@@ -530,29 +522,26 @@ class MCDropoutScore(ErrorScore):
             logits ``(B, C, H, W)`` or ``None``.
         """
         base = wrapper.base
-        modes = {m: m.training for m in base.modules()}
         devices = [images.device] if images.device.type == "cuda" else []
         hook = None
-        try:
-            base.eval()
-            with torch.no_grad():
-                logits = _base_logits(wrapper, images) if deterministic else None
-                # a binary base's classifier has one output channel (the wrapper reads it as two classes)
-                dropouts, hook = self._install_dropout(base, 1 if getattr(wrapper, "binary", False) else wrapper.num_classes)
-                for m in dropouts:
-                    m.train()
-                with torch.random.fork_rng(devices=devices):
-                    torch.manual_seed(self.seed)
-                    mean = sq = None
-                    for _ in range(self.T):
-                        probs = torch.softmax(_base_logits(wrapper, images).float(), dim=1)
-                        mean = probs.clone() if mean is None else mean.add_(probs)
-                        sq = probs.square() if sq is None else sq.add_(probs.square())
-        finally:
-            if hook is not None:
-                hook.remove()
-            for m, mode in modes.items():
-                m.training = mode
+        with eval_mode(base):
+            try:
+                with torch.no_grad():
+                    logits = _base_logits(wrapper, images) if deterministic else None
+                    # a binary base's classifier has one output channel (the wrapper reads it as two classes)
+                    dropouts, hook = self._install_dropout(base, 1 if getattr(wrapper, "binary", False) else wrapper.num_classes)
+                    for m in dropouts:
+                        m.train()
+                    with torch.random.fork_rng(devices=devices):
+                        torch.manual_seed(self.seed)
+                        mean = sq = None
+                        for _ in range(self.T):
+                            probs = torch.softmax(_base_logits(wrapper, images).float(), dim=1)
+                            mean = probs.clone() if mean is None else mean.add_(probs)
+                            sq = probs.square() if sq is None else sq.add_(probs.square())
+            finally:
+                if hook is not None:
+                    hook.remove()
         mean = mean / self.T
         variance = (sq / self.T - mean.square()).clamp_min(0).sum(dim=1)
         return mean, variance, logits

@@ -8,11 +8,17 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
 
+from .._batch import check_loader_num_classes, explain_batch_error
 from .._distributed import is_initialized
 
 __all__ = ["make_loader"]
 
 logger = logging.getLogger(__name__)
+
+# The batch protocol moved to errwrap._batch (core modules must not need the optional data
+# package); these private names stay for errwrap.training until it imports errwrap._batch.
+_explain_batch_error = explain_batch_error
+_checked_num_classes = check_loader_num_classes
 
 
 def make_loader(
@@ -60,28 +66,3 @@ def make_loader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=drop_last,
         pin_memory=pin_memory, generator=generator, persistent_workers=False, **kwargs,
     )
-
-
-def _explain_batch_error(exc: BaseException, name: str) -> BaseException:
-    """``exc`` itself, or a clearer ``RuntimeError`` when the default collate could not stack
-    images (or labels) of different sizes into one batch."""
-    if isinstance(exc, RuntimeError) and "stack expects each tensor to be equal size" in str(exc):
-        return RuntimeError(
-            f"{name}: its items have different sizes and cannot be stacked into one batch ({exc}); use batch_size=1 "
-            "(errwrap CLI: --batch-size 1), resize or crop every item to one size (errwrap.data.Resize, RandomCrop), "
-            "or give the DataLoader a collate_fn that pads"
-        )
-    return exc
-
-
-def _checked_num_classes(loader: Any, num_classes: int, name: str) -> None:
-    """Refuse a loader whose dataset declares a number of classes other than the model's
-    (labels would name the wrong classes: e.g. ADE20K's 150 against a 151-output model)."""
-    declared = getattr(getattr(loader, "dataset", None), "num_classes", None)
-    if isinstance(declared, int) and not isinstance(declared, bool) and declared != num_classes:
-        raise ValueError(
-            f"{name}: its dataset has num_classes={declared}, but the model predicts {num_classes} classes, so labels and "
-            "predictions would name different classes; use data labelled for this model's classes (for ADE20K and a "
-            "151-output model: ADE20K(..., reduce_zero_label=False)), or set dataset.num_classes = None if the labels "
-            "already use the model's class indices"
-        )

@@ -1,6 +1,6 @@
 """The mixture fusion as one memory-light op: forward, analytic backward, and labels only.
 
-:func:`~errwrap.heads.mixture_log_probs` written with PyTorch ops materialises several
+:func:`~errwrap.functional.mixture_log_probs` written with PyTorch ops materialises several
 ``B x C x H x W`` float32 intermediates (two log-softmaxes, two shifted terms, the output), and
 autograd keeps them for the backward. At full resolution (``C`` up to 150, 1024 x 2048) that is
 most of the fusion's time and memory. :func:`fused_mixture_log_probs` computes the same values
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._validate import describe, is_tracing
-from ..heads import mixture_log_probs
+from ..functional import mixture_log_probs
 
 __all__ = [
     "BACKENDS",
@@ -276,7 +276,7 @@ def fused_mixture_log_probs(
     backend: str = "auto",
 ) -> Tensor:
     """Fused log-probabilities of the paper's mixture, equal to
-    :func:`~errwrap.heads.mixture_log_probs` but without its saved intermediates.
+    :func:`~errwrap.functional.mixture_log_probs` but without its saved intermediates.
 
     Saves only the three inputs for the backward and recomputes there (closed-form gradient, see
     the module docstring). Half-precision inputs are read as they are and computed in float32;

@@ -40,33 +40,15 @@ KNOWN_CYCLE_EDGES: frozenset[tuple[str, str]] = frozenset({
     ("errwrap.adapters.hooks", "errwrap.adapters.specs"),
     ("errwrap.adapters.specs", "errwrap.models"),
 })
-KNOWN_LONG_FUNCTIONS: frozenset[str] = frozenset({
-    # removed when the training refactor lands (finetune split into the training/ package)
-    "errwrap.training.finetune",
-})
+KNOWN_LONG_FUNCTIONS: frozenset[str] = frozenset()
 KNOWN_LOCAL_IMPORTS: frozenset[tuple[str, str]] = frozenset({
     # (function, imported module)
     # removed when the adapters refactor lands
     ("errwrap.adapters.hooks.HooksAdapter.spec", "errwrap.adapters.specs"),
     ("errwrap.adapters.specs._build_errwrap_deeplab", "errwrap.models"),
     ("errwrap.adapters.specs._check_timm_name", "timm"),
-    # removed when the training refactor lands (training/ package; torch.distributed behind errwrap/_distributed.py)
-    ("errwrap.training._record_preprocessing", "errwrap.data.transforms"),
-    ("errwrap.training._run_validation", "errwrap.evaluation"),
-    ("errwrap.training.finetune", "torch.nn.parallel"),
-    ("errwrap.training.finetune", "tqdm.auto"),
-    ("errwrap.estimation._dist_world", "torch.distributed"),
-    ("errwrap.estimation._gather", "torch.distributed"),
-    ("errwrap.evaluation._dist_initialized", "torch.distributed"),
-    ("errwrap.evaluation._sum_over_processes", "torch.distributed"),
-    ("errwrap.evaluation._world_size", "torch.distributed"),
-    ("errwrap.metrics.ImageRiskCoverageMetrics.sync", "torch.distributed"),
-    ("errwrap.metrics.StreamingMetric.sync", "torch.distributed"),
-    # removed when the config refactor lands (hub.py, deliverable 1; not edited on the functional branch)
+    # removed when the adapters refactor lands (hub rebuilds a base through the family registry)
     ("errwrap.hub.HubMixin.from_pretrained", "errwrap.adapters.specs"),
-    ("errwrap.hub.HubMixin.push_to_hub", "huggingface_hub"),
-    ("errwrap.hub._resolve_file", "huggingface_hub"),
-    ("errwrap.hub._resolve_file", "huggingface_hub.errors"),
 })
 
 

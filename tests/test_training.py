@@ -281,7 +281,7 @@ def test_val_loader_uses_errwrap_evaluation(monkeypatch):
         calls.append(loader)
         return Report()
 
-    monkeypatch.setitem(sys.modules, "errwrap.evaluation", types.SimpleNamespace(evaluate=evaluate))
+    monkeypatch.setattr("errwrap.evaluation.evaluate", evaluate)
     val = _loader(n=4)
     result = finetune(_wrapper(), _loader(), steps=2, val_loader=val, log_every=None)
     assert calls == [val] and result.validation == [{"step": 2, "auroc": 0.75}]

@@ -38,7 +38,7 @@ from .data.transforms import Normalize
 from .demo import DemoConfig, run_demo
 from .estimation import estimate
 from .evaluation import evaluate
-from .hub import CONFIG_NAME
+from .hub import CONFIG_NAME, read_config
 from .report import write_report
 from .training import finetune
 from .viz import (
@@ -147,8 +147,6 @@ def _refuse_what_the_cli_cannot_rebuild(location: str) -> None:
     """A local model whose base is the user's own network (or that holds only the heads) needs
     that network, which only Python can pass: say so in CLI terms, before any work. A config that
     is not valid is refused here with the message ``from_pretrained`` would give."""
-    from .hub import CONFIG_NAME, read_config
-
     config_path = Path(location) / CONFIG_NAME
     if not config_path.is_file():
         return  # a Hub id, or a missing file: from_pretrained reports it

@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+from huggingface_hub import HfApi, hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidationError, OfflineModeIsEnabled
 from torch import nn
 
 from ._io import atomic_directory, load_safetensors, save_safetensors, write_text_atomic
@@ -197,9 +199,6 @@ def _resolve_file(location: str | os.PathLike, filename: str, **download: Any) -
         return path
     if local.exists() or str(location).endswith((".json", ".safetensors")):
         raise FileNotFoundError(f"{location}: expected a model directory or a Hub repository id 'org/name'")
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, HFValidationError, HfHubHTTPError, OfflineModeIsEnabled
-
     try:
         return Path(hf_hub_download(repo_id=str(location), filename=filename, library_name="errwrap", **download))
     except HFValidationError as exc:
@@ -425,8 +424,6 @@ class HubMixin:
         Returns:
             What ``HfApi.upload_folder`` returns (the commit info).
         """
-        from huggingface_hub import HfApi
-
         api = HfApi(token=token)
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         with tempfile.TemporaryDirectory() as tmp:

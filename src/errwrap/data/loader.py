@@ -8,17 +8,12 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
 
-from .._batch import check_loader_num_classes, explain_batch_error
 from .._distributed import is_initialized
 
 __all__ = ["make_loader"]
 
 logger = logging.getLogger(__name__)
 
-# The batch protocol moved to errwrap._batch (core modules must not need the optional data
-# package); these private names stay for errwrap.training until it imports errwrap._batch.
-_explain_batch_error = explain_batch_error
-_checked_num_classes = check_loader_num_classes
 
 
 def make_loader(

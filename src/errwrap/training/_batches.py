@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._batch import explain_batch_error
 from .._validate import check_images, split_batch
-from ..data.loader import _explain_batch_error
 
 __all__ = ["Batches", "rng_state", "seed_everything", "set_rng_state"]
 
@@ -117,7 +117,7 @@ class Batches:
         try:
             batch = next(self)
         except RuntimeError as exc:
-            raise _explain_batch_error(exc, "train_loader") from exc
+            raise explain_batch_error(exc, "train_loader") from exc
         images, labels = split_batch(batch, name="train_loader batch")
         check_images(images, in_channels, name="train_loader images")
         images = images.to(device, dtype=dtype, non_blocking=True)

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from .. import _distributed
 from .._io import check_writable, tensor_bytes
-from ..data.loader import _checked_num_classes
+from .._batch import check_loader_num_classes
 from ..data.transforms import Compose, Normalize
 from ..losses import ErrorCorrectionLoss
 from .checkpoint import checkpoint_weights
@@ -71,10 +71,10 @@ def check_data(
     loader's ``Normalize`` as the wrapper's preprocessing."""
     if not hasattr(wrapper, "freeze_base") or not hasattr(wrapper, "unfreeze_base"):
         raise TypeError(f"wrapper: expected an ErrorCorrectionWrapper, got {type(wrapper).__name__}")
-    _checked_num_classes(train_loader, int(wrapper.num_classes), "train_loader")
+    check_loader_num_classes(train_loader, int(wrapper.num_classes), "train_loader")
     _record_preprocessing(wrapper, train_loader)
     if val_loader is not None:
-        _checked_num_classes(val_loader, int(wrapper.num_classes), "val_loader")
+        check_loader_num_classes(val_loader, int(wrapper.num_classes), "val_loader")
     if checkpoint_dir is not None and Path(checkpoint_dir).exists() and not Path(checkpoint_dir).is_dir():
         raise NotADirectoryError(
             f"checkpoint_dir: expected a directory (existing or not), got the file {checkpoint_dir}"

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import evaluation
+
 __all__ = ["run_validation", "validate"]
 
 logger = logging.getLogger("errwrap.training")
@@ -25,16 +27,9 @@ def run_validation(wrapper: nn.Module, val_fn: ValFn | None, val_loader: Iterabl
     """``val_fn(wrapper)``, by default ``evaluate(wrapper, val_loader).to_dict()``, under
     ``torch.no_grad()`` in eval mode, with the RNG states and the train/eval mode restored after."""
     if val_fn is None:
-        try:
-            # looked up when a val_loader is given, not at import: training does not need errwrap.evaluation
-            from ..evaluation import evaluate  # noqa: PLC0415
-        except ImportError as exc:
-            raise ImportError(
-                f"val_loader given but errwrap.evaluation.evaluate could not be imported ({exc}); pass val_fn= instead"
-            ) from exc
 
         def val_fn(model: nn.Module) -> dict:
-            report = evaluate(model, val_loader)
+            report = evaluation.evaluate(model, val_loader)  # looked up at call time
             return report.to_dict() if hasattr(report, "to_dict") else dict(report)
 
     was_training = wrapper.training

@@ -47,7 +47,7 @@ def tmp(tmp_path_factory) -> Path:
 
 
 def test_help_lists_the_options():
-    for script, option in (("overhead", "--channels-last"), ("mc_dropout", "--model"), ("training_cost", "--encoder"), ("quality", "--families"), ("estimate", "--shifts")):
+    for script, option in (("overhead", "--channels-last"), ("mc_dropout", "--model"), ("training_cost", "--encoder"), ("quality", "--families"), ("estimate", "--shifts"), ("inference_path", "--no-compile")):
         proc = subprocess.run([sys.executable, str(BENCH / f"{script}.py"), "--help"], capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0 and option in proc.stdout and "--json" in proc.stdout and "--tiny" in proc.stdout
 
@@ -71,6 +71,18 @@ def test_overhead(tmp):
     assert 0 < rows["base"]["peak_memory_mb"] <= rows["all@64"]["peak_memory_mb"]
     assert all(len(t) == 3 and min(t) > 0 for t in data["results"][0]["times_s"].values())
     assert (tmp / "overhead.png").stat().st_size > 1000 and "targets" in stdout
+
+
+def test_inference_path(tmp):
+    summary, data, stdout = _run("inference_path", tmp)
+    assert summary["benchmark"] == "inference_path" and summary["size"] == [64, 128]
+    assert set(summary["x_base"]) == {"base", "base channels_last", "no_grad", "inference_mode", "channels_last"}
+    assert summary["x_base"]["base"] == 1.0 and all(0 < v < 20 for v in summary["x_base"].values())
+    assert summary["fastest"] in {"no_grad", "inference_mode", "channels_last"}
+    # every path gives the eager answer: the inference path changes speed, not results
+    assert summary["outputs_agree"] is True
+    assert all(r["labels_equal"] >= 0.999 for k, r in data["results"].items() if not k.startswith("base"))
+    assert "fastest wrapper path" in stdout
 
 
 def test_training_cost(tmp):

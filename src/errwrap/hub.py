@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ._io import atomic_directory, load_safetensors, load_state_strict, save_safetensors, write_text_atomic
+from .adapters.specs import build_base
 from .modelcard import render_model_card
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "CARD_NAME", "FORMAT_VERSION", "HubMixin", "parse_config"]
@@ -349,8 +350,6 @@ class HubMixin:
                     f"{pretrained_model_name_or_path}: the base is a custom network that errwrap cannot rebuild from "
                     f"{CONFIG_NAME}; pass it as from_pretrained(..., model=your_network)"
                 )
-            from .adapters.specs import build_base
-
             model = build_base(config["base"])
         elif not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")

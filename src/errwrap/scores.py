@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .adapters import NativeAdapter, find_adapter
 from .layers import resize
 
 __all__ = [
@@ -306,8 +307,6 @@ def _member_logits(member: nn.Module, images: Tensor) -> Tensor:
     registered adapter."""
     if hasattr(member, "forward_base"):
         return member.forward_base(images).logits
-    from .adapters import NativeAdapter, find_adapter
-
     adapter = find_adapter(member)
     if not isinstance(adapter, NativeAdapter):
         return adapter(member, images).logits

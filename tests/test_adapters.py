@@ -13,8 +13,8 @@ from torch import nn
 
 import errwrap.adapters
 from errwrap.adapters import PROTOCOL_HELP, BaseAdapter, BaseOutput, NativeAdapter, find_adapter, register_adapter, registered_adapters, unregister_adapter
-from errwrap.adapters import Adapter, Family, FeatureInfo, SMPAdapter, TransformersAdapter, choose_default_features, feature_info
-from errwrap.adapters import family_spec, register_family, registered_families, unregister_family
+from errwrap.adapters import Adapter, Family, FeatureInfo, SMPAdapter, TransformersAdapter, choose_default_features
+from errwrap.adapters import family_spec, feature_info, register_family, registered_families, unregister_family
 from errwrap.adapters.hooks import FeatureTap, HooksAdapter, logits_from_output
 from errwrap.adapters.select import choose_features, probe, select_adapter
 from errwrap.adapters.specs import BASE_FAMILIES, build_base
@@ -524,7 +524,8 @@ def test_family_default_features_are_the_pure_rules_answer(family):
 def test_family_wrapper_forward_shapes_and_error_maps(family):
     _, _, wrap, _ = family
     x = torch.randn(2, 3, SIZE, SIZE)
-    with torch.no_grad(), pytest.warns(UserWarning, match="freshly initialised") if wrap._fresh_heads else nullcontext():
+    fresh = pytest.warns(UserWarning, match="freshly initialised") if wrap._fresh_heads else nullcontext()
+    with torch.no_grad(), fresh:
         out = wrap(x)
     assert out.logits.shape == out.base_logits.shape == out.detail_logits.shape == (2, 5, SIZE, SIZE)
     assert out.error_logits.shape == (2, 1, SIZE, SIZE)
@@ -582,7 +583,8 @@ def test_adapter_interface_and_alias():
     with pytest.raises(TypeError):
         Adapter()  # forward is abstract
     adapter = MyNetAdapter()
-    assert adapter.default_features == (None, None) and adapter.preferred_features([_info("body", 6, 2)]) == (None, None)
+    assert adapter.default_features == (None, None)
+    assert adapter.preferred_features([_info("body", 6, 2)]) == (None, None)
     assert adapter.feature_module("body") is None and adapter.spec(MyNet()) is None
 
 
@@ -600,7 +602,10 @@ def test_register_a_family_for_specs():
         torch.manual_seed(0)
         return _tiny_native()
 
-    family = Family("test.tiny", build, matches=lambda m: isinstance(m, TinyBase), spec=lambda m: {"family": "test.tiny", "config": {}})
+    def spec(model):
+        return {"family": "test.tiny", "config": {}}
+
+    family = Family("test.tiny", build, matches=lambda m: isinstance(m, TinyBase), spec=spec)
     register_family(family)
     try:
         assert "test.tiny" in registered_families() and "test.tiny" in BASE_FAMILIES
@@ -627,6 +632,8 @@ def test_adapters_import_no_family_module_back():
         for func in (n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))):
             for node in ast.walk(func):
                 if isinstance(node, ast.ImportFrom):
-                    assert node.level == 0 and not node.module.startswith("errwrap"), f"{path.name}:{node.lineno} imports errwrap in a function"
+                    where = f"{path.name}:{node.lineno} imports errwrap in a function"
+                    assert node.level == 0 and not node.module.startswith("errwrap"), where
                 if isinstance(node, ast.Import):
-                    assert all(not a.name.startswith("errwrap") and a.name != "sys" for a in node.names), f"{path.name}:{node.lineno}"
+                    names = [a.name for a in node.names]
+                    assert all(not n.startswith("errwrap") and n != "sys" for n in names), f"{path.name}:{node.lineno}"

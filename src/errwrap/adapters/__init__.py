@@ -8,7 +8,16 @@ base from its JSON spec), one module per family (:mod:`.smp`, :mod:`.torchvision
 :mod:`.transformers`, :mod:`.deeplab`) and :mod:`.builtin`, which registers those families.
 """
 
-from .base import PROTOCOL_HELP, Adapter, BaseAdapter, BaseOutput, NativeAdapter, NoFeaturesError, normalize_features, parse_base_output
+from .base import (
+    PROTOCOL_HELP,
+    Adapter,
+    BaseAdapter,
+    BaseOutput,
+    NativeAdapter,
+    NoFeaturesError,
+    normalize_features,
+    parse_base_output,
+)
 from .features import FeatureInfo, choose_default_features, feature_info
 from .registry import (
     Family,

@@ -31,7 +31,10 @@ def build_errwrap_deeplab(spec: Mapping[str, Any]) -> nn.Module:
     config = spec_config(spec)
     unknown = sorted(set(config) - DEEPLAB_KEYS)
     if unknown:
-        raise ValueError(f"base spec errwrap.DeepLabV3Plus: unknown config keys {unknown}; expected a subset of {sorted(DEEPLAB_KEYS)}")
+        raise ValueError(
+            f"base spec errwrap.DeepLabV3Plus: unknown config keys {unknown}; "
+            f"expected a subset of {sorted(DEEPLAB_KEYS)}"
+        )
     check_timm_name(config.get("encoder_name", "resnet50"), "encoder_name", "errwrap.DeepLabV3Plus")
     config["pretrained"] = False
     return DeepLabV3Plus(**config)

@@ -69,11 +69,19 @@ class Probe(NamedTuple):
 def _hooks_adapter(base: nn.Module, low_level: FeatureRef, high_level: FeatureRef) -> HooksAdapter:
     for role, ref in (("low_level", low_level), ("high_level", high_level)):
         if ref is not None and not isinstance(ref, str):
-            raise ValueError(f"{role}={ref!r}: errwrap taps modules of the base with hooks here, so expected a module name or None, got {type(ref).__name__}")
+            raise ValueError(
+                f"{role}={ref!r}: errwrap taps modules of the base with hooks here, so expected a module name or None, "
+                f"got {type(ref).__name__}"
+            )
     return HooksAdapter(base, low_level, high_level)  # type: ignore[arg-type]
 
 
-def select_adapter(base: nn.Module, adapter: Adapter | str | None, low_level: FeatureRef, high_level: FeatureRef) -> Adapter:
+def select_adapter(
+    base: nn.Module,
+    adapter: Adapter | str | None,
+    low_level: FeatureRef,
+    high_level: FeatureRef,
+) -> Adapter:
     """The adapter for ``base``: ``adapter`` itself when it is one; ``"hooks"`` taps the modules
     named by ``low_level`` and ``high_level``; otherwise the registered family adapter for ``base``
     (or the one registered as ``adapter``), or, for a native-protocol model, hooks when
@@ -159,7 +167,10 @@ def resolve_feature(ref: FeatureRef, names: Sequence[str], role: str, default: s
         raise TypeError(f"{role}: expected a feature index, a feature name or None, got {type(ref).__name__}")
     if isinstance(ref, int):
         if not -len(keys) <= ref < len(keys):
-            raise ValueError(f"{role}={ref}: the base returns {len(keys)} feature maps {keys}; expected an index in [{-len(keys)}, {len(keys)})")
+            raise ValueError(
+                f"{role}={ref}: the base returns {len(keys)} feature maps {keys}; "
+                f"expected an index in [{-len(keys)}, {len(keys)})"
+            )
         return keys[ref]
     if ref not in keys:
         raise ValueError(
@@ -180,4 +191,5 @@ def choose_features(
     ``adapter.preferred_features(features)``."""
     default_low, default_high = choose_default_features(features, adapter.preferred_features(features))
     names = [f.name for f in features]
-    return resolve_feature(low_level, names, "low_level", default_low), resolve_feature(high_level, names, "high_level", default_high)
+    low = resolve_feature(low_level, names, "low_level", default_low)
+    return low, resolve_feature(high_level, names, "high_level", default_high)

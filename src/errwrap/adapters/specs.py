@@ -3,7 +3,8 @@
 A spec is ``{"family": ..., "config": {...}}`` (transformers specs add ``"class"``), as written by
 an adapter's ``spec(model)``. The family is looked up in the family registry
 (:func:`errwrap.adapters.registry.register_family`); each family's builder lives in its own
-module and looks every architecture and class name up in a fixed table, with the checks below; nothing in a spec is imported or looked up by an arbitrary name, so a downloaded spec cannot
+module and looks every architecture and class name up in a fixed table, with the checks below;
+nothing in a spec is imported or looked up by an arbitrary name, so a downloaded spec cannot
 make errwrap run code it does not ship. Rebuilt models have random weights and never download
 any: pretrained flags are switched off, the weights come from the checkpoint.
 
@@ -26,7 +27,15 @@ from torch import nn
 
 from .registry import FAMILY_BUILDERS, family_spec, get_family
 
-__all__ = ["build_base", "family_spec", "check_model_name", "check_timm_name", "spec_config", "BASE_FAMILIES", "MAX_BASE_ELEMENTS"]
+__all__ = [
+    "build_base",
+    "family_spec",
+    "check_model_name",
+    "check_timm_name",
+    "spec_config",
+    "BASE_FAMILIES",
+    "MAX_BASE_ELEMENTS",
+]
 
 logger = logging.getLogger(__name__)
 

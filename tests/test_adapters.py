@@ -1,21 +1,29 @@
+import ast
 import gc
 import json
+import pathlib
 import subprocess
 import sys
+from contextlib import nullcontext
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import errwrap.adapters
 from errwrap.adapters import PROTOCOL_HELP, BaseAdapter, BaseOutput, NativeAdapter, find_adapter, register_adapter, registered_adapters, unregister_adapter
+from errwrap.adapters import Adapter, Family, FeatureInfo, SMPAdapter, TransformersAdapter, choose_default_features
+from errwrap.adapters import family_spec, feature_info, register_family, registered_families, unregister_family
 from errwrap.adapters.hooks import FeatureTap, HooksAdapter, logits_from_output
-from errwrap.adapters.specs import build_base
+from errwrap.adapters.select import choose_features, probe, select_adapter
+from errwrap.adapters.specs import BASE_FAMILIES, build_base
 from errwrap.adapters.transformers import DECODE_TAPS
 from errwrap.losses import ErrorCorrectionLoss
+from errwrap.models import DeepLabV3Plus
 from errwrap.wrapper import ErrorCorrectionWrapper
 
-from .tiny import batch
+from .tiny import TinyBase, batch
 
 SIZE = 64
 
@@ -434,3 +442,198 @@ def test_build_base_allow_list(spec, match):
 def test_build_base_never_downloads():
     spec = {"family": "errwrap.DeepLabV3Plus", "config": {"encoder_name": "resnet18", "num_classes": 3, "pretrained": True}}
     assert build_base(spec).config["pretrained"] is False
+
+
+# ------------------------------------------------------------------- one suite, every family
+# Every family fixture runs through the same checks (SMP's BaseModelTester, kornia's BaseTester):
+# the adapter's output, the probe's FeatureInfo list, the pure default-feature rule, the wrapper's
+# shapes and error maps, and (where the family has one) the spec round trip.
+def _tiny_native():
+    torch.manual_seed(0)
+    return TinyBase(num_classes=5).eval()
+
+
+def _timm_deeplab():
+    torch.manual_seed(0)
+    return DeepLabV3Plus("resnet18", num_classes=5, aspp_channels=16, decoder_channels=16, low_level_channels=8).eval()
+
+
+#: family -> (model factory, wrapper kwargs, adapter class name, whether the family rebuilds from a spec)
+FAMILIES = {
+    "native": (_tiny_native, {}, "NativeAdapter", False),
+    "timm": (_timm_deeplab, {}, "NativeAdapter", True),
+    "hooks": (lambda: _plain("mapping"), {"low_level": "backbone.0", "high_level": "decoder"}, "HooksAdapter", False),
+    "discovered": (lambda: _plain("tensor"), {}, "HooksAdapter", False),
+    "torchvision": (lambda: _tv("lraspp_mobilenet_v3_large"), {}, "TorchvisionSegmentationAdapter", True),
+    "smp": (lambda: _smp("unet", **SMP_CASES["unet"]), {}, "SMPAdapter", True),
+    "transformers": (_segformer, {}, "TransformersAdapter", True),
+}
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request):
+    """``(name, model, wrapper, probe)`` for one family: the wrapper built with the family's kwargs
+    and the probe result of a fresh adapter on a 64x64 input."""
+    make, kwargs, _, _ = FAMILIES[request.param]
+    model = make()
+    wrap = ErrorCorrectionWrapper(model, error_channels=8, detail_channels=8, **kwargs).eval()
+    x = torch.randn(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(3))
+    found = probe(wrap.adapter, model, x)
+    return request.param, model, wrap, found
+
+
+def test_family_adapter_output_has_logits_and_features(family):
+    name, model, wrap, _ = family
+    assert type(wrap.adapter).__name__ == FAMILIES[name][2]
+    assert isinstance(wrap.adapter, Adapter) and isinstance(wrap.adapter, BaseAdapter)
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        out = wrap.adapter(model, x)
+    assert isinstance(out, BaseOutput)
+    assert out.logits.ndim == 4 and out.logits.shape[:2] == (2, 5)
+    assert out.features and all(f.ndim == 4 and f.shape[0] == 2 for f in out.features.values())
+
+
+def test_family_feature_info_matches_the_tensors(family):
+    _, model, wrap, found = family
+    assert found.adapter is wrap.adapter  # the probe keeps the adapter that ran
+    features = found.output.features
+    assert [f.name for f in found.features] == list(features)
+    for info in found.features:
+        tensor = features[info.name]
+        assert info.channels == tensor.shape[1] and info.size == tuple(tensor.shape[-2:])
+        assert info.stride == max(1, round(max(SIZE / tensor.shape[-2], SIZE / tensor.shape[-1])))
+        if info.module is not None:  # a module name the adapter knows produced it
+            assert info.module in dict(model.named_modules())
+    assert found.features == feature_info(features, (SIZE, SIZE), wrap.adapter.feature_module)
+
+
+def test_family_default_features_are_the_pure_rules_answer(family):
+    name, _, wrap, found = family
+    preferred = wrap.adapter.preferred_features(found.features)
+    expected = choose_default_features(found.features, preferred)
+    if not FAMILIES[name][1]:  # no features named by the user: the defaults are what the wrapper took
+        assert (wrap.low_key, wrap.high_key) == expected
+    assert choose_features(wrap.adapter, found.features) == expected
+    assert wrap.adapter.preferred_features(found.features) == preferred  # forwards ran since: same answer
+    infos = {f.name: f for f in found.features}
+    assert wrap.head_config["low_channels"] == infos[wrap.low_key].channels
+    assert wrap.head_config["high_channels"] == infos[wrap.high_key].channels
+
+
+def test_family_wrapper_forward_shapes_and_error_maps(family):
+    _, _, wrap, _ = family
+    x = torch.randn(2, 3, SIZE, SIZE)
+    fresh = pytest.warns(UserWarning, match="freshly initialised") if wrap._fresh_heads else nullcontext()
+    with torch.no_grad(), fresh:
+        out = wrap(x)
+    assert out.logits.shape == out.base_logits.shape == out.detail_logits.shape == (2, 5, SIZE, SIZE)
+    assert out.error_logits.shape == (2, 1, SIZE, SIZE)
+    for prob in (out.error_prob, out.base_error_prob, out.head_error_prob):
+        assert prob.shape == (2, SIZE, SIZE) and prob.min() >= 0 and prob.max() <= 1
+    assert torch.allclose(out.probs.sum(1), torch.ones(2, SIZE, SIZE), atol=1e-5)
+
+
+def test_family_spec_round_trip(family):
+    name, model, wrap, _ = family
+    spec = wrap.adapter.spec(model)
+    assert spec == family_spec(model)
+    if not FAMILIES[name][3]:
+        assert spec is None
+        return
+    spec = json.loads(json.dumps(spec))
+    assert spec["family"] in registered_families()
+    assert _same_architecture(build_base(spec), model)
+
+
+# ------------------------------------------------------------------- the pure rule, by hand
+def _info(name, channels, stride, module=None):
+    return FeatureInfo(name, channels, stride, (SIZE // stride, SIZE // stride), module)
+
+
+def test_choose_default_features_by_hand():
+    infos = [_info("a", 8, 8), _info("b", 16, 4), _info("c", 32, 4), _info("d", 64, 16)]
+    assert choose_default_features(infos, (None, None)) == ("b", "d")  # finest (first of equals), last
+    assert choose_default_features(infos, ("c", "a")) == ("c", "a")
+    assert choose_default_features(infos, ("gone", "gone")) == ("b", "d")
+    with pytest.raises(ValueError, match="at least one feature"):
+        choose_default_features([], (None, None))
+
+
+def test_smp_prefers_the_stride4_decoder_block_only_when_the_decoder_is_finer():
+    adapter = SMPAdapter(_smp("unet", **SMP_CASES["unet"]))  # no forward has run
+    low = adapter.default_features[0]
+    blocks = [_info("enc2", 64, 4), _info("decoder.blocks.0", 16, 4), _info("decoder.blocks.1", 8, 2)]
+    assert adapter.preferred_features(blocks + [_info("decoder", 8, 1)]) == (low, "decoder.blocks.0")
+    assert adapter.preferred_features(blocks + [_info("decoder", 8, 4)]) == (low, "decoder")
+
+
+def test_transformers_low_level_is_ranked_from_feature_info():
+    adapter = TransformersAdapter(_segformer())  # no forward has run
+    ranked = [_info("hidden0", 8, 2), _info("hidden1", 16, 8), _info("decode_head", 16, 4)]
+    assert adapter.preferred_features(ranked) == ("hidden1", "decode_head")  # the coarser-than-4 one before stride 2
+    equal = [_info("hidden0", 8, 4), _info("hidden1", 16, 4), _info("hidden2", 24, 2)]
+    assert adapter.preferred_features(equal) == ("hidden1", "decode_head")  # at equal strides the deepest
+    adapter.detach()
+
+
+# ------------------------------------------------------------------- interface and registries
+def test_adapter_interface_and_alias():
+    assert BaseAdapter is Adapter
+    with pytest.raises(TypeError):
+        Adapter()  # forward is abstract
+    adapter = MyNetAdapter()
+    assert adapter.default_features == (None, None)
+    assert adapter.preferred_features([_info("body", 6, 2)]) == (None, None)
+    assert adapter.feature_module("body") is None and adapter.spec(MyNet()) is None
+
+
+def test_select_adapter_errors_are_unchanged():
+    with pytest.raises(TypeError, match="expected a BaseAdapter, an adapter name or None, got int"):
+        select_adapter(_plain(), 3, None, None)
+    with pytest.raises(ValueError, match="unknown name 'nope'"):
+        select_adapter(_plain(), "nope", None, None)
+    assert isinstance(select_adapter(_plain(), None, None, None), NativeAdapter)
+    assert isinstance(select_adapter(_plain(), None, "backbone.0", None), HooksAdapter)
+
+
+def test_register_a_family_for_specs():
+    def build(spec):
+        torch.manual_seed(0)
+        return _tiny_native()
+
+    def spec(model):
+        return {"family": "test.tiny", "config": {}}
+
+    family = Family("test.tiny", build, matches=lambda m: isinstance(m, TinyBase), spec=spec)
+    register_family(family)
+    try:
+        assert "test.tiny" in registered_families() and "test.tiny" in BASE_FAMILIES
+        model = _tiny_native()
+        assert family_spec(model) == {"family": "test.tiny", "config": {}}
+        assert _same_architecture(build_base(family_spec(model)), model)
+    finally:
+        unregister_family("test.tiny")
+    assert "test.tiny" not in BASE_FAMILIES and family_spec(_tiny_native()) is None
+    with pytest.raises(ValueError, match="unknown family 'test.tiny'"):
+        build_base({"family": "test.tiny", "config": {}})
+
+
+def test_adapters_import_no_family_module_back():
+    """Only the package and builtin.py import the family modules; no adapters module imports
+    errwrap inside a function (third-party optional packages only)."""
+    root = pathlib.Path(errwrap.adapters.__file__).parent
+    families = {"smp", "torchvision", "transformers", "deeplab"}
+    for path in root.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and path.stem not in ("__init__", "builtin"):
+                assert node.module not in families, f"{path.name} imports the family module {node.module}"
+        for func in (n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))):
+            for node in ast.walk(func):
+                if isinstance(node, ast.ImportFrom):
+                    where = f"{path.name}:{node.lineno} imports errwrap in a function"
+                    assert node.level == 0 and not node.module.startswith("errwrap"), where
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                    assert all(not n.startswith("errwrap") and n != "sys" for n in names), f"{path.name}:{node.lineno}"

@@ -31,6 +31,7 @@ from torch import nn
 
 from ._io import atomic_directory, load_safetensors, save_safetensors, write_text_atomic
 from ._version import __version__
+from .adapters.specs import build_base
 from .config import MAX_HEAD_PARAMETERS, TEMPERATURE_RANGE, HeadConfig
 from .modelcard import render_model_card
 
@@ -382,8 +383,6 @@ class HubMixin:
                     f"{pretrained_model_name_or_path}: the base is a custom network that errwrap cannot rebuild from "
                     f"{CONFIG_NAME}; pass it as from_pretrained(..., model=your_network)"
                 )
-            from .adapters.specs import build_base
-
             model = build_base(config.base)
         elif not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")

@@ -15,8 +15,8 @@ from torch import Tensor, nn
 
 from ._io import load_state_strict
 from ._validate import check_images, check_logits, check_norm_batch, input_dtype, is_tracing
-from .adapters import BaseAdapter, BaseOutput, HooksAdapter, NativeAdapter, find_adapter
-from .adapters.auto import NoFeaturesError, choose_feature_modules
+from .adapters import Adapter, BaseOutput
+from .adapters.select import FeatureRef, Probe, choose_features, probe, select_adapter
 from .config import HeadConfig
 from .heads import DetailHead, ErrorHead, build_fusion, confidence_cues
 from .hub import HubMixin
@@ -25,8 +25,6 @@ from .layers import resize
 __all__ = ["ErrorCorrectionOutput", "ErrorCorrectionWrapper", "binary_to_two_class"]
 
 logger = logging.getLogger(__name__)
-
-FeatureRef = int | str | None
 
 _LIBRARY_DIRS = (os.path.dirname(os.path.abspath(__file__)) + os.sep, os.path.dirname(os.path.abspath(torch.__file__)) + os.sep)
 
@@ -117,49 +115,6 @@ def _first_conv_in_channels(base: nn.Module) -> int:
     return channels
 
 
-def _hooks_adapter(base: nn.Module, low_level: FeatureRef, high_level: FeatureRef) -> HooksAdapter:
-    for role, ref in (("low_level", low_level), ("high_level", high_level)):
-        if ref is not None and not isinstance(ref, str):
-            raise ValueError(f"{role}={ref!r}: errwrap taps modules of the base with hooks here, so expected a module name or None, got {type(ref).__name__}")
-    return HooksAdapter(base, low_level, high_level)  # type: ignore[arg-type]
-
-
-def _select_adapter(base: nn.Module, adapter: BaseAdapter | str | None, low_level: FeatureRef, high_level: FeatureRef) -> BaseAdapter:
-    """The adapter: the one given; ``"hooks"`` taps the modules named by ``low_level`` and
-    ``high_level``; otherwise the registered family adapter for ``base``, or, for a native-protocol
-    model, hooks when ``low_level``/``high_level`` name modules of ``base``."""
-    if isinstance(adapter, BaseAdapter):
-        return adapter
-    if adapter is not None and not isinstance(adapter, str):
-        raise TypeError(f"adapter: expected a BaseAdapter, an adapter name or None, got {type(adapter).__name__}")
-    if adapter == HooksAdapter.name:
-        return _hooks_adapter(base, low_level, high_level)
-    chosen = find_adapter(base, adapter)
-    if isinstance(chosen, NativeAdapter):
-        modules = {name for name, _ in base.named_modules() if name}
-        if any(isinstance(ref, str) and ref in modules for ref in (low_level, high_level)):
-            return _hooks_adapter(base, low_level, high_level)
-    return chosen
-
-
-def _resolve_feature(ref: FeatureRef, features: dict[str, Tensor], role: str, default: str) -> str:
-    keys = list(features)
-    if ref is None:
-        return default
-    if isinstance(ref, bool) or not isinstance(ref, (int, str)):
-        raise TypeError(f"{role}: expected a feature index, a feature name or None, got {type(ref).__name__}")
-    if isinstance(ref, int):
-        if not -len(keys) <= ref < len(keys):
-            raise ValueError(f"{role}={ref}: the base returns {len(keys)} feature maps {keys}; expected an index in [{-len(keys)}, {len(keys)})")
-        return keys[ref]
-    if ref not in features:
-        raise ValueError(
-            f"{role}={ref!r}: not a feature of the base output; its features are {keys}. "
-            "To tap an inner module instead, pass module names (with adapter='hooks' for a model family errwrap knows)"
-        )
-    return ref
-
-
 class ErrorCorrectionWrapper(nn.Module, HubMixin):
     """Wraps a segmentation network with an error head, a detail head and a fusion head.
 
@@ -177,7 +132,8 @@ class ErrorCorrectionWrapper(nn.Module, HubMixin):
             ``[1 - sigmoid(z), sigmoid(z)]``.
         low_level: which feature feeds the detail head (index, feature name, or the name of a
             module of ``base`` to tap with a forward hook); default: the adapter's choice
-            (``adapter.default_features``), else the feature of finest resolution.
+            (``adapter.preferred_features``), else the feature of finest resolution (see
+            :func:`errwrap.adapters.features.choose_default_features`).
         high_level: which feature feeds the error head (same forms); default: the adapter's
             choice, else the last one.
         in_channels: channels of the images the base takes; ``None`` reads them from the first
@@ -210,7 +166,7 @@ class ErrorCorrectionWrapper(nn.Module, HubMixin):
         low_level: FeatureRef = None,
         high_level: FeatureRef = None,
         in_channels: int | None = None,
-        adapter: BaseAdapter | str | None = None,
+        adapter: Adapter | str | None = None,
         error_channels: int = 64,
         error_blocks: int = 2,
         detail_channels: int = 64,
@@ -227,20 +183,9 @@ class ErrorCorrectionWrapper(nn.Module, HubMixin):
             raise TypeError(f"base: expected a torch.nn.Module, got {type(base).__name__}")
         self.base = base
         self.binary = False
-        self.adapter = _select_adapter(base, adapter, low_level, high_level)
-        discover = low_level is None and high_level is None
-        if in_channels is None:
-            in_channels = _first_conv_in_channels(base)
-            try:
-                probe = self._probe(in_channels, sample_size, discover)
-            except RuntimeError:
-                if in_channels == 3:
-                    raise
-                in_channels = 3  # the first Conv2d did not see the input (e.g. channels added inside)
-                probe = self._probe(in_channels, sample_size, discover)
-        else:
-            probe = self._probe(in_channels, sample_size, discover)
-        logits, features = probe.logits, probe.features
+        self.adapter: Adapter = select_adapter(base, adapter, low_level, high_level)
+        in_channels, found = self._probe(in_channels, sample_size, discover=low_level is None and high_level is None)
+        logits, features = found.output.logits, found.output.features
         self.binary = int(logits.shape[1]) == 1
         if self.binary:
             logger.info("%s returns one logit channel: read as binary segmentation, classes 0 (background) and 1 (foreground)", type(base).__name__)
@@ -250,13 +195,7 @@ class ErrorCorrectionWrapper(nn.Module, HubMixin):
             if self.binary:
                 raise ValueError(f"num_classes={num_classes}, but the base returns one logit channel (binary segmentation), which errwrap reads as 2 channels: expected num_classes=2 or None")
             raise ValueError(f"num_classes={num_classes}, but the base returns logits with {inferred} channels (shape {tuple(logits.shape)})")
-        default_low, default_high = getattr(self.adapter, "default_features", (None, None))
-        if default_low not in features:
-            default_low = max(features, key=lambda k: features[k].shape[-2] * features[k].shape[-1])  # the finest
-        if default_high not in features:
-            default_high = list(features)[-1]
-        low_key = _resolve_feature(low_level, features, "low_level", default_low)
-        high_key = _resolve_feature(high_level, features, "high_level", default_high)
+        low_key, high_key = choose_features(self.adapter, found.features, low_level, high_level)
         low_channels = int(features[low_key].shape[1])
         high_channels = int(features[high_key].shape[1])
         #: The heads' configuration, saved as config.json's "heads": ``num_classes``, ``in_channels``,
@@ -354,39 +293,31 @@ class ErrorCorrectionWrapper(nn.Module, HubMixin):
         return self.eval()
 
     # ------------------------------------------------------------------ construction helpers
-    def _probe(self, in_channels: int, sample_size: int, discover: bool = False) -> BaseOutput:
-        """Run the base once; with ``discover``, a base that returns logits without features gets
-        the hooks adapter on two modules chosen by :func:`errwrap.adapters.auto.choose_feature_modules`."""
+    def _probe(self, in_channels: int | None, sample_size: int, discover: bool) -> tuple[int, Probe]:
+        """Run the base once on a random ``1 x in_channels x sample_size x sample_size`` input
+        (see :func:`errwrap.adapters.select.probe`) and keep the adapter that ran. ``in_channels=None``
+        reads them from the first ``Conv2d``, and falls back to 3 when that input fails (e.g.
+        channels added inside the network). Returns the input channels and the probe's findings."""
+        if in_channels is not None:
+            return in_channels, self._probe_once(in_channels, sample_size, discover)
+        in_channels = _first_conv_in_channels(self.base)
+        try:
+            return in_channels, self._probe_once(in_channels, sample_size, discover)
+        except RuntimeError:
+            if in_channels == 3:
+                raise
+        return 3, self._probe_once(3, sample_size, discover)
+
+    def _probe_once(self, in_channels: int, sample_size: int, discover: bool) -> Probe:
         param = next(iter(self.base.parameters()), None)
         device = param.device if param is not None else torch.device("cpu")
         dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
         generator = torch.Generator().manual_seed(0)
         x = torch.randn(1, in_channels, sample_size, sample_size, generator=generator).to(device=device, dtype=dtype)
-        modes = {m: m.training for m in self.base.modules()}
-        self.base.eval()
-        try:
-            with torch.no_grad():
-                try:
-                    out = self.adapter(self.base, x)
-                except NoFeaturesError:
-                    if not discover:
-                        raise
-                    low, high = choose_feature_modules(self.base, x)
-                    self.adapter.detach()
-                    self.adapter = HooksAdapter(self.base, low, high)
-                    out = self.adapter(self.base, x)
-        except (TypeError, ValueError):
-            raise
-        except Exception as exc:
-            raise RuntimeError(
-                f"running the base on a probe input of shape {tuple(x.shape)} failed ({type(exc).__name__}: {exc}); "
-                "pass sample_size= (e.g. 224) or in_channels= to match what the base accepts"
-            ) from exc
-        finally:
-            for m, mode in modes.items():
-                m.training = mode
-        check_logits(out.logits, name="base logits")
-        return out
+        found = probe(self.adapter, self.base, x, discover)
+        self.adapter = found.adapter
+        check_logits(found.output.logits, name="base logits")
+        return found
 
     # ------------------------------------------------------------------ capabilities
     @property
@@ -396,13 +327,15 @@ class ErrorCorrectionWrapper(nn.Module, HubMixin):
 
     @property
     def _is_torch_compilable(self) -> bool:
-        """``torch.compile(wrapper, fullgraph=True)`` works for this base's adapter."""
-        return bool(getattr(self.adapter, "compilable", True))
+        """``torch.compile(wrapper, fullgraph=True)`` works: every built-in adapter runs without
+        graph breaks (checked per family in tests/test_export.py)."""
+        return True
 
     @property
     def _is_torch_exportable(self) -> bool:
-        """``torch.export`` and ONNX export of :class:`~errwrap.export.InferenceModule` work."""
-        return bool(getattr(self.adapter, "exportable", True))
+        """``torch.export`` and ONNX export of :class:`~errwrap.export.InferenceModule` work for
+        every built-in adapter (checked per family in tests/test_export.py)."""
+        return True
 
     # ------------------------------------------------------------------ freezing
     def freeze_base(self) -> "ErrorCorrectionWrapper":

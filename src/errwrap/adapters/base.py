@@ -8,14 +8,25 @@ name to tensor. Adapters turn any other network into that form.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 from torch import Tensor, nn
 
 from .._validate import check_base_batch, describe, explain_device_mismatch, is_tracing
+from .features import FeatureInfo, FeaturePair
 
-__all__ = ["NoFeaturesError", "BaseOutput", "BaseAdapter", "NativeAdapter", "parse_base_output", "normalize_features", "PROTOCOL_HELP"]
+__all__ = [
+    "NoFeaturesError",
+    "BaseOutput",
+    "Adapter",
+    "BaseAdapter",
+    "NativeAdapter",
+    "parse_base_output",
+    "normalize_features",
+    "PROTOCOL_HELP",
+]
 
 PROTOCOL_HELP = (
     "errwrap accepts a base network whose forward returns (logits, features) or a mapping with "
@@ -86,25 +97,29 @@ def parse_base_output(out: Any) -> BaseOutput:
     return BaseOutput(logits, normalize_features(features))
 
 
-class BaseAdapter:
-    """Runs a base network and returns a :class:`BaseOutput`.
+class Adapter(ABC):
+    """The adapter interface: runs a base network and returns a :class:`BaseOutput`.
 
-    Subclasses override :meth:`forward`; :meth:`detach` removes anything the adapter installed
-    on the model (hooks); :meth:`spec` describes the base as JSON data so that the Hub code can
-    rebuild it (``None`` when it cannot). Adapters hold no parameters: the wrapper owns the base.
+    Subclasses implement :meth:`forward`. The rest has defaults: :attr:`name` (recorded in the
+    wrapper's config), :attr:`default_features` (the adapter's static preference for the
+    ``(low_level, high_level)`` features), :meth:`preferred_features` (that preference given the
+    features the probe saw; by default :attr:`default_features`), :meth:`feature_module`,
+    :meth:`detach` (removes anything the adapter installed on the model, such as hooks) and
+    :meth:`spec` (a JSON description of the base that the Hub code can rebuild, or ``None``).
+    Adapters hold no parameters: the wrapper owns the base. :data:`BaseAdapter` is the same class.
     """
 
     name: str = "base"
-    #: ``torch.compile(fullgraph=True)`` traces this adapter without graph breaks.
-    compilable: bool = True
-    #: ``torch.export`` (and so ONNX export) can trace this adapter.
-    exportable: bool = True
+    #: preferred ``(low_level, high_level)`` feature names; ``None`` leaves the choice to
+    #: :func:`~errwrap.adapters.features.choose_default_features` (finest map, last map).
+    default_features: FeaturePair = (None, None)
 
     def __init__(self, model: nn.Module | None = None) -> None:
         """Registered adapters are built as ``factory(model)``; the base class ignores ``model``."""
 
+    @abstractmethod
     def forward(self, model: nn.Module, x: Tensor) -> BaseOutput:
-        raise NotImplementedError
+        """Run ``model`` on ``x`` and return its logits ``(B, C, h0, w0)`` and named feature maps."""
 
     def __call__(self, model: nn.Module, x: Tensor) -> BaseOutput:
         if is_tracing():
@@ -117,6 +132,15 @@ class BaseAdapter:
         check_base_batch(out, x)
         return out
 
+    def preferred_features(self, features: Sequence[FeatureInfo]) -> FeaturePair:
+        """The preferred ``(low_level, high_level)`` names given the probe's ``features``; must
+        depend on ``features`` and the adapter's construction only. Default: :attr:`default_features`."""
+        return self.default_features
+
+    def feature_module(self, name: str) -> str | None:
+        """Name of the module of the base whose output the feature ``name`` is, if known."""
+        return None
+
     def detach(self) -> None:
         """Undo whatever the adapter did to the model (e.g. remove hooks)."""
 
@@ -128,7 +152,11 @@ class BaseAdapter:
         return f"{type(self).__name__}()"
 
 
-class NativeAdapter(BaseAdapter):
+#: The name adapters were written against before :class:`Adapter`; subclass either.
+BaseAdapter = Adapter
+
+
+class NativeAdapter(Adapter):
     """For networks that already speak the native protocol."""
 
     name = "native"

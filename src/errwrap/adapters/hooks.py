@@ -19,7 +19,9 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from .._validate import describe, is_tracing
-from .base import PROTOCOL_HELP, BaseAdapter, BaseOutput
+from .base import PROTOCOL_HELP, Adapter, BaseOutput
+from .features import FeaturePair
+from .registry import family_spec
 
 __all__ = ["FeatureTap", "HooksAdapter", "logits_from_output", "module_or_error"]
 
@@ -126,7 +128,7 @@ def logits_from_output(out: Any) -> Tensor:
     return logits
 
 
-class HooksAdapter(BaseAdapter):
+class HooksAdapter(Adapter):
     """Any network: features from forward hooks on named modules, logits from its output.
 
     Features are named by the module names, low-level first; with one name, that module's
@@ -164,7 +166,7 @@ class HooksAdapter(BaseAdapter):
         self.low_level, self.high_level = low_level, high_level
         self.logits_fn = logits_fn or logits_from_output
         self.tap = FeatureTap(model, names, role="low_level" if low_level is not None else "high_level")
-        self.default_features = (low_level or high_level, high_level or low_level)
+        self.default_features: FeaturePair = (low_level or high_level, high_level or low_level)
 
     def forward(self, model: nn.Module, x: Tensor) -> BaseOutput:
         self.tap.clear()
@@ -178,9 +180,11 @@ class HooksAdapter(BaseAdapter):
     def spec(self, model: nn.Module) -> dict[str, Any] | None:
         """The model's family spec (SMP, torchvision, transformers, ``errwrap_spec()``), so a
         tapped model of a known family is rebuilt by ``from_pretrained`` without ``model=``."""
-        from .specs import family_spec
-
         return family_spec(model)
+
+    def feature_module(self, name: str) -> str | None:
+        """Every feature is the output of the module it is named after."""
+        return name if name in self.tap.names else None
 
     def __repr__(self) -> str:
         return f"HooksAdapter(low_level={self.low_level!r}, high_level={self.high_level!r})"

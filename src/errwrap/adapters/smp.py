@@ -13,23 +13,32 @@ image itself; zero-channel placeholders are left out) and ``"decoder"`` (the dec
 feeds the segmentation head). Defaults: low-level = the stride-4 encoder feature, high-level =
 ``"decoder"``. A DPT with a ViT encoder (every stage at stride 16) also gives ``"reassemble0"``,
 its decoder's first reassembled map (stride 4, read by a forward hook), and uses it as low-level.
+Unet, MAnet and Linknet also give their decoder blocks' outputs (``"decoder.blocks.{i}"``); when
+the decoder ends finer than stride 4, the stride-4 block is the high-level default
+(:meth:`SMPAdapter.preferred_features`).
 
-This module imports nothing from SMP: it works on the model instance it is given.
+The adapter and the matcher import nothing from SMP: they work on the model instance they are
+given; :func:`build_smp` imports SMP to rebuild a model from its spec.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import sys
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import Tensor, nn
 
 from .._validate import is_tracing
-from .base import BaseAdapter, BaseOutput
+from .base import Adapter, BaseOutput
+from .features import FeatureInfo, FeaturePair
 from .hooks import FeatureTap
+from .registry import Family
+from .specs import check_model_name, check_timm_name, spec_config
 
-__all__ = ["SMPAdapter", "is_smp_model", "smp_spec", "SMP_ARCHITECTURES"]
+__all__ = ["SMPAdapter", "is_smp_model", "smp_spec", "build_smp", "SMP_ARCHITECTURES", "SMP_FAMILY"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +61,6 @@ SMP_ARCHITECTURES = (
 
 def is_smp_model(model: nn.Module) -> bool:
     """True for instances of SMP's ``SegmentationModel`` (without importing SMP)."""
-    import sys
-
     base = sys.modules.get("segmentation_models_pytorch.base.model")
     return base is not None and isinstance(model, base.SegmentationModel)
 
@@ -94,7 +101,31 @@ def smp_spec(model: nn.Module) -> dict[str, Any] | None:
     return {"family": "smp", "config": {"arch": arch, **config}}
 
 
-class SMPAdapter(BaseAdapter):
+def build_smp(spec: Mapping[str, Any]) -> nn.Module:
+    """Rebuild an SMP model (``encoder_weights=None``) from its spec; the architecture is one of
+    :data:`SMP_ARCHITECTURES` and the encoder one SMP or timm knows."""
+    import segmentation_models_pytorch as smp
+
+    config = spec_config(spec)
+    arch = str(config.pop("arch", "")).lower()
+    if arch not in SMP_ARCHITECTURES:
+        raise ValueError(f"base spec smp: unknown arch {arch!r}; expected one of {list(SMP_ARCHITECTURES)}")
+    activation = config.get("activation")
+    if activation is not None and not isinstance(activation, str):
+        raise ValueError(f"base spec smp: activation must be a name or null, got {type(config['activation']).__name__}")
+    encoder = check_model_name(config.get("encoder_name", "resnet34"), "encoder_name", "smp")
+    if encoder.startswith("tu-"):
+        check_timm_name(encoder[3:], "encoder_name", "smp")
+    elif encoder not in smp.encoders.get_encoder_names():
+        raise ValueError(
+            f"base spec smp: encoder_name {encoder!r} is not an encoder this SMP {smp.__version__} knows "
+            "(smp.encoders.get_encoder_names(), or 'tu-' and a timm name)"
+        )
+    config["encoder_weights"] = None
+    return smp.create_model(arch, **config)
+
+
+class SMPAdapter(Adapter):
     """Runs an SMP ``SegmentationModel`` step by step to expose its encoder and decoder features.
 
     Args:
@@ -123,14 +154,13 @@ class SMPAdapter(BaseAdapter):
             # a ViT encoder has no stride-4 map: DPT's first reassembled map (upsampled to stride 4) is its early feature
             self.tap = FeatureTap(model, ["decoder.reassemble_blocks.0"])
             low = "reassemble0"
-        self.default_features = (low, "decoder")
+        self.default_features: FeaturePair = (low, "decoder")
         # Unet, MAnet, Linknet: the decoder ends at full resolution, where the error head's 3x3
         # convolutions would cost ~50% of the base's FLOPs. Their decoder blocks are tapped too
-        # (features "decoder.blocks.{i}"), and the first forward makes the stride-4 block the
-        # default high-level feature, the resolution DeepLabV3+'s decoder output has.
+        # (features "decoder.blocks.{i}"); see preferred_features.
         blocks = getattr(model.decoder, "blocks", None)
-        self.block_tap = FeatureTap(model, [f"decoder.blocks.{i}" for i in range(len(blocks))]) if isinstance(blocks, nn.ModuleList) and len(blocks) else None
-        self._choose_high = self.block_tap is not None
+        has_blocks = isinstance(blocks, nn.ModuleList) and len(blocks) > 0
+        self.block_tap = FeatureTap(model, [f"decoder.blocks.{i}" for i in range(len(blocks))]) if has_blocks else None
         head = model.segmentation_head
         activation = getattr(head[-1] if isinstance(head, nn.Sequential) else head, "activation", None)
         # SMP's SegmentationHead is Sequential(conv, upsampling, Activation): run it without the activation.
@@ -167,18 +197,27 @@ class SMPAdapter(BaseAdapter):
             features["reassemble0"] = self.tap.pop()["decoder.reassemble_blocks.0"]
         if self.block_tap is not None:
             features.update(self.block_tap.pop())
-            if self._choose_high and not is_tracing():
-                self._choose_high = False
-                self._prefer_stride4_block(features, decoded, x.shape[-2])
         features["decoder"] = decoded
         return BaseOutput(logits, features)
 
-    def _prefer_stride4_block(self, features: dict[str, Tensor], decoded: Tensor, height: int) -> None:
-        if round(height / decoded.shape[-2]) >= 4:
-            return
-        at_four = [n for n in features if n.startswith("decoder.blocks.") and round(height / features[n].shape[-2]) == 4]
-        if at_four:
-            self.default_features = (self.default_features[0], at_four[0])
+    def preferred_features(self, features: Sequence[FeatureInfo]) -> FeaturePair:
+        """:attr:`default_features`, except that when the decoder ends finer than stride 4
+        (Unet, MAnet, Linknet: full resolution), the first decoder block at stride 4 is the
+        high-level feature, the resolution DeepLabV3+'s decoder output has."""
+        low, high = self.default_features
+        decoder = next((f for f in features if f.name == "decoder"), None)
+        if decoder is not None and decoder.stride < 4:
+            at_four = [f.name for f in features if f.name.startswith("decoder.blocks.") and f.stride == 4]
+            if at_four:
+                high = at_four[0]
+        return low, high
+
+    def feature_module(self, name: str) -> str | None:
+        """``"decoder"`` and ``"decoder.blocks.{i}"`` are module names; ``"reassemble0"`` is DPT's
+        ``decoder.reassemble_blocks.0``; encoder stages have none."""
+        if name == "decoder" or name.startswith("decoder.blocks."):
+            return name
+        return "decoder.reassemble_blocks.0" if name == "reassemble0" else None
 
     def detach(self) -> None:
         if self.tap is not None:
@@ -189,3 +228,6 @@ class SMPAdapter(BaseAdapter):
     def spec(self, model: nn.Module) -> dict[str, Any] | None:
         """See :func:`smp_spec`."""
         return smp_spec(model)
+
+
+SMP_FAMILY = Family("smp", build_smp, is_smp_model, smp_spec)

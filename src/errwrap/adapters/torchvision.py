@@ -13,22 +13,34 @@ Features:
   1x1 convolution: the ASPP-and-3x3-conv output of DeepLabV3, the 3x3-conv output of FCN).
 - LRASPP: ``"low"`` and ``"high"``, the two backbone features its head uses (strides 8 and 16).
 
-Defaults: low-level ``"low"``, high-level ``"high"``. This module imports nothing from torchvision.
+Defaults: low-level ``"low"``, high-level ``"high"``. The adapter and the matcher import nothing
+from torchvision; :func:`torchvision_spec` and :func:`build_torchvision` import its builders.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import BaseAdapter, BaseOutput
+from .base import Adapter, BaseOutput
+from .features import FeaturePair
+from .registry import Family
+from .specs import spec_config
 
-__all__ = ["TorchvisionSegmentationAdapter", "is_torchvision_segmentation_model", "torchvision_spec", "TORCHVISION_BUILDERS"]
+__all__ = [
+    "TorchvisionSegmentationAdapter",
+    "is_torchvision_segmentation_model",
+    "torchvision_spec",
+    "build_torchvision",
+    "TORCHVISION_BUILDERS",
+    "TORCHVISION_FAMILY",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +108,22 @@ def torchvision_spec(model: nn.Module) -> dict[str, Any] | None:
     return None
 
 
-class TorchvisionSegmentationAdapter(BaseAdapter):
+def build_torchvision(spec: Mapping[str, Any]) -> nn.Module:
+    """Rebuild a torchvision segmentation model (no weights) with one of :data:`TORCHVISION_BUILDERS`."""
+    from torchvision.models import segmentation
+
+    config = spec_config(spec)
+    name = config.pop("name", None)
+    allowed = [n for names in TORCHVISION_BUILDERS.values() for n in names]
+    if name not in allowed:
+        raise ValueError(f"base spec torchvision: unknown name {name!r}; expected one of {allowed}")
+    unknown = sorted(set(config) - {"num_classes", "aux_loss"})
+    if unknown:
+        raise ValueError(f"base spec torchvision: unknown config keys {unknown}; expected 'num_classes' and 'aux_loss'")
+    return getattr(segmentation, name)(weights=None, weights_backbone=None, **config)
+
+
+class TorchvisionSegmentationAdapter(Adapter):
     """Runs a torchvision segmentation model step by step to expose backbone and head features.
 
     Args:
@@ -109,6 +136,7 @@ class TorchvisionSegmentationAdapter(BaseAdapter):
     """
 
     name = "torchvision"
+    default_features: FeaturePair = ("low", "high")
 
     def __init__(self, model: nn.Module) -> None:
         self.lraspp = type(model).__name__ == "LRASPP" and hasattr(model.classifier, "low_classifier")
@@ -122,7 +150,6 @@ class TorchvisionSegmentationAdapter(BaseAdapter):
             raise TypeError(f"TorchvisionSegmentationAdapter: expected an nn.Sequential classifier, got {type(model.classifier).__name__}")
         self.return_layers = dict(backbone.return_layers)
         self.low_stage = None if self.lraspp else _stride4_stage(backbone)
-        self.default_features = ("low", "high")
 
     def _backbone(self, backbone: nn.Module, x: Tensor) -> tuple[dict[str, Tensor], Tensor | None]:
         # IntermediateLayerGetter.forward, also keeping the stride-4 stage.
@@ -157,3 +184,6 @@ class TorchvisionSegmentationAdapter(BaseAdapter):
     def spec(self, model: nn.Module) -> dict[str, Any] | None:
         """See :func:`torchvision_spec`."""
         return torchvision_spec(model)
+
+
+TORCHVISION_FAMILY = Family("torchvision", build_torchvision, is_torchvision_segmentation_model, torchvision_spec)

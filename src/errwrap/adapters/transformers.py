@@ -20,7 +20,7 @@ Features: ``"encoder0"`` ... (the backbone stages) and ``"pixel_decoder"`` (the 
 embedding the masks are made from). Defaults: low-level ``"encoder0"`` (stride 4), high-level
 ``"pixel_decoder"``. OneFormer needs tokenised text task inputs and is refused with a message.
 
-This module imports nothing from transformers until a spec is built or rebuilt.
+This module imports nothing from transformers until a model is rebuilt from its spec.
 """
 
 from __future__ import annotations
@@ -28,20 +28,26 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .._validate import is_tracing
-from .base import PROTOCOL_HELP, BaseAdapter, BaseOutput, NoFeaturesError
+from .base import PROTOCOL_HELP, Adapter, BaseOutput, NoFeaturesError
+from .features import FeatureInfo, FeaturePair
 from .hooks import FeatureTap
+from .registry import Family
+from .specs import check_timm_name, spec_config
 
 __all__ = [
     "TransformersAdapter",
     "is_transformers_segmentation_model",
     "semantic_logits_from_queries",
     "transformers_spec",
+    "build_transformers",
+    "TRANSFORMERS_FAMILY",
     "DECODE_TAPS",
     "QUERY_CLASSES",
     "TRANSFORMERS_CLASSES",
@@ -120,7 +126,43 @@ def transformers_spec(model: nn.Module) -> dict[str, Any] | None:
     return {"family": "transformers", "class": cls, "config": config}
 
 
-class TransformersAdapter(BaseAdapter):
+def _check_backbones(values: dict[str, Any], cls: str) -> None:
+    """A transformers config names its backbone either by a nested ``backbone_config`` (data,
+    fine) or by ``backbone``: a timm name (checked) or a Hub name, which transformers would fetch
+    with ``AutoConfig.from_pretrained`` (refused). At every level ``use_pretrained_backbone`` is
+    switched off, so no weights are downloaded."""
+    family = f"transformers {cls}"
+    timm_backbone = bool(values.get("use_timm_backbone", False)) or values.get("model_type") == "timm_backbone"
+    backbone = values.get("backbone")
+    if backbone is not None:
+        if not timm_backbone:
+            raise ValueError(
+                f"base spec {family}: backbone {backbone!r} names a transformers backbone by Hub name, which would be "
+                "fetched from the Hub; expected backbone null and a 'backbone_config' object (or a timm backbone)"
+            )
+        check_timm_name(backbone, "backbone", family)
+    if "use_pretrained_backbone" in values:
+        values["use_pretrained_backbone"] = False  # never download
+    nested = values.get("backbone_config")
+    if isinstance(nested, dict):
+        _check_backbones(nested, cls)
+
+
+def build_transformers(spec: Mapping[str, Any]) -> nn.Module:
+    """Rebuild one of :data:`TRANSFORMERS_CLASSES` (random weights, no pretrained backbone) from its spec."""
+    import transformers
+
+    cls = spec.get("class")
+    if cls not in TRANSFORMERS_CLASSES:
+        raise ValueError(f"base spec transformers: unknown class {cls!r}; expected one of {list(TRANSFORMERS_CLASSES)}")
+    config_cls = getattr(transformers, TRANSFORMERS_CLASSES[cls])
+    values = spec_config(spec)
+    _check_backbones(values, cls)
+    config = config_cls.from_dict(values)
+    return getattr(transformers, cls)(config)
+
+
+class TransformersAdapter(Adapter):
     """Runs a transformers segmentation model and collects its hidden states and its decode
     head's fused feature (or, for Mask2Former/MaskFormer, makes semantic logits from its queries).
 
@@ -150,29 +192,28 @@ class TransformersAdapter(BaseAdapter):
                 self.tap = FeatureTap(model, [tap])
             except ValueError:
                 logger.warning("%s has no module %r (another transformers version?); using its hidden states only", cls, tap)
-        self._strides: dict[str, int] = {}
-
-    @property
-    def default_features(self) -> tuple[str | None, str | None]:
-        """``(low, high)``: the stride-4 feature (the finest coarser than 4 if none; known after
-        the first forward pass) and the decode head's feature (``"pixel_decoder"`` for queries)."""
-        order = {k: i for i, k in enumerate(self._strides)}  # at equal strides the deepest: UperNet's stage 1, not its patch embedding
-        ranked = sorted(self._strides, key=lambda k: (self._strides[k] < 4, abs(self._strides[k] - 4), -order[k]))
-        low = ranked[0] if ranked else None
+        self.tap_name = tap if self.tap is not None else None
         high = "pixel_decoder" if self.queries else "decode_head" if self.tap is not None else None
-        return low, high
+        self.default_features: FeaturePair = (None, high)
 
-    def _remember_strides(self, x: Tensor, features: dict[str, Tensor]) -> None:
-        if not self._strides and not is_tracing():
-            size = x.shape[-1]
-            self._strides = {k: max(1, round(size / f.shape[-1])) for k, f in features.items() if k not in ("decode_head", "pixel_decoder")}
+    def preferred_features(self, features: Sequence[FeatureInfo]) -> FeaturePair:
+        """``(low, high)``: low-level is the stride-4 map (else the finest coarser than 4, else
+        the coarsest finer; at equal strides the deepest: UperNet's stage 1, not its patch
+        embedding), high-level the decode head's feature (``"pixel_decoder"`` for queries)."""
+        maps = [f for f in features if f.name not in ("decode_head", "pixel_decoder")]
+        order = {f.name: i for i, f in enumerate(maps)}
+        ranked = sorted(maps, key=lambda f: (f.stride < 4, abs(f.stride - 4), -order[f.name]))
+        return (ranked[0].name if ranked else None), self.default_features[1]
+
+    def feature_module(self, name: str) -> str | None:
+        """``"decode_head"`` is the tapped module (:data:`DECODE_TAPS`); hidden states have none."""
+        return self.tap_name if name == "decode_head" else None
 
     def forward(self, model: nn.Module, x: Tensor) -> BaseOutput:
         if self.queries:
             out = model(pixel_values=x, output_hidden_states=True)
             stages = getattr(out, "encoder_hidden_states", None) or ()
             features = {f"encoder{i}": h for i, h in enumerate(stages) if isinstance(h, Tensor) and h.ndim == 4}
-            self._remember_strides(x, features)
             features["pixel_decoder"] = out.pixel_decoder_last_hidden_state
             return BaseOutput(semantic_logits_from_queries(out.class_queries_logits, out.masks_queries_logits), features)
         if self.tap is not None:
@@ -180,7 +221,6 @@ class TransformersAdapter(BaseAdapter):
         out = model(pixel_values=x, output_hidden_states=True)
         hidden = getattr(out, "hidden_states", None) or ()
         features = {f"hidden{i}": h for i, h in enumerate(hidden) if isinstance(h, Tensor) and h.ndim == 4}
-        self._remember_strides(x, features)
         if self.tap is not None:
             features["decode_head"] = next(iter(self.tap.pop().values()))
         if not features and not is_tracing():
@@ -197,3 +237,6 @@ class TransformersAdapter(BaseAdapter):
     def spec(self, model: nn.Module) -> dict[str, Any] | None:
         """See :func:`transformers_spec`."""
         return transformers_spec(model)
+
+
+TRANSFORMERS_FAMILY = Family("transformers", build_transformers, is_transformers_segmentation_model, transformers_spec)

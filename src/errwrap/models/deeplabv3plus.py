@@ -20,7 +20,6 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-import timm
 import torch
 from torch import Tensor, nn
 
@@ -93,6 +92,8 @@ def _create_encoder(encoder_name: str, in_channels: int, output_stride: int, pre
     kwargs: dict[str, Any] = {"features_only": True, "pretrained": pretrained, "in_chans": in_channels}
     if output_stride != 32:
         kwargs["output_stride"] = output_stride
+    import timm  # heavy: imported when an encoder is built, so importing errwrap stays cheap
+
     try:
         return timm.create_model(encoder_name, **kwargs)
     except (TypeError, AssertionError, ValueError) as exc:

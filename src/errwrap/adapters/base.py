@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 from torch import Tensor, nn
 
+from .._protocol import BaseOutput
 from .._validate import check_base_batch, describe, explain_device_mismatch, is_tracing
 from .features import FeatureInfo, FeaturePair
 
@@ -40,13 +41,6 @@ PROTOCOL_HELP = (
 class NoFeaturesError(TypeError):
     """The base returns logits errwrap can read but no feature maps it can use (the wrapper then
     looks for features itself, see :mod:`errwrap.adapters.auto`)."""
-
-
-class BaseOutput(NamedTuple):
-    """What every adapter returns: logits ``(B, C, h0, w0)`` and named 4-d feature maps."""
-
-    logits: Tensor
-    features: dict[str, Tensor]
 
 
 def normalize_features(features: Any) -> dict[str, Tensor]:

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..adapters.base import BaseOutput
+from .._protocol import BaseOutput
 from ..layers import ConvNormAct, resize
 
 __all__ = ["ASPP", "DeepLabV3Plus", "default_atrous_rates"]

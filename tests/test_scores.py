@@ -83,7 +83,8 @@ def test_scores_at_input_resolution_and_in_unit_interval():
 def test_error_head_score_is_base_error_prob_and_reuses_output():
     wrap = _wrap(tiny_base())
     x, _ = batch()
-    out = wrap(x)
+    with torch.no_grad():  # as the scores run: inference without gradients (the same to 1e-6 with them)
+        out = wrap(x)
     assert torch.equal(ErrorHeadScore()(wrap, x).score, out.base_error_prob)
     calls, handle = _count_base_calls(wrap.base)
     assert torch.equal(ErrorHeadScore()(wrap, x, output=out).score, out.base_error_prob)
@@ -222,7 +223,8 @@ def test_baseline_scores_finite_for_extreme_and_bf16_logits(dtype):
 def test_new_scores_through_the_interface():
     wrap = _wrap(tiny_base(logit_stride=4))
     x, _ = batch(size=32)
-    out = wrap(x)
+    with torch.no_grad():  # as the scores run: inference without gradients (the same to 1e-6 with them)
+        out = wrap(x)
     ml = MaxLogitScore()(wrap, x, base_logits=out.base_logits)
     assert torch.equal(ml.score, max_logit_score(out.base_logits)) and torch.equal(ml.prediction, out.base_labels)
     assert torch.equal(EnergyScore()(wrap, x).score, energy_score(out.base_logits))

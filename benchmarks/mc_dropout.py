@@ -33,7 +33,16 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import bar_plot, demo_config, environment, finish, format_table, interleaved_times, quartiles, scenes_val_loader  # noqa: E402
+from _common import (  # noqa: E402
+    bar_plot,
+    demo_config,
+    environment,
+    finish,
+    format_table,
+    interleaved_times,
+    quartiles,
+    scenes_val_loader,
+)
 
 TARGET_SPEEDUP = 9.0
 

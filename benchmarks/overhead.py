@@ -47,7 +47,17 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import TensorMemory, bar_plot, environment, finish, format_table, interleaved_times, quartiles, setup_logging, synchronize  # noqa: E402
+from _common import (  # noqa: E402
+    TensorMemory,
+    bar_plot,
+    environment,
+    finish,
+    format_table,
+    interleaved_times,
+    quartiles,
+    setup_logging,
+    synchronize,
+)
 
 NUM_CLASSES = 19
 TARGET_ERROR = 1.05

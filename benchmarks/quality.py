@@ -184,7 +184,16 @@ def run_cell(family: str, base_kind: str, seed: int, args: argparse.Namespace, s
     """Train (base, ensemble members, heads) for one (family, base, seed), then every condition."""
     import errwrap
     from errwrap import ErrorCorrectionWrapper
-    from errwrap.data import CORRUPTIONS, IMAGENET_MEAN, IMAGENET_STD, Compose, Corrupt, Normalize, RandomHorizontalFlip, generated
+    from errwrap.data import (
+        CORRUPTIONS,
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        Compose,
+        Corrupt,
+        Normalize,
+        RandomHorizontalFlip,
+        generated,
+    )
     from errwrap.scores import EnsembleScore, TemperatureMSPScore, build_score
 
     norm = Normalize(IMAGENET_MEAN, IMAGENET_STD)

@@ -49,7 +49,7 @@ def test_cityscapes_maps_label_ids_to_train_ids(tmp_path):
     ds = Cityscapes(tmp_path, "train")
     assert len(ds) == 2 and ds.num_classes == 19 and len(ds.class_names) == 19 and ds.ignore_index == 255
     image, label = ds[0]
-    assert image.shape == (3, 2, 4) and image.dtype == torch.float32 and 0 <= image.min() and image.max() <= 1
+    assert image.shape == (3, 2, 4) and image.dtype == torch.float32 and image.min() >= 0 and image.max() <= 1
     assert label.dtype == torch.int64
     assert label.tolist() == [[0, 1, 255, 13], [18, 11, 255, 2]]
     expected = [[CITYSCAPES_LABEL_TO_TRAIN.get(int(v), 255) for v in row] for row in ids]
@@ -240,7 +240,7 @@ def test_random_transforms_repeat_with_a_generator():
 def test_color_jitter_and_normalize_touch_only_the_image():
     image, label = _coded_pair()
     jittered, same = ColorJitter(0.4, 0.4, 0.4, generator=torch.Generator().manual_seed(0))(image, label)
-    assert same is label and 0 <= jittered.min() and jittered.max() <= 1 and not torch.equal(jittered, image)
+    assert same is label and jittered.min() >= 0 and jittered.max() <= 1 and not torch.equal(jittered, image)
     normed, same = Normalize(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))(image, label)
     assert same is label and torch.allclose(normed, image * 2 - 1)
     with pytest.raises(ValueError, match="label"):

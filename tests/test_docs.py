@@ -134,9 +134,8 @@ def expected_check_lines(block: Block) -> set[int]:
     lines = block.code.splitlines()
     found = set()
     for k, line in enumerate(lines):
-        if PRINT_WITH_COMMENT.match(line) or SHAPE_COMMENT.match(line):
-            found.add(block.line + k)
-        elif BARE_PRINT.match(line) and k + 1 < len(lines) and COMMENT_LINE.match(lines[k + 1]):
+        commented_print = BARE_PRINT.match(line) and k + 1 < len(lines) and COMMENT_LINE.match(lines[k + 1])
+        if PRINT_WITH_COMMENT.match(line) or SHAPE_COMMENT.match(line) or commented_print:
             found.add(block.line + k)
     return found
 

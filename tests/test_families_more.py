@@ -110,7 +110,7 @@ def test_smp_logits_are_read_before_the_heads_activation(activation, to_output):
     with torch.no_grad():
         out = wrap.eval()(x)
         torch.testing.assert_close(to_output(out.base_logits), model(x), rtol=1e-5, atol=1e-6)
-    assert 0.0 <= float(out.error_prob.min()) and float(out.error_prob.max()) <= 1.0
+    assert float(out.error_prob.min()) >= 0.0 and float(out.error_prob.max()) <= 1.0
 
 
 @pytest.mark.parametrize(("encoder", "low", "channels_first"), [("tu-convnext_atto", "enc0", True), ("tu-vit_tiny_patch16_224", "reassemble0", False)])

@@ -120,7 +120,7 @@ def test_labels_and_error_prob_equal_reference(num_classes):
     assert torch.equal(out.labels, mixture_log_probs(z0, z1, e).argmax(dim=1))
     # the probability that the returned label is wrong: 1 - max of the fused distribution
     torch.testing.assert_close(out.error_prob, 1.0 - mixture_log_probs(z0, z1, e).exp().amax(dim=1))
-    assert 0.0 <= out.error_prob.min() and out.error_prob.max() <= 1.0 - 1.0 / num_classes + 1e-6
+    assert out.error_prob.min() >= 0.0 and out.error_prob.max() <= 1.0 - 1.0 / num_classes + 1e-6
 
 
 def test_backend_choice_and_input_checks():

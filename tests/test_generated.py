@@ -50,8 +50,8 @@ def test_items_are_images_in_unit_range_and_int64_labels(family):
     image, label = ds[2]
     assert image.shape == (3, 40, 56) and image.dtype == torch.float32
     assert label.shape == (40, 56) and label.dtype == torch.int64
-    assert 0.0 <= float(image.min()) and float(image.max()) <= 1.0
-    assert 0 <= int(label.min()) and int(label.max()) < ds.num_classes
+    assert float(image.min()) >= 0.0 and float(image.max()) <= 1.0
+    assert int(label.min()) >= 0 and int(label.max()) < ds.num_classes
     assert ds.num_classes == len(ds.class_names) and ds.ignore_index == 255 and len(ds) == 3
     assert repr(ds) == f"{family.__name__}(num_images=3, size=(40, 56), seed=0, split='train')"
 
@@ -156,7 +156,7 @@ def test_bad_arguments(family):
 
 # ---------------------------------------------------------------------- registry
 def test_registry_names_every_family():
-    assert GENERATED == {"scenes": Scenes, "aerial": Aerial, "cells": Cells}
+    assert {"scenes": Scenes, "aerial": Aerial, "cells": Cells} == GENERATED
     ds = generated("aerial", 3, size=32, split="val", seed=2)
     assert isinstance(ds, Aerial) and len(ds) == 3 and ds.split == "val" and ds.seed == 2 and ds[0][0].shape == (3, 32, 32)
     with pytest.raises(ValueError, match="expected one of scenes, aerial, cells, got 'city'"):
@@ -174,7 +174,7 @@ def test_each_corruption_changes_the_image_and_keeps_shape_dtype_and_range(kind)
     for x in (image, torch.stack([image, image.flip(-1)])):
         out = Corrupt(kind, 3)(x)
         assert out.shape == x.shape and out.dtype == x.dtype
-        assert 0.0 <= float(out.min()) and float(out.max()) <= 1.0
+        assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
         assert float((out - x).abs().mean()) > 0.01
     assert Corrupt(kind, 3)(torch.zeros(0, 3, 8, 8)).shape == (0, 3, 8, 8)
     half = Corrupt(kind, 3)(image.bfloat16())
@@ -250,7 +250,7 @@ def test_corrupt_bad_arguments():
 
 # ---------------------------------------------------------------------- CLI
 def test_cli_data_accepts_every_generated_family():
-    assert GENERATED_KINDS == tuple(GENERATED)
+    assert tuple(GENERATED) == GENERATED_KINDS
     ds = parse_data_spec("aerial:3", "val", size=32)
     assert isinstance(ds, Aerial) and len(ds) == 3 and ds.split == "val" and ds[0][0].shape == (3, 32, 32)
     assert isinstance(parse_data_spec("CELLS", "train"), Cells) and len(parse_data_spec("cells", "train")) == 200

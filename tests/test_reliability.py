@@ -325,9 +325,8 @@ def test_a_directory_set_aside_by_a_killed_save_is_put_back(saved, tmp_path):
 
     aside = tmp_path / f".m.old-{_dead_pid()}-0a1b2c3d"
     saved.rename(aside)  # killed between "rename the old one aside" and "rename the new one in"
-    with pytest.raises(RuntimeError):
-        with atomic_directory(saved):
-            raise RuntimeError("the next save fails too")
+    with pytest.raises(RuntimeError), atomic_directory(saved):
+        raise RuntimeError("the next save fails too")
     assert not aside.exists()
     ErrorCorrectionWrapper.from_pretrained(saved, model=tiny_base())
 
@@ -484,8 +483,9 @@ def test_cli_finetune_keeps_the_model_when_the_final_save_fails(cli_model_dir, t
 
 
 def test_a_safetensors_write_error_is_an_oserror_and_keeps_the_old_model(saved, monkeypatch):
-    import errwrap._io as io
     from safetensors import SafetensorError
+
+    import errwrap._io as io
 
     before = {p.name: p.read_bytes() for p in saved.iterdir()}
 

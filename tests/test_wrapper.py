@@ -23,7 +23,7 @@ def test_output_shapes_and_dtypes(logit_stride, returns):
     assert all(t.dtype == torch.float32 for t in out)
     assert out.error_prob.shape == (2, 32, 32)
     assert out.labels.dtype == torch.int64 and out.labels.shape == (2, 32, 32)
-    assert 0.0 <= out.error_prob.min() and out.error_prob.max() <= 1.0
+    assert out.error_prob.min() >= 0.0 and out.error_prob.max() <= 1.0
     assert torch.allclose(out.probs.sum(1), torch.ones(2, 32, 32), atol=1e-5)
 
 

@@ -403,7 +403,7 @@ class EstimateReport:
         return nan_to_none({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "EstimateReport":
+    def from_dict(cls, data: Mapping[str, Any]) -> EstimateReport:
         """Inverse of :meth:`to_dict` (``None`` becomes ``nan``)."""
         if not isinstance(data, Mapping):
             raise TypeError(f"from_dict: expected a mapping, got {type(data).__name__}")
@@ -422,7 +422,7 @@ class EstimateReport:
         return write_json_text(self.to_dict(), path, indent)
 
     @classmethod
-    def from_json(cls, text_or_path: str | Path) -> "EstimateReport":
+    def from_json(cls, text_or_path: str | Path) -> EstimateReport:
         """Read a report from JSON text or from a ``.json`` file."""
         return cls.from_dict(read_json_text(text_or_path))
 

@@ -146,7 +146,7 @@ class EvaluationReport:
         return nan_to_none(data)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "EvaluationReport":
+    def from_dict(cls, data: Mapping[str, Any]) -> EvaluationReport:
         """Inverse of :meth:`to_dict` (``None`` becomes ``nan``); reports written before the
         returned-label metrics existed read with those fields empty."""
         if not isinstance(data, Mapping):
@@ -172,7 +172,7 @@ class EvaluationReport:
         return write_json_text(self.to_dict(), path, indent)
 
     @classmethod
-    def from_json(cls, text_or_path: str | Path) -> "EvaluationReport":
+    def from_json(cls, text_or_path: str | Path) -> EvaluationReport:
         """Read a report from JSON text or from a ``.json`` file."""
         return cls.from_dict(read_json_text(text_or_path))
 
@@ -446,7 +446,7 @@ class _Meters:
         score_bins: int,
         calibration_bins: int,
         scores: Mapping[str, ErrorScore],
-    ) -> "_Meters":
+    ) -> _Meters:
         judged = {"error_prob": "returned", "msp": "base", ErrorHeadScore.name: "base"}
         judged.update({n: s.judges for n, s in scores.items()})
         return cls(

@@ -73,7 +73,7 @@ class StreamingMetric:
         """The settings that define the state's meaning (checked by :meth:`merge`)."""
         return {}
 
-    def reset(self) -> "StreamingMetric":
+    def reset(self) -> StreamingMetric:
         """Zero every count."""
         for state in self._states.values():
             state.zero_()
@@ -83,7 +83,7 @@ class StreamingMetric:
         """A copy of the state: plain tensors that add up (sum them to combine evaluations)."""
         return {name: state.clone() for name, state in self._states.items()}
 
-    def load_state_dict(self, state: dict[str, Tensor]) -> "StreamingMetric":
+    def load_state_dict(self, state: dict[str, Tensor]) -> StreamingMetric:
         """Replace the state by ``state`` (as returned by :meth:`state_dict`), strictly."""
         missing = sorted(set(self._states) - set(state))
         unexpected = sorted(set(state) - set(self._states))
@@ -96,7 +96,7 @@ class StreamingMetric:
             own.copy_(value.to(own.device, own.dtype))
         return self
 
-    def merge(self, other: "StreamingMetric") -> "StreamingMetric":
+    def merge(self, other: StreamingMetric) -> StreamingMetric:
         """Add the counts of ``other`` (same class and settings) to this object's."""
         if type(other) is not type(self):
             raise TypeError(f"merge: expected a {type(self).__name__}, got {type(other).__name__}")
@@ -106,7 +106,7 @@ class StreamingMetric:
             state.add_(other._states[name].to(state.device))
         return self
 
-    def sync(self, group: Any = None) -> "StreamingMetric":
+    def sync(self, group: Any = None) -> StreamingMetric:
         """Sum the state over every process of ``group`` (``all_reduce``); a no-op when
         ``torch.distributed`` is not initialised. Call it once, after the last ``update``."""
         for state in self._states.values():
@@ -115,7 +115,7 @@ class StreamingMetric:
 
     all_reduce = sync
 
-    def to(self, device: torch.device | str) -> "StreamingMetric":
+    def to(self, device: torch.device | str) -> StreamingMetric:
         """Move the state to ``device``."""
         self.device = torch.device(device)
         self._states = {name: state.to(self.device) for name, state in self._states.items()}
@@ -821,7 +821,7 @@ class ImageRiskCoverageMetrics:
         self.mean_scores: list[float] = []
         self.error_rates: list[float] = []
 
-    def reset(self) -> "ImageRiskCoverageMetrics":
+    def reset(self) -> ImageRiskCoverageMetrics:
         self.mean_scores, self.error_rates = [], []
         return self
 
@@ -838,13 +838,13 @@ class ImageRiskCoverageMetrics:
         self.mean_scores += means.cpu().tolist()
         self.error_rates += rates.cpu().tolist()
 
-    def merge(self, other: "ImageRiskCoverageMetrics") -> "ImageRiskCoverageMetrics":
+    def merge(self, other: ImageRiskCoverageMetrics) -> ImageRiskCoverageMetrics:
         """Append the images of ``other``."""
         self.mean_scores += other.mean_scores
         self.error_rates += other.error_rates
         return self
 
-    def sync(self, group: Any = None) -> "ImageRiskCoverageMetrics":
+    def sync(self, group: Any = None) -> ImageRiskCoverageMetrics:
         """Gather the images of every process (a no-op without ``torch.distributed``)."""
         if not is_initialized():
             return self

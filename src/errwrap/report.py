@@ -31,8 +31,8 @@ from PIL import Image, ImageDraw
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
-from ._io import atomic_path
 from ._batch import LABEL_KEYS, images_of, prepare_batch
+from ._io import atomic_path
 from ._utils import eval_mode, resolve_device
 from ._validate import input_dtype
 from .estimation import EstimateComparison, EstimateReport, _dist_world, compare_estimates, estimate

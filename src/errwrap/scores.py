@@ -50,9 +50,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._utils import eval_mode
+from ._validate import check_positive_int
 from .adapters import NativeAdapter, find_adapter
 from .calibration import fit_temperature, sample_labelled_pixels
-from ._validate import check_positive_int
 from .functional import normalized_entropy, normalized_entropy_of_logits
 from .layers import resize
 
@@ -276,7 +276,7 @@ class TemperatureMSPScore(ErrorScore):
         return f"TemperatureMSPScore(temperature={self.temperature:.4g})"
 
     @classmethod
-    def fit(cls, wrapper: nn.Module, loader: Any, **kwargs: Any) -> "TemperatureMSPScore":
+    def fit(cls, wrapper: nn.Module, loader: Any, **kwargs: Any) -> TemperatureMSPScore:
         """The score with ``T`` fitted on ``loader`` by minimising the NLL of
         ``softmax(z0 / T)`` (the base's logits) on a seeded sample of labelled pixels.
 

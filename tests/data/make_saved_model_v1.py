@@ -20,8 +20,9 @@ from safetensors.torch import save_file
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
-from errwrap import ErrorCorrectionLoss, ErrorCorrectionWrapper  # noqa: E402
 from tests.tiny import batch, tiny_base  # noqa: E402
+
+from errwrap import ErrorCorrectionLoss, ErrorCorrectionWrapper  # noqa: E402
 
 
 def main() -> None:

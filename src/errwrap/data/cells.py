@@ -24,7 +24,16 @@ import math
 
 import numpy as np
 
-from ._generated import GeneratedDataset, band_noise, check_render_args, gaussian_blur, grid, make_rng, rotated_coords, window
+from ._generated import (
+    GeneratedDataset,
+    band_noise,
+    check_render_args,
+    gaussian_blur,
+    grid,
+    make_rng,
+    rotated_coords,
+    window,
+)
 
 __all__ = ["Cells", "CELL_CLASSES", "render_cells"]
 

@@ -14,8 +14,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import _distributed
-from .._io import check_writable, tensor_bytes
 from .._batch import check_loader_num_classes
+from .._io import check_writable, tensor_bytes
 from ..data.transforms import Compose, Normalize
 from ..losses import ErrorCorrectionLoss
 from .checkpoint import checkpoint_weights

@@ -44,7 +44,16 @@ def _pts(v: float) -> str:
     return "n/a" if v is None or math.isnan(v) else f"{100 * v:.2f}"
 
 
-def loader(family: str, num_images: int, size: int, seed: int, split: str, shift: str | None, severity: int, train: bool = False) -> Any:
+def loader(
+    family: str,
+    num_images: int,
+    size: int,
+    seed: int,
+    split: str,
+    shift: str | None,
+    severity: int,
+    train: bool = False,
+) -> Any:
     """A split of a generated family, corrupted (``shift``) and normalised; shuffled when ``train``."""
     from torch.utils.data import DataLoader
 
@@ -55,7 +64,9 @@ def loader(family: str, num_images: int, size: int, seed: int, split: str, shift
         steps.append(Corrupt(shift, severity, seed=seed).joint)
     steps.append(Normalize(IMAGENET_MEAN, IMAGENET_STD))
     dataset = generated(family, num_images, size=size, seed=seed, split=split, transform=Compose(steps), cache=True)
-    return DataLoader(dataset, batch_size=8, shuffle=train, drop_last=train, generator=torch.Generator().manual_seed(seed))
+    return DataLoader(
+        dataset, batch_size=8, shuffle=train, drop_last=train, generator=torch.Generator().manual_seed(seed)
+    )
 
 
 def train_wrapper(family: str, seed: int, args: argparse.Namespace) -> Any:
@@ -65,7 +76,14 @@ def train_wrapper(family: str, seed: int, args: argparse.Namespace) -> Any:
 
     train = loader(family, args.train_images, args.image_size, seed, "train", None, 0, train=True)
     torch.manual_seed(seed)
-    base = DeepLabV3Plus("resnet18", num_classes=train.dataset.num_classes, output_stride=16, aspp_channels=64, decoder_channels=64, low_level_channels=24)
+    base = DeepLabV3Plus(
+        "resnet18",
+        num_classes=train.dataset.num_classes,
+        output_stride=16,
+        aspp_channels=64,
+        decoder_channels=64,
+        low_level_channels=24,
+    )
     opt = torch.optim.AdamW(base.parameters(), lr=2e-3, weight_decay=1e-4)
     base.train()
     step = 0
@@ -83,7 +101,16 @@ def train_wrapper(family: str, seed: int, args: argparse.Namespace) -> Any:
     base.eval()
     wrap = ErrorCorrectionWrapper(base, sample_size=args.image_size)
     heads = loader(family, args.train_images, args.image_size, seed + 1, "train", None, 0, train=True)
-    finetune(wrap, heads, steps=args.head_steps, lr=5e-3, warmup_steps=min(50, args.head_steps // 10), seed=seed, progress=False, log_every=None)
+    finetune(
+        wrap,
+        heads,
+        steps=args.head_steps,
+        lr=5e-3,
+        warmup_steps=min(50, args.head_steps // 10),
+        seed=seed,
+        progress=False,
+        log_every=None,
+    )
     return wrap.eval()
 
 
@@ -119,7 +146,9 @@ def one_run(family: str, seed: int, args: argparse.Namespace, conditions: list[s
     seconds_train = time.perf_counter() - start
 
     def held_out(shift: str) -> Any:
-        return loader(family, args.val_images, args.image_size, seed, "val", None if shift == "none" else shift, args.severity)
+        return loader(
+            family, args.val_images, args.image_size, seed, "val", None if shift == "none" else shift, args.severity
+        )
 
     labelled = loader(family, args.val_images, args.image_size, seed, "test", None, 0)
     atc = fit_atc(wrap, labelled)
@@ -165,12 +194,19 @@ def targets_of(agg: dict[str, Any], conditions: list[str], shifts: list[str]) ->
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--families", nargs="+", default=["scenes"], choices=FAMILIES)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--train-images", type=int, default=400)
-    parser.add_argument("--val-images", type=int, default=64, help="held-out images per condition (and labelled images for ATC and the temperature)")
+    parser.add_argument(
+        "--val-images",
+        type=int,
+        default=64,
+        help="held-out images per condition (and labelled images for ATC and the temperature)",
+    )
     parser.add_argument("--base-steps", type=int, default=150)
     parser.add_argument("--head-steps", type=int, default=300)
     parser.add_argument("--shifts", nargs="+", default=list(SHIFTS), choices=SHIFTS, help="errwrap.data.Corrupt kinds")
@@ -180,7 +216,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     setup_logging()
     if args.tiny:
-        args.seeds, args.image_size, args.train_images, args.val_images, args.base_steps, args.head_steps = args.seeds[:1], 32, 16, 8, 4, 4
+        args.seeds, args.image_size, args.train_images, args.val_images, args.base_steps, args.head_steps = (
+            args.seeds[:1],
+            32,
+            16,
+            8,
+            4,
+            4,
+        )
 
     env = environment("cpu")
     start = time.perf_counter()
@@ -194,7 +237,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             family_runs.append(one_run(family, seed, args, conditions))
         runs += family_runs
         metrics = ("pixel_accuracy", "miou", "per_image_mae", "spearman")
-        agg = {c: {e: {m: mean_std([r["conditions"][c]["errors"][e][m] for r in family_runs]) for m in metrics} for e in ESTIMATORS} for c in conditions}
+        agg = {
+            c: {
+                e: {m: mean_std([r["conditions"][c]["errors"][e][m] for r in family_runs]) for m in metrics}
+                for e in ESTIMATORS
+            }
+            for c in conditions
+        }
         aggregate[family] = agg
         print(f"\n{family}: estimate vs truth on {args.val_images} held-out images per condition (shifts at severity "
               f"{args.severity}), mean over {len(family_runs)} seed(s) (points)")  # fmt: skip
@@ -206,7 +255,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print()
 
     def table(metric: str) -> dict[str, Any]:
-        return {f: {c: {e: aggregate[f][c][e][metric]["mean"] for e in ESTIMATORS} for c in conditions} for f in args.families}
+        return {
+            f: {c: {e: aggregate[f][c][e][metric]["mean"] for e in ESTIMATORS} for c in conditions}
+            for f in args.families
+        }
 
     summary = {
         "benchmark": "estimate",
@@ -216,7 +268,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "abs_error_pixel_accuracy": table("pixel_accuracy"),
         "abs_error_miou": table("miou"),
         "spearman": table("spearman"),
-        "temperature": {f: mean_std([r["temperature"] for r in runs if r["family"] == f])["mean"] for f in args.families},
+        "temperature": {
+            f: mean_std([r["temperature"] for r in runs if r["family"] == f])["mean"] for f in args.families
+        },
         "targets_met": {f"{t['family']} {t['estimator']}: {t['target']}": bool(t["met"]) for t in targets},
         "seconds": round(time.perf_counter() - start, 1),
     }

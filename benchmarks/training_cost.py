@@ -34,7 +34,9 @@ TARGET_JOINT = 1.25
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--encoder", default="resnet50", help="timm encoder of errwrap's DeepLabV3Plus (OS16)")
     parser.add_argument("--num-classes", type=int, default=19)
     parser.add_argument("--size", nargs=2, type=int, default=[256, 256], metavar=("H", "W"), help="crop size")
@@ -110,8 +112,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(format_table(rows))
     heads_r, joint_r = ratios["heads"]["median"], ratios["joint"]["median"]
     targets = [
-        {"target": f"heads-only step <= {TARGET_HEADS} x base step", "value": f"{heads_r:.3f}", "met": "yes" if heads_r <= TARGET_HEADS else "no"},
-        {"target": f"joint step <= {TARGET_JOINT} x base step", "value": f"{joint_r:.3f}", "met": "yes" if joint_r <= TARGET_JOINT else "no"},
+        {
+            "target": f"heads-only step <= {TARGET_HEADS} x base step",
+            "value": f"{heads_r:.3f}",
+            "met": "yes" if heads_r <= TARGET_HEADS else "no",
+        },
+        {
+            "target": f"joint step <= {TARGET_JOINT} x base step",
+            "value": f"{joint_r:.3f}",
+            "met": "yes" if joint_r <= TARGET_JOINT else "no",
+        },
     ]
     print()
     print(format_table(targets))

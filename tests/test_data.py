@@ -40,7 +40,9 @@ def _cityscapes_tree(root):
     _save_mask(root / "gtFine/train/aachen/aachen_000000_000019_gtFine_color.png", ids)  # ignored
     _save_rgb(root / "leftImg8bit/train/bochum/bochum_000000_000313_leftImg8bit.png", 2, 4)
     _save_mask(root / "gtFine/train/bochum/bochum_000000_000313_gtFine_labelIds.png", np.zeros((2, 4)))
-    _save_mask(root / "gtFine/train/bochum/bochum_000000_000313_gtFine_labelTrainIds.png", [[0, 1, 18, 255], [5, 5, 40, 2]])
+    _save_mask(
+        root / "gtFine/train/bochum/bochum_000000_000313_gtFine_labelTrainIds.png", [[0, 1, 18, 255], [5, 5, 40, 2]]
+    )
     return ids
 
 
@@ -61,7 +63,9 @@ def test_cityscapes_maps_label_ids_to_train_ids(tmp_path):
 def test_cityscapes_official_table():
     assert len(CITYSCAPES_LABEL_TO_TRAIN) == 19
     assert sorted(CITYSCAPES_LABEL_TO_TRAIN.values()) == list(range(19))
-    assert CITYSCAPES_LABEL_TO_TRAIN[7] == 0 and CITYSCAPES_LABEL_TO_TRAIN[17] == 5 and CITYSCAPES_LABEL_TO_TRAIN[33] == 18
+    assert (
+        CITYSCAPES_LABEL_TO_TRAIN[7] == 0 and CITYSCAPES_LABEL_TO_TRAIN[17] == 5 and CITYSCAPES_LABEL_TO_TRAIN[33] == 18
+    )
     assert all(k not in CITYSCAPES_LABEL_TO_TRAIN for k in (0, 1, 2, 3, 4, 5, 6, 9, 10, 14, 15, 16, 18, 29, 30))
 
 
@@ -230,7 +234,14 @@ def test_random_transforms_repeat_with_a_generator():
 
     def pipeline(seed):
         g = torch.Generator().manual_seed(seed)
-        return Compose([RandomScale(0.75, 1.5, generator=g), RandomCrop(16, generator=g), RandomHorizontalFlip(generator=g), ColorJitter(generator=g)])
+        return Compose(
+            [
+                RandomScale(0.75, 1.5, generator=g),
+                RandomCrop(16, generator=g),
+                RandomHorizontalFlip(generator=g),
+                ColorJitter(generator=g),
+            ]
+        )
 
     a, b, c = pipeline(5)(image, label), pipeline(5)(image, label), pipeline(6)(image, label)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])

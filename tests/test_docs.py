@@ -239,12 +239,26 @@ def test_page_snippets_run_and_print_what_the_docs_say(page, tmp_path):
     out_file = tmp_path / "result.json"
     work = tmp_path / "work"
     work.mkdir()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONWARNINGS": "ignore::DeprecationWarning"}
-    proc = subprocess.run([sys.executable, "-c", RUNNER, str(out_file)], input=json.dumps([b.__dict__ for b in runnable]),
-                          cwd=work, capture_output=True, text=True, timeout=600, env=env)
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "PYTHONWARNINGS": "ignore::DeprecationWarning",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", RUNNER, str(out_file)],
+        input=json.dumps([b.__dict__ for b in runnable]),
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert out_file.is_file(), f"runner crashed (rc {proc.returncode}):\n{proc.stderr[-4000:]}"
     result = json.loads(out_file.read_text())
-    assert result["error"] is None, f"a block of docs/{page} failed:\n{result['error']}\n--- stdout:\n{proc.stdout[-3000:]}"
+    assert result["error"] is None, (
+        f"a block of docs/{page} failed:\n{result['error']}\n--- stdout:\n{proc.stdout[-3000:]}"
+    )
     assert result["ran"] == [f"{page}:{b.line}" for b in runnable]
 
     failed = [c for c in result["checks"] if not c["ok"]]
@@ -256,7 +270,9 @@ def test_page_snippets_run_and_print_what_the_docs_say(page, tmp_path):
     printed = dict(re.findall(r"^----- \S+:(\d+)\n(.*?)(?=^----- |\Z)", proc.stdout, flags=re.S | re.M))
     for shown in shown_outputs(page):
         problems = output_differences(shown.text, printed[str(shown.after)], shown.tol)
-        assert not problems, f"docs/{page}:{shown.line}: the shown output is not what the block prints:\n" + "\n".join(problems)
+        assert not problems, f"docs/{page}:{shown.line}: the shown output is not what the block prints:\n" + "\n".join(
+            problems
+        )
 
 
 def test_output_checks_are_not_vacuous():
@@ -267,16 +283,24 @@ def test_output_checks_are_not_vacuous():
         lines = (DOCS / page).read_text().splitlines()
         for k, line in enumerate(lines):
             if "not run" in line and line.lstrip().startswith("<!--"):
-                assert SKIP_MARK.match(line) and k + 1 < len(lines) and lines[k + 1].startswith("```python"), \
+                assert SKIP_MARK.match(line) and k + 1 < len(lines) and lines[k + 1].startswith("```python"), (
                     f"docs/{page}:{k + 1}: a 'not run' mark must be '<!-- not run: REASON -->' on the line before a ```python fence"
+                )
 
 
 def test_runner_catches_wrong_output(tmp_path):
     """The checker itself fails on a wrong printed value and a wrong shape."""
     code = "import torch\nx = torch.zeros(2, 3)\nprint(x.shape)  # torch.Size([2, 4])\nx  # (2, 4)\nprint(1 + 1)\n# 2\n"
     out_file = tmp_path / "result.json"
-    subprocess.run([sys.executable, "-c", RUNNER, str(out_file)], input=json.dumps([{"page": "t.md", "line": 10, "code": code}]),
-                   cwd=tmp_path, capture_output=True, text=True, timeout=120, check=True)
+    subprocess.run(
+        [sys.executable, "-c", RUNNER, str(out_file)],
+        input=json.dumps([{"page": "t.md", "line": 10, "code": code}]),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     result = json.loads(out_file.read_text())
     assert result["error"] is None
     assert [(c["where"], c["kind"], c["ok"]) for c in result["checks"]] == [
@@ -287,16 +311,23 @@ def test_runner_catches_wrong_output(tmp_path):
 
 def test_output_comparison_tolerates_digits_and_timings_only():
     shown = "evaluated 64 images: mIoU 70.02, 12.05% wrong\ntime per image: base 0.71 ms"
-    assert output_differences(shown, "evaluated 64 images: mIoU 70.40, 12.50% wrong\ntime per image: base 9.9 ms", 0.5) == []
+    assert (
+        output_differences(shown, "evaluated 64 images: mIoU 70.40, 12.50% wrong\ntime per image: base 9.9 ms", 0.5)
+        == []
+    )
     table = "score  AUROC  ms/img\nhead   89.35   1.69\n\nafter  1.00"
     assert output_differences(table, "score  AUROC  ms/img\nhead   89.40   7.50\n\nafter  1.00", 0.5) == []
     assert output_differences(table, "score  AUROC  ms/img\nhead   91.40   1.69\n\nafter  1.00", 0.5)
     assert output_differences(table, "score  AUROC  ms/img\nhead   89.35   1.69\n\nafter  3.00", 0.5)
     assert output_differences(shown, "evaluated 64 images: mIoU 71.02, 12.05% wrong\ntime per image: base 0.71 ms", 0.5)
     assert output_differences(shown, "evaluated 65 images: mIoU 70.02, 12.05% wrong\ntime per image: base 0.71 ms", 0.5)
-    assert output_differences(shown, "evaluated 64 pictures: mIoU 70.02, 12.05% wrong\ntime per image: base 0.71 ms", 0.5)
+    assert output_differences(
+        shown, "evaluated 64 pictures: mIoU 70.02, 12.05% wrong\ntime per image: base 0.71 ms", 0.5
+    )
     assert output_differences(shown, "evaluated 64 images: mIoU 70.02, 12.05% wrong", 0.5)
-    assert [s.after for s in shown_outputs("metrics.md")] == [b.line for b in python_blocks("metrics.md") if b.skip is None]
+    assert [s.after for s in shown_outputs("metrics.md")] == [
+        b.line for b in python_blocks("metrics.md") if b.skip is None
+    ]
 
 
 def test_api_page_names_exist():

@@ -37,7 +37,11 @@ def _trained_wrap(seed: int = 0, **kwargs) -> ErrorCorrectionWrapper:
 
 
 def _maps(out) -> dict[str, torch.Tensor]:
-    return {"error_prob": out.error_prob, "base_error_prob": out.base_error_prob, "head_error_prob": out.head_error_prob}
+    return {
+        "error_prob": out.error_prob,
+        "base_error_prob": out.base_error_prob,
+        "head_error_prob": out.head_error_prob,
+    }
 
 
 def test_both_maps_are_probabilities_of_the_right_shape_and_definition():

@@ -101,7 +101,9 @@ def test_estimate_is_unbiased_when_the_truth_is_drawn_from_p():
     logits = 2.0 * torch.randn(8, 4, 32, 32, generator=g)
     p = torch.softmax(logits, dim=1)
     truth = torch.multinomial(p.permute(0, 2, 3, 1).reshape(-1, 4), 1, generator=g).reshape(8, 32, 32)
-    comparison = errwrap.compare_estimates(LogProbStub(4), [(logits[:4], truth[:4]), (logits[4:], truth[4:])], bootstrap=200)
+    comparison = errwrap.compare_estimates(
+        LogProbStub(4), [(logits[:4], truth[:4]), (logits[4:], truth[4:])], bootstrap=200
+    )
     errors = comparison.errors["errwrap"]
     assert 0.3 < comparison.truth["fused"]["pixel_accuracy"] < 0.9
     assert errors["pixel_accuracy"] < 0.015 and errors["miou"] < 0.02  # 8192 pixels: sampling std ~0.005
@@ -127,7 +129,10 @@ def test_bounds_interval_and_worst_order():
     assert "method" in report.interval and report.config["threshold"] == 0.7 and report.config["temperature"] == 1.0
     assert "calibrate_temperature" in report.table()  # no temperature fitted: the table says so
     worst = report.worst(3)
-    assert len(worst) == 3 and [r["pixel_accuracy"] for r in worst] == sorted(r["pixel_accuracy"] for r in report.per_image)[:3]
+    assert (
+        len(worst) == 3
+        and [r["pixel_accuracy"] for r in worst] == sorted(r["pixel_accuracy"] for r in report.per_image)[:3]
+    )
     assert report.worst(100) == sorted(report.per_image, key=lambda r: r["pixel_accuracy"])
     assert report.worst(0) == []
     text = report.table()
@@ -259,7 +264,9 @@ def test_two_process_gloo_equals_one_process():
     assert r0 == r1 and r0["num_images"] == 6 and r0["config"]["world_size"] == 2
     for key in ("pixel_accuracy", "miou", "mean_error_prob", "flagged_fraction"):
         assert r0[key] == pytest.approx(getattr(single, key), abs=1e-9), key
-    assert r0["baselines"]["atc"]["pixel_accuracy"] == pytest.approx(single.baselines["atc"]["pixel_accuracy"], abs=1e-9)
+    assert r0["baselines"]["atc"]["pixel_accuracy"] == pytest.approx(
+        single.baselines["atc"]["pixel_accuracy"], abs=1e-9
+    )
     # rank r holds images r, r + 2, r + 4: its rows carry (rank, index in its own loader)
     by_image = {2 * row["index"] + row["rank"]: row for row in r0["per_image"]}
     for i, row in enumerate(single.per_image):

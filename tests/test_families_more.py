@@ -40,8 +40,14 @@ def _round_trip(wrap, tmp_path, make):
     """Saved and loaded twice, rebuilt from config.json and into a fresh ``model=``: equal outputs."""
     wrap.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["base"] is not None
-    for loaded in (ErrorCorrectionWrapper.from_pretrained(tmp_path), ErrorCorrectionWrapper.from_pretrained(tmp_path, model=make())):
-        assert type(loaded.base) is type(wrap.base) and (loaded.low_key, loaded.high_key) == (wrap.low_key, wrap.high_key)
+    for loaded in (
+        ErrorCorrectionWrapper.from_pretrained(tmp_path),
+        ErrorCorrectionWrapper.from_pretrained(tmp_path, model=make()),
+    ):
+        assert type(loaded.base) is type(wrap.base) and (loaded.low_key, loaded.high_key) == (
+            wrap.low_key,
+            wrap.high_key,
+        )
         _assert_same(wrap, loaded)
 
 
@@ -98,12 +104,16 @@ def test_smp_pan_needs_a_larger_probe_and_says_so():
         _check_wrapped(wrap, model(x), x, 5)
 
 
-@pytest.mark.parametrize(("activation", "to_output"), [("sigmoid", lambda z: torch.sigmoid(z[:, 1:])), ("softmax2d", lambda z: z.softmax(1))])
+@pytest.mark.parametrize(
+    ("activation", "to_output"), [("sigmoid", lambda z: torch.sigmoid(z[:, 1:])), ("softmax2d", lambda z: z.softmax(1))]
+)
 def test_smp_logits_are_read_before_the_heads_activation(activation, to_output):
     """``activation="sigmoid"`` (binary, one channel) or ``"softmax2d"``: the base logits are the
     values before the activation, so the activation of them is exactly the model's output."""
     classes = 1 if activation == "sigmoid" else 4
-    model = _smp("unet", "resnet18", classes=classes, activation=activation, encoder_depth=3, decoder_channels=(16, 8, 8))
+    model = _smp(
+        "unet", "resnet18", classes=classes, activation=activation, encoder_depth=3, decoder_channels=(16, 8, 8)
+    )
     wrap = _wrap(model)
     assert wrap.num_classes == max(classes, 2)
     x = torch.randn(2, 3, SIZE, SIZE)
@@ -113,7 +123,10 @@ def test_smp_logits_are_read_before_the_heads_activation(activation, to_output):
     assert float(out.error_prob.min()) >= 0.0 and float(out.error_prob.max()) <= 1.0
 
 
-@pytest.mark.parametrize(("encoder", "low", "channels_first"), [("tu-convnext_atto", "enc0", True), ("tu-vit_tiny_patch16_224", "reassemble0", False)])
+@pytest.mark.parametrize(
+    ("encoder", "low", "channels_first"),
+    [("tu-convnext_atto", "enc0", True), ("tu-vit_tiny_patch16_224", "reassemble0", False)],
+)
 def test_smp_dpt_low_level_is_at_stride_4(encoder, low, channels_first):
     """DPT's encoder gives no input image as enc0; a ViT encoder is at stride 16 throughout, so the
     decoder's first reassembled map (stride 4) is the low-level feature, read by a removable hook."""
@@ -137,7 +150,9 @@ def test_torchvision_mobilenet_deeplabv3_with_aux_head(tmp_path):
 
     def make():
         torch.manual_seed(0)
-        return segmentation.deeplabv3_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=4, aux_loss=True).eval()
+        return segmentation.deeplabv3_mobilenet_v3_large(
+            weights=None, weights_backbone=None, num_classes=4, aux_loss=True
+        ).eval()
 
     model = make()
     wrap = _wrap(model)
@@ -146,7 +161,11 @@ def test_torchvision_mobilenet_deeplabv3_with_aux_head(tmp_path):
         _check_wrapped(wrap, model(x)["out"], x, 4)
         features = wrap.forward_base(x).features
     assert features["low"].shape[-2:] == (SIZE // 4, SIZE // 4)
-    assert wrap.adapter.spec(model)["config"] == {"name": "deeplabv3_mobilenet_v3_large", "num_classes": 4, "aux_loss": True}
+    assert wrap.adapter.spec(model)["config"] == {
+        "name": "deeplabv3_mobilenet_v3_large",
+        "num_classes": 4,
+        "aux_loss": True,
+    }
     _round_trip(wrap.eval(), tmp_path, make)
 
 
@@ -213,7 +232,9 @@ def test_smp_model_tapped_with_hooks_keeps_its_spec(tmp_path):
     model = _smp("unet", "resnet18", encoder_depth=3, decoder_channels=(16, 8, 8))
     wrap = _wrap(model, adapter="hooks", low_level="encoder.layer1", high_level="decoder")
     assert wrap.adapter.spec(model)["family"] == "smp"
-    _round_trip(wrap.eval(), tmp_path, lambda: _smp("unet", "resnet18", seed=4, encoder_depth=3, decoder_channels=(16, 8, 8)))
+    _round_trip(
+        wrap.eval(), tmp_path, lambda: _smp("unet", "resnet18", seed=4, encoder_depth=3, decoder_channels=(16, 8, 8))
+    )
 
 
 # ------------------------------------------------------------------- Mask2Former / MaskFormer
@@ -233,7 +254,9 @@ def _query_model(kind, seed=0):
         return transformers.Mask2FormerForUniversalSegmentation(config).eval()
     decoder = {"model_type": "detr", "d_model": 32, "encoder_layers": 1, "decoder_layers": 1, "encoder_attention_heads": 2,
                "decoder_attention_heads": 2, "encoder_ffn_dim": 32, "decoder_ffn_dim": 32, "num_queries": 6}  # fmt: skip
-    config = transformers.MaskFormerConfig(backbone_config=swin, fpn_feature_size=32, mask_feature_size=32, decoder_config=decoder, num_labels=4)
+    config = transformers.MaskFormerConfig(
+        backbone_config=swin, fpn_feature_size=32, mask_feature_size=32, decoder_config=decoder, num_labels=4
+    )
     return transformers.MaskFormerForInstanceSegmentation(config).eval()
 
 
@@ -260,7 +283,10 @@ def test_query_models_give_semantic_logits(kind, tmp_path):
         base = wrap.forward_base(x)
     # the per-pixel score of post_process_semantic_segmentation, at the masks' resolution, one query at a time
     queries = range(out.class_queries_logits.shape[1])
-    scores = sum(out.class_queries_logits[:, q].softmax(-1)[:, :-1, None, None] * out.masks_queries_logits[:, q, None].sigmoid() for q in queries)
+    scores = sum(
+        out.class_queries_logits[:, q].softmax(-1)[:, :-1, None, None] * out.masks_queries_logits[:, q, None].sigmoid()
+        for q in queries
+    )
     assert base.logits.shape == (2, 4, SIZE // 4, SIZE // 4)
     torch.testing.assert_close(base.logits.exp(), scores, rtol=1e-5, atol=1e-7)
     assert base.features["encoder0"].shape[-2:] == (SIZE // 4, SIZE // 4)
@@ -298,7 +324,9 @@ class TimmSeg(nn.Module):
 
         self.backbone = timm.create_model(encoder, features_only=True, pretrained=False)
         channels = self.backbone.feature_info.channels()
-        self.fuse = nn.Sequential(nn.Conv2d(channels[-1] + channels[1], 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.fuse = nn.Sequential(
+            nn.Conv2d(channels[-1] + channels[1], 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU()
+        )
         self.classifier = nn.Conv2d(16, 4, 1)
         self.aux = nn.Conv2d(channels[-2], 4, 1)
         self.down, self.returns = down, returns
@@ -307,7 +335,12 @@ class TimmSeg(nn.Module):
         features = self.backbone(x)
         high = F.interpolate(features[-1], size=features[1].shape[-2:], mode="bilinear", align_corners=False)
         size = (x.shape[-2] // self.down, x.shape[-1] // self.down)
-        logits = F.interpolate(self.classifier(self.fuse(torch.cat([high, features[1]], 1))), size=size, mode="bilinear", align_corners=False)
+        logits = F.interpolate(
+            self.classifier(self.fuse(torch.cat([high, features[1]], 1))),
+            size=size,
+            mode="bilinear",
+            align_corners=False,
+        )
         aux = F.interpolate(self.aux(features[-2]), size=size, mode="bilinear", align_corners=False)
         return OrderedDict(out=logits, aux=aux) if self.returns == "ordered" else {"logits": logits, "aux": aux}
 

@@ -61,16 +61,26 @@ def test_same_triple_gives_the_same_bytes_and_any_change_another_image(family):
     a, b = family(3, size=32, seed=7), family(3, size=32, seed=7)
     for i in range(3):
         assert _digest(*a[i]) == _digest(*b[i])
-    others = {_digest(*a[1]), _digest(*family(3, size=32, seed=8)[0]), _digest(*family(3, size=32, seed=7, split="val")[0])}
+    others = {
+        _digest(*a[1]),
+        _digest(*family(3, size=32, seed=8)[0]),
+        _digest(*family(3, size=32, seed=7, split="val")[0]),
+    }
     assert _digest(*a[0]) not in others and len(others) == 3
     assert torch.equal(a[-1][1], a[2][1])
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_splits_are_disjoint(family):
-    digests = {split: {_digest(*family(12, size=24, split=split)[i]) for i in range(12)} for split in ("train", "val", "test")}
+    digests = {
+        split: {_digest(*family(12, size=24, split=split)[i]) for i in range(12)} for split in ("train", "val", "test")
+    }
     assert all(len(d) == 12 for d in digests.values())
-    assert not (digests["train"] & digests["val"]) and not (digests["train"] & digests["test"]) and not (digests["val"] & digests["test"])
+    assert (
+        not (digests["train"] & digests["val"])
+        and not (digests["train"] & digests["test"])
+        and not (digests["val"] & digests["test"])
+    )
 
 
 def test_two_families_with_one_seed_are_not_the_same_random_stream():
@@ -158,7 +168,9 @@ def test_bad_arguments(family):
 def test_registry_names_every_family():
     assert {"scenes": Scenes, "aerial": Aerial, "cells": Cells} == GENERATED
     ds = generated("aerial", 3, size=32, split="val", seed=2)
-    assert isinstance(ds, Aerial) and len(ds) == 3 and ds.split == "val" and ds.seed == 2 and ds[0][0].shape == (3, 32, 32)
+    assert (
+        isinstance(ds, Aerial) and len(ds) == 3 and ds.split == "val" and ds.seed == 2 and ds[0][0].shape == (3, 32, 32)
+    )
     with pytest.raises(ValueError, match="expected one of scenes, aerial, cells, got 'city'"):
         generated("city", 2)
 
@@ -208,7 +220,9 @@ def test_severity_three_parameters():
     assert torch.equal(jpeg, (jpeg * 255).round() / 255)  # 8-bit levels
     assert float((jpeg - image).abs().mean()) > float((Corrupt("jpeg", 1)(image) - image).abs().mean())
     buffer = io.BytesIO()
-    Image.fromarray((image * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()).save(buffer, format="JPEG", quality=20, subsampling=2)
+    Image.fromarray((image * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()).save(
+        buffer, format="JPEG", quality=20, subsampling=2
+    )
     expected = torch.from_numpy(np.asarray(Image.open(buffer), dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255
     assert torch.equal(jpeg, expected)  # quality 20
 
@@ -256,7 +270,9 @@ def test_cli_data_accepts_every_generated_family():
     assert isinstance(parse_data_spec("CELLS", "train"), Cells) and len(parse_data_spec("cells", "train")) == 200
     with pytest.raises(CLIError, match="expected aerial or aerial:N"):
         parse_data_spec("aerial:x", "val")
-    with pytest.raises(CLIError, match="expected one of scenes\\[:N\\], aerial\\[:N\\], cells\\[:N\\], cityscapes:PATH"):
+    with pytest.raises(
+        CLIError, match="expected one of scenes\\[:N\\], aerial\\[:N\\], cells\\[:N\\], cityscapes:PATH"
+    ):
         parse_data_spec("forest:3", "val")
 
 
@@ -291,7 +307,23 @@ def test_cli_evaluate_on_a_generated_family_under_a_shift(aerial_model, tmp_path
     reports = {}
     for name, extra in (("clean", []), ("fog", ["--corrupt", "fog:5"])):
         path = tmp_path / f"{name}.json"
-        assert main(["evaluate", "--model", str(aerial_model), "--data", "aerial:2", "--size", "32", "--json", str(path), *extra]) == 0
+        assert (
+            main(
+                [
+                    "evaluate",
+                    "--model",
+                    str(aerial_model),
+                    "--data",
+                    "aerial:2",
+                    "--size",
+                    "32",
+                    "--json",
+                    str(path),
+                    *extra,
+                ]
+            )
+            == 0
+        )
         reports[name] = json.loads(path.read_text())
     assert reports["clean"]["num_images"] == reports["fog"]["num_images"] == 2
     assert reports["clean"]["calibration"] != reports["fog"]["calibration"]  # the model saw other images
@@ -305,7 +337,9 @@ def test_cli_predict_under_a_shift(aerial_model, tmp_path):
     image_path = tmp_path / "tile.png"
     Image.fromarray((Aerial(1, size=32)[0][0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)).save(image_path)
     for name, extra in (("clean", []), ("dark", ["--corrupt", "dark:5"])):
-        assert main(["predict", "--model", str(aerial_model), str(image_path), "--out", str(tmp_path / name), *extra]) == 0
+        assert (
+            main(["predict", "--model", str(aerial_model), str(image_path), "--out", str(tmp_path / name), *extra]) == 0
+        )
     assert (tmp_path / "dark" / "tile_error.png").is_file()
     panels = [np.asarray(Image.open(tmp_path / name / "tile_panel.png")) for name in ("clean", "dark")]
     assert panels[0].shape == panels[1].shape and not np.array_equal(*panels)  # the panel shows the darkened input

@@ -14,7 +14,9 @@ JOB = Path(__file__).with_name("_finetune_job.py")
 
 
 def _run(*args, timeout=240):
-    result = subprocess.run([sys.executable, str(JOB), *map(str, args)], capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(
+        [sys.executable, str(JOB), *map(str, args)], capture_output=True, text=True, timeout=timeout
+    )
     assert result.returncode == 0, result.stderr[-3000:]
 
 

@@ -114,7 +114,9 @@ def test_mc_dropout_ignores_base_dropout_with_p_0():
     assert not torch.allclose(mc.score, EntropyScore()(wrap, x).score, atol=1e-3)
 
 
-@pytest.mark.parametrize("make_base", [lambda: DropoutBase(p=0.5), lambda: tiny_base(logit_stride=2)], ids=["own-dropout", "inserted"])
+@pytest.mark.parametrize(
+    "make_base", [lambda: DropoutBase(p=0.5), lambda: tiny_base(logit_stride=2)], ids=["own-dropout", "inserted"]
+)
 def test_mc_dropout_varies_with_seed_and_restores_state(make_base):
     wrap = _wrap(make_base())
     wrap.base.train()  # even a base in train mode keeps its norm layers in eval during the passes
@@ -189,7 +191,9 @@ class LogitsBase(nn.Module):
 def test_max_logit_and_energy_values_and_ranges():
     logits = torch.tensor([[2.0, 1.0, 0.0], [0.5, 0.4, 0.3], [-3.0, -4.0, -5.0]]).T.reshape(1, 3, 1, 3)
     ml = max_logit_score(logits)[0, 0]
-    assert ml.tolist() == pytest.approx([squash(torch.tensor(-2.0)).item(), squash(torch.tensor(-0.5)).item(), squash(torch.tensor(3.0)).item()])
+    assert ml.tolist() == pytest.approx(
+        [squash(torch.tensor(-2.0)).item(), squash(torch.tensor(-0.5)).item(), squash(torch.tensor(3.0)).item()]
+    )
     assert squash(torch.tensor(0.0)).item() == 0.5 and squash(torch.tensor(-10.0)).item() == 0.25
     assert ml[0] < ml[1] < ml[2]  # a smaller max logit is more suspicious
     en = energy_score(logits)[0, 0]
@@ -261,7 +265,10 @@ def test_ensemble_of_identical_bases_equals_msp_and_its_prediction_is_the_mean_a
     members = [tiny_base(seed=s, logit_stride=4).eval() for s in (1, 2, 3)]
     ens = EnsembleScore(members, "mutual_information")(wrap, x)
     with torch.no_grad():
-        probs = [torch.softmax(nn.functional.interpolate(m(x)[0], size=(32, 32), mode="bilinear", align_corners=False), 1) for m in members]
+        probs = [
+            torch.softmax(nn.functional.interpolate(m(x)[0], size=(32, 32), mode="bilinear", align_corners=False), 1)
+            for m in members
+        ]
     mean = torch.stack(probs).mean(0)
     assert torch.equal(ens.prediction, mean.argmax(1))
     assert ens.score.max() > 1e-4 and ens.score.max() <= 1

@@ -93,10 +93,16 @@ def expected_counts(
     soft = truth is not None and truth.is_floating_point()
     if num_classes is None:
         num_classes = truth.shape[1] if soft else int(labels.max()) + 1  # type: ignore[union-attr]
-    weight = torch.ones(labels.shape, dtype=torch.float64, device=labels.device) if valid is None else valid.to(torch.float64)
+    weight = (
+        torch.ones(labels.shape, dtype=torch.float64, device=labels.device)
+        if valid is None
+        else valid.to(torch.float64)
+    )
     pred = torch.zeros(b, num_classes, dtype=torch.float64, device=labels.device)
     pred.scatter_add_(1, labels.reshape(b, -1), weight.reshape(b, -1))
-    tp = torch.zeros_like(pred).scatter_add_(1, labels.reshape(b, -1), (correct.to(torch.float64) * weight).reshape(b, -1))
+    tp = torch.zeros_like(pred).scatter_add_(
+        1, labels.reshape(b, -1), (correct.to(torch.float64) * weight).reshape(b, -1)
+    )
     if truth is None:
         true = pred.clone()
     elif soft:  # summed in float64 without a float64 copy of the (B, C, H, W) map
@@ -201,7 +207,9 @@ def _check_run_settings(threshold: float, atc_threshold: float | None, max_batch
     if not 0.0 <= float(threshold) <= 1.0:
         raise ValueError(f"threshold: expected a probability in [0, 1], got {threshold!r}")
     if atc_threshold is not None and not 0.0 <= float(atc_threshold) <= 1.0:
-        raise ValueError(f"atc_threshold: expected a probability in [0, 1] (from fit_atc) or None, got {atc_threshold!r}")
+        raise ValueError(
+            f"atc_threshold: expected a probability in [0, 1] (from fit_atc) or None, got {atc_threshold!r}"
+        )
 
 
 def _outputs(
@@ -239,7 +247,15 @@ def _outputs(
                 raise explain_batch_error(exc, "loader") from exc
             truth = None
             if labelled:
-                images, truth = prepare_batch(batch, index, in_channels=in_channels, num_classes=num_classes, ignore_index=ignore_index, device=device, dtype=dtype)
+                images, truth = prepare_batch(
+                    batch,
+                    index,
+                    in_channels=in_channels,
+                    num_classes=num_classes,
+                    ignore_index=ignore_index,
+                    device=device,
+                    dtype=dtype,
+                )
             else:
                 images = images_of(batch, index, in_channels, device, dtype)
             with torch.no_grad():
@@ -268,7 +284,16 @@ def _run(
     rows: list[dict[str, Any]] = []
     counts: dict[str, list[Tensor]] = {}
     totals = torch.zeros(3, dtype=torch.float64)  # error-prob sum, flagged pixels, pixels
-    outputs = _outputs(wrapper, loader, labelled=labelled, ignore_index=ignore_index, device=device, max_batches=max_batches, progress=progress, name=name)
+    outputs = _outputs(
+        wrapper,
+        loader,
+        labelled=labelled,
+        ignore_index=ignore_index,
+        device=device,
+        max_batches=max_batches,
+        progress=progress,
+        name=name,
+    )
     with contextlib.closing(outputs):
         for out, valid, truth in outputs:
             batch_counts, stats = _batch_counts(out, valid, threshold, atc_threshold, truth)
@@ -284,10 +309,18 @@ def _run(
     merged = {k: torch.cat([part[1][k] for part in parts]) for k in parts[0][1]}
     totals = sum((part[2] for part in parts), torch.zeros(3, dtype=torch.float64))
     error_sum, flagged, num_pixels = totals.tolist()
-    return _Pass(rows=[row for part in parts for row in part[0]], counts=merged, error_sum=error_sum, flagged=flagged, num_pixels=num_pixels)
+    return _Pass(
+        rows=[row for part in parts for row in part[0]],
+        counts=merged,
+        error_sum=error_sum,
+        flagged=flagged,
+        num_pixels=num_pixels,
+    )
 
 
-def _batch_counts(out: Any, valid: Tensor | None, threshold: float, atc_threshold: float | None, truth: Tensor | None) -> tuple[dict[str, Tensor], Tensor]:
+def _batch_counts(
+    out: Any, valid: Tensor | None, threshold: float, atc_threshold: float | None, truth: Tensor | None
+) -> tuple[dict[str, Tensor], Tensor]:
     """Per-image counts ``(B, 3, C)`` of each estimator (and of the truth when labelled), and per
     image ``[error-prob sum, flagged pixels, pixels]`` ``(B, 3)``, over the ``valid`` pixels (all
     when ``None``)."""
@@ -299,12 +332,18 @@ def _batch_counts(out: Any, valid: Tensor | None, threshold: float, atc_threshol
         "avg_confidence": expected_counts(base_labels, base_msp, base_probs, valid),
     }
     if atc_threshold is not None:
-        counts["atc"] = expected_counts(base_labels, (base_msp > atc_threshold).float(), None, valid, base_probs.shape[1])
+        counts["atc"] = expected_counts(
+            base_labels, (base_msp > atc_threshold).float(), None, valid, base_probs.shape[1]
+        )
     if truth is not None:
         num_classes = counts["errwrap"].shape[-1]
         counts["truth"] = expected_counts(labels, (labels == truth).float(), truth, valid, num_classes)
         counts["base_truth"] = expected_counts(base_labels, (base_labels == truth).float(), truth, valid, num_classes)
-    w = torch.ones(labels.shape, dtype=torch.float64, device=labels.device) if valid is None else valid.to(torch.float64)
+    w = (
+        torch.ones(labels.shape, dtype=torch.float64, device=labels.device)
+        if valid is None
+        else valid.to(torch.float64)
+    )
     stats = torch.stack([
         (error_prob.to(torch.float64) * w).sum(dim=(1, 2)),
         ((error_prob > threshold).to(torch.float64) * w).sum(dim=(1, 2)),
@@ -313,7 +352,9 @@ def _batch_counts(out: Any, valid: Tensor | None, threshold: float, atc_threshol
     return counts, stats
 
 
-def _rows(start: int, counts: dict[str, Tensor], stats: Tensor, with_atc: bool, rank: int | None) -> list[dict[str, Any]]:
+def _rows(
+    start: int, counts: dict[str, Tensor], stats: Tensor, with_atc: bool, rank: int | None
+) -> list[dict[str, Any]]:
     """One JSON-ready dict per image of a batch."""
     scores = {key: scores_from_counts(value) for key, value in counts.items()}
     rows = []
@@ -441,12 +482,21 @@ class EstimateReport:
             lines.append(f"{name:<16}{_pct(values['pixel_accuracy']):>8}{_pct(values['miou']):>8}   (base labels)")
         threshold = self.config.get("threshold", 0.5)
         if self.config.get("temperature", 1.0) == 1.0:
-            lines += ["(the fused probabilities have no fitted temperature: the estimate is only as good as their calibration;",
-                      " fit one on held-out labelled data with errwrap.calibrate_temperature, docs/estimate.md)"]
-        lines += ["", f"mean error probability {_pct(self.mean_error_prob)}%, pixels above {threshold:g}: {_pct(self.flagged_fraction)}%"]
+            lines += [
+                "(the fused probabilities have no fitted temperature: the estimate is only as good as their calibration;",
+                " fit one on held-out labelled data with errwrap.calibrate_temperature, docs/estimate.md)",
+            ]
+        lines += [
+            "",
+            f"mean error probability {_pct(self.mean_error_prob)}%, pixels above {threshold:g}: {_pct(self.flagged_fraction)}%",
+        ]
         worst = self.worst(k)
         if worst:
-            lines += ["", f"most likely wrong first ({len(worst)} of {self.num_images}):", f"{'index':>7}{'pixAcc':>8}{'mIoU':>8}{'meanErr':>9}{'flagged':>9}"]
+            lines += [
+                "",
+                f"most likely wrong first ({len(worst)} of {self.num_images}):",
+                f"{'index':>7}{'pixAcc':>8}{'mIoU':>8}{'meanErr':>9}{'flagged':>9}",
+            ]
             for row in worst:
                 lines.append(f"{row['index']:>7}{_pct(row['pixel_accuracy']):>8}{_pct(row['miou']):>8}{_pct(row['mean_error_prob']):>9}{_pct(row['flagged_fraction']):>9}")
         return "\n".join(lines)
@@ -455,7 +505,15 @@ class EstimateReport:
         return self.table()
 
 
-def _report(run: _Pass, threshold: float, atc_threshold: float | None, bootstrap: int, level: float, seed: int, wrapper: nn.Module) -> EstimateReport:
+def _report(
+    run: _Pass,
+    threshold: float,
+    atc_threshold: float | None,
+    bootstrap: int,
+    level: float,
+    seed: int,
+    wrapper: nn.Module,
+) -> EstimateReport:
     totals = {k: v.sum(dim=0) for k, v in run.counts.items()}
     accuracy, iou, miou = scores_from_counts(totals["errwrap"])
     baselines = {}
@@ -538,7 +596,9 @@ def estimate(
     run = _run(wrapper, loader, threshold=threshold, atc_threshold=atc_threshold, labelled=False, ignore_index=-1,
                device=device, max_batches=max_batches, progress=progress, name="estimate")  # fmt: skip
     report = _report(run, threshold, atc_threshold, bootstrap, level, seed, wrapper)
-    logger.info("estimated %d images: pixel accuracy %.4f, mIoU %.4f", report.num_images, report.pixel_accuracy, report.miou)
+    logger.info(
+        "estimated %d images: pixel accuracy %.4f, mIoU %.4f", report.num_images, report.pixel_accuracy, report.miou
+    )
     return report
 
 
@@ -569,7 +629,16 @@ def fit_atc(
     _check_run_settings(0.5, None, max_batches)
     hist = torch.zeros(_ATC_BINS, dtype=torch.float64)
     correct = torch.zeros((), dtype=torch.float64)
-    outputs = _outputs(wrapper, loader, labelled=True, ignore_index=ignore_index, device=device, max_batches=max_batches, progress=progress, name="fit_atc")
+    outputs = _outputs(
+        wrapper,
+        loader,
+        labelled=True,
+        ignore_index=ignore_index,
+        device=device,
+        max_batches=max_batches,
+        progress=progress,
+        name="fit_atc",
+    )
     with contextlib.closing(outputs):
         for out, valid, truth in outputs:
             msp, base_labels = torch.softmax(out.base_logits.float(), dim=1).max(dim=1)
@@ -580,7 +649,9 @@ def fit_atc(
     hist, correct = sum(p[0] for p in parts), sum(p[1] for p in parts)
     total = float(hist.sum())
     if total == 0:
-        raise ValueError(f"fit_atc: expected labelled pixels, got none (every label was ignore_index={ignore_index}, or no batch)")
+        raise ValueError(
+            f"fit_atc: expected labelled pixels, got none (every label was ignore_index={ignore_index}, or no batch)"
+        )
     return _atc_threshold(hist / total, float(correct) / total)
 
 
@@ -625,7 +696,14 @@ class EstimateComparison:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON data; ``nan`` becomes ``None``."""
-        return nan_to_none({"estimate": self.estimate.to_dict(), "truth": self.truth, "errors": self.errors, "per_image": self.per_image})
+        return nan_to_none(
+            {
+                "estimate": self.estimate.to_dict(),
+                "truth": self.truth,
+                "errors": self.errors,
+                "per_image": self.per_image,
+            }
+        )
 
     def to_json(self, path: str | Path | None = None, indent: int = 2) -> str:
         """Strict JSON text; also written to ``path`` if given."""

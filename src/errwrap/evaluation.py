@@ -160,9 +160,15 @@ class EvaluationReport:
             num_pixels=int(data["num_pixels"]),
             time_per_image={k: none_to_nan(v) for k, v in data["time_per_image"].items()},
             config=dict(data.get("config", {})),
-            returned_detection=None if data.get("returned_detection") is None else _result_from_dict(ErrorDetectionResult, data["returned_detection"]),
-            risk_coverage={k: _result_from_dict(RiskCoverageResult, v) for k, v in data.get("risk_coverage", {}).items()},
-            image_risk_coverage={k: _result_from_dict(ImageRiskCoverageResult, v) for k, v in data.get("image_risk_coverage", {}).items()},
+            returned_detection=None
+            if data.get("returned_detection") is None
+            else _result_from_dict(ErrorDetectionResult, data["returned_detection"]),
+            risk_coverage={
+                k: _result_from_dict(RiskCoverageResult, v) for k, v in data.get("risk_coverage", {}).items()
+            },
+            image_risk_coverage={
+                k: _result_from_dict(ImageRiskCoverageResult, v) for k, v in data.get("image_risk_coverage", {}).items()
+            },
             judged_labels=dict(data.get("judged_labels", {})),
             risk_curves={k: (list(c), list(r)) for k, (c, r) in data.get("risk_curves", {}).items()},
         )
@@ -206,7 +212,9 @@ class EvaluationReport:
         if self.risk_coverage:
             lines.append("")
             lines.extend(self._risk_coverage_lines())
-        times = ", ".join(f"{k} {1000 * v:.2f} ms" for k, v in self.time_per_image.items() if not k.startswith("score/"))
+        times = ", ".join(
+            f"{k} {1000 * v:.2f} ms" for k, v in self.time_per_image.items() if not k.startswith("score/")
+        )
         lines.append(f"time per image: {times}")
         return "\n".join(lines)
 
@@ -216,7 +224,11 @@ class EvaluationReport:
         lines.append(f"{'score':<{w}}{'labels':<10}{'err%':>7}{'AUROC':>8}{'AUPR-E':>8}{'FPR95':>8}{'AURC':>8}{'E-AURC':>8}{'imAURC':>8}{'imE-AURC':>10}")
         for name, rc in self.risk_coverage.items():
             labels = self.judged_labels.get(name, "base")
-            det = self.returned_detection if name == "error_prob" and labels == "returned" else self.error_detection.get(name)
+            det = (
+                self.returned_detection
+                if name == "error_prob" and labels == "returned"
+                else self.error_detection.get(name)
+            )
             auroc, aupr, fpr = (det.auroc, det.aupr_error, det.fpr95) if det is not None else (float("nan"),) * 3
             img = self.image_risk_coverage.get(name)
             img_aurc, img_eaurc = (img.aurc, img.eaurc) if img is not None else (float("nan"),) * 2
@@ -225,7 +237,9 @@ class EvaluationReport:
                 f"{_fmt(rc.aurc):>8}{_fmt(rc.eaurc):>8}{_fmt(img_aurc):>8}{_fmt(img_eaurc):>10}"
             )
         lines.append("(AURC: mean risk as pixels are accepted from the least suspicious; E-AURC: AURC minus a perfect")
-        lines.append(" ranking's; imAURC, imE-AURC: images ranked by mean score against their error rate; all in points)")
+        lines.append(
+            " ranking's; imAURC, imE-AURC: images ranked by mean score against their error rate; all in points)"
+        )
         return lines
 
     def __str__(self) -> str:

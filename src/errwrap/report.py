@@ -54,10 +54,16 @@ def _as_loader(data: Any, batch_size: int) -> Iterable[Any]:
     kept. A one-shot iterator is refused: the report reads the data more than once."""
     if isinstance(data, DataLoader):
         return data
-    if hasattr(data, "__getitem__") and hasattr(data, "__len__") and not isinstance(data, (str, bytes, Tensor, Mapping)):
+    if (
+        hasattr(data, "__getitem__")
+        and hasattr(data, "__len__")
+        and not isinstance(data, (str, bytes, Tensor, Mapping))
+    ):
         return DataLoader(data, batch_size=batch_size, shuffle=False)
     if not isinstance(data, Iterable) or iter(data) is data:
-        raise TypeError(f"data: expected a dataset or a loader that can be read more than once (a DataLoader), got {type(data).__name__}")
+        raise TypeError(
+            f"data: expected a dataset or a loader that can be read more than once (a DataLoader), got {type(data).__name__}"
+        )
     return data
 
 
@@ -114,7 +120,9 @@ def _check_options(worst: int, max_side: int, names: Sequence[str] | None) -> No
     if isinstance(max_side, bool) or not isinstance(max_side, int) or max_side < 16:
         raise ValueError(f"max_side: expected an int of at least 16 (pixels), got {max_side!r}")
     if names is not None and (isinstance(names, str) or not all(isinstance(n, str) for n in names)):
-        raise TypeError(f"names: expected a sequence of strings (one per image, in loader order), got {type(names).__name__}")
+        raise TypeError(
+            f"names: expected a sequence of strings (one per image, in loader order), got {type(names).__name__}"
+        )
 
 
 # ---------------------------------------------------------------------------- pictures
@@ -273,7 +281,11 @@ def _check_same_image(item: dict[str, Any], row: Mapping[str, Any], ignore_index
         err = err[item["truth"] != ignore_index]
     mean = float(err.double().mean()) if err.numel() else float("nan")
     expected = row.get("mean_error_prob")
-    if expected is not None and not math.isnan(expected) and not math.isclose(mean, expected, rel_tol=1e-5, abs_tol=1e-6):
+    if (
+        expected is not None
+        and not math.isnan(expected)
+        and not math.isclose(mean, expected, rel_tol=1e-5, abs_tol=1e-6)
+    ):
         raise ValueError(
             f"data: image {row['index']} differs between two passes over the loader (mean error probability {expected:.6f}, "
             f"then {mean:.6f}); write_report needs the same images in the same order on every pass: shuffle=False and "
@@ -349,7 +361,9 @@ def _summary(report: EstimateReport, comparison: EstimateComparison | None) -> s
             key = "fused" if target == "returned" else "base"
             spear = errors.get(name, {}).get("spearman", math.nan)
             spear_text = "n/a" if spear is None or math.isnan(spear) else f"{spear:.3f}"
-            cells += f"<td>{_pct(truth[key]['pixel_accuracy'])}</td><td>{_pct(truth[key]['miou'])}</td><td>{spear_text}</td>"
+            cells += (
+                f"<td>{_pct(truth[key]['pixel_accuracy'])}</td><td>{_pct(truth[key]['miou'])}</td><td>{spear_text}</td>"
+            )
         return cells + "</tr>"
 
     rows = [row("errwrap", "returned", f"{_pct(report.pixel_accuracy)}<br><small>{_e(_interval(report, 'pixel_accuracy'))}</small>",
@@ -376,8 +390,15 @@ def _image_section(
     if "true_pixel_accuracy" in row:
         cells += [("true pixel accuracy", _pct(row.get("true_pixel_accuracy"))), ("true mIoU", _pct(row.get("true_miou"))),
                   ("base labels' true pixel accuracy", _pct(row.get("base_true_pixel_accuracy")))]  # fmt: skip
-    table = "<table>" + "".join(f'<tr><td class="name">{_e(k)}</td><td class="value">{v}</td></tr>' for k, v in cells) + "</table>"
-    figures = [_figure(files["image"], "image", f"{name}: image"), _figure(files["labels"], "returned labels", f"{name}: labels")]
+    table = (
+        "<table>"
+        + "".join(f'<tr><td class="name">{_e(k)}</td><td class="value">{v}</td></tr>' for k, v in cells)
+        + "</table>"
+    )
+    figures = [
+        _figure(files["image"], "image", f"{name}: image"),
+        _figure(files["labels"], "returned labels", f"{name}: labels"),
+    ]
     if "truth" in files:
         figures.append(_figure(files["truth"], "ground truth", f"{name}: ground truth"))
     bar = "".join(f"<span>{t:g}</span>" for t in reversed(_COLORBAR_TICKS))
@@ -462,7 +483,9 @@ def write_report(
     if out.exists() and not out.is_dir():
         raise ValueError(f"out_dir {out}: expected a directory (existing or new), got an existing file")
     if _dist_world()[1] > 1:
-        raise ValueError("write_report: runs on one process; call it outside torch.distributed (or on rank 0 with a loader of all images)")
+        raise ValueError(
+            "write_report: runs on one process; call it outside torch.distributed (or on rank 0 with a loader of all images)"
+        )
     loader = _as_loader(data, batch_size)
     labelled = bool(labels) and _has_labels(_first_batch(loader))
     dev = resolve_device(wrapper, device)
@@ -470,19 +493,27 @@ def write_report(
     class_names = _class_names(class_names, wrapper, loader, num_classes)
     palette = np.asarray(palette, dtype=np.uint8) if palette is not None else palette_for(num_classes)
     if palette.ndim != 2 or palette.shape[1] != 3 or palette.shape[0] < num_classes:
-        raise ValueError(f"palette: expected at least {num_classes} RGB colours (shape ({num_classes}, 3)), got shape {palette.shape}")
+        raise ValueError(
+            f"palette: expected at least {num_classes} RGB colours (shape ({num_classes}, 3)), got shape {palette.shape}"
+        )
     pre = getattr(wrapper, "preprocessing", None) or {}
     if mean is None and std is None:
         mean, std = pre.get("mean"), pre.get("std")
     if (mean is None) != (std is None):
-        raise ValueError(f"mean, std: expected both or neither (how the images were normalised), got mean={mean!r}, std={std!r}")
+        raise ValueError(
+            f"mean, std: expected both or neither (how the images were normalised), got mean={mean!r}, std={std!r}"
+        )
 
     comparison: EstimateComparison | None = None
     evaluation = None
     if labelled:
-        comparison = compare_estimates(wrapper, loader, threshold=threshold, ignore_index=ignore_index, device=dev, max_batches=max_batches)
+        comparison = compare_estimates(
+            wrapper, loader, threshold=threshold, ignore_index=ignore_index, device=dev, max_batches=max_batches
+        )
         report, rows = comparison.estimate, comparison.per_image
-        evaluation = evaluate(wrapper, loader, baselines=(), ignore_index=ignore_index, device=dev, max_batches=max_batches)
+        evaluation = evaluate(
+            wrapper, loader, baselines=(), ignore_index=ignore_index, device=dev, max_batches=max_batches
+        )
     else:
         report = estimate(wrapper, loader, threshold=threshold, device=dev, max_batches=max_batches)
         rows = report.per_image
@@ -520,7 +551,10 @@ def write_report(
         sections.append(_image_section(rank, row, image_names[int(row["index"])], files, legend, threshold))
 
     has_plot = evaluation is not None and _risk_plot(evaluation.risk_curves, images_dir / "risk_coverage.png")
-    has_scatter = comparison is not None and _accuracy_scatter(rows, [int(r["index"]) for r in shown], images_dir / "accuracy.png") > 0
+    has_scatter = (
+        comparison is not None
+        and _accuracy_scatter(rows, [int(r["index"]) for r in shown], images_dir / "accuracy.png") > 0
+    )
     page = _page(title, report, comparison, evaluation, sections, has_plot, has_scatter, len(shown),
                  _legend(sorted(c for c in seen_classes if 0 <= c < num_classes), palette, class_names, any_ignored))  # fmt: skip
     index = out / "index.html"

@@ -178,7 +178,9 @@ class ErrorScore:
     def compute(self, wrapper: nn.Module, images: Tensor, base_logits: Tensor | None, output: Any) -> ScoreOutput:
         raise NotImplementedError
 
-    def __call__(self, wrapper: nn.Module, images: Tensor, base_logits: Tensor | None = None, output: Any = None) -> ScoreOutput:
+    def __call__(
+        self, wrapper: nn.Module, images: Tensor, base_logits: Tensor | None = None, output: Any = None
+    ) -> ScoreOutput:
         """Score ``images`` ``(B, C_in, H, W)``; reuse ``base_logits``/``output`` when given."""
         with torch.no_grad():
             return self.compute(wrapper, images, base_logits, output)
@@ -288,9 +290,17 @@ class TemperatureMSPScore(ErrorScore):
         """
         logits, labels = sample_labelled_pixels(wrapper, loader, _base_logits, **kwargs)
         if labels.numel() == 0:
-            raise ValueError("TemperatureMSPScore.fit: the loader gave no labelled pixels (all equal to ignore_index, or empty)")
+            raise ValueError(
+                "TemperatureMSPScore.fit: the loader gave no labelled pixels (all equal to ignore_index, or empty)"
+            )
         result = fit_temperature(logits, labels)
-        logger.info("base temperature %.4f on %d pixels: NLL %.4f -> %.4f", result.temperature, result.pixels, result.nll_before, result.nll_after)
+        logger.info(
+            "base temperature %.4f on %d pixels: NLL %.4f -> %.4f",
+            result.temperature,
+            result.pixels,
+            result.nll_before,
+            result.nll_after,
+        )
         score = cls(result.temperature)
         score.fit_result = result
         return score
@@ -315,7 +325,9 @@ def _member_logits(member: nn.Module, images: Tensor) -> Tensor:
     elif isinstance(out, (tuple, list)) and out:
         out = out[0]
     if not isinstance(out, Tensor) or out.ndim != 4 or not out.is_floating_point():
-        raise TypeError(f"ensemble member {type(member).__name__}: expected logits BxCxhxw (alone, first in a tuple, or under 'logits'/'out'), got {type(out).__name__}")
+        raise TypeError(
+            f"ensemble member {type(member).__name__}: expected logits BxCxhxw (alone, first in a tuple, or under 'logits'/'out'), got {type(out).__name__}"
+        )
     return out
 
 
@@ -367,13 +379,17 @@ class EnsembleScore(ErrorScore):
         for i, member in enumerate(self.bases):
             param = next(iter(member.parameters()), None)
             if param is not None and param.device != images.device:
-                raise ValueError(f"ensemble member {i} is on {param.device}, the images on {images.device}: move the members (member.to(device))")
+                raise ValueError(
+                    f"ensemble member {i} is on {param.device}, the images on {images.device}: move the members (member.to(device))"
+                )
             with eval_mode(member):
                 logits = _member_logits(member, images.to(param.dtype) if param is not None else images)
             if logits.shape[1] == 1:
                 logits = torch.cat([torch.zeros_like(logits), logits], dim=1)
             if probs and logits.shape[1] != probs[0].shape[1]:
-                raise ValueError(f"ensemble member {i}: expected {probs[0].shape[1]} classes like member 0, got logits of shape {tuple(logits.shape)}")
+                raise ValueError(
+                    f"ensemble member {i}: expected {probs[0].shape[1]} classes like member 0, got logits of shape {tuple(logits.shape)}"
+                )
             probs.append(torch.softmax(resize(logits, images.shape[-2:]).float(), dim=1))
         return probs
 
@@ -478,7 +494,9 @@ class MCDropoutScore(ErrorScore):
     name = "mc_dropout"
     STATISTICS: ClassVar[tuple[str, ...]] = ("entropy", "msp", "variance")
 
-    def __init__(self, T: int = 10, seed: int = 0, statistic: str = "entropy", p: float = 0.1, classifier: str | None = None) -> None:
+    def __init__(
+        self, T: int = 10, seed: int = 0, statistic: str = "entropy", p: float = 0.1, classifier: str | None = None
+    ) -> None:
         check_positive_int(T, "T")
         if statistic not in self.STATISTICS:
             raise ValueError(f"statistic: expected one of {self.STATISTICS}, got {statistic!r}")
@@ -503,7 +521,12 @@ class MCDropoutScore(ErrorScore):
         module = base.get_submodule(name)
         p = self.p
         if not self._announced:
-            logger.info("MC dropout: the base has no dropout layer; applying Dropout2d(p=%g) to the input of %r during the %d passes", p, name, self.T)
+            logger.info(
+                "MC dropout: the base has no dropout layer; applying Dropout2d(p=%g) to the input of %r during the %d passes",
+                p,
+                name,
+                self.T,
+            )
             self._announced = True
 
         def pre_hook(_module: nn.Module, args: tuple) -> tuple:
@@ -513,7 +536,9 @@ class MCDropoutScore(ErrorScore):
 
         return [], module.register_forward_pre_hook(pre_hook)
 
-    def sample_probs(self, wrapper: nn.Module, images: Tensor, deterministic: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
+    def sample_probs(
+        self, wrapper: nn.Module, images: Tensor, deterministic: bool = False
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
         """Mean and total variance over the ``T`` passes of the base softmax, and (when
         ``deterministic``) the logits of one pass with dropout off, all at input resolution.
 
@@ -529,7 +554,9 @@ class MCDropoutScore(ErrorScore):
                 with torch.no_grad():
                     logits = _base_logits(wrapper, images) if deterministic else None
                     # a binary base's classifier has one output channel (the wrapper reads it as two classes)
-                    dropouts, hook = self._install_dropout(base, 1 if getattr(wrapper, "binary", False) else wrapper.num_classes)
+                    dropouts, hook = self._install_dropout(
+                        base, 1 if getattr(wrapper, "binary", False) else wrapper.num_classes
+                    )
                     for m in dropouts:
                         m.train()
                     with torch.random.fork_rng(devices=devices):
@@ -586,5 +613,10 @@ def build_score(name: str | ErrorScore, **kwargs: Any) -> ErrorScore:
     try:
         return SCORES[name](**kwargs)
     except TypeError as exc:  # a required setting is missing: say which score needs it
-        needs = {"ensemble": "bases=[net, ...]", "temperature_msp": "temperature=T (or TemperatureMSPScore.fit(wrapper, loader))"}
-        raise TypeError(f"score {name!r}: {exc}; pass {needs.get(name, 'its settings')} or an ErrorScore object") from None
+        needs = {
+            "ensemble": "bases=[net, ...]",
+            "temperature_msp": "temperature=T (or TemperatureMSPScore.fit(wrapper, loader))",
+        }
+        raise TypeError(
+            f"score {name!r}: {exc}; pass {needs.get(name, 'its settings')} or an ErrorScore object"
+        ) from None

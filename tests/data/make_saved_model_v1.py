@@ -41,7 +41,10 @@ def main() -> None:
     images, _ = batch(3, 32, seed=123)
     with torch.no_grad():
         out = wrap(images)
-    save_file({"images": images, **{k: v.contiguous() for k, v in out._asdict().items()}}, str(out_dir / "expected.safetensors"))
+    save_file(
+        {"images": images, **{k: v.contiguous() for k, v in out._asdict().items()}},
+        str(out_dir / "expected.safetensors"),
+    )
     print(f"wrote {out_dir}")
 
 

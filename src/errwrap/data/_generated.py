@@ -17,7 +17,17 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-__all__ = ["GeneratedDataset", "SPLITS", "check_render_args", "make_rng", "grid", "band_noise", "gaussian_blur", "rotated_coords", "window"]
+__all__ = [
+    "GeneratedDataset",
+    "SPLITS",
+    "check_render_args",
+    "make_rng",
+    "grid",
+    "band_noise",
+    "gaussian_blur",
+    "rotated_coords",
+    "window",
+]
 
 SPLITS = {"train": 0, "val": 1, "test": 2}
 

@@ -46,11 +46,17 @@ AERIAL_CLASSES: tuple[str, ...] = (
 )
 SOIL, WATER, VEGETATION, BUILDING, ROAD, CAR = range(len(AERIAL_CLASSES))
 
-_ROOF_COLOURS = np.array([(0.62, 0.30, 0.22), (0.50, 0.50, 0.52), (0.32, 0.32, 0.35), (0.70, 0.62, 0.50), (0.80, 0.80, 0.78)], np.float32)
-_CAR_COLOURS = np.array([(0.92, 0.92, 0.90), (0.10, 0.10, 0.12), (0.70, 0.12, 0.10), (0.15, 0.25, 0.60), (0.65, 0.66, 0.68)], np.float32)
+_ROOF_COLOURS = np.array(
+    [(0.62, 0.30, 0.22), (0.50, 0.50, 0.52), (0.32, 0.32, 0.35), (0.70, 0.62, 0.50), (0.80, 0.80, 0.78)], np.float32
+)
+_CAR_COLOURS = np.array(
+    [(0.92, 0.92, 0.90), (0.10, 0.10, 0.12), (0.70, 0.12, 0.10), (0.15, 0.25, 0.60), (0.65, 0.66, 0.68)], np.float32
+)
 
 
-def _jitter(rng: np.random.Generator, colour: tuple[float, float, float] | np.ndarray, amount: float = 0.04) -> np.ndarray:
+def _jitter(
+    rng: np.random.Generator, colour: tuple[float, float, float] | np.ndarray, amount: float = 0.04
+) -> np.ndarray:
     return np.asarray(colour, dtype=np.float32) + rng.uniform(-amount, amount, 3).astype(np.float32)
 
 
@@ -116,7 +122,9 @@ def _layout(rng: np.random.Generator, h: int, w: int, noise: dict[str, np.ndarra
 
     # Buildings: rotated rectangles or L-shapes, kept off roads and water; one dominant angle.
     blocked = road_mask | (water > -2.0 * scale)
-    blocked = blocked | np.roll(blocked, 2, 0) | np.roll(blocked, -2, 0) | np.roll(blocked, 2, 1) | np.roll(blocked, -2, 1)
+    blocked = (
+        blocked | np.roll(blocked, 2, 0) | np.roll(blocked, -2, 0) | np.roll(blocked, 2, 1) | np.roll(blocked, -2, 1)
+    )
     buildings = []
     angle0 = 0.0 if rng.random() < 0.4 else rng.uniform(0, math.pi / 2)
     for _ in range(int(rng.integers(3, 16))):
@@ -159,7 +167,13 @@ def _layout(rng: np.random.Generator, h: int, w: int, noise: dict[str, np.ndarra
             inside = (np.abs(u) <= length) & (np.abs(v) <= width) & road["mask"][box]
             if inside.any():
                 label[box][inside] = CAR
-                cars.append({"box": box, "inside": inside, "colour": _jitter(rng, _CAR_COLOURS[rng.integers(len(_CAR_COLOURS))], 0.03)})
+                cars.append(
+                    {
+                        "box": box,
+                        "inside": inside,
+                        "colour": _jitter(rng, _CAR_COLOURS[rng.integers(len(_CAR_COLOURS))], 0.03),
+                    }
+                )
     return {"label": label, "water": water, "roads": roads, "buildings": buildings, "cars": cars}
 
 
@@ -182,7 +196,9 @@ def _textures(rng: np.random.Generator, h: int, w: int, noise: dict[str, np.ndar
     soil = tones[parcel] + (rows + 0.04 * noise["low"] + 0.02 * noise["high"])[..., None]
 
     # Water: blue to murky green, smooth, faint ripples.
-    water_colour = _jitter(rng, (0.16, 0.26, 0.36), 0.03) + rng.uniform(0, 1) * np.array([0.06, 0.06, -0.08], np.float32)
+    water_colour = _jitter(rng, (0.16, 0.26, 0.36), 0.03) + rng.uniform(0, 1) * np.array(
+        [0.06, 0.06, -0.08], np.float32
+    )
     u, _ = rotated_coords(yy, xx, 0.0, 0.0, rng.uniform(0, math.pi))
     ripple = 0.012 * np.sin(2 * math.pi * u / rng.uniform(3.0, 6.0)) * (noise["mid"] > 0.5)
     water = water_colour + (ripple + 0.015 * noise["low"])[..., None]
@@ -203,7 +219,9 @@ def _cast(shadow: np.ndarray, inside: np.ndarray, box: tuple[slice, slice], dy: 
         shadow[ys:ye, xs:xe] |= inside[ys - y0:ye - y0, xs - x0:xe - x0]
 
 
-def render_aerial(seed: int, split: str, index: int, size: int | tuple[int, int] = 128) -> tuple[np.ndarray, np.ndarray]:
+def render_aerial(
+    seed: int, split: str, index: int, size: int | tuple[int, int] = 128
+) -> tuple[np.ndarray, np.ndarray]:
     """Draw one tile: image ``(H, W, 3)`` float32 in ``[0, 1]`` and labels ``(H, W)`` int64.
 
     The result depends on ``(seed, split, index, size)`` only.
@@ -252,7 +270,9 @@ def render_aerial(seed: int, split: str, index: int, size: int | tuple[int, int]
             roof *= np.where(v > 0, 0.8, 1.05)[..., None]
             roof[np.abs(v) < 0.6 * scale] *= 1.15
         else:
-            interior = inside & np.roll(inside, 1, 0) & np.roll(inside, -1, 0) & np.roll(inside, 1, 1) & np.roll(inside, -1, 1)
+            interior = (
+                inside & np.roll(inside, 1, 0) & np.roll(inside, -1, 0) & np.roll(inside, 1, 1) & np.roll(inside, -1, 1)
+            )
             roof[inside & ~interior] *= 0.75
         roof += 0.015 * noise["high"][box][..., None]
         image[box][inside] = roof[inside]

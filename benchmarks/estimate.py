@@ -163,9 +163,11 @@ def one_run(family: str, seed: int, args: argparse.Namespace, conditions: list[s
         run["conditions"][shift] = {"truth": raw[shift].truth, "errors": errors, "interval": raw[shift].estimate.interval,
                                     "interval_T": calibrated.estimate.interval, "per_image": raw[shift].per_image}  # fmt: skip
         print(f"  {shift:<6} true pixAcc fused {_pts(raw[shift].truth['fused']['pixel_accuracy'])} base "
-              f"{_pts(raw[shift].truth['base']['pixel_accuracy'])}; estimates errwrap {_pts(errors['errwrap']['estimate_pixel_accuracy'])} "
+              f"{_pts(raw[shift].truth['base']['pixel_accuracy'])}; estimates errwrap "
+              f"{_pts(errors['errwrap']['estimate_pixel_accuracy'])} "
               f"errwrap+T {_pts(errors['errwrap+T']['estimate_pixel_accuracy'])} avg_conf "
-              f"{_pts(errors['avg_confidence']['estimate_pixel_accuracy'])} ATC {_pts(errors['atc']['estimate_pixel_accuracy'])}", flush=True)  # fmt: skip
+              f"{_pts(errors['avg_confidence']['estimate_pixel_accuracy'])} ATC "
+              f"{_pts(errors['atc']['estimate_pixel_accuracy'])}", flush=True)  # fmt: skip
     return run
 
 

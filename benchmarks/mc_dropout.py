@@ -150,7 +150,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     scores.pop("mc_dropout")
 
     say(
-        f"timing at {size}x{size} (batch 8) and {args.time_size[0]}x{args.time_size[1]} (batch 1), {args.repeats} interleaved rounds"
+        f"timing at {size}x{size} (batch 8) and {args.time_size[0]}x{args.time_size[1]} (batch 1), {args.repeats} "
+        "interleaved rounds"
     )
     images = torch.stack([loader.dataset[i][0] for i in range(min(8, n_val))])
     timing = {

@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> dict:
     }
     width = max(len(n) for n in rows)
     print(
-        f"input {shape}, encoder {args.encoder}, output stride {args.output_stride}, {args.num_classes} classes, device {args.device}"
+        f"input {shape}, encoder {args.encoder}, output stride {args.output_stride}, {args.num_classes} classes, "
+        f"device {args.device}"
     )
     print(f"{'model':<{width}}  {'params (M)':>10}  {'GFLOPs':>8}  {'GMACs':>8}")
     for name, r in rows.items():

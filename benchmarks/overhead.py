@@ -365,7 +365,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     say = print
     say(f"errwrap overhead benchmark: {args.device} {args.dtype}{' compiled' if args.compile else ''}{' channels_last' if args.channels_last else ''}, "
-        f"input {', '.join(f'{h}x{w}' for h, w in args.size)}, widths {args.widths}, {args.repeats} rounds after {args.warmup} warm-up")  # fmt: skip
+        f"input {', '.join(f'{h}x{w}' for h, w in args.size)}, widths {args.widths}, {args.repeats} rounds after "
+        f"{args.warmup} warm-up")  # fmt: skip
     results = [
         bench_model(key, args, batch, size, say) for key in args.models for size in args.size for batch in args.batch
     ]
@@ -390,7 +391,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         else "peak bytes of live tensors created during the call (TensorMemory; no weights, no allocator overhead)"
     )
     print(
-        f"\nmemory: {memory_note}; +params % ref: added parameters in % of {REFERENCE} ({args.reference_params / 1e6:.2f} M)"
+        f"\nmemory: {memory_note}; +params % ref: added parameters in % of {REFERENCE} "
+        f"({args.reference_params / 1e6:.2f} M)"
     )
 
     targets = []
@@ -408,9 +410,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         targets.append({
             "model": key, "width": args.widths[0],
             f"error head x base (<= {TARGET_ERROR})": _mark(headline["error_ratio"], headline["error_met"]),
-            "all x base (target)": f"{_mark(headline['all_ratio'], headline['all_met'])} (<= {_target_all(res['model'])})",
+            "all x base (target)":
+                f"{_mark(headline['all_ratio'], headline['all_met'])} (<= {_target_all(res['model'])})",
             f"peak memory x base (<= {TARGET_MEMORY})": _mark(headline["memory_ratio"], headline["memory_met"]),
-            f"+params % ref (<= {100 * TARGET_PARAMS:.0f})": _mark(headline["added_params_pct_of_reference"], headline["params_met"]),
+            f"+params % ref (<= {100 * TARGET_PARAMS:.0f})":
+                _mark(headline["added_params_pct_of_reference"], headline["params_met"]),
             "widest width meeting 'all'": reaching[0] if reaching else "none measured",
         })  # fmt: skip
     print("\ntargets (median ratios of the headline width; '-': no target for this base):")

@@ -270,8 +270,10 @@ def run_cell(family: str, base_kind: str, seed: int, args: argparse.Namespace, s
         )
         r = results[name]
         say(
-            f"  {name:6s} base err {100 * r['error_rate']['base']:5.1f}%  mIoU {100 * r['miou']['base']:.1f} -> {100 * r['miou']['errwrap']:.1f}  "
-            f"AUPR-E errwrap {100 * r['detection']['errwrap']['aupr_error']:.1f} msp {100 * r['detection']['msp']['aupr_error']:.1f}  "
+            f"  {name:6s} base err {100 * r['error_rate']['base']:5.1f}%  mIoU {100 * r['miou']['base']:.1f} -> "
+            f"{100 * r['miou']['errwrap']:.1f}  "
+            f"AUPR-E errwrap {100 * r['detection']['errwrap']['aupr_error']:.1f} msp "
+            f"{100 * r['detection']['msp']['aupr_error']:.1f}  "
             f"AURC {100 * r['aurc']['errwrap']:.2f} vs {100 * r['aurc']['base_msp']:.2f}"
         )
     return {"family": family, "base": base_kind, "seed": seed, "seconds": round(time.perf_counter() - t0, 1),
@@ -395,8 +397,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     cached.write_text(json.dumps(runs[-1]))
     summary = summarize(runs)
     print(
-        f"\nevery cell, mean over seeds {args.seeds} (%; AP = AUPR-Error of the base's errors; errwrap = out.base_error_prob, "
-        "error_head = the error head alone; AURC of returned labels: out = (out.labels, out.error_prob), msp = (base labels, MSP))"
+        f"\nevery cell, mean over seeds {args.seeds} (%; AP = AUPR-Error of the base's errors; errwrap = "
+        "out.base_error_prob, "
+        "error_head = the error head alone; AURC of returned labels: out = (out.labels, out.error_prob), msp = (base "
+        "labels, MSP))"
     )
     print(format_table(summary["rows"]))
     print("\ntargets, worst cell over families x bases x conditions")

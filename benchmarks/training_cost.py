@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         opt_joint.step()
 
     print(f"errwrap training-step cost: DeepLabV3Plus({args.encoder}, OS16), batch {args.batch} of {args.size[0]}x{args.size[1]}, "
-          f"head width {args.width}, {args.repeats} interleaved rounds after {args.warmup} warm-up, {torch.get_num_threads()} threads")  # fmt: skip
+          f"head width {args.width}, {args.repeats} interleaved rounds after {args.warmup} warm-up, "
+          f"{torch.get_num_threads()} threads")  # fmt: skip
     times = interleaved_times({"base": base_step, "heads": heads_step, "joint": joint_step}, args.repeats, args.warmup)
     stats = {name: quartiles(ts) for name, ts in times.items()}
     ratios = {name: quartiles([t / b for t, b in zip(times[name], times["base"])]) for name in ("heads", "joint")}

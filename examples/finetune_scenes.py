@@ -116,7 +116,8 @@ def main() -> None:
     print(f"validation ({len(val)} images of {args.size}x{args.size}):")
     print(after.table())
     print(
-        f"untrained heads: corrected mIoU {before.fused.miou:.3f}, error-map AUROC {before.error_detection['error_head'].auroc:.3f}"
+        f"untrained heads: corrected mIoU {before.fused.miou:.3f}, error-map AUROC "
+        f"{before.error_detection['error_head'].auroc:.3f}"
     )
 
 

@@ -36,7 +36,8 @@ def main() -> None:
         out = wrap.eval()(images)
         queries = model(pixel_values=images)
     print(
-        f"Mask2Former queries {tuple(queries.class_queries_logits.shape)} and masks {tuple(queries.masks_queries_logits.shape)} "
+        f"Mask2Former queries {tuple(queries.class_queries_logits.shape)} and masks "
+        f"{tuple(queries.masks_queries_logits.shape)} "
         f"-> errwrap maps {tuple(out.logits.shape)}, error_prob {tuple(out.error_prob.shape)}"
     )
 

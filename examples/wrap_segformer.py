@@ -25,7 +25,8 @@ def main() -> None:
         out = wrap.eval()(images)
         native = model(pixel_values=images).logits
     print(
-        f"SegFormer logits {tuple(native.shape)} -> errwrap maps {tuple(out.logits.shape)}, error_prob {tuple(out.error_prob.shape)}"
+        f"SegFormer logits {tuple(native.shape)} -> errwrap maps {tuple(out.logits.shape)}, error_prob "
+        f"{tuple(out.error_prob.shape)}"
     )
 
 

@@ -284,7 +284,8 @@ def test_output_checks_are_not_vacuous():
         for k, line in enumerate(lines):
             if "not run" in line and line.lstrip().startswith("<!--"):
                 assert SKIP_MARK.match(line) and k + 1 < len(lines) and lines[k + 1].startswith("```python"), (
-                    f"docs/{page}:{k + 1}: a 'not run' mark must be '<!-- not run: REASON -->' on the line before a ```python fence"
+                    f"docs/{page}:{k + 1}: a 'not run' mark must be '<!-- not run: REASON -->' on the line before a "
+                    "```python fence"
                 )
 
 

@@ -217,7 +217,8 @@ def check_writable(path: str | os.PathLike, need_bytes: int, what: str) -> None:
     free = shutil.disk_usage(probe).free
     if free < need_bytes:
         raise OSError(
-            f"{what} {path}: {free / 1e6:.1f} MB free on its disk, but saving needs about {need_bytes / 1e6:.1f} MB; free some space or choose another directory"
+            f"{what} {path}: {free / 1e6:.1f} MB free on its disk, but saving needs about {need_bytes / 1e6:.1f} MB; "
+            "free some space or choose another directory"
         )
 
 
@@ -263,11 +264,13 @@ def _check_header(path: Path) -> dict[str, Any]:
         (length,) = struct.unpack("<Q", head)
         if length > MAX_HEADER_BYTES:
             raise ValueError(
-                f"{path}: safetensors header of {length} bytes is larger than the {MAX_HEADER_BYTES} errwrap reads; refusing it"
+                f"{path}: safetensors header of {length} bytes is larger than the {MAX_HEADER_BYTES} errwrap reads; "
+                "refusing it"
             )
         if length > size - 8:
             raise ValueError(
-                f"{path}: truncated or malformed safetensors file (header says {length} bytes, file has {size - 8} after the length)"
+                f"{path}: truncated or malformed safetensors file (header says {length} bytes, file has {size - 8} "
+                "after the length)"
             )
         raw = f.read(length)
     try:

@@ -289,7 +289,8 @@ def explain_device_mismatch(exc: BaseException, model: torch.nn.Module, x: Tenso
     if devices and x.device not in devices:
         shown = ", ".join(sorted(str(d) for d in devices))
         raise RuntimeError(
-            f"{name} are on {x.device}, the model's parameters on {shown}: move the images with x.to({shown.split(', ')[0]!r}) "
+            f"{name} are on {x.device}, the model's parameters on {shown}: move the images with "
+            f"x.to({shown.split(', ')[0]!r}) "
             "or the model with wrapper.to(device)"
         ) from exc
 
@@ -311,7 +312,8 @@ def check_base_batch(out: Any, x: Tensor) -> None:
     if wrong:
         shown = ", ".join(f"{k} batch {b}" for k, b in wrong.items())
         raise ValueError(
-            f"base output: {shown} for a batch of {x.shape[0]} images; expected the base network to return one output per image"
+            f"base output: {shown} for a batch of {x.shape[0]} images; expected the base network to return one output "
+            "per image"
         )
 
 

@@ -62,7 +62,8 @@ def fit_temperature(log_probs: Tensor, labels: Tensor, tol: float = 1e-4) -> Tem
     """
     if log_probs.ndim != 2 or labels.shape != log_probs.shape[:1]:
         raise ValueError(
-            f"fit_temperature: expected log_probs (N, C) and labels (N,), got {tuple(log_probs.shape)} and {tuple(labels.shape)}"
+            f"fit_temperature: expected log_probs (N, C) and labels (N,), got {tuple(log_probs.shape)} and "
+            f"{tuple(labels.shape)}"
         )
     if log_probs.shape[0] == 0:
         raise ValueError("fit_temperature: expected at least one labelled pixel, got none")
@@ -70,7 +71,8 @@ def fit_temperature(log_probs: Tensor, labels: Tensor, tol: float = 1e-4) -> Tem
     bad = ~torch.isfinite(log_probs)
     if bool(bad.any()):
         raise ValueError(
-            f"fit_temperature: expected finite log_probs, got NaN/Inf in {int(bad.any(1).sum())} of {log_probs.shape[0]} pixels"
+            f"fit_temperature: expected finite log_probs, got NaN/Inf in {int(bad.any(1).sum())} of "
+            f"{log_probs.shape[0]} pixels"
         )
     lo, hi = LOG_T_RANGE
     ratio = (math.sqrt(5.0) - 1.0) / 2.0
@@ -147,7 +149,8 @@ def calibrate_temperature(
     if not low <= fit.temperature <= high:  # NaN fails too
         wrapper.temperature = old_t
         raise ValueError(
-            f"calibrate_temperature: the fitted temperature {fit.temperature!r} is outside [{low:g}, {high:g}]; kept {old_t}"
+            f"calibrate_temperature: the fitted temperature {fit.temperature!r} is outside [{low:g}, {high:g}]; kept "
+            f"{old_t}"
         )
     wrapper.temperature = fit.temperature
     logger.info(

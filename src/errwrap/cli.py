@@ -261,7 +261,8 @@ def _normalizer(wrap, location: str = "the model"):
     pre = getattr(wrap, "preprocessing", None)
     if not pre:
         print(
-            f'errwrap: note: {location} was saved without preprocessing (config.json "preprocessing": null): images go in '
+            f'errwrap: note: {location} was saved without preprocessing (config.json "preprocessing": null): images go '
+            'in '
             "unnormalised, RGB in [0, 1], as in Python; if its base expects normalised images, set "
             'wrap.preprocessing = {"mean": [...], "std": [...]} and save it again',
             file=sys.stderr,
@@ -382,7 +383,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
             minutes=0.1, seed=args.seed, image_size=64, train_images=64, val_images=16, panels=2, mc_dropout=False
         )
     _say(
-        f"errwrap demo: {cfg.scaled(cfg.base_steps)} base steps, {cfg.scaled(cfg.head_steps)} head steps, output {args.out}"
+        f"errwrap demo: {cfg.scaled(cfg.base_steps)} base steps, {cfg.scaled(cfg.head_steps)} head steps, output "
+        f"{args.out}"
     )
     with _training_progress():
         result = run_demo(args.out, cfg, say=_say)
@@ -393,7 +395,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     head = report.error_detection["error_head"]
     msp = report.error_detection["msp"]
     _say(
-        f"before/after: mIoU {100 * report.base.miou:.2f} -> {100 * report.fused.miou:.2f} ({100 * report.miou_gain:+.2f} points); "
+        f"before/after: mIoU {100 * report.base.miou:.2f} -> {100 * report.fused.miou:.2f} "
+        f"({100 * report.miou_gain:+.2f} points); "
         f"AUPR-Error error head {100 * head.aupr_error:.2f} vs MSP {100 * msp.aupr_error:.2f}"
     )
     _say(f"wrote {len(result.files)} files to {result.out_dir} in {result.seconds:.0f} s "
@@ -502,7 +505,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
             }
         )
         _say(
-            f"{path}: mean error probability {mean_error:.3f}, {100 * changed:.2f}% of pixels re-labelled -> {out}/{stem}_*.png"
+            f"{path}: mean error probability {mean_error:.3f}, {100 * changed:.2f}% of pixels re-labelled -> "
+            f"{out}/{stem}_*.png"
         )
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
@@ -541,7 +545,8 @@ def _evaluation_loader(dataset, batch_size: int, workers: int):
     if sizes is None or len(set(sizes)) == 1:
         return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
     _say(
-        f"images of {len(set(sizes))} different sizes: batched by size (up to {batch_size} images of one size per batch)"
+        f"images of {len(set(sizes))} different sizes: batched by size (up to {batch_size} images of one size per "
+        "batch)"
     )
     return DataLoader(dataset, batch_sampler=_batches_by_size(sizes, batch_size), num_workers=workers)
 
@@ -586,7 +591,8 @@ def _training_batch_size(dataset, batch_size: int, *, crop: int | None) -> int:
     sizes = _image_sizes(dataset) if crop is None and batch_size > 1 else None
     if sizes is not None and len(set(sizes)) > 1:
         _say(
-            f"images of {len(set(sizes))} different sizes and no --crop: one image per batch (--crop N trains on batches of NxN crops)"
+            f"images of {len(set(sizes))} different sizes and no --crop: one image per batch (--crop N trains on "
+            "batches of NxN crops)"
         )
         batch_size = 1
     return batch_size
@@ -720,7 +726,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     page = write_report(wrap, dataset, out, labels=not args.no_labels, worst=args.worst,
                         mean=mean, std=std, threshold=args.threshold, max_side=args.max_side)  # fmt: skip
     _say(
-        f"wrote {page} ({min(args.worst, len(dataset))} of {len(dataset)} images, worst first) in {time.perf_counter() - start:.1f} s; "
+        f"wrote {page} ({min(args.worst, len(dataset))} of {len(dataset)} images, worst first) in "
+        f"{time.perf_counter() - start:.1f} s; "
         "open it in a browser, offline"
     )
     return 0
@@ -749,7 +756,8 @@ def _positive_int(text: str) -> int:
 MODEL_HELP = ("a model directory written by save_pretrained, or a Hub repo id; its base must be one the CLI "
               "rebuilds from config.json (errwrap's DeepLabV3Plus, SMP, torchvision or transformers models)")
 DATA_HELP = (
-    "scenes[:N], aerial[:N] or cells[:N] (generated), cityscapes:ROOT (19 classes), ade20k:ROOT (150 classes with label 0 ignored; "
+    "scenes[:N], aerial[:N] or cells[:N] (generated), cityscapes:ROOT (19 classes), ade20k:ROOT (150 classes with "
+    "label 0 ignored; "
     "0 is kept as 'other' for a 151-class model) or folder:IMAGES_DIR,MASKS_DIR (masks of class indices, "
     "paired by file stem; see --label-map)"
 )

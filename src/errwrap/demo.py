@@ -126,7 +126,8 @@ def run_demo(
         for i in range(len(ds)):
             ds[i]
     say(
-        f"data: built-in Scenes, {len(train)} training and {len(val)} held-out images of {cfg.image_size}x{cfg.image_size}, {train.num_classes} classes"
+        f"data: built-in Scenes, {len(train)} training and {len(val)} held-out images of "
+        f"{cfg.image_size}x{cfg.image_size}, {train.num_classes} classes"
     )
 
     say(f"[1/4] training a small DeepLabV3+ ({cfg.encoder}, output stride 16) from scratch")
@@ -158,7 +159,8 @@ def run_demo(
     )
     last = result.history[-1]
     say(
-        f"  heads done: loss {last['loss']:.3f} (error {last['error']:.3f}, detail {last['detail']:.3f}, fused {last['fused']:.3f})"
+        f"  heads done: loss {last['loss']:.3f} (error {last['error']:.3f}, detail {last['detail']:.3f}, fused "
+        f"{last['fused']:.3f})"
     )
     wrap.eval()
 

@@ -483,12 +483,14 @@ class EstimateReport:
         threshold = self.config.get("threshold", 0.5)
         if self.config.get("temperature", 1.0) == 1.0:
             lines += [
-                "(the fused probabilities have no fitted temperature: the estimate is only as good as their calibration;",
+                "(the fused probabilities have no fitted temperature: the estimate is only as good as their "
+                "calibration;",
                 " fit one on held-out labelled data with errwrap.calibrate_temperature, docs/estimate.md)",
             ]
         lines += [
             "",
-            f"mean error probability {_pct(self.mean_error_prob)}%, pixels above {threshold:g}: {_pct(self.flagged_fraction)}%",
+            f"mean error probability {_pct(self.mean_error_prob)}%, pixels above {threshold:g}: "
+            f"{_pct(self.flagged_fraction)}%",
         ]
         worst = self.worst(k)
         if worst:
@@ -713,8 +715,10 @@ class EstimateComparison:
         """Each estimator against the truth of the labels it describes (points, lower is better
         except Spearman)."""
         lines = [
-            f"label-free estimates vs truth: {self.estimate.num_images} images, {self.estimate.num_pixels} labelled pixels",
-            f"truth: fused labels pixAcc {_pct(self.truth['fused']['pixel_accuracy'])} mIoU {_pct(self.truth['fused']['miou'])}; "
+            f"label-free estimates vs truth: {self.estimate.num_images} images, {self.estimate.num_pixels} labelled "
+            "pixels",
+            f"truth: fused labels pixAcc {_pct(self.truth['fused']['pixel_accuracy'])} mIoU "
+            f"{_pct(self.truth['fused']['miou'])}; "
             f"base labels pixAcc {_pct(self.truth['base']['pixel_accuracy'])} mIoU {_pct(self.truth['base']['miou'])}",
             "",
             f"{'estimator':<16}{'labels':>7}{'pixAcc':>8}{'|err|':>7}{'mIoU':>8}{'|err|':>7}{'imgMAE':>8}{'Spearman':>9}",

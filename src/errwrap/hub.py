@@ -122,7 +122,8 @@ def _check_format(raw: Any, source: str) -> None:
     unknown = sorted(set(raw) - _TOP_KEYS)
     if unknown:
         raise ValueError(
-            f"{source}: unknown keys {unknown} (written by errwrap {raw.get('errwrap_version', '?')}?); this errwrap {__version__} knows {sorted(_TOP_KEYS)}"
+            f"{source}: unknown keys {unknown} (written by errwrap {raw.get('errwrap_version', '?')}?); this errwrap "
+            f"{__version__} knows {sorted(_TOP_KEYS)}"
         )
     _scan_for_code_keys(raw, source)
 
@@ -165,7 +166,8 @@ def _check_config(raw: Any, source: str) -> SavedConfig:
     if options not in (None, {}):  # older files hold {}; no adapter takes options from a file
         keys = sorted(options) if isinstance(options, dict) else options
         raise ValueError(
-            f"{source}: adapter_options {keys!r} are not allowed in a saved config; no adapter takes options from a file "
+            f"{source}: adapter_options {keys!r} are not allowed in a saved config; no adapter takes options from a "
+            "file "
             "(expected {} or none). Pass such settings in Python, e.g. from_pretrained(...).unfreeze_base()"
         )
     version = raw.get("errwrap_version")
@@ -308,7 +310,8 @@ class HubMixin:
             json.dumps(config, allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise TypeError(
-                f"the model's configuration is not plain JSON ({exc}); name layers by string (e.g. norm_layer='batchnorm')"
+                f"the model's configuration is not plain JSON ({exc}); name layers by string (e.g. "
+                "norm_layer='batchnorm')"
             ) from None
         return parse_config(config, "the configuration")
 
@@ -424,7 +427,8 @@ class HubMixin:
         if model is None:
             if config.heads_only:
                 raise ValueError(
-                    f"{pretrained_model_name_or_path}: this checkpoint holds only the heads; pass your trained base network as model="
+                    f"{pretrained_model_name_or_path}: this checkpoint holds only the heads; pass your trained base "
+                    "network as model="
                 )
             if config.base is None:
                 raise ValueError(

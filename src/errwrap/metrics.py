@@ -95,7 +95,8 @@ class StreamingMetric:
             own = self._states[name]
             if not isinstance(value, Tensor) or value.shape != own.shape:
                 raise ValueError(
-                    f"{type(self).__name__}.load_state_dict: {name!r}: expected a tensor of shape {tuple(own.shape)}, got {describe(value)}"
+                    f"{type(self).__name__}.load_state_dict: {name!r}: expected a tensor of shape {tuple(own.shape)}, "
+                    f"got {describe(value)}"
                 )
             own.copy_(value.to(own.device, own.dtype))
         return self
@@ -199,7 +200,8 @@ class SegmentationMetrics(StreamingMetric):
         if preds.is_floating_point():
             if preds.ndim < 2 or preds.shape[1] != self.num_classes:
                 raise ValueError(
-                    f"preds: expected integer labels or scores of shape BxCxHxW with C={self.num_classes}, got {describe(preds)}"
+                    f"preds: expected integer labels or scores of shape BxCxHxW with C={self.num_classes}, got "
+                    f"{describe(preds)}"
                 )
             preds = preds.argmax(dim=1)
         if labels.is_floating_point() or labels.dtype == torch.bool:
@@ -213,11 +215,13 @@ class SegmentationMetrics(StreamingMetric):
         c = self.num_classes
         if labels.numel() and bool(((labels < 0) | (labels >= c)).any()):
             raise ValueError(
-                f"labels: expected values in [0, {c}) or ignore_index={self.ignore_index}, got {torch.unique(labels[(labels < 0) | (labels >= c)])[:8].tolist()}"
+                f"labels: expected values in [0, {c}) or ignore_index={self.ignore_index}, got "
+                f"{torch.unique(labels[(labels < 0) | (labels >= c)])[:8].tolist()}"
             )
         if preds.numel() and bool(((preds < 0) | (preds >= c)).any()):
             raise ValueError(
-                f"preds: expected values in [0, {c}), got {torch.unique(preds[(preds < 0) | (preds >= c)])[:8].tolist()}"
+                f"preds: expected values in [0, {c}), got "
+                f"{torch.unique(preds[(preds < 0) | (preds >= c)])[:8].tolist()}"
             )
         counts = torch.bincount(labels * c + preds, minlength=c * c)
         self._states["confusion"].add_(counts.to(self.device))
@@ -353,7 +357,8 @@ class ErrorDetectionMetrics(StreamingMetric):
             if lo < -tol or hi > 1 + tol:
                 raise ValueError(
                     f"scores: expected values in score_range={self.score_range}, got [{lo * (high - low) + low:.6g}, "
-                    f"{hi * (high - low) + low:.6g}]; map unbounded scores to [0, 1] (e.g. entropy / log(C)) or set score_range"
+                    f"{hi * (high - low) + low:.6g}]; map unbounded scores to [0, 1] (e.g. entropy / log(C)) or set "
+                    "score_range"
                 )
         return (unit.clamp(0, 1) * self.num_bins).long().clamp_(0, self.num_bins - 1)
 
@@ -538,7 +543,8 @@ class CalibrationMetrics(StreamingMetric):
         """Add top-label confidences in ``[0, 1]`` with whether each top label is correct."""
         if confidences.shape != correct.shape:
             raise ValueError(
-                f"confidences and correct: expected the same shape, got {tuple(confidences.shape)} and {tuple(correct.shape)}"
+                f"confidences and correct: expected the same shape, got {tuple(confidences.shape)} and "
+                f"{tuple(correct.shape)}"
             )
         conf = confidences.detach().double().flatten().clamp(0, 1)
         bins = (conf * self.num_bins).long().clamp_(0, self.num_bins - 1)
@@ -888,7 +894,8 @@ class ImageRiskCoverageMetrics:
             or (valid is not None and valid.shape != scores.shape)
         ):
             raise ValueError(
-                f"scores, errors, valid: expected the same shape (B, H, W), got {describe(scores)}, {describe(errors)}, {describe(valid)}"
+                f"scores, errors, valid: expected the same shape (B, H, W), got {describe(scores)}, "
+                f"{describe(errors)}, {describe(valid)}"
             )
         weight = torch.ones_like(scores, dtype=torch.float64) if valid is None else valid.double()
         dims = tuple(range(1, scores.ndim))

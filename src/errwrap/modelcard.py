@@ -42,7 +42,8 @@ def _metrics_section(metrics: dict[str, Any]) -> list[str]:
         lines += ["| error score | AUROC | AUPR-Error | AUPR-Success | FPR@95%TPR |", "|---|---|---|---|---|"]
         for name, m in detection.items():
             lines.append(
-                f"| {name} | {_fmt(m.get('auroc'))} | {_fmt(m.get('aupr_error'))} | {_fmt(m.get('aupr_success'))} | {_fmt(m.get('fpr95'))} |"
+                f"| {name} | {_fmt(m.get('auroc'))} | {_fmt(m.get('aupr_error'))} | {_fmt(m.get('aupr_success'))} | "
+                f"{_fmt(m.get('fpr95'))} |"
             )
         lines.append("")
     if metrics.get("num_images") is not None:

@@ -62,7 +62,8 @@ def _as_loader(data: Any, batch_size: int) -> Iterable[Any]:
         return DataLoader(data, batch_size=batch_size, shuffle=False)
     if not isinstance(data, Iterable) or iter(data) is data:
         raise TypeError(
-            f"data: expected a dataset or a loader that can be read more than once (a DataLoader), got {type(data).__name__}"
+            "data: expected a dataset or a loader that can be read more than once (a DataLoader), got "
+            f"{type(data).__name__}"
         )
     return data
 
@@ -287,7 +288,8 @@ def _check_same_image(item: dict[str, Any], row: Mapping[str, Any], ignore_index
         and not math.isclose(mean, expected, rel_tol=1e-5, abs_tol=1e-6)
     ):
         raise ValueError(
-            f"data: image {row['index']} differs between two passes over the loader (mean error probability {expected:.6f}, "
+            f"data: image {row['index']} differs between two passes over the loader (mean error probability "
+            f"{expected:.6f}, "
             f"then {mean:.6f}); write_report needs the same images in the same order on every pass: shuffle=False and "
             "no random transforms"
         )
@@ -403,8 +405,10 @@ def _image_section(
         figures.append(_figure(files["truth"], "ground truth", f"{name}: ground truth"))
     bar = "".join(f"<span>{t:g}</span>" for t in reversed(_COLORBAR_TICKS))
     figures.append(
-        f'<figure><div class="bar"><a href="{_e(files["error"])}"><img class="tile" src="{_e(files["error"])}" alt="{_e(name)}: error map"></a>'
-        f'<img class="cbar" src="{_e(files["colorbar"])}" alt="colour bar of the error probability, 0 to 1"><div class="ticks">{bar}</div></div>'
+        f'<figure><div class="bar"><a href="{_e(files["error"])}"><img class="tile" src="{_e(files["error"])}" '
+        f'alt="{_e(name)}: error map"></a>'
+        f'<img class="cbar" src="{_e(files["colorbar"])}" alt="colour bar of the error probability, 0 to 1"><div '
+        f'class="ticks">{bar}</div></div>'
         "<figcaption>error probability of the returned labels</figcaption></figure>"
     )
     figures.append(f"<figure>{legend}<figcaption>classes in view</figcaption></figure>")
@@ -484,7 +488,8 @@ def write_report(
         raise ValueError(f"out_dir {out}: expected a directory (existing or new), got an existing file")
     if _dist_world()[1] > 1:
         raise ValueError(
-            "write_report: runs on one process; call it outside torch.distributed (or on rank 0 with a loader of all images)"
+            "write_report: runs on one process; call it outside torch.distributed (or on rank 0 with a loader of all "
+            "images)"
         )
     loader = _as_loader(data, batch_size)
     labelled = bool(labels) and _has_labels(_first_batch(loader))
@@ -494,7 +499,8 @@ def write_report(
     palette = np.asarray(palette, dtype=np.uint8) if palette is not None else palette_for(num_classes)
     if palette.ndim != 2 or palette.shape[1] != 3 or palette.shape[0] < num_classes:
         raise ValueError(
-            f"palette: expected at least {num_classes} RGB colours (shape ({num_classes}, 3)), got shape {palette.shape}"
+            f"palette: expected at least {num_classes} RGB colours (shape ({num_classes}, 3)), got shape "
+            f"{palette.shape}"
         )
     pre = getattr(wrapper, "preprocessing", None) or {}
     if mean is None and std is None:
@@ -605,7 +611,8 @@ def _page(
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>",
         f"<h1>{_e(title)}</h1>",
-        f'<p class="note">{report.num_images} images, {report.num_pixels} pixels ({where}). Estimated by errwrap.estimate '
+        f'<p class="note">{report.num_images} images, {report.num_pixels} pixels ({where}). Estimated by '
+        'errwrap.estimate '
         "from the error map and the fused probabilities, without labels; the interval is a bootstrap over images, "
         "not a bound on the estimate's own error (docs/estimate.md).</p>",
         '<h2>The data set</h2><div id="summary">',
@@ -621,8 +628,10 @@ def _page(
         parts.append(
             '<h2>True against predicted accuracy</h2><figure id="accuracy"><img src="images/accuracy.png" '
             'alt="per image, true against predicted pixel accuracy">'
-            "<figcaption>One dot per image: true (across) against predicted (up) pixel accuracy of the returned labels; "
-            "on the grey diagonal the estimate is exact, above it too high. Red: the images shown below.</figcaption></figure>"
+            "<figcaption>One dot per image: true (across) against predicted (up) pixel accuracy of the returned "
+            "labels; "
+            "on the grey diagonal the estimate is exact, above it too high. Red: the images shown "
+            "below.</figcaption></figure>"
         )
     if has_plot:
         rc = evaluation.risk_coverage
@@ -630,11 +639,13 @@ def _page(
         parts.append(
             '<h2>Risk-coverage</h2><figure id="risk-coverage"><img src="images/risk_coverage.png" '
             'alt="risk-coverage plot: errwrap error probability against the max-softmax probability">'
-            f"<figcaption>Reject the most suspicious pixels first: error rate of the accepted ones. AURC (points, lower is "
+            "<figcaption>Reject the most suspicious pixels first: error rate of the accepted ones. AURC (points, "
+            "lower is "
             f"better): {aurc}. error_prob judges the returned labels, MSP the base labels.</figcaption></figure>"
         )
     parts += [f"<h2>Classes in the images shown</h2>{legend}",
-              f'<h2>Images, most likely wrong first</h2><p class="note">{shown} of {report.num_images} images, by predicted '
+              f'<h2>Images, most likely wrong first</h2><p class="note">{shown} of {report.num_images} images, by '
+              'predicted '
               "pixel accuracy, lowest first.</p>",
               '<div id="images">', *sections, "</div>", "</body></html>"]  # fmt: skip
     return "\n".join(parts) + "\n"

@@ -326,7 +326,8 @@ def _member_logits(member: nn.Module, images: Tensor) -> Tensor:
         out = out[0]
     if not isinstance(out, Tensor) or out.ndim != 4 or not out.is_floating_point():
         raise TypeError(
-            f"ensemble member {type(member).__name__}: expected logits BxCxhxw (alone, first in a tuple, or under 'logits'/'out'), got {type(out).__name__}"
+            f"ensemble member {type(member).__name__}: expected logits BxCxhxw (alone, first in a tuple, or under "
+            f"'logits'/'out'), got {type(out).__name__}"
         )
     return out
 
@@ -380,7 +381,8 @@ class EnsembleScore(ErrorScore):
             param = next(iter(member.parameters()), None)
             if param is not None and param.device != images.device:
                 raise ValueError(
-                    f"ensemble member {i} is on {param.device}, the images on {images.device}: move the members (member.to(device))"
+                    f"ensemble member {i} is on {param.device}, the images on {images.device}: move the members "
+                    "(member.to(device))"
                 )
             with eval_mode(member):
                 logits = _member_logits(member, images.to(param.dtype) if param is not None else images)
@@ -388,7 +390,8 @@ class EnsembleScore(ErrorScore):
                 logits = torch.cat([torch.zeros_like(logits), logits], dim=1)
             if probs and logits.shape[1] != probs[0].shape[1]:
                 raise ValueError(
-                    f"ensemble member {i}: expected {probs[0].shape[1]} classes like member 0, got logits of shape {tuple(logits.shape)}"
+                    f"ensemble member {i}: expected {probs[0].shape[1]} classes like member 0, got logits of shape "
+                    f"{tuple(logits.shape)}"
                 )
             probs.append(torch.softmax(resize(logits, images.shape[-2:]).float(), dim=1))
         return probs
@@ -522,7 +525,8 @@ class MCDropoutScore(ErrorScore):
         p = self.p
         if not self._announced:
             logger.info(
-                "MC dropout: the base has no dropout layer; applying Dropout2d(p=%g) to the input of %r during the %d passes",
+                "MC dropout: the base has no dropout layer; applying Dropout2d(p=%g) to the input of %r during the %d "
+                "passes",
                 p,
                 name,
                 self.T,

@@ -421,13 +421,15 @@ def _checked_curve(name: str, curve: tuple[np.ndarray, np.ndarray]) -> tuple[np.
     coverage, risk = (np.asarray(_numpy(c), dtype=np.float64).ravel() for c in curve)
     if coverage.shape != risk.shape or coverage.size == 0:
         raise ValueError(
-            f"curves[{name!r}]: expected coverage and risk of the same non-zero length, got {coverage.size} and {risk.size}"
+            f"curves[{name!r}]: expected coverage and risk of the same non-zero length, got {coverage.size} and "
+            f"{risk.size}"
         )
     if not (np.isfinite(coverage).all() and np.isfinite(risk).all()):
         raise ValueError(f"curves[{name!r}]: expected finite values")
     if coverage.min() < 0 or coverage.max() > 1 or risk.min() < 0 or risk.max() > 1:
         raise ValueError(
-            f"curves[{name!r}]: expected coverage and risk in [0, 1], got coverage [{coverage.min():.3g}, {coverage.max():.3g}], risk [{risk.min():.3g}, {risk.max():.3g}]"
+            f"curves[{name!r}]: expected coverage and risk in [0, 1], got coverage [{coverage.min():.3g}, "
+            f"{coverage.max():.3g}], risk [{risk.min():.3g}, {risk.max():.3g}]"
         )
     return coverage, risk
 

@@ -139,7 +139,8 @@ def _check_image(image: Tensor, kind: str) -> bool:
         raise ValueError(f"image: jpeg expects 1 or 3 channels, got {image.shape[-3]} (shape {tuple(image.shape)})")
     if image.numel() and (float(image.min()) < -1e-3 or float(image.max()) > 1 + 1e-3):
         raise ValueError(
-            f"image: expected values in [0, 1] (corrupt before Normalize), got [{float(image.min()):.3g}, {float(image.max()):.3g}]"
+            f"image: expected values in [0, 1] (corrupt before Normalize), got [{float(image.min()):.3g}, "
+            f"{float(image.max()):.3g}]"
         )
     return image.ndim == 4
 

@@ -89,7 +89,8 @@ def _open(path: str | os.PathLike) -> Image.Image:
         found = re.search(r"\((\d+) pixels\)", str(exc))
         pixels = f"{found.group(1)} pixels" if found else "too many pixels"
         raise ValueError(
-            f"{path}: {pixels}, more than Pillow's limit of {Image.MAX_IMAGE_PIXELS} (PIL.Image.MAX_IMAGE_PIXELS); refused as "
+            f"{path}: {pixels}, more than Pillow's limit of {Image.MAX_IMAGE_PIXELS} (PIL.Image.MAX_IMAGE_PIXELS); "
+            "refused as "
             "a possible decompression bomb. Raise that limit for an image you trust"
         ) from None
 
@@ -108,11 +109,13 @@ def load_image(path: str | os.PathLike) -> Tensor:
             if im.mode == "F":
                 if gray.size and (gray.min() < 0.0 or gray.max() > 1.0):
                     raise ValueError(
-                        f"{path}: a floating-point (mode F) image: expected values in [0, 1], got [{gray.min()}, {gray.max()}]"
+                        f"{path}: a floating-point (mode F) image: expected values in [0, 1], got [{gray.min()}, "
+                        f"{gray.max()}]"
                     )
             elif gray.size and (gray.min() < 0 or gray.max() > 65535):
                 raise ValueError(
-                    f"{path}: a 32-bit integer (mode I) image: expected values in [0, 65535], got [{gray.min()}, {gray.max()}]"
+                    f"{path}: a 32-bit integer (mode I) image: expected values in [0, 65535], got [{gray.min()}, "
+                    f"{gray.max()}]"
                 )
             else:
                 gray /= 65535.0
@@ -132,7 +135,8 @@ def load_mask(path: str | os.PathLike) -> np.ndarray:
             if (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 0] == rgb[..., 2]).all():
                 return rgb[..., 0].astype(np.int64)
             raise ValueError(
-                f"{path}: expected a single-channel label image (mode L, P, I or I;16), got a colour-coded {im.mode} mask; "
+                f"{path}: expected a single-channel label image (mode L, P, I or I;16), got a colour-coded {im.mode} "
+                "mask; "
                 "map each colour to its class index and save the indices as an L or P PNG"
             )
         if im.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L", "1"):
@@ -154,14 +158,16 @@ def _check_label_map(label_map: Mapping[int, int] | None) -> dict[int, int] | No
         return None
     if not isinstance(label_map, Mapping):
         raise TypeError(
-            f"label_map: expected a mapping of raw mask values to class indices (e.g. {{255: 1}}), got {type(label_map).__name__}"
+            "label_map: expected a mapping of raw mask values to class indices (e.g. {255: 1}), got "
+            f"{type(label_map).__name__}"
         )
     checked: dict[int, int] = {}
     for key, value in label_map.items():
         for item in (key, value):
             if isinstance(item, bool) or not isinstance(item, (int, np.integer)) or item < 0:
                 raise ValueError(
-                    f"label_map: expected non-negative integer values and classes (e.g. {{255: 1}}), got {key!r}: {value!r}"
+                    f"label_map: expected non-negative integer values and classes (e.g. {{255: 1}}), got {key!r}: "
+                    f"{value!r}"
                 )
         checked[int(key)] = int(value)
     return checked
@@ -195,7 +201,8 @@ class _PairDataset(Dataset):
         label = torch.from_numpy(self._labels(load_mask(label_path), label_path))
         if label.shape != image.shape[-2:]:
             raise ValueError(
-                f"{label_path}: label of size {tuple(label.shape)}, but its image {image_path.name} is {tuple(image.shape[-2:])}"
+                f"{label_path}: label of size {tuple(label.shape)}, but its image {image_path.name} is "
+                f"{tuple(image.shape[-2:])}"
             )
         if self.transform is not None:
             image, label = self.transform(image, label)
@@ -264,7 +271,8 @@ class SegmentationFolder(_PairDataset):
         )
         if lossy:
             raise ValueError(
-                f"masks_dir: {len(lossy)} mask(s) are JPEG/WebP ({lossy[:5]}); lossy compression changes label values at "
+                f"masks_dir: {len(lossy)} mask(s) are JPEG/WebP ({lossy[:5]}); lossy compression changes label values "
+                "at "
                 f"edges, so masks must be lossless ({', '.join(MASK_EXTENSIONS)})"
             )
         if not masks:
@@ -273,8 +281,10 @@ class SegmentationFolder(_PairDataset):
             )
         if no_mask or no_image:
             raise ValueError(
-                f"images and masks must pair by file stem; {len(no_mask)} image(s) without a mask in {masks_dir}: {no_mask[:10]}"
-                f"{' ...' if len(no_mask) > 10 else ''}; {len(no_image)} mask(s) without an image in {images_dir}: {no_image[:10]}"
+                f"images and masks must pair by file stem; {len(no_mask)} image(s) without a mask in {masks_dir}: "
+                f"{no_mask[:10]}"
+                f"{' ...' if len(no_mask) > 10 else ''}; {len(no_image)} mask(s) without an image in {images_dir}: "
+                f"{no_image[:10]}"
                 f"{' ...' if len(no_image) > 10 else ''}"
             )
         if class_names is not None and num_classes is not None and len(class_names) != num_classes:
@@ -300,10 +310,13 @@ class SegmentationFolder(_PairDataset):
             values = np.unique(raw)
             if len(values) == 2 and values[0] == 0 and values[1] == self.ignore_index:
                 raise ValueError(
-                    f"{path}: the mask holds only 0 and {self.ignore_index}, and {self.ignore_index} is ignore_index, so every "
+                    f"{path}: the mask holds only 0 and {self.ignore_index}, and {self.ignore_index} is ignore_index, "
+                    "so every "
                     f"non-zero pixel would be unlabelled and only background would be learnt. For a binary mask with "
-                    f"{self.ignore_index} = foreground pass label_map={{{self.ignore_index}: 1}} (errwrap CLI: --label-map "
-                    f"{self.ignore_index}:1); if {self.ignore_index} really marks unlabelled pixels, pass label_map={{}}"
+                    f"{self.ignore_index} = foreground pass label_map={{{self.ignore_index}: 1}} (errwrap CLI: "
+                    "--label-map "
+                    f"{self.ignore_index}:1); if {self.ignore_index} really marks unlabelled pixels, pass "
+                    "label_map={}"
                 )
         if self.num_classes is not None:
             bad = (raw >= self.num_classes) & (raw != self.ignore_index) | (raw < 0)
@@ -315,7 +328,8 @@ class SegmentationFolder(_PairDataset):
                     else ""
                 )
                 raise ValueError(
-                    f"{path}: label values {values} are neither in 0..{self.num_classes - 1} nor ignore_index={self.ignore_index}{hint}"
+                    f"{path}: label values {values} are neither in 0..{self.num_classes - 1} nor "
+                    f"ignore_index={self.ignore_index}{hint}"
                 )
         return raw
 
@@ -365,7 +379,8 @@ class Cityscapes(_PairDataset):
             )
         if missing:
             raise FileNotFoundError(
-                f"Cityscapes labels: {len(missing)} image(s) have no label; expected e.g. {missing[0]} (or *_gtFine_labelTrainIds.png)"
+                f"Cityscapes labels: {len(missing)} image(s) have no label; expected e.g. {missing[0]} (or "
+                "*_gtFine_labelTrainIds.png)"
             )
         super().__init__(pairs, transform)
 

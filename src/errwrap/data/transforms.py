@@ -40,7 +40,8 @@ def _check_pair(image: Tensor, label: Tensor) -> None:
         )
     if not isinstance(label, Tensor) or label.ndim != 2 or label.shape != image.shape[-2:]:
         raise ValueError(
-            f"label: expected a tensor of shape {tuple(image.shape[-2:])} (the image's HxW), got {getattr(label, 'shape', type(label).__name__)}"
+            f"label: expected a tensor of shape {tuple(image.shape[-2:])} (the image's HxW), got "
+            f"{getattr(label, 'shape', type(label).__name__)}"
         )
 
 

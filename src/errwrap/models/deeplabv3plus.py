@@ -110,7 +110,8 @@ def _create_encoder(encoder_name: str, in_channels: int, output_stride: int, pre
         if output_stride != 32 and "output_stride" in str(exc):
             raise ValueError(
                 f"encoder_name={encoder_name!r}: this timm encoder cannot be dilated to output_stride={output_stride} "
-                f"({type(exc).__name__}: {exc}); expected an encoder that supports output_stride (ResNet, EfficientNet, "
+                f"({type(exc).__name__}: {exc}); expected an encoder that supports output_stride (ResNet, "
+                "EfficientNet, "
                 "MobileNetV3, ConvNeXt, RegNet, ...), or pass output_stride=32 to run ASPP on its undilated last stage"
             ) from exc
         raise
@@ -184,7 +185,8 @@ class DeepLabV3Plus(nn.Module):
             )
         if 4 not in reductions:
             raise ValueError(
-                f"encoder_name={encoder_name!r}: expected a stride-4 feature for the decoder, got feature strides {reductions}"
+                f"encoder_name={encoder_name!r}: expected a stride-4 feature for the decoder, got feature strides "
+                f"{reductions}"
             )
         self.low_index = max(i for i, r in enumerate(reductions) if r == 4)
         self.high_index = len(reductions) - 1

@@ -110,14 +110,16 @@ def _check_inputs(base_logits: Any, detail_logits: Any, error_logits: Any) -> No
             raise TypeError(f"{name}: expected a floating-point BxCxHxW tensor, got {describe(t)}")
     if detail_logits.shape != base_logits.shape:
         raise ValueError(
-            f"detail_logits: expected the shape of base_logits {tuple(base_logits.shape)}, got {tuple(detail_logits.shape)}"
+            f"detail_logits: expected the shape of base_logits {tuple(base_logits.shape)}, got "
+            f"{tuple(detail_logits.shape)}"
         )
     b, _, h, w = base_logits.shape
     if tuple(error_logits.shape) != (b, 1, h, w):
         raise ValueError(f"error_logits: expected shape {(b, 1, h, w)}, got {tuple(error_logits.shape)}")
     if len({base_logits.device, detail_logits.device, error_logits.device}) != 1:
         raise ValueError(
-            f"expected all logits on one device, got {base_logits.device}, {detail_logits.device}, {error_logits.device}"
+            f"expected all logits on one device, got {base_logits.device}, {detail_logits.device}, "
+            f"{error_logits.device}"
         )
 
 

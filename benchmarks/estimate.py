@@ -160,8 +160,10 @@ def one_run(family: str, seed: int, args: argparse.Namespace, conditions: list[s
         calibrated = compare_estimates(wrap, held_out(shift), atc_threshold=atc)
         errors = dict(raw[shift].errors)
         errors["errwrap+T"] = calibrated.errors["errwrap"]
-        run["conditions"][shift] = {"truth": raw[shift].truth, "errors": errors, "interval": raw[shift].estimate.interval,
-                                    "interval_T": calibrated.estimate.interval, "per_image": raw[shift].per_image}  # fmt: skip
+        run["conditions"][shift] = {"truth": raw[shift].truth, "errors": errors,
+                                    "interval": raw[shift].estimate.interval,
+                                    "interval_T": calibrated.estimate.interval,
+                                    "per_image": raw[shift].per_image}  # fmt: skip
         print(f"  {shift:<6} true pixAcc fused {_pts(raw[shift].truth['fused']['pixel_accuracy'])} base "
               f"{_pts(raw[shift].truth['base']['pixel_accuracy'])}; estimates errwrap "
               f"{_pts(errors['errwrap']['estimate_pixel_accuracy'])} "
@@ -184,12 +186,17 @@ def targets_of(agg: dict[str, Any], conditions: list[str], shifts: list[str]) ->
         low_rho = min(agg[c][e]["spearman"]["mean"] for c in conditions)
         baseline_worst = min(worst("avg_confidence", "pixel_accuracy"), worst("atc", "pixel_accuracy"))
         targets += [
-            {"estimator": e, "target": "pixAcc |err| <= 1 point in distribution", "value": _pts(ind["pixel_accuracy"]["mean"]), "met": ind["pixel_accuracy"]["mean"] <= 0.01},
-            {"estimator": e, "target": "pixAcc |err| <= 3 points under shift (worst shift)", "value": _pts(worst_shift), "met": worst_shift <= 0.03},
-            {"estimator": e, "target": "mIoU |err| <= 3 points (worst condition)", "value": _pts(worst(e, "miou")), "met": worst(e, "miou") <= 0.03},
-            {"estimator": e, "target": "per-image Spearman >= 0.7 (worst condition)", "value": f"{low_rho:.3f}", "met": low_rho >= 0.7},
+            {"estimator": e, "target": "pixAcc |err| <= 1 point in distribution",
+             "value": _pts(ind["pixel_accuracy"]["mean"]), "met": ind["pixel_accuracy"]["mean"] <= 0.01},
+            {"estimator": e, "target": "pixAcc |err| <= 3 points under shift (worst shift)",
+             "value": _pts(worst_shift), "met": worst_shift <= 0.03},
+            {"estimator": e, "target": "mIoU |err| <= 3 points (worst condition)",
+             "value": _pts(worst(e, "miou")), "met": worst(e, "miou") <= 0.03},
+            {"estimator": e, "target": "per-image Spearman >= 0.7 (worst condition)",
+             "value": f"{low_rho:.3f}", "met": low_rho >= 0.7},
             {"estimator": e, "target": "worst-case pixAcc |err| below both baselines' worst case",
-             "value": f"{_pts(worst(e, 'pixel_accuracy'))} vs {_pts(worst('avg_confidence', 'pixel_accuracy'))} / {_pts(worst('atc', 'pixel_accuracy'))}",
+             "value": f"{_pts(worst(e, 'pixel_accuracy'))} vs {_pts(worst('avg_confidence', 'pixel_accuracy'))} / "
+                      f"{_pts(worst('atc', 'pixel_accuracy'))}",
              "met": worst(e, "pixel_accuracy") < baseline_worst},
         ]  # fmt: skip
     return targets
@@ -234,7 +241,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for family in args.families:
         family_runs = []
         for seed in args.seeds:
-            print(f"{family}, seed {seed}: resnet18 DeepLabV3+, {args.image_size} px, {args.train_images} training images, "
+            print(f"{family}, seed {seed}: resnet18 DeepLabV3+, {args.image_size} px, "
+                  f"{args.train_images} training images, "
                   f"{args.base_steps} base + {args.head_steps} head steps", flush=True)  # fmt: skip
             family_runs.append(one_run(family, seed, args, conditions))
         runs += family_runs

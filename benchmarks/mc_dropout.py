@@ -175,7 +175,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows.append(row)
     print()
     print(format_table(rows))
-    speed_rows = [{"size": key, "variant": name, "ms/img median": f"{1000 * t['median']:.2f}", "IQR ms": f"{1000 * t['iqr']:.2f}",
+    speed_rows = [{"size": key, "variant": name, "ms/img median": f"{1000 * t['median']:.2f}",
+                   "IQR ms": f"{1000 * t['iqr']:.2f}",
                    "x errwrap": f"{t.get('speedup_vs_errwrap', 1.0):.2f}" if name != "errwrap error map" else "-"}
                   for key, tt in timing.items() for name, t in tt.items()]  # fmt: skip
     print()
@@ -222,7 +223,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "seconds": round(time.perf_counter() - start, 1),
     }
     result = {**env, "config": {k: v for k, v in vars(args).items() if k not in ("json", "plot")}, "model": settings,
-              "reports": {str(T): rep.to_dict() for T, rep in reports.items()}, "timing_s_per_image": timing}  # fmt: skip
+              "reports": {str(T): rep.to_dict() for T, rep in reports.items()},
+              "timing_s_per_image": timing}  # fmt: skip
     finish(result, summary, args.json)
     return summary
 

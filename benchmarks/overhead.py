@@ -364,7 +364,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.reference_params = _reference_params()
 
     say = print
-    say(f"errwrap overhead benchmark: {args.device} {args.dtype}{' compiled' if args.compile else ''}{' channels_last' if args.channels_last else ''}, "
+    say(f"errwrap overhead benchmark: {args.device} {args.dtype}{' compiled' if args.compile else ''}"
+        f"{' channels_last' if args.channels_last else ''}, "
         f"input {', '.join(f'{h}x{w}' for h, w in args.size)}, widths {args.widths}, {args.repeats} rounds after "
         f"{args.warmup} warm-up")  # fmt: skip
     results = [
@@ -381,7 +382,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "ms (median)": f"{lat['median']:.1f}", "IQR ms": f"{lat['iqr']:.1f}",
                 "x base": f"{r['ratio']['median']:.3f}", "params M": f"{r['params'] / 1e6:.2f}",
                 "+params % ref": f"{r['added_params_pct_of_reference']:.2f}", "GFLOPs": f"{r['gflops']:.1f}",
-                "+FLOPs %": f"{r['added_gflops_pct']:.1f}", "peak MB": f"{r['peak_memory_mb']:.1f}", "+mem %": f"{r['added_memory_pct']:.1f}",
+                "+FLOPs %": f"{r['added_gflops_pct']:.1f}", "peak MB": f"{r['peak_memory_mb']:.1f}",
+                "+mem %": f"{r['added_memory_pct']:.1f}",
             })  # fmt: skip
     print()
     print(format_table(table))
@@ -429,12 +431,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for kind in ("error", "all")
         }
         bar_plot(args.plot, f"latency / base latency ({args.device}, median of {args.repeats} rounds)", groups, series,
-                 reference=TARGET_ALL_LIGHT, reference_label=f"target all heads, light bases {TARGET_ALL_LIGHT}", value_format="{:.2f}", width=1100)  # fmt: skip
+                 reference=TARGET_ALL_LIGHT, reference_label=f"target all heads, light bases {TARGET_ALL_LIGHT}",
+                 value_format="{:.2f}", width=1100)  # fmt: skip
         print(f"wrote {args.plot}")
 
     config = {k: v for k, v in vars(args).items() if k not in ("json", "plot")}
     summary = {"benchmark": "overhead", "device": args.device, "size": args.size, "models": per_model,
-               "all_targets_met_at_default_width": all(m[k] is not False for m in per_model.values() for k in ("error_met", "all_met", "memory_met", "params_met"))}  # fmt: skip
+               "all_targets_met_at_default_width": all(
+                   m[k] is not False for m in per_model.values()
+                   for k in ("error_met", "all_met", "memory_met", "params_met"))}  # fmt: skip
     finish({**env, "config": config, "memory": memory_note, "results": results}, summary, args.json)
     return summary
 

@@ -308,7 +308,10 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "mIoU base": f"{100 * m(lambda r: r['miou']['base']):.1f}",
             "mIoU out": f"{100 * m(lambda r: r['miou']['errwrap']):.1f}",
             "mIoU ens": f"{100 * m(lambda r: r['miou'].get('ensemble')):.1f}",
-            **{f"AP {s}": f"{100 * m(lambda r, s=s: r['detection'].get(s, {}).get('aupr_error')):.1f}" for s in BASE_SCORES},
+            **{
+                f"AP {s}": f"{100 * m(lambda r, s=s: r['detection'].get(s, {}).get('aupr_error')):.1f}"
+                for s in BASE_SCORES
+            },
             "AURC out": f"{100 * m(lambda r: r['aurc']['errwrap']):.2f}",
             "AURC msp": f"{100 * m(lambda r: r['aurc']['base_msp']):.2f}",
             "AURC ens": f"{100 * m(lambda r: r['aurc'].get('ensemble')):.2f}",
@@ -404,7 +407,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     print(format_table(summary["rows"]))
     print("\ntargets, worst cell over families x bases x conditions")
-    table = [{"target": TARGETS[k], "worst cell": w["cell"], "margin": f"{100 * w['margin']:+.2f}", "cells met": f"{w['cells_met']}/{w['cells']}",
+    table = [{"target": TARGETS[k], "worst cell": w["cell"], "margin": f"{100 * w['margin']:+.2f}",
+              "cells met": f"{w['cells_met']}/{w['cells']}",
               "met": "yes" if w["margin"] >= 0 else "no"} for k, w in summary["worst"].items()]  # fmt: skip
     print(format_table(table))
     if args.plot:

@@ -1,4 +1,5 @@
-"""Quick, runnable example (about half a minute on an idle 2-core CPU, a few minutes on a busy one; no data to download):
+"""Quick, runnable example (about half a minute on an idle 2-core CPU, a few minutes on a busy one; no data to
+download):
 
 1. train a small segmentation network on errwrap's generated Scenes for a few hundred steps;
 2. wrap it with ErrorCorrectionWrapper and fine-tune the three heads with the base frozen;

@@ -49,7 +49,8 @@ def test_predict_writes_labels_error_map_and_panel(model_dir, tmp_path, capsys):
     panel = Image.open(out / "street_panel.png")
     scale = (panel.size[0] - 5 * PANEL_GAP) // (6 * 56)  # small images are enlarged so the titles fit
     assert scale >= 1 and panel.width == 6 * 56 * scale + 5 * PANEL_GAP
-    key_height = panel.height - (40 * scale + PANEL_TITLE_HEIGHT)  # the key below: classes, error colour bar, changed pixels
+    # the key below: classes, error colour bar, changed pixels
+    key_height = panel.height - (40 * scale + PANEL_TITLE_HEIGHT)
     assert 3 * KEY_ROW_HEIGHT <= key_height <= 12 * KEY_ROW_HEIGHT
     assert "re-labelled" in capsys.readouterr().out
 

@@ -156,12 +156,16 @@ def _print(expected, where, *args, **kwargs):
     text = buf.getvalue()
     sys.stdout.write(text)
     missing = [e for e in expected if e not in text]
-    result["checks"].append({"where": where, "kind": "print", "ok": not missing, "expected": expected, "got": text[-2000:]})
+    result["checks"].append(
+        {"where": where, "kind": "print", "ok": not missing, "expected": expected, "got": text[-2000:]}
+    )
 
 
 def _shape(expected, where, value):
     got = tuple(getattr(value, "shape", ()))
-    result["checks"].append({"where": where, "kind": "shape", "ok": got == tuple(expected), "expected": list(expected), "got": str(got)})
+    result["checks"].append(
+        {"where": where, "kind": "shape", "ok": got == tuple(expected), "expected": list(expected), "got": str(got)}
+    )
     return value
 
 
@@ -181,7 +185,8 @@ def rewrite(code, first_line, page):
         comment, own_line = notes.get(node.end_lineno, (None, False))
         trailing = comment if comment is not None and not own_line else None
         where = f"{page}:{first_line + node.lineno - 1}"
-        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Call) and getattr(node.value.func, "id", None) == "print":
+        is_call = isinstance(node, ast.Expr) and isinstance(node.value, ast.Call)
+        if is_call and getattr(node.value.func, "id", None) == "print":
             expected = [trailing[1:].strip()] if trailing else []
             k = node.end_lineno + 1
             while not trailing and k in notes and notes[k][1]:
@@ -193,7 +198,9 @@ def rewrite(code, first_line, page):
                 call.args = [ast.Constant(tuple(expected)), ast.Constant(where), *call.args]
         elif isinstance(node, ast.Expr) and trailing and SHAPE.match(trailing):
             shape = tuple(int(s) for s in SHAPE.match(trailing)[1].split(","))
-            node.value = ast.Call(ast.Name("_doc_shape", ast.Load()), [ast.Constant(shape), ast.Constant(where), node.value], [])
+            node.value = ast.Call(
+                ast.Name("_doc_shape", ast.Load()), [ast.Constant(shape), ast.Constant(where), node.value], []
+            )
         body.append(node)
     tree.body = body
     ast.fix_missing_locations(tree)

@@ -50,7 +50,8 @@ def test_exact_counts_equal_true_counts_and_segmentation_metrics():
     one_hot = nn.functional.one_hot(truth.where(valid, 0), 4).permute(0, 3, 1, 2).float()
     counts = expected_counts(labels, (labels == truth).float(), truth, valid, num_classes=4)
     assert counts.shape == (3, 3, 4) and counts.dtype == torch.float64
-    assert torch.equal(counts, expected_counts(labels, (labels == truth).float(), one_hot, valid))  # probabilities 0/1 = exact
+    # probabilities 0/1 = exact
+    assert torch.equal(counts, expected_counts(labels, (labels == truth).float(), one_hot, valid))
     for c in range(4):
         assert torch.equal(counts[:, 0, c], ((labels == c) & (truth == c) & valid).sum(dim=(1, 2)).double())
         assert torch.equal(counts[:, 1, c], ((labels == c) & valid).sum(dim=(1, 2)).double())
@@ -75,7 +76,8 @@ def test_scores_leave_out_absent_classes_and_empty_images():
 
 
 def test_spearman_known_values():
-    assert spearman([1, 2, 3, 4, 5], [5, 6, 7, 8, 7]) == pytest.approx(8 / math.sqrt(95), abs=1e-12)  # 0.82078 (scipy agrees)
+    # 0.82078 (scipy agrees)
+    assert spearman([1, 2, 3, 4, 5], [5, 6, 7, 8, 7]) == pytest.approx(8 / math.sqrt(95), abs=1e-12)
     assert spearman([1, 2, 3], [10, 20, 30]) == pytest.approx(1.0)
     assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
     assert math.isnan(spearman([1, 1, 1], [1, 2, 3])) and math.isnan(spearman([1.0], [2.0]))

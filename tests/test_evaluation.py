@@ -133,7 +133,8 @@ def test_evaluate_reports_the_returned_labels_with_risk_coverage():
     exact = exact_risk_coverage(torch.cat(scores_all), torch.cat(wrong_all))
     got = report.risk_coverage["error_prob"]
     assert abs(got.aurc - exact.aurc) <= got.aurc_bound + 1e-12 and got.num_errors == exact.num_errors
-    assert report.risk_coverage["msp"].num_errors == report.error_detection["error_head"].num_errors  # both: base errors
+    # both: base errors
+    assert report.risk_coverage["msp"].num_errors == report.error_detection["error_head"].num_errors
     assert 0 <= got.eaurc <= got.aurc <= 1
     coverage, risk = report.risk_curves["error_prob"]
     assert len(coverage) == 100 and coverage[-1] == 1.0 and risk[-1] == pytest.approx(got.error_rate)

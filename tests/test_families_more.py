@@ -175,8 +175,8 @@ def _mobilevit(version, seed=0):
     torch.manual_seed(seed)
     if version == 1:
         config = transformers.MobileViTConfig(
-            image_size=SIZE, hidden_sizes=[16, 24, 32], neck_hidden_sizes=[8, 8, 16, 16, 24, 32, 64], num_attention_heads=2,
-            aspp_out_channels=16, num_labels=4,
+            image_size=SIZE, hidden_sizes=[16, 24, 32], neck_hidden_sizes=[8, 8, 16, 16, 24, 32, 64],
+            num_attention_heads=2, aspp_out_channels=16, num_labels=4,
         )  # fmt: skip
         return transformers.MobileViTForSemanticSegmentation(config).eval()
     config = transformers.MobileViTV2Config(image_size=SIZE, width_multiplier=0.25, aspp_out_channels=16, num_labels=4)
@@ -193,7 +193,8 @@ def test_mobilevit_taps_its_aspp_output(version):
         reference = model(pixel_values=x).logits
         _check_wrapped(wrap, reference, x, 4)
         features = wrap.forward_base(x).features
-        assert torch.equal(model.segmentation_head.classifier(features["decode_head"]), reference)  # dropout is off in eval
+        # dropout is off in eval
+        assert torch.equal(model.segmentation_head.classifier(features["decode_head"]), reference)
     assert features["hidden1"].shape[-2:] == (SIZE // 4, SIZE // 4)
     assert _same_architecture(build_base(json.loads(json.dumps(wrap.adapter.spec(model)))), model)
 
@@ -206,8 +207,9 @@ def _beit(kind, seed=0):
         "data2vec": (transformers.Data2VecVisionConfig, transformers.Data2VecVisionForSemanticSegmentation),
     }[kind]
     config = config_cls(
-        image_size=SIZE, patch_size=16, hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=37,
-        out_indices=[0, 1, 2, 3], pool_scales=[1, 2], num_labels=4, auxiliary_channels=8, use_auxiliary_head=True,
+        image_size=SIZE, patch_size=16, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+        intermediate_size=37, out_indices=[0, 1, 2, 3], pool_scales=[1, 2], num_labels=4, auxiliary_channels=8,
+        use_auxiliary_head=True,
     )  # fmt: skip
     return model_cls(config).eval()
 
@@ -248,12 +250,14 @@ def _query_model(kind, seed=0):
     )  # fmt: skip
     if kind == "mask2former":
         config = transformers.Mask2FormerConfig(
-            backbone_config=swin, num_queries=6, hidden_dim=32, feature_size=32, mask_feature_size=32, encoder_feedforward_dim=32,
-            dim_feedforward=32, encoder_layers=1, decoder_layers=2, num_attention_heads=2, num_labels=4,
+            backbone_config=swin, num_queries=6, hidden_dim=32, feature_size=32, mask_feature_size=32,
+            encoder_feedforward_dim=32, dim_feedforward=32, encoder_layers=1, decoder_layers=2, num_attention_heads=2,
+            num_labels=4,
         )  # fmt: skip
         return transformers.Mask2FormerForUniversalSegmentation(config).eval()
-    decoder = {"model_type": "detr", "d_model": 32, "encoder_layers": 1, "decoder_layers": 1, "encoder_attention_heads": 2,
-               "decoder_attention_heads": 2, "encoder_ffn_dim": 32, "decoder_ffn_dim": 32, "num_queries": 6}  # fmt: skip
+    decoder = {"model_type": "detr", "d_model": 32, "encoder_layers": 1, "decoder_layers": 1,
+               "encoder_attention_heads": 2, "decoder_attention_heads": 2, "encoder_ffn_dim": 32, "decoder_ffn_dim": 32,
+               "num_queries": 6}  # fmt: skip
     config = transformers.MaskFormerConfig(
         backbone_config=swin, fpn_feature_size=32, mask_feature_size=32, decoder_config=decoder, num_labels=4
     )
@@ -302,12 +306,12 @@ def test_mask2former_head_training_keeps_base_frozen():
 def test_oneformer_is_refused_with_a_reason():
     pytest.importorskip("scipy")
     transformers = pytest.importorskip("transformers")
-    swin = transformers.SwinConfig(image_size=SIZE, embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], window_size=2,
-                                   out_features=["stage1", "stage2", "stage3", "stage4"])  # fmt: skip
+    swin = transformers.SwinConfig(image_size=SIZE, embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1],
+                                   window_size=2, out_features=["stage1", "stage2", "stage3", "stage4"])  # fmt: skip
     config = transformers.OneFormerConfig(
-        backbone_config=swin, num_queries=6, hidden_dim=32, conv_dim=32, mask_dim=32, encoder_feedforward_dim=32, dim_feedforward=32,
-        encoder_layers=1, decoder_layers=2, text_encoder_num_layers=1, text_encoder_width=32, query_dec_layers=1,
-        num_attention_heads=2, num_labels=4, is_training=False,
+        backbone_config=swin, num_queries=6, hidden_dim=32, conv_dim=32, mask_dim=32, encoder_feedforward_dim=32,
+        dim_feedforward=32, encoder_layers=1, decoder_layers=2, text_encoder_num_layers=1, text_encoder_width=32,
+        query_dec_layers=1, num_attention_heads=2, num_labels=4, is_training=False,
     )  # fmt: skip
     with pytest.raises(TypeError, match="task inputs.*Mask2Former"):
         _wrap(transformers.OneFormerForUniversalSegmentation(config).eval())

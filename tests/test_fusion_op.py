@@ -80,7 +80,9 @@ def test_torch_backend_matches_reference_forward_and_grads(num_classes, dtype, k
 @pytest.mark.parametrize("num_classes", [2, 5])
 def test_gradcheck_float64(num_classes):
     inputs = [t.double().requires_grad_() for t in _logits(num_classes, shape=(1, 2, 3))]
-    fn = lambda *t: fused_mixture_log_probs(*t, backend="torch")
+    def fn(*t):
+        return fused_mixture_log_probs(*t, backend="torch")
+
     assert gradcheck(fn, inputs)
     assert gradgradcheck(fn, inputs)
 

@@ -100,7 +100,8 @@ def test_sigkill_during_save_pretrained_leaves_the_old_or_the_new_model(tmp_path
                 os._exit(1)
         os.close(write_end)
         try:
-            assert os.read(read_end, 1) == b".", "the saving child died before its first save"  # one save done: kill during a later one
+            # one save done: kill during a later one
+            assert os.read(read_end, 1) == b".", "the saving child died before its first save"
             time.sleep(rng.uniform(0.0, 0.04))
         finally:
             os.kill(pid, signal.SIGKILL)

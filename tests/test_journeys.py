@@ -191,7 +191,8 @@ def test_segformer_on_ade20k_bf16_finetune_evaluate_and_export(tmp_path):
 
     torch.manual_seed(0)
     config = transformers.SegformerConfig(
-        depths=[1, 1, 1, 1], hidden_sizes=[8, 16, 24, 32], num_attention_heads=[1, 1, 1, 1], decoder_hidden_size=16, num_labels=150,
+        depths=[1, 1, 1, 1], hidden_sizes=[8, 16, 24, 32], num_attention_heads=[1, 1, 1, 1], decoder_hidden_size=16,
+        num_labels=150,
     )  # fmt: skip
     wrap = ErrorCorrectionWrapper(
         transformers.SegformerForSemanticSegmentation(config), error_channels=8, detail_channels=8
@@ -290,7 +291,8 @@ def test_mc_dropout_on_a_base_whose_dropout_layers_have_p_0_is_not_entropy_again
     wrap = ErrorCorrectionWrapper(NoDropout(dropout_p=0.0), error_channels=8, detail_channels=8).eval()
     x = torch.rand(2, 3, 32, 32)
     mc, entropy = errwrap.MCDropoutScore(T=4)(wrap, x).score, errwrap.EntropyScore()(wrap, x).score
-    assert (mc - entropy).abs().max() > 1e-5  # T identical passes would give the entropy score to float precision (~1e-7)
+    # T identical passes would give the entropy score to float precision (~1e-7)
+    assert (mc - entropy).abs().max() > 1e-5
 
 
 def test_mc_dropout_on_a_binary_base_without_dropout():
@@ -321,7 +323,8 @@ def test_binary_folder_example_runs(tmp_path):
         check=False,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "errwrap evaluation: 8 images, 32768 labelled pixels" in result.stdout  # 8 synthetic 64x64 masks, none ignored
+    # 8 synthetic 64x64 masks, none ignored
+    assert "errwrap evaluation: 8 images, 32768 labelled pixels" in result.stdout
     loaded = ErrorCorrectionWrapper.from_pretrained(tmp_path / "model")
     assert loaded.binary and loaded.class_names == ["background", "foreground"]
 

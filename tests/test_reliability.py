@@ -606,7 +606,8 @@ def _png(path: Path, size: int = 64) -> Path:
     return path
 
 
-@pytest.mark.parametrize("limit", [1000, 3000])  # 64x64 = 4096 pixels: over twice the limit (Pillow's error), or over it (its warning)
+# 64x64 = 4096 pixels: over twice the limit (Pillow's error), or over it (its warning)
+@pytest.mark.parametrize("limit", [1000, 3000])
 def test_decompression_bomb_images_are_refused_naming_the_file(tmp_path, monkeypatch, limit):
     from PIL import Image
 

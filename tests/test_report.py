@@ -125,7 +125,8 @@ def test_page_shows_the_worst_images_first_with_truth_and_risk_coverage(wrapper,
     srcs = [img["src"] for img in parsed.imgs]
     assert "images/risk_coverage.png" in srcs and "images/accuracy.png" in srcs
     scatter = np.asarray(Image.open(page.parent / "images/accuracy.png"))
-    assert ((scatter == (214, 39, 40)).all(-1).any() and (scatter == (31, 119, 180)).all(-1).any())  # shown images red, others blue
+    # shown images red, others blue
+    assert ((scatter == (214, 39, 40)).all(-1).any() and (scatter == (31, 119, 180)).all(-1).any())
     assert sum(s.endswith("_truth.png") for s in srcs) == 3 and sum(s == "images/colorbar.png" for s in srcs) == 3
     assert len(parsed.imgs) == 3 * 5 + 2
     _sources_resolve(page, parsed)
@@ -337,7 +338,8 @@ def _load_in_browser(binary: str, page: Path, profile: Path, extra: str = "") ->
     dom = Page(run.stdout)
     marker = run.stdout.split('<pre id="browser-check">', 1)
     assert len(marker) == 2, f"the check script did not run; DOM: {run.stdout[:500]}"
-    assert [img["src"] for img in dom.imgs] == [img["src"] for img in Page(page.read_text(encoding="utf-8")).imgs]  # the DOM shows the page's images
+    # the DOM shows the page's images
+    assert [img["src"] for img in dom.imgs] == [img["src"] for img in Page(page.read_text(encoding="utf-8")).imgs]
     return json.loads(html.unescape(marker[1].split("</pre>", 1)[0])), run.stderr
 
 

@@ -254,7 +254,7 @@ def test_bf16_autocast_on_cpu_and_fp16_refused():
 
 def test_dict_batches_and_bad_arguments():
     dataset = Scenes(8, size=32)
-    dict_loader = torch.utils.data.DataLoader([{"image": i, "label": l} for i, l in dataset], batch_size=4)
+    dict_loader = torch.utils.data.DataLoader([{"image": i, "label": lab} for i, lab in dataset], batch_size=4)
     assert finetune(_wrapper(), dict_loader, steps=2, log_every=None).step == 2
     with pytest.raises(ValueError, match="steps"):
         finetune(_wrapper(), dict_loader, steps=0)

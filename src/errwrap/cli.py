@@ -676,8 +676,8 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     else:
         if corrupt is not None:
             normalize = Compose([corrupt.joint, normalize])
-        dataset = parse_data_spec(args.data, args.split, transform=normalize, size=args.size, num_classes=wrap.num_classes,
-                                  label_map=parse_label_map(args.label_map))  # fmt: skip
+        dataset = parse_data_spec(args.data, args.split, transform=normalize, size=args.size,
+                                  num_classes=wrap.num_classes, label_map=parse_label_map(args.label_map))  # fmt: skip
         _check_classes(dataset, wrap, args.data)
         batch_size = args.batch_size or 4
     if len(dataset) == 0:
@@ -715,8 +715,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     else:
         if corrupt is not None:
             normalize = Compose([corrupt.joint, normalize])
-        dataset = parse_data_spec(args.data, args.split, transform=normalize, size=args.size, num_classes=wrap.num_classes,
-                                  label_map=parse_label_map(args.label_map))  # fmt: skip
+        dataset = parse_data_spec(args.data, args.split, transform=normalize, size=args.size,
+                                  num_classes=wrap.num_classes, label_map=parse_label_map(args.label_map))  # fmt: skip
         _check_classes(dataset, wrap, args.data)
         if args.max_images is not None and args.max_images < len(dataset):
             dataset = Subset(dataset, range(args.max_images))
@@ -773,7 +773,8 @@ models:
     net = torchvision.models.segmentation.deeplabv3_mobilenet_v3_large(num_classes=5)
     # ... train net, or load your weights into it ...
     wrap = errwrap.ErrorCorrectionWrapper(net)
-    wrap.preprocessing = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}  # as net was trained; omit for raw [0, 1]
+    # as net was trained; omit for raw [0, 1]
+    wrap.preprocessing = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
     wrap.save_pretrained("my-model")
 
   then: errwrap finetune --model my-model --data folder:images,masks --steps 1000 --out my-model-tuned

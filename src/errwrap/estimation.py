@@ -541,8 +541,8 @@ def _report(
         num_images=len(run.rows),
         num_pixels=int(pixels),
         config={"threshold": float(threshold), "atc_threshold": atc_threshold, "num_classes": int(wrapper.num_classes),
-                "temperature": float(getattr(wrapper, "temperature", 1.0)), "bootstrap": bootstrap, "level": level, "seed": seed,
-                "world_size": world},
+                "temperature": float(getattr(wrapper, "temperature", 1.0)), "bootstrap": bootstrap, "level": level,
+                "seed": seed, "world_size": world},
     )  # fmt: skip
 
 
@@ -760,8 +760,9 @@ def compare_estimates(
         An :class:`EstimateComparison`.
     """
     _check_interval_settings(bootstrap, level)
-    run = _run(wrapper, loader, threshold=threshold, atc_threshold=atc_threshold, labelled=True, ignore_index=ignore_index,
-               device=device, max_batches=max_batches, progress=progress, name="compare_estimates")  # fmt: skip
+    run = _run(wrapper, loader, threshold=threshold, atc_threshold=atc_threshold, labelled=True,
+               ignore_index=ignore_index, device=device, max_batches=max_batches, progress=progress,
+               name="compare_estimates")  # fmt: skip
     report = _report(run, threshold, atc_threshold, bootstrap, level, seed, wrapper)
     truth = {}
     for target, key in (("fused", "truth"), ("base", "base_truth")):

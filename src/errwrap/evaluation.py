@@ -188,7 +188,8 @@ class EvaluationReport:
         lines = [f"errwrap evaluation: {self.num_images} images, {self.num_pixels} labelled pixels"]
         lines.append("")
         lines.append(f"{'segmentation':<14}{'mIoU':>8}{'pixAcc':>8}{'mAcc':>8}{'ECE':>8}")
-        for name, label, seg in (("base", "base", self.base), ("fused", "corrected", self.fused)):  # corrected: the fused labels
+        # corrected: the fused labels
+        for name, label, seg in (("base", "base", self.base), ("fused", "corrected", self.fused)):
             ece = self.calibration[name].ece if name in self.calibration else float("nan")
             lines.append(f"{label:<14}{_fmt(seg.miou):>8}{_fmt(seg.pixel_accuracy):>8}{_fmt(seg.mean_accuracy):>8}{_fmt(ece):>8}")
         gain = "n/a" if math.isnan(self.miou_gain) else f"{100 * self.miou_gain:+.2f}"

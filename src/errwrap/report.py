@@ -311,7 +311,8 @@ img.tile { width: 200px; height: auto; image-rendering: pixelated; border: 1px s
 .ticks { display: flex; flex-direction: column; justify-content: space-between; height: 152px; font-size: 0.7em; }
 .legend { list-style: none; padding: 0; margin: 0; font-size: 0.8em; max-width: 220px; }
 .legend li { margin: 1px 0; }
-.swatch { display: inline-block; width: 0.9em; height: 0.9em; border: 1px solid #777; margin-right: 0.4em; vertical-align: middle; }
+.swatch { display: inline-block; width: 0.9em; height: 0.9em; border: 1px solid #777; margin-right: 0.4em;
+  vertical-align: middle; }
 section.image { border-top: 2px solid #ddd; padding-top: 0.6em; margin-top: 1em; }
 .note { color: #555; font-size: 0.9em; max-width: 60em; }
 """
@@ -348,7 +349,10 @@ def _legend(classes: Sequence[int], palette: np.ndarray, class_names: Sequence[s
 
 
 def _figure(src: str, caption: str, alt: str) -> str:
-    return f'<figure><a href="{_e(src)}"><img class="tile" src="{_e(src)}" alt="{_e(alt)}"></a><figcaption>{_e(caption)}</figcaption></figure>'
+    return (
+        f'<figure><a href="{_e(src)}"><img class="tile" src="{_e(src)}" alt="{_e(alt)}"></a>'
+        f"<figcaption>{_e(caption)}</figcaption></figure>"
+    )
 
 
 def _summary(report: EstimateReport, comparison: EstimateComparison | None) -> str:
@@ -368,7 +372,8 @@ def _summary(report: EstimateReport, comparison: EstimateComparison | None) -> s
             )
         return cells + "</tr>"
 
-    rows = [row("errwrap", "returned", f"{_pct(report.pixel_accuracy)}<br><small>{_e(_interval(report, 'pixel_accuracy'))}</small>",
+    rows = [row("errwrap", "returned",
+                f"{_pct(report.pixel_accuracy)}<br><small>{_e(_interval(report, 'pixel_accuracy'))}</small>",
                 f"{_pct(report.miou)}<br><small>{_e(_interval(report, 'miou'))}</small>")]  # fmt: skip
     for name, values in report.baselines.items():
         rows.append(row(name, "base", _pct(values.get("pixel_accuracy")), _pct(values.get("miou"))))
@@ -390,7 +395,8 @@ def _image_section(
         (f"pixels with error probability > {threshold:g}", _pct(row.get("flagged_fraction"))),
     ]
     if "true_pixel_accuracy" in row:
-        cells += [("true pixel accuracy", _pct(row.get("true_pixel_accuracy"))), ("true mIoU", _pct(row.get("true_miou"))),
+        cells += [("true pixel accuracy", _pct(row.get("true_pixel_accuracy"))),
+                  ("true mIoU", _pct(row.get("true_miou"))),
                   ("base labels' true pixel accuracy", _pct(row.get("base_true_pixel_accuracy")))]  # fmt: skip
     table = (
         "<table>"
@@ -546,7 +552,8 @@ def write_report(
                              max_batches=max_batches, save=save)  # fmt: skip
     missing = sorted(set(rank_of) - set(pictures))
     if missing:
-        raise ValueError(f"data: images {missing[:5]} were not there on a second pass over the loader; write_report needs the same "
+        raise ValueError(f"data: images {missing[:5]} were not there on a second pass over the loader; "
+                         "write_report needs the same "
                          "images in the same order on every pass: shuffle=False and no random transforms")  # fmt: skip
     sections, seen_classes, any_ignored = [], set(), False
     for rank, row in enumerate(shown, start=1):
@@ -562,7 +569,8 @@ def write_report(
         and _accuracy_scatter(rows, [int(r["index"]) for r in shown], images_dir / "accuracy.png") > 0
     )
     page = _page(title, report, comparison, evaluation, sections, has_plot, has_scatter, len(shown),
-                 _legend(sorted(c for c in seen_classes if 0 <= c < num_classes), palette, class_names, any_ignored))  # fmt: skip
+                 _legend(sorted(c for c in seen_classes if 0 <= c < num_classes), palette, class_names,
+                         any_ignored))  # fmt: skip
     index = out / "index.html"
     with atomic_path(index) as tmp:
         Path(tmp).write_text(page, encoding="utf-8")
@@ -620,7 +628,8 @@ def _page(
         "</div>",
     ]
     if float(report.config.get("temperature", 1.0)) == 1.0:
-        parts.append('<p class="note">The fused probabilities have no fitted temperature: the estimate is only as good as '
+        parts.append('<p class="note">The fused probabilities have no fitted temperature: the estimate is only as '
+                     "good as "
                      "their calibration (errwrap.calibrate_temperature on held-out labelled data).</p>")  # fmt: skip
     if comparison is None:
         parts.append('<p class="note">No labels: the true accuracy and the risk-coverage plot need labelled data.</p>')

@@ -312,7 +312,8 @@ def panel_key(
     ids = sorted({int(c) for c in class_ids if 0 <= int(c) < len(palette)})
     names = [class_names[c] if class_names is not None and c < len(class_names) else str(c) for c in ids]
     items = [(name, tuple(int(v) for v in palette[c])) for c, name in zip(ids[:max_classes], names[:max_classes])]
-    canvas = Image.new("RGB", (width, 64 + KEY_ROW_HEIGHT * (len(items) + 3)), (255, 255, 255))  # tall enough; cropped below
+    # tall enough; cropped below
+    canvas = Image.new("RGB", (width, 64 + KEY_ROW_HEIGHT * (len(items) + 3)), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     label = "classes:"
     draw.text((2, 1), label, fill=(0, 0, 0))

@@ -158,4 +158,7 @@ class GeneratedDataset(Dataset):
         return image, label
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(num_images={self.num_images}, size={self.size}, seed={self.seed}, split={self.split!r})"
+        return (
+            f"{type(self).__name__}(num_images={self.num_images}, size={self.size}, seed={self.seed}, "
+            f"split={self.split!r})"
+        )

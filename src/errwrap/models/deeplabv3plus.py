@@ -252,4 +252,7 @@ class DeepLabV3Plus(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
-        return f"encoder_name={c['encoder_name']!r}, num_classes={c['num_classes']}, output_stride={c['output_stride']}, atrous_rates={c['atrous_rates']}"
+        return (
+            f"encoder_name={c['encoder_name']!r}, num_classes={c['num_classes']}, "
+            f"output_stride={c['output_stride']}, atrous_rates={c['atrous_rates']}"
+        )

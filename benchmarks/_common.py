@@ -7,6 +7,7 @@ machine can read (the smoke test does).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import math
@@ -154,10 +155,8 @@ def environment(device: str = "cpu") -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "device": device,
     }
-    try:
+    with contextlib.suppress(OSError):
         machine["load_average_1m"] = round(os.getloadavg()[0], 2)
-    except OSError:
-        pass
     if torch.device(device).type == "cuda" and torch.cuda.is_available():
         machine["gpu"] = torch.cuda.get_device_name()
     return {
@@ -182,9 +181,9 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | Non
 
     cells = [[cell(r.get(c, "")) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths)) + " |"]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths, strict=False)) + " |"]
     lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    lines += ["| " + " | ".join(v.ljust(w) for v, w in zip(row, widths)) + " |" for row in cells]
+    lines += ["| " + " | ".join(v.ljust(w) for v, w in zip(row, widths, strict=False)) + " |" for row in cells]
     return "\n".join(lines)
 
 

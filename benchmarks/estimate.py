@@ -122,17 +122,17 @@ def result_rows(runs: list[dict[str, Any]], conditions: list[str]) -> list[dict[
         for e in ESTIMATORS:
             target = runs[0]["conditions"][c]["errors"][e]["target"]
 
-            def mean(get: Any) -> float:
+            def mean(get: Any, c: str = c) -> float:
                 return mean_std([get(r["conditions"][c]) for r in runs])["mean"]
 
             rows.append({
                 "shift": c, "estimator": e, "labels": target,
-                "true pixAcc": _pts(mean(lambda x: x["truth"][target]["pixel_accuracy"])),
-                "estimate": _pts(mean(lambda x: x["errors"][e]["estimate_pixel_accuracy"])),
-                "|err| pixAcc": _pts(mean(lambda x: x["errors"][e]["pixel_accuracy"])),
-                "|err| mIoU": _pts(mean(lambda x: x["errors"][e]["miou"])),
-                "img MAE": _pts(mean(lambda x: x["errors"][e]["per_image_mae"])),
-                "Spearman": f"{mean(lambda x: x['errors'][e]['spearman']):.3f}",
+                "true pixAcc": _pts(mean(lambda x, target=target: x["truth"][target]["pixel_accuracy"])),
+                "estimate": _pts(mean(lambda x, e=e: x["errors"][e]["estimate_pixel_accuracy"])),
+                "|err| pixAcc": _pts(mean(lambda x, e=e: x["errors"][e]["pixel_accuracy"])),
+                "|err| mIoU": _pts(mean(lambda x, e=e: x["errors"][e]["miou"])),
+                "img MAE": _pts(mean(lambda x, e=e: x["errors"][e]["per_image_mae"])),
+                "Spearman": f"{mean(lambda x, e=e: x['errors'][e]['spearman']):.3f}",
             })  # fmt: skip
     return rows
 

@@ -269,9 +269,9 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
 
     cells = [[fmt(r.get(col)) for col in columns] for r in rows]
     widths = [max(len(col), *(len(row[i]) for row in cells)) for i, col in enumerate(columns)]
-    print("  ".join(col.ljust(wd) for col, wd in zip(columns, widths)))
+    print("  ".join(col.ljust(wd) for col, wd in zip(columns, widths, strict=False)))
     for row in cells:
-        print("  ".join(v.ljust(wd) for v, wd in zip(row, widths)))
+        print("  ".join(v.ljust(wd) for v, wd in zip(row, widths, strict=False)))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -101,7 +101,7 @@ def _timing(wrap: Any, x: torch.Tensor, Ts: list[int], repeats: int, warmup: int
     out = {name: {k: (v / n if k != "n" else v) for k, v in quartiles(ts).items()} for name, ts in times.items()}
     for T in Ts:
         name = f"mc_dropout T={T}"
-        ratios = [m / e for m, e in zip(times[name], times["errwrap"])]
+        ratios = [m / e for m, e in zip(times[name], times["errwrap"], strict=False)]
         out[name]["speedup_vs_errwrap"] = quartiles(ratios)["median"]
     return out
 

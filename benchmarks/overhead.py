@@ -255,7 +255,7 @@ def bench_model(
             if kind == "error"
             else sum(p.numel() for p in wrap.head_parameters())
         )
-        ratios = [t / b for t, b in zip(times[name], times["base"])]
+        ratios = [t / b for t, b in zip(times[name], times["base"], strict=False)]
         rows.append({
             "model": key,
             "size": f"{height}x{width}",

@@ -298,8 +298,8 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
             cells.setdefault((run["family"], run["base"], cond), []).append(r)
     rows, margins = [], {}
     for (family, base, cond), rs in cells.items():
-        m = lambda f: mean_std([f(r) for r in rs])["mean"]  # noqa: E731
-        checks = {k: m(lambda r, k=k: cell_checks(cond, r)[k]) for k in TARGETS}
+        m = lambda f, rs=rs: mean_std([f(r) for r in rs])["mean"]  # noqa: E731
+        checks = {k: m(lambda r, k=k, cond=cond: cell_checks(cond, r)[k]) for k in TARGETS}
         margins[(family, base, cond)] = checks
         rows.append({
             "family": family, "base": base, "condition": cond,

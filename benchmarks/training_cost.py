@@ -103,7 +103,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"{torch.get_num_threads()} threads")  # fmt: skip
     times = interleaved_times({"base": base_step, "heads": heads_step, "joint": joint_step}, args.repeats, args.warmup)
     stats = {name: quartiles(ts) for name, ts in times.items()}
-    ratios = {name: quartiles([t / b for t, b in zip(times[name], times["base"])]) for name in ("heads", "joint")}
+    ratios = {
+        name: quartiles([t / b for t, b in zip(times[name], times["base"], strict=False)])
+        for name in ("heads", "joint")
+    }
     trained = {"base": base_params, "heads": head_params}  # any other step trains both
     rows = [
         {"step": name, "s/step (median)": f"{s['median']:.3f}", "IQR s": f"{s['iqr']:.3f}",

@@ -104,7 +104,7 @@ def output_differences(shown: str, got: str, tol: float) -> list[str]:
     if len(want_lines) != len(got_lines):
         return [f"{len(want_lines)} lines shown, {len(got_lines)} printed"]
     problems, time_column = [], None
-    for k, (want, have) in enumerate(zip(want_lines, got_lines)):
+    for k, (want, have) in enumerate(zip(want_lines, got_lines, strict=False)):
         a, b = want.split(), have.split()
         if len(a) != len(b):
             problems.append(f"line {k + 1}: {want!r} vs {have!r}")
@@ -113,7 +113,7 @@ def output_differences(shown: str, got: str, tol: float) -> list[str]:
             time_column = None  # a table ends at a blank line
         elif "ms/img" in a:
             time_column = a.index("ms/img") - len(a)  # counted from the right: rows have a name column
-        for i, (x, y) in enumerate(zip(a, b)):
+        for i, (x, y) in enumerate(zip(a, b, strict=False)):
             nx, ny = NUMBER.fullmatch(x), NUMBER.fullmatch(y)
             if nx and ny and nx["rest"] == ny["rest"]:
                 if " ms" in want or (time_column is not None and i - len(a) == time_column):

@@ -158,7 +158,7 @@ def test_streaming_equals_one_batch_and_modes_are_restored():
     assert whole.pixel_accuracy == pytest.approx(streamed.pixel_accuracy, abs=1e-6)
     assert whole.miou == pytest.approx(streamed.miou, abs=1e-6)
     assert whole.interval["miou"] == pytest.approx(streamed.interval["miou"], abs=1e-6)
-    for a, b in zip(whole.per_image, streamed.per_image):
+    for a, b in zip(whole.per_image, streamed.per_image, strict=False):
         assert a.keys() == b.keys()
         assert all(a[k] == pytest.approx(b[k], abs=1e-5) for k in a)
 

@@ -55,7 +55,7 @@ def _grads(fn, inputs, grad_out=None):
 
 
 def _assert_grads_close(got, want, dtype):
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=False):
         assert g.dtype == w.dtype and g.shape == w.shape
         assert torch.isfinite(g).all()
         # bf16 gradients are rounded to 8 bits of mantissa: compare relative to the gradient's size.
@@ -114,7 +114,7 @@ def test_gradient_formula_on_one_pixel():
         e.view(1, 1, 1, 1).requires_grad_(),
     ]
     got = torch.autograd.grad(fused_mixture_log_probs(*leaves, backend="torch"), leaves, g.view(1, 3, 1, 1))
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=False):
         torch.testing.assert_close(a.flatten(), b.flatten().float(), atol=1e-6, rtol=1e-5)
 
 
@@ -196,7 +196,7 @@ def test_wrapper_exports_with_plain_mixture_ops():
     program = torch.export.export(wrap, (x,))
     targets = {str(node.target) for node in program.graph.nodes}
     assert "aten.logaddexp.default" in targets  # traced through mixture_log_probs, not the Function
-    for got, want in zip(program.module()(x), wrap(x)):
+    for got, want in zip(program.module()(x), wrap(x), strict=False):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
 
 

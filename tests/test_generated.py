@@ -93,7 +93,7 @@ def test_every_class_appears_over_twenty_images(render, names):
     counts = np.zeros(len(names), dtype=np.int64)
     for i in range(20):
         counts += np.bincount(render(0, "train", i, 64)[1].ravel(), minlength=len(names))
-    assert (counts > 0).all(), dict(zip(names, counts.tolist()))
+    assert (counts > 0).all(), dict(zip(names, counts.tolist(), strict=False))
 
 
 @pytest.mark.parametrize("render, num_classes", [(render_aerial, 6), (render_cells, 3)])
@@ -197,7 +197,7 @@ def test_each_corruption_changes_the_image_and_keeps_shape_dtype_and_range(kind)
 def test_stronger_severity_changes_the_image_more(kind):
     image = _photo(96)
     change = [float((Corrupt(kind, s)(image) - image).abs().mean()) for s in range(1, 6)]
-    assert all(a < b for a, b in zip(change, change[1:])), change
+    assert all(a < b for a, b in zip(change, change[1:], strict=False)), change
 
 
 def test_severity_three_parameters():

@@ -128,7 +128,7 @@ def test_segmentation_property_matches_naive_count(num_classes, shape, seed, ign
     m = SegmentationMetrics(num_classes)
     m.update(preds, labels)
     naive = np.zeros((num_classes, num_classes), dtype=np.int64)
-    for y, p in zip(labels.flatten().tolist(), preds.flatten().tolist()):
+    for y, p in zip(labels.flatten().tolist(), preds.flatten().tolist(), strict=False):
         if y != 255:
             naive[y, p] += 1
     assert m.confusion.numpy().tolist() == naive.tolist()
@@ -255,7 +255,7 @@ def test_error_detection_streaming_and_merge():
     half_b.update(scores[1:], errors[1:], valid[1:])
     assert stream.compute() == whole.compute()
     assert half_a.merge(half_b).compute() == whole.compute()
-    assert all(torch.equal(a, b) for a, b in zip(stream.histograms, whole.histograms))
+    assert all(torch.equal(a, b) for a, b in zip(stream.histograms, whole.histograms, strict=False))
     no_mask, flat = ErrorDetectionMetrics(1000), ErrorDetectionMetrics(1000)
     no_mask.update(scores, errors)  # any shape, also without a valid mask
     flat.update(scores.flatten(), errors.flatten())
@@ -345,7 +345,7 @@ def test_risk_coverage_streaming_within_bound_of_exact(num_bins, kind):
     assert abs(hist.aurc - exact.aurc) <= hist.aurc_bound + 1e-12
     assert abs(hist.eaurc - exact.eaurc) <= hist.aurc_bound + 1e-12
     assert hist.optimal_aurc == exact.optimal_aurc and hist.num_errors == exact.num_errors
-    for a, b in zip(hist.risks, exact.risks):
+    for a, b in zip(hist.risks, exact.risks, strict=False):
         assert abs(a - b) <= hist.risk_bound + 1e-12
     if kind == "continuous" and num_bins == 10_000:
         assert hist.aurc_bound < 1e-4 and abs(hist.aurc - exact.aurc) < 1e-4

@@ -34,7 +34,7 @@ def test_every_class_appears_and_no_class_dominates():
     for i in range(200):
         _, label = render_scene(0, "train", i, 32)
         counts += np.bincount(label.ravel(), minlength=len(SCENE_CLASSES))
-    assert (counts > 0).all(), dict(zip(SCENE_CLASSES, counts.tolist()))
+    assert (counts > 0).all(), dict(zip(SCENE_CLASSES, counts.tolist(), strict=False))
     share = counts / counts.sum()
     assert share.max() < 0.4 and share.min() > 0.005
 

@@ -112,7 +112,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     )
 
     assert resumed.step == full.step == 6 and len(resumed.history) == 6
-    for a, b in zip(full.history, resumed.history):
+    for a, b in zip(full.history, resumed.history, strict=False):
         for key in (*TERMS, "lr", "grad_norm"):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["step"], key)
     full_heads, resumed_heads = _heads(full_wrapper), _heads(resumed_wrapper)

@@ -465,7 +465,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     device = next(wrap.parameters()).device
     results: list[dict[str, Any]] = []
-    for path, stem in zip(paths, _output_names(paths)):  # one image at a time: any mix of sizes
+    for path, stem in zip(paths, _output_names(paths), strict=False):  # one image at a time: any mix of sizes
         try:
             image = _read_image(path)
         except CLIError as exc:  # a header that reads, a body that does not (a truncated file)

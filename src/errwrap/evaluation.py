@@ -355,7 +355,7 @@ def evaluate(
         keys = list(seconds)
         summed = _sum_over_processes([float(num_images), *(seconds[k] for k in keys)])
         num_images = int(summed[0])
-        seconds = dict(zip(keys, summed[1:]))
+        seconds = dict(zip(keys, summed[1:], strict=False))
     if num_images == 0:
         raise ValueError("loader: expected at least one batch of images, got none")
 

@@ -227,9 +227,6 @@ class ErrorCorrectionLoss(nn.Module):
         )
         l_detail = detail_loss(output.detail_logits, labels, target, self.focus, self.ignore_index)
         l_fused = fused_nll(output.logits, labels, self.ignore_index)
-        if self.w_base > 0:
-            l_base = base_ce(output.base_logits, labels, self.ignore_index)
-        else:
-            l_base = l_fused.new_zeros(())
+        l_base = base_ce(output.base_logits, labels, self.ignore_index) if self.w_base > 0 else l_fused.new_zeros(())
         total = self.w_err * l_err + self.w_detail * l_detail + self.w_fused * l_fused + self.w_base * l_base
         return LossOutput(total, l_err, l_detail, l_fused, l_base)

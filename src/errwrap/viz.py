@@ -211,7 +211,7 @@ def make_panel(
             h, w = h * scale, w * scale
     panel = Image.new("RGB", (6 * w + 5 * PANEL_GAP, h + top), (255, 255, 255))
     draw = ImageDraw.Draw(panel)
-    for i, (tile, title) in enumerate(zip(tiles, PANEL_TITLES)):
+    for i, (tile, title) in enumerate(zip(tiles, PANEL_TITLES, strict=False)):
         x = i * (w + PANEL_GAP)
         panel.paste(Image.fromarray(tile), (x, top))
         if titles:
@@ -311,7 +311,10 @@ def panel_key(
     bar for the error probability from 0 to 1, and the changed-pixels colours."""
     ids = sorted({int(c) for c in class_ids if 0 <= int(c) < len(palette)})
     names = [class_names[c] if class_names is not None and c < len(class_names) else str(c) for c in ids]
-    items = [(name, tuple(int(v) for v in palette[c])) for c, name in zip(ids[:max_classes], names[:max_classes])]
+    items = [
+        (name, tuple(int(v) for v in palette[c]))
+        for c, name in zip(ids[:max_classes], names[:max_classes], strict=False)
+    ]
     # tall enough; cropped below
     canvas = Image.new("RGB", (width, 64 + KEY_ROW_HEIGHT * (len(items) + 3)), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
@@ -493,7 +496,7 @@ def risk_coverage_plot(
     def to_px(cov: np.ndarray, risk: np.ndarray) -> list[tuple[float, float]]:
         x = left + cov * plot_w
         y = upper + plot_h * (1 - np.clip(risk / top, 0, 1))
-        return list(zip(x.tolist(), y.tolist()))
+        return list(zip(x.tolist(), y.tolist(), strict=False))
 
     for k in range(6):  # ticks, grid lines and labels: 0, 0.2, ..., 1 of each axis
         frac = k / 5

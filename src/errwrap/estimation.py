@@ -31,7 +31,7 @@ import dataclasses
 import itertools
 import logging
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -222,10 +222,10 @@ def _outputs(
     max_batches: int | None,
     progress: bool | Callable[[int], None] | None,
     name: str,
-) -> Iterator[tuple[Any, Tensor, Tensor | None]]:
+) -> Generator[tuple[Any, Tensor | None, Tensor | None], None, None]:
     """Run the wrapper (eval mode, no gradients; every module's mode restored at the end) on each
     batch and yield ``(output, labelled pixels or None, labels or None)``."""
-    num_classes = int(wrapper.num_classes)
+    num_classes = int(wrapper.num_classes)  # type: ignore[arg-type]
     check_loader_num_classes(loader, num_classes, "loader")
     device = resolve_device(wrapper, device)
     in_channels = getattr(wrapper, "in_channels", None)
@@ -518,14 +518,14 @@ def _report(
 ) -> EstimateReport:
     totals = {k: v.sum(dim=0) for k, v in run.counts.items()}
     accuracy, iou, miou = scores_from_counts(totals["errwrap"])
-    baselines = {}
+    baselines: dict[str, dict[str, float]] = {}
     for name in ("avg_confidence", "atc"):
         if name in totals:
             b_acc, _, b_miou = scores_from_counts(totals[name])
             baselines[name] = {"pixel_accuracy": float(b_acc), "miou": float(b_miou)}
     if atc_threshold is not None:
         baselines["atc"]["threshold"] = float(atc_threshold)
-    interval = _bootstrap_interval(run.counts["errwrap"], bootstrap, level, seed)
+    interval: dict[str, Any] = _bootstrap_interval(run.counts["errwrap"], bootstrap, level, seed)
     interval.update(level=level, method=f"percentile bootstrap over images ({bootstrap} resamples, seed {seed})")
     pixels = run.num_pixels
     _, world = _dist_world()
@@ -540,7 +540,7 @@ def _report(
         baselines=baselines,
         num_images=len(run.rows),
         num_pixels=int(pixels),
-        config={"threshold": float(threshold), "atc_threshold": atc_threshold, "num_classes": int(wrapper.num_classes),
+        config={"threshold": float(threshold), "atc_threshold": atc_threshold, "num_classes": int(wrapper.num_classes),  # type: ignore[arg-type]
                 "temperature": float(getattr(wrapper, "temperature", 1.0)), "bootstrap": bootstrap, "level": level,
                 "seed": seed, "world_size": world},
     )  # fmt: skip
@@ -646,7 +646,7 @@ def fit_atc(
             msp, base_labels = torch.softmax(out.base_logits.float(), dim=1).max(dim=1)
             bins = (msp[valid].to(torch.float64) * _ATC_BINS).long().clamp_(0, _ATC_BINS - 1)
             hist += torch.bincount(bins, minlength=_ATC_BINS).to(torch.float64).cpu()
-            correct += ((base_labels == truth) & valid).sum().to(torch.float64).cpu()
+            correct += ((base_labels == truth) & valid).sum().to(torch.float64).cpu()  # type: ignore[operator]
     parts = _gather((hist, correct))
     hist, correct = sum(p[0] for p in parts), sum(p[1] for p in parts)
     total = float(hist.sum())
@@ -768,7 +768,7 @@ def compare_estimates(
     for target, key in (("fused", "truth"), ("base", "base_truth")):
         acc, _, miou = scores_from_counts(run.counts[key].sum(dim=0))
         truth[target] = {"pixel_accuracy": float(acc), "miou": float(miou)}
-    errors = {}
+    errors: dict[str, dict[str, Any]] = {}
     for name in ESTIMATORS:
         if name not in run.counts:
             continue

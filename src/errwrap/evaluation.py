@@ -47,6 +47,7 @@ from .metrics import (
     RiskCoverageResult,
     SegmentationMetrics,
     SegmentationResult,
+    StreamingMetric,
 )
 from .scores import ErrorHeadScore, ErrorScore, MCDropoutScore, build_score, msp_score
 
@@ -55,7 +56,7 @@ __all__ = ["EvaluationReport", "evaluate", "unpack_batch"]
 logger = logging.getLogger(__name__)
 
 
-def _result_from_dict(cls: type, data: Mapping[str, Any]) -> Any:
+def _result_from_dict(cls: Any, data: Mapping[str, Any]) -> Any:
     missing = [f for f in cls._fields if f not in data]
     if missing:
         raise ValueError(f"{cls.__name__}: missing keys {missing} in {sorted(data)}")
@@ -308,7 +309,7 @@ def evaluate(
         >>> print(report.table())                                                 # doctest: +SKIP
     """
     check_positive_int(max_batches, "max_batches", or_none=True)
-    num_classes = int(wrapper.num_classes)
+    num_classes = int(wrapper.num_classes)  # type: ignore[arg-type]
     check_loader_num_classes(loader, num_classes, "loader")
     scores = _build_scores(baselines, mc_dropout_T, mc_dropout_seed, mc_dropout_p)
     device = resolve_device(wrapper, device)
@@ -341,7 +342,7 @@ def evaluate(
                 ignore_index=ignore_index, device=device, dtype=dtype,
             )  # fmt: skip
             if index == 0:  # untimed warm-up, so one-time costs do not land on whichever pass runs first
-                wrapper.forward_base(images)
+                wrapper.forward_base(images)  # type: ignore[operator]
                 wrapper(images)
             out, outputs = _timed_pass(wrapper, images, error_head, scores, device, seconds, f"batch {index}")
             meters.update(out, outputs, labels, ignore_index)
@@ -350,7 +351,10 @@ def evaluate(
                 callback(index)
 
     if _dist_initialized():
-        for metric in [*seg.values(), *cal.values(), *det.values(), returned_det, *risk.values(), *images_rc.values()]:
+        metrics: list[StreamingMetric | ImageRiskCoverageMetrics] = [
+            *seg.values(), *cal.values(), *det.values(), returned_det, *risk.values(), *images_rc.values()
+        ]
+        for metric in metrics:
             metric.sync()
         keys = list(seconds)
         summed = _sum_over_processes([float(num_images), *(seconds[k] for k in keys)])
@@ -381,6 +385,7 @@ def _build_scores(
     """The baseline scores by name, refusing duplicates and the error head's own name."""
     scores: dict[str, ErrorScore] = {}
     for spec in baselines:
+        score: ErrorScore
         if spec == "mc_dropout":
             score = MCDropoutScore(T=mc_dropout_T, seed=mc_dropout_seed, p=mc_dropout_p)
         else:
@@ -408,7 +413,7 @@ def _timed_pass(
     size = images.shape[-2:]
     _synchronize(device)
     start = time.perf_counter()
-    base_logits = resize(wrapper.forward_base(images).logits, size)
+    base_logits = resize(wrapper.forward_base(images).logits, size)  # type: ignore[operator]
     _synchronize(device)
     seconds["base_forward"] += time.perf_counter() - start
 

@@ -15,7 +15,7 @@ error that binning causes, computed from the same histograms. See docs/metrics.m
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 import torch
@@ -49,6 +49,7 @@ DEFAULT_SCORE_BINS = 10_000
 """Default number of score bins (width ``1e-4`` on ``[0, 1]``)."""
 
 _NAN = float("nan")
+_M = TypeVar("_M", bound="StreamingMetric")  # methods that return self keep the subclass
 
 
 def _finite_or_nan(num: float, den: float) -> float:
@@ -73,7 +74,7 @@ class StreamingMetric:
         """The settings that define the state's meaning (checked by :meth:`merge`)."""
         return {}
 
-    def reset(self) -> StreamingMetric:
+    def reset(self: _M) -> _M:
         """Zero every count."""
         for state in self._states.values():
             state.zero_()
@@ -83,7 +84,7 @@ class StreamingMetric:
         """A copy of the state: plain tensors that add up (sum them to combine evaluations)."""
         return {name: state.clone() for name, state in self._states.items()}
 
-    def load_state_dict(self, state: dict[str, Tensor]) -> StreamingMetric:
+    def load_state_dict(self: _M, state: dict[str, Tensor]) -> _M:
         """Replace the state by ``state`` (as returned by :meth:`state_dict`), strictly."""
         missing = sorted(set(self._states) - set(state))
         unexpected = sorted(set(state) - set(self._states))
@@ -101,7 +102,7 @@ class StreamingMetric:
             own.copy_(value.to(own.device, own.dtype))
         return self
 
-    def merge(self, other: StreamingMetric) -> StreamingMetric:
+    def merge(self: _M, other: StreamingMetric) -> _M:
         """Add the counts of ``other`` (same class and settings) to this object's."""
         if type(other) is not type(self):
             raise TypeError(f"merge: expected a {type(self).__name__}, got {type(other).__name__}")
@@ -111,7 +112,7 @@ class StreamingMetric:
             state.add_(other._states[name].to(state.device))
         return self
 
-    def sync(self, group: Any = None) -> StreamingMetric:
+    def sync(self: _M, group: Any = None) -> _M:
         """Sum the state over every process of ``group`` (``all_reduce``); a no-op when
         ``torch.distributed`` is not initialised. Call it once, after the last ``update``."""
         for state in self._states.values():
@@ -120,7 +121,7 @@ class StreamingMetric:
 
     all_reduce = sync
 
-    def to(self, device: torch.device | str) -> StreamingMetric:
+    def to(self: _M, device: torch.device | str) -> _M:
         """Move the state to ``device``."""
         self.device = torch.device(device)
         self._states = {name: state.to(self.device) for name, state in self._states.items()}
@@ -390,7 +391,7 @@ class ErrorDetectionMetrics(StreamingMetric):
         n_pos, n_neg = int(self._states["errors"].sum()), int(self._states["successes"].sum())
         total = n_pos + n_neg
         if n_pos == 0 or n_neg == 0:
-            return ErrorDetectionResult(*([_NAN] * 8), n_pos, total, _finite_or_nan(n_pos, total))
+            return ErrorDetectionResult._make([*([_NAN] * 8), n_pos, total, _finite_or_nan(n_pos, total)])
         # AUROC: pairs in different bins are ordered as their scores; a pair sharing a bin counts 1/2.
         neg_below = neg.cumsum(0) - neg
         pairs = float(n_pos) * float(n_neg)
@@ -446,7 +447,7 @@ def exact_error_detection(scores: Tensor | np.ndarray, errors: Tensor | np.ndarr
     n_neg = int(e.size - n_pos)
     total = n_pos + n_neg
     if n_pos == 0 or n_neg == 0:
-        return ErrorDetectionResult(*([_NAN] * 8), n_pos, total, _finite_or_nan(n_pos, total))
+        return ErrorDetectionResult._make([*([_NAN] * 8), n_pos, total, _finite_or_nan(n_pos, total)])
     _, inverse, counts = np.unique(s, return_inverse=True, return_counts=True)
     starts = np.cumsum(counts) - counts
     ranks = (starts + (counts + 1) / 2.0)[inverse]  # average ranks, 1-based

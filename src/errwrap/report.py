@@ -133,7 +133,7 @@ def _fit(tile: np.ndarray, max_side: int, nearest: bool) -> Image.Image:
     scale = max_side / max(img.size)
     if scale < 1:
         size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
-        img = img.resize(size, Image.NEAREST if nearest else Image.BILINEAR)
+        img = img.resize(size, Image.NEAREST if nearest else Image.BILINEAR)  # type: ignore[attr-defined]
     return img
 
 
@@ -149,7 +149,7 @@ def _colorbar(path: Path, width: int = 16, height: int = 128) -> None:
 
 
 def _risk_plot(comparison_curves: Mapping[str, Any], path: Path) -> bool:
-    curves = {}
+    curves: dict[str, Any] = {}
     for key, name in (("error_prob", "errwrap error_prob (returned labels)"), ("msp", "MSP (base labels)")):
         if key in comparison_curves:
             curves[name] = tuple(np.asarray(c, dtype=np.float64) for c in comparison_curves[key])
@@ -186,10 +186,10 @@ def _accuracy_scatter(rows: Sequence[Mapping[str, Any]], shown: Sequence[int], p
     draw.text((4, 0), "predicted", fill=(0, 0, 0))
     drawn, marked = 0, set(shown)
     for row in sorted(rows, key=lambda r: int(r["index"]) in marked):  # the shown images on top
-        x, y = row.get("true_pixel_accuracy"), row.get("pixel_accuracy")
-        if x is None or y is None or math.isnan(x) or math.isnan(y):
+        true_acc, acc = row.get("true_pixel_accuracy"), row.get("pixel_accuracy")
+        if true_acc is None or acc is None or math.isnan(true_acc) or math.isnan(acc):
             continue
-        cx, cy = px(min(max(x, 0.0), 1.0), min(max(y, 0.0), 1.0))
+        cx, cy = px(min(max(true_acc, 0.0), 1.0), min(max(acc, 0.0), 1.0))
         color = (214, 39, 40) if int(row["index"]) in marked else (31, 119, 180)
         draw.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=color)
         drawn += 1
@@ -218,7 +218,7 @@ def _render_worst(
     found: dict[int, dict[str, Any]] = {}
     in_channels = getattr(wrapper, "in_channels", None)
     dtype = input_dtype(wrapper)
-    num_classes = int(wrapper.num_classes)
+    num_classes = int(wrapper.num_classes)  # type: ignore[arg-type]
     start = 0
     with eval_mode(wrapper):
         for index, batch in enumerate(loader):
@@ -500,7 +500,7 @@ def write_report(
     loader = _as_loader(data, batch_size)
     labelled = bool(labels) and _has_labels(_first_batch(loader))
     dev = resolve_device(wrapper, device)
-    num_classes = int(wrapper.num_classes)
+    num_classes = int(wrapper.num_classes)  # type: ignore[arg-type]
     class_names = _class_names(class_names, wrapper, loader, num_classes)
     palette = np.asarray(palette, dtype=np.uint8) if palette is not None else palette_for(num_classes)
     if palette.ndim != 2 or palette.shape[1] != 3 or palette.shape[0] < num_classes:

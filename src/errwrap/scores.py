@@ -158,7 +158,7 @@ def energy_score(logits: Tensor, temperature: float = 1.0) -> Tensor:
 
 
 def _base_logits(wrapper: nn.Module, images: Tensor) -> Tensor:
-    return resize(wrapper.forward_base(images).logits, images.shape[-2:])
+    return resize(wrapper.forward_base(images).logits, images.shape[-2:])  # type: ignore[operator]
 
 
 class ErrorScore:
@@ -315,7 +315,7 @@ def _member_logits(member: nn.Module, images: Tensor) -> Tensor:
     returns logits, ``(logits, ...)``, a mapping with ``"logits"``/``"out"``, or is read by a
     registered adapter."""
     if hasattr(member, "forward_base"):
-        return member.forward_base(images).logits
+        return member.forward_base(images).logits  # type: ignore[operator]
     adapter = find_adapter(member)
     if not isinstance(adapter, NativeAdapter):
         return adapter(member, images).logits
@@ -376,7 +376,7 @@ class EnsembleScore(ErrorScore):
         Shapes:
             images ``(B, C_in, H, W)`` -> ``N`` tensors ``(B, C, H, W)``.
         """
-        probs = []
+        probs: list[Tensor] = []
         for i, member in enumerate(self.bases):
             param = next(iter(member.parameters()), None)
             if param is not None and param.device != images.device:
@@ -434,8 +434,9 @@ class ErrwrapScore(ErrorScore):
         if kind not in self.KINDS:
             raise ValueError(f"kind: expected one of {sorted(self.KINDS)}, got {kind!r}")
         self.kind = kind
-        self.name = self.KINDS[kind]
-        self.judges = "base" if kind == "base" else "returned"
+        # per instance here: the class-level defaults of ErrorScore describe one kind
+        self.name = self.KINDS[kind]  # type: ignore[misc]
+        self.judges = "base" if kind == "base" else "returned"  # type: ignore[misc]
 
     def __repr__(self) -> str:
         return f"ErrwrapScore(kind={self.kind!r})"
@@ -517,7 +518,9 @@ class MCDropoutScore(ErrorScore):
 
     def _install_dropout(self, base: nn.Module, num_classes: int) -> tuple[list[nn.Module], Any]:
         # dropout layers with p = 0 (common in timm and transformers configs) would give T identical passes
-        dropouts = [m for m in base.modules() if isinstance(m, _DROPOUT_TYPES) and float(getattr(m, "p", 0.0)) > 0]
+        dropouts: list[nn.Module] = [
+            m for m in base.modules() if isinstance(m, _DROPOUT_TYPES) and float(getattr(m, "p", 0.0)) > 0
+        ]
         if dropouts:
             return dropouts, None
         name = self.classifier or find_classifier(base, num_classes)
@@ -550,7 +553,7 @@ class MCDropoutScore(ErrorScore):
             images ``(B, C_in, H, W)`` -> mean ``(B, C, H, W)``, variance ``(B, H, W)``,
             logits ``(B, C, H, W)`` or ``None``.
         """
-        base = wrapper.base
+        base: nn.Module = wrapper.base  # type: ignore[assignment]
         devices = [images.device] if images.device.type == "cuda" else []
         hook = None
         with eval_mode(base):
@@ -559,7 +562,7 @@ class MCDropoutScore(ErrorScore):
                     logits = _base_logits(wrapper, images) if deterministic else None
                     # a binary base's classifier has one output channel (the wrapper reads it as two classes)
                     dropouts, hook = self._install_dropout(
-                        base, 1 if getattr(wrapper, "binary", False) else wrapper.num_classes
+                        base, 1 if getattr(wrapper, "binary", False) else wrapper.num_classes  # type: ignore[arg-type]
                     )
                     for m in dropouts:
                         m.train()
@@ -573,6 +576,7 @@ class MCDropoutScore(ErrorScore):
             finally:
                 if hook is not None:
                     hook.remove()
+        assert mean is not None and sq is not None  # T >= 1 passes (checked in __init__)
         mean = mean / self.T
         variance = (sq / self.T - mean.square()).clamp_min(0).sum(dim=1)
         return mean, variance, logits

@@ -116,7 +116,7 @@ class GeneratedDataset(Dataset):
     class_names: ClassVar[list[str]] = []
     num_classes: ClassVar[int] = 0
     ignore_index = 255
-    _render: ClassVar[Render]
+    _render: ClassVar[staticmethod[[int, str, int, int | tuple[int, int]], tuple[np.ndarray, np.ndarray]]]
     #: smallest side ``size`` may ask for
     min_size: ClassVar[int] = 16
 
@@ -143,8 +143,8 @@ class GeneratedDataset(Dataset):
         if self._cache is not None and index in self._cache:
             image, label = self._cache[index]
             return image.clone(), label.clone()
-        image, label = type(self)._render(self.seed, self.split, index, self.size)
-        out = torch.from_numpy(image).permute(2, 0, 1).contiguous(), torch.from_numpy(label)
+        rendered_image, rendered_label = type(self)._render(self.seed, self.split, index, self.size)
+        out = torch.from_numpy(rendered_image).permute(2, 0, 1).contiguous(), torch.from_numpy(rendered_label)
         if self._cache is not None:
             self._cache[index] = (out[0].clone(), out[1].clone())
         return out

@@ -19,6 +19,7 @@ and different in character from the street-like :class:`~errwrap.data.Scenes`:
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
@@ -87,7 +88,7 @@ def _layout(rng: np.random.Generator, h: int, w: int, noise: dict[str, np.ndarra
     label[veg_field > rng.uniform(0.5, 1.4)] = VEGETATION
 
     # Water: a lake from low-frequency noise, or a river, or neither; ``water`` > 0 inside (px).
-    water = np.full((h, w), -1e3, dtype=np.float32)
+    water: np.ndarray = np.full((h, w), -1e3, dtype=np.float32)
     kind = rng.choice(["lake", "river", "none"], p=[0.4, 0.35, 0.25])
     if kind == "lake":
         water = (noise["low"] - rng.uniform(0.7, 1.5)) * 12.0 * scale + 1.5 * noise["mid"]
@@ -125,7 +126,7 @@ def _layout(rng: np.random.Generator, h: int, w: int, noise: dict[str, np.ndarra
     blocked = (
         blocked | np.roll(blocked, 2, 0) | np.roll(blocked, -2, 0) | np.roll(blocked, 2, 1) | np.roll(blocked, -2, 1)
     )
-    buildings = []
+    buildings: list[dict[str, Any]] = []
     angle0 = 0.0 if rng.random() < 0.4 else rng.uniform(0, math.pi / 2)
     for _ in range(int(rng.integers(3, 16))):
         if len(buildings) >= 9:
@@ -156,10 +157,11 @@ def _layout(rng: np.random.Generator, h: int, w: int, noise: dict[str, np.ndarra
             if len(ys) == 0:
                 break
             k = int(rng.integers(len(ys)))
-            u = float(road["along"][ys[k], xs[k]])  # the nearest point of the centre line, in the road's frame
-            v = road["bend"] * (1.0 - (u / road["reach"]) ** 2) + rng.choice([-1.0, 1.0]) * road["half"] * 0.45
+            # the nearest point of the centre line, in the road's frame
+            along = float(road["along"][ys[k], xs[k]])
+            across = road["bend"] * (1.0 - (along / road["reach"]) ** 2) + rng.choice([-1.0, 1.0]) * road["half"] * 0.45
             sin, cos = math.sin(road["angle"]), math.cos(road["angle"])
-            cy, cx = road["cy"] + u * sin + v * cos, road["cx"] + u * cos - v * sin
+            cy, cx = road["cy"] + along * sin + across * cos, road["cx"] + along * cos - across * sin
             angle = road["angle"] + math.atan(float(road["slope"][ys[k], xs[k]]))
             length, width = rng.uniform(1.6, 2.4) * scale, rng.uniform(0.9, 1.2) * scale
             box = window(cy, cx, length + 1, h, w)

@@ -321,14 +321,14 @@ class SegmentationFolder(_PairDataset):
         if self.num_classes is not None:
             bad = (raw >= self.num_classes) & (raw != self.ignore_index) | (raw < 0)
             if bad.any():
-                values = sorted(set(np.unique(raw[bad]).tolist()))[:10]
+                bad_values = sorted(set(np.unique(raw[bad]).tolist()))[:10]
                 hint = (
                     "; map raw values to class indices with label_map= (e.g. {255: 1} for 0/255 binary masks)"
                     if not self.label_map
                     else ""
                 )
                 raise ValueError(
-                    f"{path}: label values {values} are neither in 0..{self.num_classes - 1} nor "
+                    f"{path}: label values {bad_values} are neither in 0..{self.num_classes - 1} nor "
                     f"ignore_index={self.ignore_index}{hint}"
                 )
         return raw

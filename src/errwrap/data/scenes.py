@@ -273,7 +273,7 @@ def render_scene(seed: int, split: str, index: int, size: int | tuple[int, int] 
     flat_label = label.ravel()
     order = np.argsort(flat_label, kind="stable")
     bounds = np.cumsum(np.bincount(flat_label, minlength=len(SCENE_CLASSES)))
-    image = np.empty((h * w, 3), dtype=np.float32)
+    image: np.ndarray = np.empty((h * w, 3), dtype=np.float32)
     flat_y, flat_x = yy.ravel(), xx.ravel()
     flat_noise = {k: v.ravel() for k, v in noise.items()}
     start = 0

@@ -606,7 +606,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     wrap = _load_model(args.model, args.device)
     check_writable(args.out, 2 * tensor_bytes(wrap.state_dict().values()), "--out")  # before training, not after
     normalize, _, _ = _normalizer(wrap, args.model)
-    transforms = [data.RandomHorizontalFlip()]
+    transforms: list[Any] = [data.RandomHorizontalFlip()]
     if args.crop:
         transforms = [data.RandomScale(0.5, 2.0), data.RandomCrop(args.crop), data.RandomHorizontalFlip()]
     dataset = parse_data_spec(args.data, "train", transform=data.Compose([*transforms, normalize]), size=args.size,
@@ -737,7 +737,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 class _Parser(argparse.ArgumentParser):
     """Usage errors as one line, ``errwrap: error: ...`` (exit 2), pointing at ``--help``."""
 
-    def error(self, message: str) -> Any:  # type: ignore[override]
+    def error(self, message: str) -> Any:
         command = self.prog.removeprefix("errwrap").strip()
         where = f"{command}: " if command else ""
         self.exit(2, f"errwrap: error: {where}{message} (see '{self.prog} --help')\n")

@@ -321,7 +321,7 @@ def panel_key(
     label = "classes:"
     draw.text((2, 1), label, fill=(0, 0, 0))
     x0 = 2 + int(draw.textlength("changed pixels:")) + 8
-    y = _flow(draw, items, x0, 0, width)
+    y = _flow(draw, items, x0, 0, width)  # type: ignore[arg-type]
     if len(ids) > max_classes:
         draw.text((x0, y + 1), f"+{len(ids) - max_classes} more", fill=(0, 0, 0))
         y += KEY_ROW_HEIGHT

@@ -176,8 +176,9 @@ class DeepLabV3Plus(nn.Module):
             raise ValueError(f"atrous_rates: expected positive integers, got {atrous_rates}")
 
         self.encoder = _create_encoder(encoder_name, in_channels, output_stride, pretrained)
-        reductions = list(self.encoder.feature_info.reduction())
-        channels = list(self.encoder.feature_info.channels())
+        feature_info: Any = self.encoder.feature_info  # timm's FeatureInfo
+        reductions = list(feature_info.reduction())
+        channels = list(feature_info.channels())
         if reductions[-1] != output_stride:
             raise ValueError(
                 f"encoder_name={encoder_name!r}: expected its last feature at stride {output_stride}, got stride "

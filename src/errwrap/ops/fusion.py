@@ -241,7 +241,7 @@ class _MixtureLogProbs(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(z0: Tensor, z1: Tensor, e: Tensor, backend: str) -> Tensor:  # type: ignore[override]
+    def forward(z0: Tensor, z1: Tensor, e: Tensor, backend: str) -> Tensor:
         if backend == "triton":
             return _triton_forward(z0, z1, e)
         return mixture_log_probs(z0, z1, e)
@@ -253,7 +253,7 @@ class _MixtureLogProbs(torch.autograd.Function):
         ctx.backend = backend
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         z0, z1, e = ctx.saved_tensors
         # A graph for double backward needs differentiable ops: the torch recompute gives one.
         if ctx.backend == "triton" and not torch.is_grad_enabled():

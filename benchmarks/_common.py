@@ -7,6 +7,7 @@ machine can read (the smoke test does).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import math
@@ -68,7 +69,9 @@ def mean_std(values: Sequence[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(values), "std": std, "n": len(values)}
 
 
-def interleaved_times(fns: Mapping[str, Callable[[], Any]], repeats: int, warmup: int, device: torch.device | str = "cpu") -> dict[str, list[float]]:
+def interleaved_times(
+    fns: Mapping[str, Callable[[], Any]], repeats: int, warmup: int, device: torch.device | str = "cpu"
+) -> dict[str, list[float]]:
     """Seconds per call of each function, measured in interleaved rounds.
 
     ``warmup`` rounds are run and thrown away; then each of ``repeats`` rounds calls every
@@ -152,10 +155,8 @@ def environment(device: str = "cpu") -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "device": device,
     }
-    try:
+    with contextlib.suppress(OSError):
         machine["load_average_1m"] = round(os.getloadavg()[0], 2)
-    except OSError:
-        pass
     if torch.device(device).type == "cuda" and torch.cuda.is_available():
         machine["gpu"] = torch.cuda.get_device_name()
     return {
@@ -180,9 +181,9 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | Non
 
     cells = [[cell(r.get(c, "")) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths)) + " |"]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths, strict=False)) + " |"]
     lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    lines += ["| " + " | ".join(v.ljust(w) for v, w in zip(row, widths)) + " |" for row in cells]
+    lines += ["| " + " | ".join(v.ljust(w) for v, w in zip(row, widths, strict=False)) + " |" for row in cells]
     return "\n".join(lines)
 
 
@@ -244,7 +245,12 @@ def bar_plot(
     names = list(series)
     values = [v for name in names for v in series[name] if v is not None and not math.isnan(v)]
     errs = errors or {}
-    tops = [v + (errs.get(name, [0] * len(groups))[i] or 0) for name in names for i, v in enumerate(series[name]) if v is not None and not math.isnan(v)]
+    tops = [
+        v + (errs.get(name, [0] * len(groups))[i] or 0)
+        for name in names
+        for i, v in enumerate(series[name])
+        if v is not None and not math.isnan(v)
+    ]
     vmax = max([*tops, *(values or [1.0]), reference or 0.0]) * 1.15 or 1.0
     draw.text((left, 10), title, fill="black", font=font)
     draw.line([(left, top), (left, top + plot_h), (left + plot_w, top + plot_h)], fill="black")
@@ -291,9 +297,26 @@ def bar_plot(
 # ---------------------------------------------------------------------- trained demo models
 # The schedule the documented quality run used (scaled by --minutes / 5), pinned here so that a
 # rerun reproduces docs/benchmarks.md even when the demo's own defaults change.
-DEMO_DEFAULTS: dict[str, Any] = {"image_size": 96, "train_images": 1000, "val_images": 120, "batch_size": 8, "encoder": "resnet18",
-                                 "base_steps": 400, "head_steps": 300, "base_lr": 2e-3, "heads_lr": 5e-3}
-DEMO_TINY: dict[str, Any] = {"image_size": 32, "train_images": 16, "val_images": 8, "batch_size": 4, "encoder": "resnet18", "base_steps": 4, "head_steps": 4}
+DEMO_DEFAULTS: dict[str, Any] = {
+    "image_size": 96,
+    "train_images": 1000,
+    "val_images": 120,
+    "batch_size": 8,
+    "encoder": "resnet18",
+    "base_steps": 400,
+    "head_steps": 300,
+    "base_lr": 2e-3,
+    "heads_lr": 5e-3,
+}
+DEMO_TINY: dict[str, Any] = {
+    "image_size": 32,
+    "train_images": 16,
+    "val_images": 8,
+    "batch_size": 4,
+    "encoder": "resnet18",
+    "base_steps": 4,
+    "head_steps": 4,
+}
 
 
 def demo_config(minutes: float, seed: int, tiny: bool, mc_dropout: bool, **overrides: Any) -> Any:
@@ -328,5 +351,7 @@ def scenes_val_loader(num_images: int, size: int, seed: int, batch_size: int, sp
 
     from errwrap.data import IMAGENET_MEAN, IMAGENET_STD, Normalize, Scenes
 
-    val = Scenes(num_images, size=size, seed=seed, split=split, transform=Normalize(IMAGENET_MEAN, IMAGENET_STD), cache=True)
+    val = Scenes(
+        num_images, size=size, seed=seed, split=split, transform=Normalize(IMAGENET_MEAN, IMAGENET_STD), cache=True
+    )
     return DataLoader(val, batch_size=batch_size, shuffle=False, num_workers=0)

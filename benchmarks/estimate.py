@@ -44,7 +44,16 @@ def _pts(v: float) -> str:
     return "n/a" if v is None or math.isnan(v) else f"{100 * v:.2f}"
 
 
-def loader(family: str, num_images: int, size: int, seed: int, split: str, shift: str | None, severity: int, train: bool = False) -> Any:
+def loader(
+    family: str,
+    num_images: int,
+    size: int,
+    seed: int,
+    split: str,
+    shift: str | None,
+    severity: int,
+    train: bool = False,
+) -> Any:
     """A split of a generated family, corrupted (``shift``) and normalised; shuffled when ``train``."""
     from torch.utils.data import DataLoader
 
@@ -55,7 +64,9 @@ def loader(family: str, num_images: int, size: int, seed: int, split: str, shift
         steps.append(Corrupt(shift, severity, seed=seed).joint)
     steps.append(Normalize(IMAGENET_MEAN, IMAGENET_STD))
     dataset = generated(family, num_images, size=size, seed=seed, split=split, transform=Compose(steps), cache=True)
-    return DataLoader(dataset, batch_size=8, shuffle=train, drop_last=train, generator=torch.Generator().manual_seed(seed))
+    return DataLoader(
+        dataset, batch_size=8, shuffle=train, drop_last=train, generator=torch.Generator().manual_seed(seed)
+    )
 
 
 def train_wrapper(family: str, seed: int, args: argparse.Namespace) -> Any:
@@ -65,7 +76,14 @@ def train_wrapper(family: str, seed: int, args: argparse.Namespace) -> Any:
 
     train = loader(family, args.train_images, args.image_size, seed, "train", None, 0, train=True)
     torch.manual_seed(seed)
-    base = DeepLabV3Plus("resnet18", num_classes=train.dataset.num_classes, output_stride=16, aspp_channels=64, decoder_channels=64, low_level_channels=24)
+    base = DeepLabV3Plus(
+        "resnet18",
+        num_classes=train.dataset.num_classes,
+        output_stride=16,
+        aspp_channels=64,
+        decoder_channels=64,
+        low_level_channels=24,
+    )
     opt = torch.optim.AdamW(base.parameters(), lr=2e-3, weight_decay=1e-4)
     base.train()
     step = 0
@@ -83,7 +101,16 @@ def train_wrapper(family: str, seed: int, args: argparse.Namespace) -> Any:
     base.eval()
     wrap = ErrorCorrectionWrapper(base, sample_size=args.image_size)
     heads = loader(family, args.train_images, args.image_size, seed + 1, "train", None, 0, train=True)
-    finetune(wrap, heads, steps=args.head_steps, lr=5e-3, warmup_steps=min(50, args.head_steps // 10), seed=seed, progress=False, log_every=None)
+    finetune(
+        wrap,
+        heads,
+        steps=args.head_steps,
+        lr=5e-3,
+        warmup_steps=min(50, args.head_steps // 10),
+        seed=seed,
+        progress=False,
+        log_every=None,
+    )
     return wrap.eval()
 
 
@@ -95,17 +122,17 @@ def result_rows(runs: list[dict[str, Any]], conditions: list[str]) -> list[dict[
         for e in ESTIMATORS:
             target = runs[0]["conditions"][c]["errors"][e]["target"]
 
-            def mean(get: Any) -> float:
+            def mean(get: Any, c: str = c) -> float:
                 return mean_std([get(r["conditions"][c]) for r in runs])["mean"]
 
             rows.append({
                 "shift": c, "estimator": e, "labels": target,
-                "true pixAcc": _pts(mean(lambda x: x["truth"][target]["pixel_accuracy"])),
-                "estimate": _pts(mean(lambda x: x["errors"][e]["estimate_pixel_accuracy"])),
-                "|err| pixAcc": _pts(mean(lambda x: x["errors"][e]["pixel_accuracy"])),
-                "|err| mIoU": _pts(mean(lambda x: x["errors"][e]["miou"])),
-                "img MAE": _pts(mean(lambda x: x["errors"][e]["per_image_mae"])),
-                "Spearman": f"{mean(lambda x: x['errors'][e]['spearman']):.3f}",
+                "true pixAcc": _pts(mean(lambda x, target=target: x["truth"][target]["pixel_accuracy"])),
+                "estimate": _pts(mean(lambda x, e=e: x["errors"][e]["estimate_pixel_accuracy"])),
+                "|err| pixAcc": _pts(mean(lambda x, e=e: x["errors"][e]["pixel_accuracy"])),
+                "|err| mIoU": _pts(mean(lambda x, e=e: x["errors"][e]["miou"])),
+                "img MAE": _pts(mean(lambda x, e=e: x["errors"][e]["per_image_mae"])),
+                "Spearman": f"{mean(lambda x, e=e: x['errors'][e]['spearman']):.3f}",
             })  # fmt: skip
     return rows
 
@@ -119,7 +146,9 @@ def one_run(family: str, seed: int, args: argparse.Namespace, conditions: list[s
     seconds_train = time.perf_counter() - start
 
     def held_out(shift: str) -> Any:
-        return loader(family, args.val_images, args.image_size, seed, "val", None if shift == "none" else shift, args.severity)
+        return loader(
+            family, args.val_images, args.image_size, seed, "val", None if shift == "none" else shift, args.severity
+        )
 
     labelled = loader(family, args.val_images, args.image_size, seed, "test", None, 0)
     atc = fit_atc(wrap, labelled)
@@ -131,12 +160,16 @@ def one_run(family: str, seed: int, args: argparse.Namespace, conditions: list[s
         calibrated = compare_estimates(wrap, held_out(shift), atc_threshold=atc)
         errors = dict(raw[shift].errors)
         errors["errwrap+T"] = calibrated.errors["errwrap"]
-        run["conditions"][shift] = {"truth": raw[shift].truth, "errors": errors, "interval": raw[shift].estimate.interval,
-                                    "interval_T": calibrated.estimate.interval, "per_image": raw[shift].per_image}  # fmt: skip
+        run["conditions"][shift] = {"truth": raw[shift].truth, "errors": errors,
+                                    "interval": raw[shift].estimate.interval,
+                                    "interval_T": calibrated.estimate.interval,
+                                    "per_image": raw[shift].per_image}  # fmt: skip
         print(f"  {shift:<6} true pixAcc fused {_pts(raw[shift].truth['fused']['pixel_accuracy'])} base "
-              f"{_pts(raw[shift].truth['base']['pixel_accuracy'])}; estimates errwrap {_pts(errors['errwrap']['estimate_pixel_accuracy'])} "
+              f"{_pts(raw[shift].truth['base']['pixel_accuracy'])}; estimates errwrap "
+              f"{_pts(errors['errwrap']['estimate_pixel_accuracy'])} "
               f"errwrap+T {_pts(errors['errwrap+T']['estimate_pixel_accuracy'])} avg_conf "
-              f"{_pts(errors['avg_confidence']['estimate_pixel_accuracy'])} ATC {_pts(errors['atc']['estimate_pixel_accuracy'])}", flush=True)  # fmt: skip
+              f"{_pts(errors['avg_confidence']['estimate_pixel_accuracy'])} ATC "
+              f"{_pts(errors['atc']['estimate_pixel_accuracy'])}", flush=True)  # fmt: skip
     return run
 
 
@@ -153,24 +186,36 @@ def targets_of(agg: dict[str, Any], conditions: list[str], shifts: list[str]) ->
         low_rho = min(agg[c][e]["spearman"]["mean"] for c in conditions)
         baseline_worst = min(worst("avg_confidence", "pixel_accuracy"), worst("atc", "pixel_accuracy"))
         targets += [
-            {"estimator": e, "target": "pixAcc |err| <= 1 point in distribution", "value": _pts(ind["pixel_accuracy"]["mean"]), "met": ind["pixel_accuracy"]["mean"] <= 0.01},
-            {"estimator": e, "target": "pixAcc |err| <= 3 points under shift (worst shift)", "value": _pts(worst_shift), "met": worst_shift <= 0.03},
-            {"estimator": e, "target": "mIoU |err| <= 3 points (worst condition)", "value": _pts(worst(e, "miou")), "met": worst(e, "miou") <= 0.03},
-            {"estimator": e, "target": "per-image Spearman >= 0.7 (worst condition)", "value": f"{low_rho:.3f}", "met": low_rho >= 0.7},
+            {"estimator": e, "target": "pixAcc |err| <= 1 point in distribution",
+             "value": _pts(ind["pixel_accuracy"]["mean"]), "met": ind["pixel_accuracy"]["mean"] <= 0.01},
+            {"estimator": e, "target": "pixAcc |err| <= 3 points under shift (worst shift)",
+             "value": _pts(worst_shift), "met": worst_shift <= 0.03},
+            {"estimator": e, "target": "mIoU |err| <= 3 points (worst condition)",
+             "value": _pts(worst(e, "miou")), "met": worst(e, "miou") <= 0.03},
+            {"estimator": e, "target": "per-image Spearman >= 0.7 (worst condition)",
+             "value": f"{low_rho:.3f}", "met": low_rho >= 0.7},
             {"estimator": e, "target": "worst-case pixAcc |err| below both baselines' worst case",
-             "value": f"{_pts(worst(e, 'pixel_accuracy'))} vs {_pts(worst('avg_confidence', 'pixel_accuracy'))} / {_pts(worst('atc', 'pixel_accuracy'))}",
+             "value": f"{_pts(worst(e, 'pixel_accuracy'))} vs {_pts(worst('avg_confidence', 'pixel_accuracy'))} / "
+                      f"{_pts(worst('atc', 'pixel_accuracy'))}",
              "met": worst(e, "pixel_accuracy") < baseline_worst},
         ]  # fmt: skip
     return targets
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--families", nargs="+", default=["scenes"], choices=FAMILIES)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--train-images", type=int, default=400)
-    parser.add_argument("--val-images", type=int, default=64, help="held-out images per condition (and labelled images for ATC and the temperature)")
+    parser.add_argument(
+        "--val-images",
+        type=int,
+        default=64,
+        help="held-out images per condition (and labelled images for ATC and the temperature)",
+    )
     parser.add_argument("--base-steps", type=int, default=150)
     parser.add_argument("--head-steps", type=int, default=300)
     parser.add_argument("--shifts", nargs="+", default=list(SHIFTS), choices=SHIFTS, help="errwrap.data.Corrupt kinds")
@@ -180,7 +225,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     setup_logging()
     if args.tiny:
-        args.seeds, args.image_size, args.train_images, args.val_images, args.base_steps, args.head_steps = args.seeds[:1], 32, 16, 8, 4, 4
+        args.seeds, args.image_size, args.train_images, args.val_images, args.base_steps, args.head_steps = (
+            args.seeds[:1],
+            32,
+            16,
+            8,
+            4,
+            4,
+        )
 
     env = environment("cpu")
     start = time.perf_counter()
@@ -189,12 +241,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for family in args.families:
         family_runs = []
         for seed in args.seeds:
-            print(f"{family}, seed {seed}: resnet18 DeepLabV3+, {args.image_size} px, {args.train_images} training images, "
+            print(f"{family}, seed {seed}: resnet18 DeepLabV3+, {args.image_size} px, "
+                  f"{args.train_images} training images, "
                   f"{args.base_steps} base + {args.head_steps} head steps", flush=True)  # fmt: skip
             family_runs.append(one_run(family, seed, args, conditions))
         runs += family_runs
         metrics = ("pixel_accuracy", "miou", "per_image_mae", "spearman")
-        agg = {c: {e: {m: mean_std([r["conditions"][c]["errors"][e][m] for r in family_runs]) for m in metrics} for e in ESTIMATORS} for c in conditions}
+        agg = {
+            c: {
+                e: {m: mean_std([r["conditions"][c]["errors"][e][m] for r in family_runs]) for m in metrics}
+                for e in ESTIMATORS
+            }
+            for c in conditions
+        }
         aggregate[family] = agg
         print(f"\n{family}: estimate vs truth on {args.val_images} held-out images per condition (shifts at severity "
               f"{args.severity}), mean over {len(family_runs)} seed(s) (points)")  # fmt: skip
@@ -206,7 +265,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print()
 
     def table(metric: str) -> dict[str, Any]:
-        return {f: {c: {e: aggregate[f][c][e][metric]["mean"] for e in ESTIMATORS} for c in conditions} for f in args.families}
+        return {
+            f: {c: {e: aggregate[f][c][e][metric]["mean"] for e in ESTIMATORS} for c in conditions}
+            for f in args.families
+        }
 
     summary = {
         "benchmark": "estimate",
@@ -216,7 +278,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "abs_error_pixel_accuracy": table("pixel_accuracy"),
         "abs_error_miou": table("miou"),
         "spearman": table("spearman"),
-        "temperature": {f: mean_std([r["temperature"] for r in runs if r["family"] == f])["mean"] for f in args.families},
+        "temperature": {
+            f: mean_std([r["temperature"] for r in runs if r["family"] == f])["mean"] for f in args.families
+        },
         "targets_met": {f"{t['family']} {t['estimator']}: {t['target']}": bool(t["met"]) for t in targets},
         "seconds": round(time.perf_counter() - start, 1),
     }

@@ -100,7 +100,9 @@ def saved_bytes(fn: Callable[[], torch.Tensor]) -> int:
     return sum(storages.values())
 
 
-def interleaved(fns: dict[str, Callable[[], object]], device: torch.device, repeats: int, warmup: int = 2) -> dict[str, float]:
+def interleaved(
+    fns: dict[str, Callable[[], object]], device: torch.device, repeats: int, warmup: int = 2
+) -> dict[str, float]:
     """Median seconds of each callable, timed round-robin so that load changes hit all alike."""
     for fn in fns.values():
         for _ in range(warmup):
@@ -175,7 +177,13 @@ def run_bandwidth(args: argparse.Namespace) -> dict:
             r["unfused/fused"] = r["time_ms"] / fused[r["pass"]] if r["impl"].startswith("unfused") else None
         rows += case
     print_table(rows, ["size", "impl", "pass", "time_ms", "floor_ms", "x_floor", "GB/s", "unfused/fused", "saved_MB"])
-    return {"device": device_name(device), "dtype": args.dtype, "copy_GBps": bandwidth / 1e9, "note": note, "rows": rows}
+    return {
+        "device": device_name(device),
+        "dtype": args.dtype,
+        "copy_GBps": bandwidth / 1e9,
+        "note": note,
+        "rows": rows,
+    }
 
 
 # --------------------------------------------------------------------------- placement
@@ -261,21 +269,31 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
 
     cells = [[fmt(r.get(col)) for col in columns] for r in rows]
     widths = [max(len(col), *(len(row[i]) for row in cells)) for i, col in enumerate(columns)]
-    print("  ".join(col.ljust(wd) for col, wd in zip(columns, widths)))
+    print("  ".join(col.ljust(wd) for col, wd in zip(columns, widths, strict=False)))
     for row in cells:
-        print("  ".join(v.ljust(wd) for v, wd in zip(row, widths)))
+        print("  ".join(v.ljust(wd) for v, wd in zip(row, widths, strict=False)))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default: cpu)")
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype of the logits (default: float32)")
-    parser.add_argument("--sizes", nargs="+", type=parse_size, help=f"BxCxHxW cases (default: {GPU_SIZES} on CUDA, {CPU_SIZES} on CPU)")
+    parser.add_argument(
+        "--dtype", default="float32", choices=sorted(DTYPES), help="dtype of the logits (default: float32)"
+    )
+    parser.add_argument(
+        "--sizes", nargs="+", type=parse_size, help=f"BxCxHxW cases (default: {GPU_SIZES} on CUDA, {CPU_SIZES} on CPU)"
+    )
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement; the median is reported")
     parser.add_argument("--no-backward", action="store_true", help="time the forward only")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile(mixture_log_probs) (inductor)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    parser.add_argument("--placement", action="store_true", help="measure fusion at the logits' stride vs at full resolution (CPU)")
+    parser.add_argument(
+        "--placement", action="store_true", help="measure fusion at the logits' stride vs at full resolution (CPU)"
+    )
     parser.add_argument("--placement-classes", type=int, default=19)
     parser.add_argument("--placement-size", type=int, nargs=2, default=[512, 1024], metavar=("H", "W"))
     parser.add_argument("--stride", type=int, default=4, help="stride of the logits for --placement")

@@ -37,7 +37,9 @@ def count(build: Callable[[], nn.Module], x_shape: tuple[int, ...], device: str)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--encoder", default="resnet50", help="timm / SMP encoder name")
     parser.add_argument("--num-classes", type=int, default=19)
     parser.add_argument("--height", type=int, default=512)
@@ -52,14 +54,20 @@ def main(argv: list[str] | None = None) -> dict:
 
     shape = (1, 3, args.height, args.width)
     builds: dict[str, Callable[[], nn.Module]] = {
-        "errwrap.DeepLabV3Plus": lambda: DeepLabV3Plus(args.encoder, args.num_classes, output_stride=args.output_stride),
+        "errwrap.DeepLabV3Plus": lambda: DeepLabV3Plus(
+            args.encoder, args.num_classes, output_stride=args.output_stride
+        ),
     }
     if not args.no_smp:
         import segmentation_models_pytorch as smp
 
         def smp_build(**kw):
             return lambda: smp.DeepLabV3Plus(
-                args.encoder, encoder_weights=None, encoder_output_stride=args.output_stride, classes=args.num_classes, **kw
+                args.encoder,
+                encoder_weights=None,
+                encoder_output_stride=args.output_stride,
+                classes=args.num_classes,
+                **kw,
             )
 
         builds["smp.DeepLabV3Plus (separable ASPP, default)"] = smp_build()
@@ -82,7 +90,10 @@ def main(argv: list[str] | None = None) -> dict:
         "models": rows,
     }
     width = max(len(n) for n in rows)
-    print(f"input {shape}, encoder {args.encoder}, output stride {args.output_stride}, {args.num_classes} classes, device {args.device}")
+    print(
+        f"input {shape}, encoder {args.encoder}, output stride {args.output_stride}, {args.num_classes} classes, "
+        f"device {args.device}"
+    )
     print(f"{'model':<{width}}  {'params (M)':>10}  {'GFLOPs':>8}  {'GMACs':>8}")
     for name, r in rows.items():
         print(f"{name:<{width}}  {r['params_m']:>10.2f}  {r['gflops']:>8.1f}  {r['gmacs']:>8.1f}")

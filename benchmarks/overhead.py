@@ -47,7 +47,17 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import TensorMemory, bar_plot, environment, finish, format_table, interleaved_times, quartiles, setup_logging, synchronize  # noqa: E402
+from _common import (  # noqa: E402
+    TensorMemory,
+    bar_plot,
+    environment,
+    finish,
+    format_table,
+    interleaved_times,
+    quartiles,
+    setup_logging,
+    synchronize,
+)
 
 NUM_CLASSES = 19
 TARGET_ERROR = 1.05
@@ -102,7 +112,10 @@ def _segformer_b0() -> nn.Module:
 
 MODELS: dict[str, tuple[str, Callable[[], nn.Module]]] = {
     "deeplabv3plus_resnet50": ("errwrap DeepLabV3Plus, resnet50, OS16", _dlv3p("resnet50")),
-    "deeplabv3plus_mobilenetv3": ("errwrap DeepLabV3Plus, mobilenetv3_large_100, OS16", _dlv3p("mobilenetv3_large_100")),
+    "deeplabv3plus_mobilenetv3": (
+        "errwrap DeepLabV3Plus, mobilenetv3_large_100, OS16",
+        _dlv3p("mobilenetv3_large_100"),
+    ),
     "smp_deeplabv3plus_resnet50": ("SMP DeepLabV3Plus, resnet50", _smp_dlv3p),
     "smp_unet_resnet34": ("SMP Unet, resnet34", _smp_unet),
     "tv_lraspp_mobilenetv3": ("torchvision lraspp_mobilenet_v3_large", _tv("lraspp_mobilenet_v3_large")),
@@ -114,7 +127,14 @@ MODELS: dict[str, tuple[str, Callable[[], nn.Module]]] = {
         _dlv3p("resnet18", aspp_channels=32, decoder_channels=32, low_level_channels=16),
     ),
 }
-CPU_MODELS = ["deeplabv3plus_resnet50", "smp_deeplabv3plus_resnet50", "deeplabv3plus_mobilenetv3", "smp_unet_resnet34", "tv_lraspp_mobilenetv3", "segformer_b0"]
+CPU_MODELS = [
+    "deeplabv3plus_resnet50",
+    "smp_deeplabv3plus_resnet50",
+    "deeplabv3plus_mobilenetv3",
+    "smp_unet_resnet34",
+    "tv_lraspp_mobilenetv3",
+    "segformer_b0",
+]
 REFERENCE = "deeplabv3plus_resnet50"  # the parameter target is relative to this base
 
 
@@ -136,7 +156,9 @@ def _variants(wrappers: dict[int, nn.Module], x: torch.Tensor, autocast: Any) ->
     size = x.shape[-2:]
 
     def resize(t: torch.Tensor) -> torch.Tensor:
-        return t if t.shape[-2:] == size else nn.functional.interpolate(t, size=size, mode="bilinear", align_corners=False)
+        return (
+            t if t.shape[-2:] == size else nn.functional.interpolate(t, size=size, mode="bilinear", align_corners=False)
+        )
 
     def base() -> Any:
         with torch.inference_mode(), autocast():
@@ -188,7 +210,9 @@ def _memory(fn: Callable[[], Any], device: torch.device) -> int:
     return int(tracker.peak)
 
 
-def bench_model(key: str, args: argparse.Namespace, batch: int, size: list[int], say: Callable[[str], None]) -> dict[str, Any]:
+def bench_model(
+    key: str, args: argparse.Namespace, batch: int, size: list[int], say: Callable[[str], None]
+) -> dict[str, Any]:
     from errwrap import ErrorCorrectionWrapper
 
     device = torch.device(args.device)
@@ -224,8 +248,14 @@ def bench_model(key: str, args: argparse.Namespace, batch: int, size: list[int],
     for name in fns:
         kind, _, w = name.partition("@")
         wrap = wrappers[int(w)] if w else first
-        added = 0 if kind == "base" else _count_params(wrap.error_head) if kind == "error" else sum(p.numel() for p in wrap.head_parameters())
-        ratios = [t / b for t, b in zip(times[name], times["base"])]
+        added = (
+            0
+            if kind == "base"
+            else _count_params(wrap.error_head)
+            if kind == "error"
+            else sum(p.numel() for p in wrap.head_parameters())
+        )
+        ratios = [t / b for t, b in zip(times[name], times["base"], strict=False)]
         rows.append({
             "model": key,
             "size": f"{height}x{width}",
@@ -244,7 +274,15 @@ def bench_model(key: str, args: argparse.Namespace, batch: int, size: list[int],
             "added_memory_pct": 100 * (memory[name] - memory["base"]) / max(1, memory["base"]),
         })  # fmt: skip
     say(f"  {key} {height}x{width} batch {batch}: {len(fns)} variants x {args.repeats} rounds in {seconds:.0f} s")
-    return {"model": key, "description": MODELS[key][0], "size": f"{height}x{width}", "batch": batch, "base_params": base_params, "rows": rows, "times_s": times}
+    return {
+        "model": key,
+        "description": MODELS[key][0],
+        "size": f"{height}x{width}",
+        "batch": batch,
+        "base_params": base_params,
+        "rows": rows,
+        "times_s": times,
+    }
 
 
 def _meets(rows: list[dict[str, Any]], width: int, key: str) -> dict[str, Any]:
@@ -269,11 +307,35 @@ def _mark(value: float, met: bool | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter, epilog="models: " + ", ".join(MODELS))
-    parser.add_argument("--models", nargs="+", default=None, choices=list(MODELS), help=f"bases to measure (default: {' '.join(CPU_MODELS)})")
-    parser.add_argument("--size", nargs=2, type=int, action="append", default=None, metavar=("H", "W"), help="input size, repeatable (default 256 512 on CPU, 512 1024 on CUDA)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="models: " + ", ".join(MODELS),
+    )
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=None,
+        choices=list(MODELS),
+        help=f"bases to measure (default: {' '.join(CPU_MODELS)})",
+    )
+    parser.add_argument(
+        "--size",
+        nargs=2,
+        type=int,
+        action="append",
+        default=None,
+        metavar=("H", "W"),
+        help="input size, repeatable (default 256 512 on CPU, 512 1024 on CUDA)",
+    )
     parser.add_argument("--batch", nargs="+", type=int, default=[1], help="batch sizes")
-    parser.add_argument("--widths", nargs="+", type=int, default=[64, 32, 16], help="error_channels = detail_channels values; the first is the headline")
+    parser.add_argument(
+        "--widths",
+        nargs="+",
+        type=int,
+        default=[64, 32, 16],
+        help="error_channels = detail_channels values; the first is the headline",
+    )
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 9 on CPU, 30 on CUDA)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default 2 on CPU, 10 on CUDA)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -302,9 +364,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.reference_params = _reference_params()
 
     say = print
-    say(f"errwrap overhead benchmark: {args.device} {args.dtype}{' compiled' if args.compile else ''}{' channels_last' if args.channels_last else ''}, "
-        f"input {', '.join(f'{h}x{w}' for h, w in args.size)}, widths {args.widths}, {args.repeats} rounds after {args.warmup} warm-up")  # fmt: skip
-    results = [bench_model(key, args, batch, size, say) for key in args.models for size in args.size for batch in args.batch]
+    say(f"errwrap overhead benchmark: {args.device} {args.dtype}{' compiled' if args.compile else ''}"
+        f"{' channels_last' if args.channels_last else ''}, "
+        f"input {', '.join(f'{h}x{w}' for h, w in args.size)}, widths {args.widths}, {args.repeats} rounds after "
+        f"{args.warmup} warm-up")  # fmt: skip
+    results = [
+        bench_model(key, args, batch, size, say) for key in args.models for size in args.size for batch in args.batch
+    ]
     env = environment(args.device)  # after the runs, so the versions of every imported family are listed
 
     table = []
@@ -316,12 +382,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "ms (median)": f"{lat['median']:.1f}", "IQR ms": f"{lat['iqr']:.1f}",
                 "x base": f"{r['ratio']['median']:.3f}", "params M": f"{r['params'] / 1e6:.2f}",
                 "+params % ref": f"{r['added_params_pct_of_reference']:.2f}", "GFLOPs": f"{r['gflops']:.1f}",
-                "+FLOPs %": f"{r['added_gflops_pct']:.1f}", "peak MB": f"{r['peak_memory_mb']:.1f}", "+mem %": f"{r['added_memory_pct']:.1f}",
+                "+FLOPs %": f"{r['added_gflops_pct']:.1f}", "peak MB": f"{r['peak_memory_mb']:.1f}",
+                "+mem %": f"{r['added_memory_pct']:.1f}",
             })  # fmt: skip
     print()
     print(format_table(table))
-    memory_note = "CUDA max_memory_allocated during the call" if cuda else "peak bytes of live tensors created during the call (TensorMemory; no weights, no allocator overhead)"
-    print(f"\nmemory: {memory_note}; +params % ref: added parameters in % of {REFERENCE} ({args.reference_params / 1e6:.2f} M)")
+    memory_note = (
+        "CUDA max_memory_allocated during the call"
+        if cuda
+        else "peak bytes of live tensors created during the call (TensorMemory; no weights, no allocator overhead)"
+    )
+    print(
+        f"\nmemory: {memory_note}; +params % ref: added parameters in % of {REFERENCE} "
+        f"({args.reference_params / 1e6:.2f} M)"
+    )
 
     targets = []
     per_model: dict[str, Any] = {}
@@ -329,27 +403,43 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         key = f"{res['model']}/{res['size']}/b{res['batch']}"
         headline = _meets(res["rows"], args.widths[0], res["model"])
         reaching = [w for w in sorted(args.widths, reverse=True) if _meets(res["rows"], w, res["model"])["all_met"]]
-        per_model[key] = {"width": args.widths[0], "target_all": _target_all(res["model"]), **headline, "widest_meeting_all": reaching[0] if reaching else None}
+        per_model[key] = {
+            "width": args.widths[0],
+            "target_all": _target_all(res["model"]),
+            **headline,
+            "widest_meeting_all": reaching[0] if reaching else None,
+        }
         targets.append({
             "model": key, "width": args.widths[0],
             f"error head x base (<= {TARGET_ERROR})": _mark(headline["error_ratio"], headline["error_met"]),
-            "all x base (target)": f"{_mark(headline['all_ratio'], headline['all_met'])} (<= {_target_all(res['model'])})",
+            "all x base (target)":
+                f"{_mark(headline['all_ratio'], headline['all_met'])} (<= {_target_all(res['model'])})",
             f"peak memory x base (<= {TARGET_MEMORY})": _mark(headline["memory_ratio"], headline["memory_met"]),
-            f"+params % ref (<= {100 * TARGET_PARAMS:.0f})": _mark(headline["added_params_pct_of_reference"], headline["params_met"]),
+            f"+params % ref (<= {100 * TARGET_PARAMS:.0f})":
+                _mark(headline["added_params_pct_of_reference"], headline["params_met"]),
             "widest width meeting 'all'": reaching[0] if reaching else "none measured",
         })  # fmt: skip
     print("\ntargets (median ratios of the headline width; '-': no target for this base):")
     print(format_table(targets))
     if args.plot:
         groups = [f"{r['model']}/{r['size']}/b{r['batch']}" for r in results]
-        series = {f"{kind}@{w}": [next(x["ratio"]["median"] for x in r["rows"] if x["variant"] == f"{kind}@{w}") for r in results] for w in args.widths[:2] for kind in ("error", "all")}
+        series = {
+            f"{kind}@{w}": [
+                next(x["ratio"]["median"] for x in r["rows"] if x["variant"] == f"{kind}@{w}") for r in results
+            ]
+            for w in args.widths[:2]
+            for kind in ("error", "all")
+        }
         bar_plot(args.plot, f"latency / base latency ({args.device}, median of {args.repeats} rounds)", groups, series,
-                 reference=TARGET_ALL_LIGHT, reference_label=f"target all heads, light bases {TARGET_ALL_LIGHT}", value_format="{:.2f}", width=1100)  # fmt: skip
+                 reference=TARGET_ALL_LIGHT, reference_label=f"target all heads, light bases {TARGET_ALL_LIGHT}",
+                 value_format="{:.2f}", width=1100)  # fmt: skip
         print(f"wrote {args.plot}")
 
     config = {k: v for k, v in vars(args).items() if k not in ("json", "plot")}
     summary = {"benchmark": "overhead", "device": args.device, "size": args.size, "models": per_model,
-               "all_targets_met_at_default_width": all(m[k] is not False for m in per_model.values() for k in ("error_met", "all_met", "memory_met", "params_met"))}  # fmt: skip
+               "all_targets_met_at_default_width": all(
+                   m[k] is not False for m in per_model.values()
+                   for k in ("error_met", "all_met", "memory_met", "params_met"))}  # fmt: skip
     finish({**env, "config": config, "memory": memory_note, "results": results}, summary, args.json)
     return summary
 

@@ -53,7 +53,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, finish, format_table, mean_std  # noqa: E402
 
 BASES = ("deeplabv3plus", "stride8")
-BASE_SCORES = ("errwrap", "error_head", "msp", "entropy", "max_logit", "energy", "temperature_msp", "mc_dropout", "ensemble")
+BASE_SCORES = (
+    "errwrap",
+    "error_head",
+    "msp",
+    "entropy",
+    "max_logit",
+    "energy",
+    "temperature_msp",
+    "mc_dropout",
+    "ensemble",
+)
 TARGETS = {
     "aupr": "AUPR-Error of out.base_error_prob >= MSP + 5 points",
     "aurc": "AURC of (out.labels, out.error_prob) <= 0.8 x AURC of (base labels, MSP)",
@@ -69,7 +79,9 @@ class Stride8(nn.Module):
         super().__init__()
         import timm
 
-        self.encoder = timm.create_model("resnet18", pretrained=False, features_only=True, out_indices=(3,), output_stride=8)
+        self.encoder = timm.create_model(
+            "resnet18", pretrained=False, features_only=True, out_indices=(3,), output_stride=8
+        )
         self.classifier = nn.Conv2d(self.encoder.feature_info.channels()[-1], num_classes, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -81,7 +93,14 @@ def build_base(kind: str, num_classes: int, seed: int) -> nn.Module:
 
     torch.manual_seed(seed)
     if kind == "deeplabv3plus":
-        return DeepLabV3Plus("resnet18", num_classes=num_classes, output_stride=16, aspp_channels=64, decoder_channels=64, low_level_channels=24)
+        return DeepLabV3Plus(
+            "resnet18",
+            num_classes=num_classes,
+            output_stride=16,
+            aspp_channels=64,
+            decoder_channels=64,
+            low_level_channels=24,
+        )
     if kind == "stride8":
         return Stride8(num_classes)
     raise ValueError(f"base: expected one of {BASES}, got {kind!r}")
@@ -120,11 +139,15 @@ def _miou(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> float:
     return float(np.mean(inter[present] / np.maximum(union[present], 1)))
 
 
-def evaluate_condition(wrap, scores: dict[str, Any], ensemble: Any, loader: DataLoader, num_classes: int) -> dict[str, Any]:
+def evaluate_condition(
+    wrap, scores: dict[str, Any], ensemble: Any, loader: DataLoader, num_classes: int
+) -> dict[str, Any]:
     """Every pixel's scores and errors under one condition, then the exact metrics."""
     from errwrap.metrics import exact_error_detection, exact_risk_coverage, image_aurc, risk_coverage_curve
 
-    cols: dict[str, list[np.ndarray]] = {k: [] for k in (*BASE_SCORES, "returned", "truth", "base_pred", "pred", "ens_pred")}
+    cols: dict[str, list[np.ndarray]] = {
+        k: [] for k in (*BASE_SCORES, "returned", "truth", "base_pred", "pred", "ens_pred")
+    }
     per_image: dict[str, list[float]] = {k: [] for k in ("returned_mean", "returned_err", "msp_mean", "base_err")}
     with torch.no_grad():
         for images, labels in loader:
@@ -167,7 +190,8 @@ def evaluate_condition(wrap, scores: dict[str, Any], ensemble: Any, loader: Data
         keep = np.unique(np.linspace(0, len(coverage) - 1, min(len(coverage), 400)).round().astype(int))
         curves[k] = (coverage[keep].tolist(), risk[keep].tolist())
     return {
-        "error_rate": {k: float(err.mean()) for k, (_, err) in judged.items()} | {"base": float(base_err.mean()), "returned": float(ret_err.mean())},
+        "error_rate": {k: float(err.mean()) for k, (_, err) in judged.items()}
+        | {"base": float(base_err.mean()), "returned": float(ret_err.mean())},
         "detection": detection,
         "aurc": {k: v.aurc for k, v in rc.items()},
         "eaurc": {k: v.eaurc for k, v in rc.items()},
@@ -176,7 +200,11 @@ def evaluate_condition(wrap, scores: dict[str, Any], ensemble: Any, loader: Data
             "errwrap": image_aurc(per_image["returned_mean"], per_image["returned_err"]).aurc,
             "base_msp": image_aurc(per_image["msp_mean"], per_image["base_err"]).aurc,
         },
-        "miou": {k: _miou(a[p], a["truth"], num_classes) for k, p in (("base", "base_pred"), ("errwrap", "pred"), ("ensemble", "ens_pred")) if p in a},
+        "miou": {
+            k: _miou(a[p], a["truth"], num_classes)
+            for k, p in (("base", "base_pred"), ("errwrap", "pred"), ("ensemble", "ens_pred"))
+            if p in a
+        },
     }
 
 
@@ -184,7 +212,16 @@ def run_cell(family: str, base_kind: str, seed: int, args: argparse.Namespace, s
     """Train (base, ensemble members, heads) for one (family, base, seed), then every condition."""
     import errwrap
     from errwrap import ErrorCorrectionWrapper
-    from errwrap.data import CORRUPTIONS, IMAGENET_MEAN, IMAGENET_STD, Compose, Corrupt, Normalize, RandomHorizontalFlip, generated
+    from errwrap.data import (
+        CORRUPTIONS,
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        Compose,
+        Corrupt,
+        Normalize,
+        RandomHorizontalFlip,
+        generated,
+    )
     from errwrap.scores import EnsembleScore, TemperatureMSPScore, build_score
 
     norm = Normalize(IMAGENET_MEAN, IMAGENET_STD)
@@ -203,7 +240,9 @@ def run_cell(family: str, base_kind: str, seed: int, args: argparse.Namespace, s
     num_classes = train.dataset.num_classes
     members = []
     for k in range(args.ensemble if seed in args.ensemble_seeds else 1):
-        members.append(train_base(build_base(base_kind, num_classes, seed + 1000 * k), train, args.base_steps, args.base_lr))
+        members.append(
+            train_base(build_base(base_kind, num_classes, seed + 1000 * k), train, args.base_steps, args.base_lr)
+        )
     base = members[0]
     say(f"  bases trained ({len(members)}, {time.perf_counter() - t0:.0f}s)")
     wrap = ErrorCorrectionWrapper(base)
@@ -220,14 +259,23 @@ def run_cell(family: str, base_kind: str, seed: int, args: argparse.Namespace, s
         "mc_dropout": build_score("mc_dropout", T=10, seed=seed),
     }
     ensemble = EnsembleScore(members) if len(members) > 1 else None
-    conditions = {"clean": None, **{kind: Corrupt(kind, args.severity, seed=seed) for kind in (args.shifts or CORRUPTIONS)}}
+    conditions = {
+        "clean": None,
+        **{kind: Corrupt(kind, args.severity, seed=seed) for kind in (args.shifts or CORRUPTIONS)},
+    }
     results = {}
     for name, corrupt in conditions.items():
-        results[name] = evaluate_condition(wrap, scores, ensemble, loader("val", args.val_images, corrupt=corrupt), num_classes)
+        results[name] = evaluate_condition(
+            wrap, scores, ensemble, loader("val", args.val_images, corrupt=corrupt), num_classes
+        )
         r = results[name]
-        say(f"  {name:6s} base err {100 * r['error_rate']['base']:5.1f}%  mIoU {100 * r['miou']['base']:.1f} -> {100 * r['miou']['errwrap']:.1f}  "
-            f"AUPR-E errwrap {100 * r['detection']['errwrap']['aupr_error']:.1f} msp {100 * r['detection']['msp']['aupr_error']:.1f}  "
-            f"AURC {100 * r['aurc']['errwrap']:.2f} vs {100 * r['aurc']['base_msp']:.2f}")
+        say(
+            f"  {name:6s} base err {100 * r['error_rate']['base']:5.1f}%  mIoU {100 * r['miou']['base']:.1f} -> "
+            f"{100 * r['miou']['errwrap']:.1f}  "
+            f"AUPR-E errwrap {100 * r['detection']['errwrap']['aupr_error']:.1f} msp "
+            f"{100 * r['detection']['msp']['aupr_error']:.1f}  "
+            f"AURC {100 * r['aurc']['errwrap']:.2f} vs {100 * r['aurc']['base_msp']:.2f}"
+        )
     return {"family": family, "base": base_kind, "seed": seed, "seconds": round(time.perf_counter() - t0, 1),
             "temperature_msp": temp_msp.temperature, "conditions": results}  # fmt: skip
 
@@ -250,8 +298,8 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
             cells.setdefault((run["family"], run["base"], cond), []).append(r)
     rows, margins = [], {}
     for (family, base, cond), rs in cells.items():
-        m = lambda f: mean_std([f(r) for r in rs])["mean"]  # noqa: E731
-        checks = {k: m(lambda r, k=k: cell_checks(cond, r)[k]) for k in TARGETS}
+        m = lambda f, rs=rs: mean_std([f(r) for r in rs])["mean"]  # noqa: E731
+        checks = {k: m(lambda r, k=k, cond=cond: cell_checks(cond, r)[k]) for k in TARGETS}
         margins[(family, base, cond)] = checks
         rows.append({
             "family": family, "base": base, "condition": cond,
@@ -260,7 +308,10 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "mIoU base": f"{100 * m(lambda r: r['miou']['base']):.1f}",
             "mIoU out": f"{100 * m(lambda r: r['miou']['errwrap']):.1f}",
             "mIoU ens": f"{100 * m(lambda r: r['miou'].get('ensemble')):.1f}",
-            **{f"AP {s}": f"{100 * m(lambda r, s=s: r['detection'].get(s, {}).get('aupr_error')):.1f}" for s in BASE_SCORES},
+            **{
+                f"AP {s}": f"{100 * m(lambda r, s=s: r['detection'].get(s, {}).get('aupr_error')):.1f}"
+                for s in BASE_SCORES
+            },
             "AURC out": f"{100 * m(lambda r: r['aurc']['errwrap']):.2f}",
             "AURC msp": f"{100 * m(lambda r: r['aurc']['base_msp']):.2f}",
             "AURC ens": f"{100 * m(lambda r: r['aurc'].get('ensemble')):.2f}",
@@ -278,7 +329,9 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     from errwrap.data import CORRUPTIONS, GENERATED
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--families", nargs="+", default=list(GENERATED), choices=list(GENERATED))
     parser.add_argument("--bases", nargs="+", default=list(BASES), choices=list(BASES))
     parser.add_argument("--shifts", nargs="+", default=list(CORRUPTIONS), choices=list(CORRUPTIONS))
@@ -292,17 +345,41 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--base-lr", type=float, default=2e-3)
     parser.add_argument("--head-steps", type=int, default=600, help="errwrap.finetune steps (its defaults otherwise)")
     parser.add_argument("--ensemble", type=int, default=3, help="bases in the deep ensemble (1: none)")
-    parser.add_argument("--ensemble-seeds", nargs="+", type=int, default=[0], help="seeds whose cells train the ensemble (it costs K base trainings)")
-    parser.add_argument("--cells-dir", metavar="DIR", help="keep each (family, base, seed) result here as JSON and reuse it when present "
-                        "(to resume, or to run families in parallel processes and aggregate with a last run)")
-    parser.add_argument("--tiny", action="store_true", help="seconds-long smoke run (one family, one base, a few steps)")
+    parser.add_argument(
+        "--ensemble-seeds",
+        nargs="+",
+        type=int,
+        default=[0],
+        help="seeds whose cells train the ensemble (it costs K base trainings)",
+    )
+    parser.add_argument(
+        "--cells-dir",
+        metavar="DIR",
+        help="keep each (family, base, seed) result here as JSON and reuse it when present "
+        "(to resume, or to run families in parallel processes and aggregate with a last run)",
+    )
+    parser.add_argument(
+        "--tiny", action="store_true", help="seconds-long smoke run (one family, one base, a few steps)"
+    )
     parser.add_argument("--plot", metavar="PNG", help="risk-coverage plot of the worst AURC cell")
     parser.add_argument("--json", metavar="PATH", help="write every cell as JSON")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.tiny:
-        args.families, args.bases, args.shifts, args.seeds = args.families[:1], args.bases[:1], args.shifts[:1], args.seeds[:1]
-        args.image_size, args.train_images, args.val_images, args.base_steps, args.head_steps, args.ensemble = 32, 16, 4, 3, 3, 2
+        args.families, args.bases, args.shifts, args.seeds = (
+            args.families[:1],
+            args.bases[:1],
+            args.shifts[:1],
+            args.seeds[:1],
+        )
+        args.image_size, args.train_images, args.val_images, args.base_steps, args.head_steps, args.ensemble = (
+            32,
+            16,
+            4,
+            3,
+            3,
+            2,
+        )
         args.ensemble_seeds = args.seeds
     env = environment("cpu")
     start = time.perf_counter()
@@ -322,11 +399,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     cached.parent.mkdir(parents=True, exist_ok=True)
                     cached.write_text(json.dumps(runs[-1]))
     summary = summarize(runs)
-    print(f"\nevery cell, mean over seeds {args.seeds} (%; AP = AUPR-Error of the base's errors; errwrap = out.base_error_prob, "
-          "error_head = the error head alone; AURC of returned labels: out = (out.labels, out.error_prob), msp = (base labels, MSP))")
+    print(
+        f"\nevery cell, mean over seeds {args.seeds} (%; AP = AUPR-Error of the base's errors; errwrap = "
+        "out.base_error_prob, "
+        "error_head = the error head alone; AURC of returned labels: out = (out.labels, out.error_prob), msp = (base "
+        "labels, MSP))"
+    )
     print(format_table(summary["rows"]))
     print("\ntargets, worst cell over families x bases x conditions")
-    table = [{"target": TARGETS[k], "worst cell": w["cell"], "margin": f"{100 * w['margin']:+.2f}", "cells met": f"{w['cells_met']}/{w['cells']}",
+    table = [{"target": TARGETS[k], "worst cell": w["cell"], "margin": f"{100 * w['margin']:+.2f}",
+              "cells met": f"{w['cells_met']}/{w['cells']}",
               "met": "yes" if w["margin"] >= 0 else "no"} for k, w in summary["worst"].items()]  # fmt: skip
     print(format_table(table))
     if args.plot:
@@ -335,8 +417,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         cell = summary["worst"]["aurc"]["cell"].split("/")
         run = next(r for r in runs if (r["family"], r["base"]) == tuple(cell[:2]))
         curves = run["conditions"][cell[2]]["curves"]
-        names = {"errwrap": "errwrap (out.labels, out.error_prob)", "base_msp": "base (labels, MSP)", "ensemble": f"ensemble of {args.ensemble}"}
-        risk_coverage_plot({names[k]: (np.asarray(c), np.asarray(r)) for k, (c, r) in curves.items()}, args.plot, title=f"risk-coverage, worst AURC cell {'/'.join(cell)} seed {run['seed']}")
+        names = {
+            "errwrap": "errwrap (out.labels, out.error_prob)",
+            "base_msp": "base (labels, MSP)",
+            "ensemble": f"ensemble of {args.ensemble}",
+        }
+        risk_coverage_plot(
+            {names[k]: (np.asarray(c), np.asarray(r)) for k, (c, r) in curves.items()},
+            args.plot,
+            title=f"risk-coverage, worst AURC cell {'/'.join(cell)} seed {run['seed']}",
+        )
         print(f"wrote {args.plot}")
     out = {
         "benchmark": "quality",

@@ -34,7 +34,9 @@ TARGET_JOINT = 1.25
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--encoder", default="resnet50", help="timm encoder of errwrap's DeepLabV3Plus (OS16)")
     parser.add_argument("--num-classes", type=int, default=19)
     parser.add_argument("--size", nargs=2, type=int, default=[256, 256], metavar=("H", "W"), help="crop size")
@@ -95,29 +97,46 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         loss.backward()
         opt_joint.step()
 
-    print(f"errwrap training-step cost: DeepLabV3Plus({args.encoder}, OS16), batch {args.batch} of {args.size[0]}x{args.size[1]}, "
-          f"head width {args.width}, {args.repeats} interleaved rounds after {args.warmup} warm-up, {torch.get_num_threads()} threads")  # fmt: skip
+    print(f"errwrap training-step cost: DeepLabV3Plus({args.encoder}, OS16), "
+          f"batch {args.batch} of {args.size[0]}x{args.size[1]}, "
+          f"head width {args.width}, {args.repeats} interleaved rounds after {args.warmup} warm-up, "
+          f"{torch.get_num_threads()} threads")  # fmt: skip
     times = interleaved_times({"base": base_step, "heads": heads_step, "joint": joint_step}, args.repeats, args.warmup)
     stats = {name: quartiles(ts) for name, ts in times.items()}
-    ratios = {name: quartiles([t / b for t, b in zip(times[name], times["base"])]) for name in ("heads", "joint")}
+    ratios = {
+        name: quartiles([t / b for t, b in zip(times[name], times["base"], strict=False)])
+        for name in ("heads", "joint")
+    }
+    trained = {"base": base_params, "heads": head_params}  # any other step trains both
     rows = [
         {"step": name, "s/step (median)": f"{s['median']:.3f}", "IQR s": f"{s['iqr']:.3f}",
          "x base step": f"{ratios[name]['median']:.3f}" if name in ratios else "1.000",
-         "trained params M": f"{sum(p.numel() for p in (base_params if name == 'base' else head_params if name == 'heads' else [*base_params, *head_params])) / 1e6:.2f}"}
+         "trained params M":
+             f"{sum(p.numel() for p in trained.get(name, [*base_params, *head_params])) / 1e6:.2f}"}
         for name, s in stats.items()
     ]  # fmt: skip
     print()
     print(format_table(rows))
     heads_r, joint_r = ratios["heads"]["median"], ratios["joint"]["median"]
     targets = [
-        {"target": f"heads-only step <= {TARGET_HEADS} x base step", "value": f"{heads_r:.3f}", "met": "yes" if heads_r <= TARGET_HEADS else "no"},
-        {"target": f"joint step <= {TARGET_JOINT} x base step", "value": f"{joint_r:.3f}", "met": "yes" if joint_r <= TARGET_JOINT else "no"},
+        {
+            "target": f"heads-only step <= {TARGET_HEADS} x base step",
+            "value": f"{heads_r:.3f}",
+            "met": "yes" if heads_r <= TARGET_HEADS else "no",
+        },
+        {
+            "target": f"joint step <= {TARGET_JOINT} x base step",
+            "value": f"{joint_r:.3f}",
+            "met": "yes" if joint_r <= TARGET_JOINT else "no",
+        },
     ]
     print()
     print(format_table(targets))
     if args.plot:
-        bar_plot(args.plot, f"seconds per training step (median; DeepLabV3Plus {args.encoder}, batch {args.batch}, {args.size[0]}x{args.size[1]}, CPU)",
-                 list(stats), {"s/step": [s["median"] for s in stats.values()]}, errors={"s/step": [s["iqr"] / 2 for s in stats.values()]})  # fmt: skip
+        bar_plot(args.plot, f"seconds per training step (median; DeepLabV3Plus {args.encoder}, batch {args.batch}, "
+                            f"{args.size[0]}x{args.size[1]}, CPU)",
+                 list(stats), {"s/step": [s["median"] for s in stats.values()]},
+                 errors={"s/step": [s["iqr"] / 2 for s in stats.values()]})  # fmt: skip
         print(f"wrote {args.plot}")
     summary = {"benchmark": "training_cost", "encoder": args.encoder, "heads_ratio": heads_r, "joint_ratio": joint_r,
                "heads_target_met": heads_r <= TARGET_HEADS, "joint_target_met": joint_r <= TARGET_JOINT,

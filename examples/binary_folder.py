@@ -59,8 +59,14 @@ def main() -> None:
         images, masks = synthetic_folder(Path(tempfile.mkdtemp(prefix="errwrap-binary-")))
         print(f"no --images/--masks: wrote a synthetic folder to {images.parent}")
 
-    train = SegmentationFolder(images, masks, num_classes=2, class_names=["background", "foreground"], label_map={255: 1},
-                               transform=Compose([RandomCrop(args.crop), RandomHorizontalFlip(), Normalize()]))
+    train = SegmentationFolder(
+        images,
+        masks,
+        num_classes=2,
+        class_names=["background", "foreground"],
+        label_map={255: 1},
+        transform=Compose([RandomCrop(args.crop), RandomHorizontalFlip(), Normalize()]),
+    )
     val = SegmentationFolder(images, masks, num_classes=2, class_names=["background", "foreground"], label_map={255: 1},
                              transform=Normalize())
 

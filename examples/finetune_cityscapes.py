@@ -87,7 +87,9 @@ def main() -> None:
     ])
     dataset_cls = Cityscapes if args.dataset == "cityscapes" else ADE20K
     train = dataset_cls(args.data, "train", transform=transform)
-    loader = make_loader(train, args.batch_size, seed=args.seed, num_workers=args.workers, pin_memory=device.type == "cuda")
+    loader = make_loader(
+        train, args.batch_size, seed=args.seed, num_workers=args.workers, pin_memory=device.type == "cuda"
+    )
 
     base = build_base(train.num_classes, args.base_weights).to(device)
     wrapper = ErrorCorrectionWrapper(base, sample_size=256)
@@ -98,7 +100,9 @@ def main() -> None:
         resume=args.resume,
     )
     if not dist.is_initialized() or dist.get_rank() == 0:
-        wrapper.save_pretrained(os.path.join(args.out, "final"), heads_only=not args.joint, class_names=train.class_names)
+        wrapper.save_pretrained(
+            os.path.join(args.out, "final"), heads_only=not args.joint, class_names=train.class_names
+        )
         logging.info("done: %d steps, last checkpoint %s", result.step, result.checkpoint)
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -1,4 +1,5 @@
-"""Quick, runnable example (about half a minute on an idle 2-core CPU, a few minutes on a busy one; no data to download):
+"""Quick, runnable example (about half a minute on an idle 2-core CPU, a few minutes on a busy one; no data to
+download):
 
 1. train a small segmentation network on errwrap's generated Scenes for a few hundred steps;
 2. wrap it with ErrorCorrectionWrapper and fine-tune the three heads with the base frozen;
@@ -25,7 +26,11 @@ from errwrap.training import finetune
 
 
 def conv_bn_relu(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, dilation, dilation=dilation, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, stride, dilation, dilation=dilation, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
 
 
 class SmallSegNet(nn.Module):
@@ -36,7 +41,9 @@ class SmallSegNet(nn.Module):
         super().__init__()
         self.stem = nn.Sequential(conv_bn_relu(3, width, 2), conv_bn_relu(width, width))
         self.low = nn.Sequential(conv_bn_relu(width, 2 * width, 2), conv_bn_relu(2 * width, 2 * width))  # stride 4
-        self.high = nn.Sequential(conv_bn_relu(2 * width, 4 * width, 2), conv_bn_relu(4 * width, 4 * width, dilation=2))  # stride 8
+        self.high = nn.Sequential(
+            conv_bn_relu(2 * width, 4 * width, 2), conv_bn_relu(4 * width, 4 * width, dilation=2)
+        )  # stride 8
         self.fuse = conv_bn_relu(6 * width, 2 * width)
         self.classifier = nn.Conv2d(2 * width, num_classes, 1)
 
@@ -76,7 +83,11 @@ def main() -> None:
     while step < args.base_steps:
         for images, labels in loader:
             logits, _ = base(images)
-            loss = F.cross_entropy(F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False), labels, ignore_index=255)
+            loss = F.cross_entropy(
+                F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False),
+                labels,
+                ignore_index=255,
+            )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -90,13 +101,25 @@ def main() -> None:
     wrapper = ErrorCorrectionWrapper(base, error_channels=32, detail_channels=32)
     before = evaluate(wrapper, val_loader)
     start = time.perf_counter()
-    result = finetune(wrapper, loader, steps=args.head_steps, lr=args.head_lr, warmup_steps=10, loss=ErrorCorrectionLoss(), seed=args.seed, log_every=50)
+    result = finetune(
+        wrapper,
+        loader,
+        steps=args.head_steps,
+        lr=args.head_lr,
+        warmup_steps=10,
+        loss=ErrorCorrectionLoss(),
+        seed=args.seed,
+        log_every=50,
+    )
     logging.info("heads fine-tuned: %d steps in %.1f s", result.step, time.perf_counter() - start)
     after = evaluate(wrapper, val_loader)
 
     print(f"validation ({len(val)} images of {args.size}x{args.size}):")
     print(after.table())
-    print(f"untrained heads: corrected mIoU {before.fused.miou:.3f}, error-map AUROC {before.error_detection['error_head'].auroc:.3f}")
+    print(
+        f"untrained heads: corrected mIoU {before.fused.miou:.3f}, error-map AUROC "
+        f"{before.error_detection['error_head'].auroc:.3f}"
+    )
 
 
 if __name__ == "__main__":

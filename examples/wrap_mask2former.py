@@ -18,8 +18,16 @@ def main() -> None:
     torch.manual_seed(0)
     backbone = SwinConfig(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], window_size=4,
                           out_features=["stage1", "stage2", "stage3", "stage4"])
-    config = Mask2FormerConfig(backbone_config=backbone, num_queries=20, hidden_dim=64, feature_size=64, mask_feature_size=64,
-                               encoder_layers=1, decoder_layers=2, num_labels=19)
+    config = Mask2FormerConfig(
+        backbone_config=backbone,
+        num_queries=20,
+        hidden_dim=64,
+        feature_size=64,
+        mask_feature_size=64,
+        encoder_layers=1,
+        decoder_layers=2,
+        num_labels=19,
+    )
     model = Mask2FormerForUniversalSegmentation(config).eval()
     wrap = ErrorCorrectionWrapper(model)  # the transformers adapter: backbone stages + pixel decoder feature
     print(f"adapter {wrap.adapter.name!r}: low-level feature {wrap.low_key!r}, high-level {wrap.high_key!r}")
@@ -27,8 +35,11 @@ def main() -> None:
     with torch.no_grad():
         out = wrap.eval()(images)
         queries = model(pixel_values=images)
-    print(f"Mask2Former queries {tuple(queries.class_queries_logits.shape)} and masks {tuple(queries.masks_queries_logits.shape)} "
-          f"-> errwrap maps {tuple(out.logits.shape)}, error_prob {tuple(out.error_prob.shape)}")
+    print(
+        f"Mask2Former queries {tuple(queries.class_queries_logits.shape)} and masks "
+        f"{tuple(queries.masks_queries_logits.shape)} "
+        f"-> errwrap maps {tuple(out.logits.shape)}, error_prob {tuple(out.error_prob.shape)}"
+    )
 
 
 if __name__ == "__main__":

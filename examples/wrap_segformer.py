@@ -24,7 +24,10 @@ def main() -> None:
     with torch.no_grad():
         out = wrap.eval()(images)
         native = model(pixel_values=images).logits
-    print(f"SegFormer logits {tuple(native.shape)} -> errwrap maps {tuple(out.logits.shape)}, error_prob {tuple(out.error_prob.shape)}")
+    print(
+        f"SegFormer logits {tuple(native.shape)} -> errwrap maps {tuple(out.logits.shape)}, error_prob "
+        f"{tuple(out.error_prob.shape)}"
+    )
 
 
 if __name__ == "__main__":

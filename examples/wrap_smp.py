@@ -22,8 +22,14 @@ def main() -> None:
         out = wrap.eval()(images)
         reference = model(images)
     assert torch.equal(out.base_logits, reference), "base logits must equal the unwrapped model's"
-    print(f"error_prob {tuple(out.error_prob.shape)}, mean {out.error_prob.mean():.3f}; corrected labels {tuple(out.labels.shape)}")
-    print(f"heads add {sum(p.numel() for p in wrap.head_parameters()) / 1e6:.2f} M parameters to {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M")
+    print(
+        f"error_prob {tuple(out.error_prob.shape)}, mean {out.error_prob.mean():.3f}; corrected labels "
+        f"{tuple(out.labels.shape)}"
+    )
+    print(
+        f"heads add {sum(p.numel() for p in wrap.head_parameters()) / 1e6:.2f} M parameters to "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M"
+    )
 
 
 if __name__ == "__main__":

@@ -24,7 +24,9 @@ def main() -> None:
     data = [(torch.randn(2, 3, 32, 32, generator=g), torch.randint(0, 5, (2, 32, 32), generator=g)) for _ in range(5)]
     if "slow" in sys.argv[4:]:  # give the test time to kill us between checkpoints
         wrap.error_head.register_forward_hook(lambda *args: time.sleep(0.3))
-    result = finetune(wrap, data, steps=steps, lr=1e-2, seed=0, checkpoint_dir=ckpt, checkpoint_every=2, resume=resume, progress=False)
+    result = finetune(
+        wrap, data, steps=steps, lr=1e-2, seed=0, checkpoint_dir=ckpt, checkpoint_every=2, resume=resume, progress=False
+    )
     torch.save({"state": {k: v for k, v in wrap.state_dict().items() if not k.startswith("base.")},
                 "losses": [h["loss"] for h in result.history]}, out)
 

@@ -72,7 +72,10 @@ def test_output_fields_are_pinned():
 
 
 def test_import_does_not_pull_optional_families():
-    code = "import sys, errwrap; print(sorted(m for m in ('segmentation_models_pytorch', 'transformers', 'torchvision.models.segmentation', 'onnx') if m in sys.modules))"
+    code = (
+        "import sys, errwrap; print(sorted(m for m in ('segmentation_models_pytorch', 'transformers', "
+        "'torchvision.models.segmentation', 'onnx') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"

@@ -47,8 +47,17 @@ def tmp(tmp_path_factory) -> Path:
 
 
 def test_help_lists_the_options():
-    for script, option in (("overhead", "--channels-last"), ("mc_dropout", "--model"), ("training_cost", "--encoder"), ("quality", "--families"), ("estimate", "--shifts"), ("inference_path", "--no-compile")):
-        proc = subprocess.run([sys.executable, str(BENCH / f"{script}.py"), "--help"], capture_output=True, text=True, timeout=120)
+    for script, option in (
+        ("overhead", "--channels-last"),
+        ("mc_dropout", "--model"),
+        ("training_cost", "--encoder"),
+        ("quality", "--families"),
+        ("estimate", "--shifts"),
+        ("inference_path", "--no-compile"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, str(BENCH / f"{script}.py"), "--help"], capture_output=True, text=True, timeout=120
+        )
         assert proc.returncode == 0 and option in proc.stdout and "--json" in proc.stdout and "--tiny" in proc.stdout
 
 
@@ -104,7 +113,17 @@ def test_quality_over_families_bases_and_shifts(tmp):
     (run,) = data["runs"]
     assert set(run["conditions"]) == {"clean", data["config"]["shifts"][0]}
     for r in run["conditions"].values():
-        assert set(r["detection"]) == {"errwrap", "error_head", "msp", "entropy", "max_logit", "energy", "temperature_msp", "mc_dropout", "ensemble"}
+        assert set(r["detection"]) == {
+            "errwrap",
+            "error_head",
+            "msp",
+            "entropy",
+            "max_logit",
+            "energy",
+            "temperature_msp",
+            "mc_dropout",
+            "ensemble",
+        }
         assert all(_is_rate(m["aupr_error"]) and _is_rate(m["auroc"]) for m in r["detection"].values()), r["detection"]
         assert all(_is_rate(v) for v in r["miou"].values()) and all(_is_rate(v) for v in r["error_rate"].values())
         assert all(0.0 <= v <= 1.0 for v in r["aurc"].values())
@@ -130,14 +149,20 @@ def test_estimate(tmp):
     for table in ("abs_error_pixel_accuracy", "abs_error_miou"):
         for condition in summary["conditions"]:
             values = summary[table]["scenes"][condition]
-            assert set(values) == {"errwrap", "errwrap+T", "avg_confidence", "atc"} and all(_is_rate(v) for v in values.values())
+            assert set(values) == {"errwrap", "errwrap+T", "avg_confidence", "atc"} and all(
+                _is_rate(v) for v in values.values()
+            )
     assert all(-1.0 <= v <= 1.0 for c in summary["spearman"]["scenes"].values() for v in c.values())
     run = data["runs"][0]
     assert 0.0 < run["atc_threshold"] < 1.0 and run["temperature"] > 0
     for condition in run["conditions"].values():
         errors, truth = condition["errors"], condition["truth"]
-        assert errors["errwrap"]["pixel_accuracy"] == abs(errors["errwrap"]["estimate_pixel_accuracy"] - truth["fused"]["pixel_accuracy"])
-        assert errors["atc"]["pixel_accuracy"] == abs(errors["atc"]["estimate_pixel_accuracy"] - truth["base"]["pixel_accuracy"])
+        assert errors["errwrap"]["pixel_accuracy"] == abs(
+            errors["errwrap"]["estimate_pixel_accuracy"] - truth["fused"]["pixel_accuracy"]
+        )
+        assert errors["atc"]["pixel_accuracy"] == abs(
+            errors["atc"]["estimate_pixel_accuracy"] - truth["base"]["pixel_accuracy"]
+        )
         assert len(condition["per_image"]) == 8
     # a shift changes the images the model sees, so the truth moves
     assert run["conditions"]["blur"]["truth"] != run["conditions"]["none"]["truth"]

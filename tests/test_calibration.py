@@ -21,7 +21,9 @@ def test_fit_recovers_the_temperature_of_overconfident_log_probs():
     fit = fit_temperature(overconfident, labels)
     assert fit.temperature == pytest.approx(3.0, rel=0.05)
     assert fit.nll_after < fit.nll_before and fit.pixels == 20_000
-    best = min(torch.log_softmax(overconfident / t, 1).gather(1, labels[:, None]).neg().mean().item() for t in (2.8, 3.0, 3.2))
+    best = min(
+        torch.log_softmax(overconfident / t, 1).gather(1, labels[:, None]).neg().mean().item() for t in (2.8, 3.0, 3.2)
+    )
     assert fit.nll_after <= best + 1e-4
     with pytest.raises(ValueError, match="at least one labelled pixel"):
         fit_temperature(torch.zeros(0, 5), torch.zeros(0, dtype=torch.long))
@@ -30,7 +32,9 @@ def test_fit_recovers_the_temperature_of_overconfident_log_probs():
 def test_calibrated_wrapper_keeps_labels_and_round_trips(tmp_path):
     torch.manual_seed(0)
     wrap = ErrorCorrectionWrapper(tiny_base(), error_channels=8, detail_channels=8).eval()
-    loader = [batch(n=2, size=32, seed=s) for s in range(3)] + [(torch.randn(1, 3, 32, 32), torch.full((1, 32, 32), 255))]
+    loader = [batch(n=2, size=32, seed=s) for s in range(3)] + [
+        (torch.randn(1, 3, 32, 32), torch.full((1, 32, 32), 255))
+    ]
     x = loader[0][0]
     with torch.no_grad():
         before = wrap(x)

@@ -31,7 +31,9 @@ def test_help_for_every_command(capsys):
             main([*command, "--help"])
         assert info.value.code == 0
         assert "usage: errwrap" in capsys.readouterr().out
-    assert {"demo", "predict", "evaluate", "finetune", "estimate"} <= set(build_parser()._subparsers._group_actions[0].choices)
+    assert {"demo", "predict", "evaluate", "finetune", "estimate"} <= set(
+        build_parser()._subparsers._group_actions[0].choices
+    )
 
 
 def test_predict_writes_labels_error_map_and_panel(model_dir, tmp_path, capsys):
@@ -47,14 +49,17 @@ def test_predict_writes_labels_error_map_and_panel(model_dir, tmp_path, capsys):
     panel = Image.open(out / "street_panel.png")
     scale = (panel.size[0] - 5 * PANEL_GAP) // (6 * 56)  # small images are enlarged so the titles fit
     assert scale >= 1 and panel.width == 6 * 56 * scale + 5 * PANEL_GAP
-    key_height = panel.height - (40 * scale + PANEL_TITLE_HEIGHT)  # the key below: classes, error colour bar, changed pixels
+    # the key below: classes, error colour bar, changed pixels
+    key_height = panel.height - (40 * scale + PANEL_TITLE_HEIGHT)
     assert 3 * KEY_ROW_HEIGHT <= key_height <= 12 * KEY_ROW_HEIGHT
     assert "re-labelled" in capsys.readouterr().out
 
 
 def test_evaluate_prints_table_and_writes_json(model_dir, tmp_path, capsys):
     report = tmp_path / "report.json"
-    assert main(["evaluate", "--model", str(model_dir), "--data", "scenes:4", "--size", "32", "--json", str(report)]) == 0
+    assert (
+        main(["evaluate", "--model", str(model_dir), "--data", "scenes:4", "--size", "32", "--json", str(report)]) == 0
+    )
     text = capsys.readouterr().out
     assert "error_head" in text and "msp" in text
     data = json.loads(report.read_text())
@@ -92,12 +97,27 @@ def _exit_code(argv):
     "argv, message",
     [
         ([], "errwrap: error: the following arguments are required: COMMAND (see 'errwrap --help')"),
-        (["predict", "--model", "MODEL"], "errwrap: error: predict: the following arguments are required: images, --out"),
-        (["evaluate", "--model", "MODEL", "--data", "scenes:2", "--batch-size", "0"], "--batch-size: expected a positive integer, got 0"),
+        (
+            ["predict", "--model", "MODEL"],
+            "errwrap: error: predict: the following arguments are required: images, --out",
+        ),
+        (
+            ["evaluate", "--model", "MODEL", "--data", "scenes:2", "--batch-size", "0"],
+            "--batch-size: expected a positive integer, got 0",
+        ),
         (["evaluate", "--model", "MODEL", "--data", "scenes:abc"], "expected scenes or scenes:N"),
-        (["evaluate", "--model", "MODEL", "--data", "scenes:2", "--json", "TMP"], "--json TMP: expected a file name, got an existing directory"),
-        (["predict", "--model", "MODEL", "TMP/image.png", "--out", "TMP/a_file"], "expected a directory (existing or new), got an existing file"),
-        (["finetune", "--model", "MODEL", "--data", "scenes:2", "--steps", "1", "--out", "TMP/a_file"], "--out TMP/a_file: expected a directory"),
+        (
+            ["evaluate", "--model", "MODEL", "--data", "scenes:2", "--json", "TMP"],
+            "--json TMP: expected a file name, got an existing directory",
+        ),
+        (
+            ["predict", "--model", "MODEL", "TMP/image.png", "--out", "TMP/a_file"],
+            "expected a directory (existing or new), got an existing file",
+        ),
+        (
+            ["finetune", "--model", "MODEL", "--data", "scenes:2", "--steps", "1", "--out", "TMP/a_file"],
+            "--out TMP/a_file: expected a directory",
+        ),
         (["predict", "--model", "MODEL", "TMP/empty", "--out", "TMP/out"], "a directory without image files"),
         (["predict", "--model", "MODEL", "TMP/a_file", "--out", "TMP/out"], "not an image errwrap can read"),
     ],
@@ -131,19 +151,46 @@ def test_predict_on_a_directory_of_rgba_gray_16_bit_and_jpeg_images(model_dir, t
     stems = ["gray16", "gray8", "scene_jpg", "scene_png"]
     assert names == sorted(f"{s}_{kind}.png" for s in stems for kind in ("error", "labels", "panel"))
     # a 16-bit image is scaled by 65535, not clipped at 255: it predicts exactly what its 8-bit twin does
-    assert np.array_equal(np.asarray(Image.open(out / "gray16_labels.png")), np.asarray(Image.open(out / "gray8_labels.png")))
-    assert np.array_equal(np.asarray(Image.open(out / "gray16_error.png")), np.asarray(Image.open(out / "gray8_error.png")))
+    assert np.array_equal(
+        np.asarray(Image.open(out / "gray16_labels.png")), np.asarray(Image.open(out / "gray8_labels.png"))
+    )
+    assert np.array_equal(
+        np.asarray(Image.open(out / "gray16_error.png")), np.asarray(Image.open(out / "gray8_error.png"))
+    )
     assert Image.open(out / "scene_png_labels.png").size == (32, 24)
     assert capsys.readouterr().out.count("re-labelled") == 4
 
 
 def test_finetune_command_saves_a_loadable_model(model_dir, tmp_path, capsys):
     out = tmp_path / "tuned"
-    assert main(["finetune", "--model", str(model_dir), "--data", "scenes:4", "--size", "32", "--steps", "2", "--batch-size", "2", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "finetune",
+                "--model",
+                str(model_dir),
+                "--data",
+                "scenes:4",
+                "--size",
+                "32",
+                "--steps",
+                "2",
+                "--batch-size",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     tuned = ErrorCorrectionWrapper.from_pretrained(out)
     before = ErrorCorrectionWrapper.from_pretrained(model_dir)
     assert not torch.equal(tuned.error_head.classifier.weight, before.error_head.classifier.weight)
-    assert torch.equal(tuned.base.classifier.weight, before.base.classifier.weight) if hasattr(tuned.base, "classifier") else True
+    assert (
+        torch.equal(tuned.base.classifier.weight, before.base.classifier.weight)
+        if hasattr(tuned.base, "classifier")
+        else True
+    )
     assert tuned.preprocessing == {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
 
 
@@ -164,7 +211,9 @@ def test_help_says_how_to_make_a_model_and_what_needs_python(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     text = capsys.readouterr().out
-    assert "save_pretrained" in text and "from_pretrained(DIR, model=your_network)" in text and "--label-map 255:1" in text
+    assert (
+        "save_pretrained" in text and "from_pretrained(DIR, model=your_network)" in text and "--label-map 255:1" in text
+    )
     for command in ("predict", "evaluate", "finetune"):
         with pytest.raises(SystemExit):
             main([command, "--help"])
@@ -178,7 +227,9 @@ def test_a_base_of_your_own_or_heads_only_is_refused_in_cli_terms(tmp_path, caps
     class Own(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, 2, 1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3, 2, 1), torch.nn.ReLU())
+            self.body = torch.nn.Sequential(
+                torch.nn.Conv2d(3, 8, 3, 2, 1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3, 2, 1), torch.nn.ReLU()
+            )
             self.classifier = torch.nn.Conv2d(8, 3, 1)
 
         def forward(self, x):
@@ -250,7 +301,10 @@ def test_folder_masks_are_checked_against_the_models_classes_by_file(model_dir, 
     (tmp_path / "masks").mkdir()
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "images" / "a.png")
     Image.fromarray(np.full((16, 16), 12, np.uint8)).save(tmp_path / "masks" / "a.png")  # the model has 11 classes
-    assert main(["evaluate", "--model", str(model_dir), "--data", f"folder:{tmp_path / 'images'},{tmp_path / 'masks'}"]) == 2
+    assert (
+        main(["evaluate", "--model", str(model_dir), "--data", f"folder:{tmp_path / 'images'},{tmp_path / 'masks'}"])
+        == 2
+    )
     err = capsys.readouterr().err
     assert "a.png: label values [12] are neither in 0..10" in err
 
@@ -266,23 +320,72 @@ def test_ade20k_keeps_label_0_for_a_151_class_model(tmp_path, capsys):
     pixels = {}
     for classes in (150, 151):
         torch.manual_seed(0)
-        base = DeepLabV3Plus("resnet18", num_classes=classes, aspp_channels=16, decoder_channels=16, low_level_channels=8)
+        base = DeepLabV3Plus(
+            "resnet18", num_classes=classes, aspp_channels=16, decoder_channels=16, low_level_channels=8
+        )
         ErrorCorrectionWrapper(base, error_channels=8, detail_channels=8).save_pretrained(tmp_path / str(classes))
-        assert main(["evaluate", "--model", str(tmp_path / str(classes)), "--data", f"ade20k:{tmp_path}", "--json", str(tmp_path / f"{classes}.json")]) == 0
+        assert (
+            main(
+                [
+                    "evaluate",
+                    "--model",
+                    str(tmp_path / str(classes)),
+                    "--data",
+                    f"ade20k:{tmp_path}",
+                    "--json",
+                    str(tmp_path / f"{classes}.json"),
+                ]
+            )
+            == 0
+        )
         pixels[classes] = json.loads((tmp_path / f"{classes}.json").read_text())["num_pixels"]
     assert pixels == {150: 16 * 8, 151: 16 * 16}  # label 0 ignored for 150 classes, class "other" for 151
 
 
 def test_estimate_on_a_labelled_split_and_on_image_files(model_dir, tmp_path, capsys):
     out_json = tmp_path / "estimate.json"
-    assert main(["estimate", "--model", str(model_dir), "--data", "scenes:4", "--size", "32", "--worst", "2", "--json", str(out_json)]) == 0
+    assert (
+        main(
+            [
+                "estimate",
+                "--model",
+                str(model_dir),
+                "--data",
+                "scenes:4",
+                "--size",
+                "32",
+                "--worst",
+                "2",
+                "--json",
+                str(out_json),
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "errwrap estimate (no labels): 4 images, 4096 pixels" in text and "avg_confidence" in text
     data = json.loads(out_json.read_text())
     assert data["num_images"] == 4 and [r["index"] for r in data["per_image"]] == [0, 1, 2, 3]
     assert 0.0 <= data["pixel_accuracy"] <= 1.0 and 0.0 <= data["miou"] <= 1.0
     blurred = tmp_path / "blurred.json"
-    assert main(["estimate", "--model", str(model_dir), "--data", "scenes:4", "--size", "32", "--corrupt", "blur:5", "--json", str(blurred)]) == 0
+    assert (
+        main(
+            [
+                "estimate",
+                "--model",
+                str(model_dir),
+                "--data",
+                "scenes:4",
+                "--size",
+                "32",
+                "--corrupt",
+                "blur:5",
+                "--json",
+                str(blurred),
+            ]
+        )
+        == 0
+    )
     assert json.loads(blurred.read_text())["mean_error_prob"] != data["mean_error_prob"]  # the shift reaches the model
     capsys.readouterr()
     folder = tmp_path / "photos"

@@ -40,7 +40,9 @@ def _cityscapes_tree(root):
     _save_mask(root / "gtFine/train/aachen/aachen_000000_000019_gtFine_color.png", ids)  # ignored
     _save_rgb(root / "leftImg8bit/train/bochum/bochum_000000_000313_leftImg8bit.png", 2, 4)
     _save_mask(root / "gtFine/train/bochum/bochum_000000_000313_gtFine_labelIds.png", np.zeros((2, 4)))
-    _save_mask(root / "gtFine/train/bochum/bochum_000000_000313_gtFine_labelTrainIds.png", [[0, 1, 18, 255], [5, 5, 40, 2]])
+    _save_mask(
+        root / "gtFine/train/bochum/bochum_000000_000313_gtFine_labelTrainIds.png", [[0, 1, 18, 255], [5, 5, 40, 2]]
+    )
     return ids
 
 
@@ -49,7 +51,7 @@ def test_cityscapes_maps_label_ids_to_train_ids(tmp_path):
     ds = Cityscapes(tmp_path, "train")
     assert len(ds) == 2 and ds.num_classes == 19 and len(ds.class_names) == 19 and ds.ignore_index == 255
     image, label = ds[0]
-    assert image.shape == (3, 2, 4) and image.dtype == torch.float32 and 0 <= image.min() and image.max() <= 1
+    assert image.shape == (3, 2, 4) and image.dtype == torch.float32 and image.min() >= 0 and image.max() <= 1
     assert label.dtype == torch.int64
     assert label.tolist() == [[0, 1, 255, 13], [18, 11, 255, 2]]
     expected = [[CITYSCAPES_LABEL_TO_TRAIN.get(int(v), 255) for v in row] for row in ids]
@@ -61,7 +63,9 @@ def test_cityscapes_maps_label_ids_to_train_ids(tmp_path):
 def test_cityscapes_official_table():
     assert len(CITYSCAPES_LABEL_TO_TRAIN) == 19
     assert sorted(CITYSCAPES_LABEL_TO_TRAIN.values()) == list(range(19))
-    assert CITYSCAPES_LABEL_TO_TRAIN[7] == 0 and CITYSCAPES_LABEL_TO_TRAIN[17] == 5 and CITYSCAPES_LABEL_TO_TRAIN[33] == 18
+    assert (
+        CITYSCAPES_LABEL_TO_TRAIN[7] == 0 and CITYSCAPES_LABEL_TO_TRAIN[17] == 5 and CITYSCAPES_LABEL_TO_TRAIN[33] == 18
+    )
     assert all(k not in CITYSCAPES_LABEL_TO_TRAIN for k in (0, 1, 2, 3, 4, 5, 6, 9, 10, 14, 15, 16, 18, 29, 30))
 
 
@@ -230,7 +234,14 @@ def test_random_transforms_repeat_with_a_generator():
 
     def pipeline(seed):
         g = torch.Generator().manual_seed(seed)
-        return Compose([RandomScale(0.75, 1.5, generator=g), RandomCrop(16, generator=g), RandomHorizontalFlip(generator=g), ColorJitter(generator=g)])
+        return Compose(
+            [
+                RandomScale(0.75, 1.5, generator=g),
+                RandomCrop(16, generator=g),
+                RandomHorizontalFlip(generator=g),
+                ColorJitter(generator=g),
+            ]
+        )
 
     a, b, c = pipeline(5)(image, label), pipeline(5)(image, label), pipeline(6)(image, label)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
@@ -240,7 +251,7 @@ def test_random_transforms_repeat_with_a_generator():
 def test_color_jitter_and_normalize_touch_only_the_image():
     image, label = _coded_pair()
     jittered, same = ColorJitter(0.4, 0.4, 0.4, generator=torch.Generator().manual_seed(0))(image, label)
-    assert same is label and 0 <= jittered.min() and jittered.max() <= 1 and not torch.equal(jittered, image)
+    assert same is label and jittered.min() >= 0 and jittered.max() <= 1 and not torch.equal(jittered, image)
     normed, same = Normalize(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))(image, label)
     assert same is label and torch.allclose(normed, image * 2 - 1)
     with pytest.raises(ValueError, match="label"):

@@ -104,7 +104,7 @@ def output_differences(shown: str, got: str, tol: float) -> list[str]:
     if len(want_lines) != len(got_lines):
         return [f"{len(want_lines)} lines shown, {len(got_lines)} printed"]
     problems, time_column = [], None
-    for k, (want, have) in enumerate(zip(want_lines, got_lines)):
+    for k, (want, have) in enumerate(zip(want_lines, got_lines, strict=False)):
         a, b = want.split(), have.split()
         if len(a) != len(b):
             problems.append(f"line {k + 1}: {want!r} vs {have!r}")
@@ -113,7 +113,7 @@ def output_differences(shown: str, got: str, tol: float) -> list[str]:
             time_column = None  # a table ends at a blank line
         elif "ms/img" in a:
             time_column = a.index("ms/img") - len(a)  # counted from the right: rows have a name column
-        for i, (x, y) in enumerate(zip(a, b)):
+        for i, (x, y) in enumerate(zip(a, b, strict=False)):
             nx, ny = NUMBER.fullmatch(x), NUMBER.fullmatch(y)
             if nx and ny and nx["rest"] == ny["rest"]:
                 if " ms" in want or (time_column is not None and i - len(a) == time_column):
@@ -134,9 +134,8 @@ def expected_check_lines(block: Block) -> set[int]:
     lines = block.code.splitlines()
     found = set()
     for k, line in enumerate(lines):
-        if PRINT_WITH_COMMENT.match(line) or SHAPE_COMMENT.match(line):
-            found.add(block.line + k)
-        elif BARE_PRINT.match(line) and k + 1 < len(lines) and COMMENT_LINE.match(lines[k + 1]):
+        commented_print = BARE_PRINT.match(line) and k + 1 < len(lines) and COMMENT_LINE.match(lines[k + 1])
+        if PRINT_WITH_COMMENT.match(line) or SHAPE_COMMENT.match(line) or commented_print:
             found.add(block.line + k)
     return found
 
@@ -157,12 +156,16 @@ def _print(expected, where, *args, **kwargs):
     text = buf.getvalue()
     sys.stdout.write(text)
     missing = [e for e in expected if e not in text]
-    result["checks"].append({"where": where, "kind": "print", "ok": not missing, "expected": expected, "got": text[-2000:]})
+    result["checks"].append(
+        {"where": where, "kind": "print", "ok": not missing, "expected": expected, "got": text[-2000:]}
+    )
 
 
 def _shape(expected, where, value):
     got = tuple(getattr(value, "shape", ()))
-    result["checks"].append({"where": where, "kind": "shape", "ok": got == tuple(expected), "expected": list(expected), "got": str(got)})
+    result["checks"].append(
+        {"where": where, "kind": "shape", "ok": got == tuple(expected), "expected": list(expected), "got": str(got)}
+    )
     return value
 
 
@@ -182,7 +185,8 @@ def rewrite(code, first_line, page):
         comment, own_line = notes.get(node.end_lineno, (None, False))
         trailing = comment if comment is not None and not own_line else None
         where = f"{page}:{first_line + node.lineno - 1}"
-        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Call) and getattr(node.value.func, "id", None) == "print":
+        is_call = isinstance(node, ast.Expr) and isinstance(node.value, ast.Call)
+        if is_call and getattr(node.value.func, "id", None) == "print":
             expected = [trailing[1:].strip()] if trailing else []
             k = node.end_lineno + 1
             while not trailing and k in notes and notes[k][1]:
@@ -194,7 +198,9 @@ def rewrite(code, first_line, page):
                 call.args = [ast.Constant(tuple(expected)), ast.Constant(where), *call.args]
         elif isinstance(node, ast.Expr) and trailing and SHAPE.match(trailing):
             shape = tuple(int(s) for s in SHAPE.match(trailing)[1].split(","))
-            node.value = ast.Call(ast.Name("_doc_shape", ast.Load()), [ast.Constant(shape), ast.Constant(where), node.value], [])
+            node.value = ast.Call(
+                ast.Name("_doc_shape", ast.Load()), [ast.Constant(shape), ast.Constant(where), node.value], []
+            )
         body.append(node)
     tree.body = body
     ast.fix_missing_locations(tree)
@@ -240,12 +246,26 @@ def test_page_snippets_run_and_print_what_the_docs_say(page, tmp_path):
     out_file = tmp_path / "result.json"
     work = tmp_path / "work"
     work.mkdir()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONWARNINGS": "ignore::DeprecationWarning"}
-    proc = subprocess.run([sys.executable, "-c", RUNNER, str(out_file)], input=json.dumps([b.__dict__ for b in runnable]),
-                          cwd=work, capture_output=True, text=True, timeout=600, env=env)
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "PYTHONWARNINGS": "ignore::DeprecationWarning",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", RUNNER, str(out_file)],
+        input=json.dumps([b.__dict__ for b in runnable]),
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert out_file.is_file(), f"runner crashed (rc {proc.returncode}):\n{proc.stderr[-4000:]}"
     result = json.loads(out_file.read_text())
-    assert result["error"] is None, f"a block of docs/{page} failed:\n{result['error']}\n--- stdout:\n{proc.stdout[-3000:]}"
+    assert result["error"] is None, (
+        f"a block of docs/{page} failed:\n{result['error']}\n--- stdout:\n{proc.stdout[-3000:]}"
+    )
     assert result["ran"] == [f"{page}:{b.line}" for b in runnable]
 
     failed = [c for c in result["checks"] if not c["ok"]]
@@ -257,7 +277,9 @@ def test_page_snippets_run_and_print_what_the_docs_say(page, tmp_path):
     printed = dict(re.findall(r"^----- \S+:(\d+)\n(.*?)(?=^----- |\Z)", proc.stdout, flags=re.S | re.M))
     for shown in shown_outputs(page):
         problems = output_differences(shown.text, printed[str(shown.after)], shown.tol)
-        assert not problems, f"docs/{page}:{shown.line}: the shown output is not what the block prints:\n" + "\n".join(problems)
+        assert not problems, f"docs/{page}:{shown.line}: the shown output is not what the block prints:\n" + "\n".join(
+            problems
+        )
 
 
 def test_output_checks_are_not_vacuous():
@@ -268,16 +290,25 @@ def test_output_checks_are_not_vacuous():
         lines = (DOCS / page).read_text().splitlines()
         for k, line in enumerate(lines):
             if "not run" in line and line.lstrip().startswith("<!--"):
-                assert SKIP_MARK.match(line) and k + 1 < len(lines) and lines[k + 1].startswith("```python"), \
-                    f"docs/{page}:{k + 1}: a 'not run' mark must be '<!-- not run: REASON -->' on the line before a ```python fence"
+                assert SKIP_MARK.match(line) and k + 1 < len(lines) and lines[k + 1].startswith("```python"), (
+                    f"docs/{page}:{k + 1}: a 'not run' mark must be '<!-- not run: REASON -->' on the line before a "
+                    "```python fence"
+                )
 
 
 def test_runner_catches_wrong_output(tmp_path):
     """The checker itself fails on a wrong printed value and a wrong shape."""
     code = "import torch\nx = torch.zeros(2, 3)\nprint(x.shape)  # torch.Size([2, 4])\nx  # (2, 4)\nprint(1 + 1)\n# 2\n"
     out_file = tmp_path / "result.json"
-    subprocess.run([sys.executable, "-c", RUNNER, str(out_file)], input=json.dumps([{"page": "t.md", "line": 10, "code": code}]),
-                   cwd=tmp_path, capture_output=True, text=True, timeout=120, check=True)
+    subprocess.run(
+        [sys.executable, "-c", RUNNER, str(out_file)],
+        input=json.dumps([{"page": "t.md", "line": 10, "code": code}]),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     result = json.loads(out_file.read_text())
     assert result["error"] is None
     assert [(c["where"], c["kind"], c["ok"]) for c in result["checks"]] == [
@@ -288,16 +319,23 @@ def test_runner_catches_wrong_output(tmp_path):
 
 def test_output_comparison_tolerates_digits_and_timings_only():
     shown = "evaluated 64 images: mIoU 70.02, 12.05% wrong\ntime per image: base 0.71 ms"
-    assert output_differences(shown, "evaluated 64 images: mIoU 70.40, 12.50% wrong\ntime per image: base 9.9 ms", 0.5) == []
+    assert (
+        output_differences(shown, "evaluated 64 images: mIoU 70.40, 12.50% wrong\ntime per image: base 9.9 ms", 0.5)
+        == []
+    )
     table = "score  AUROC  ms/img\nhead   89.35   1.69\n\nafter  1.00"
     assert output_differences(table, "score  AUROC  ms/img\nhead   89.40   7.50\n\nafter  1.00", 0.5) == []
     assert output_differences(table, "score  AUROC  ms/img\nhead   91.40   1.69\n\nafter  1.00", 0.5)
     assert output_differences(table, "score  AUROC  ms/img\nhead   89.35   1.69\n\nafter  3.00", 0.5)
     assert output_differences(shown, "evaluated 64 images: mIoU 71.02, 12.05% wrong\ntime per image: base 0.71 ms", 0.5)
     assert output_differences(shown, "evaluated 65 images: mIoU 70.02, 12.05% wrong\ntime per image: base 0.71 ms", 0.5)
-    assert output_differences(shown, "evaluated 64 pictures: mIoU 70.02, 12.05% wrong\ntime per image: base 0.71 ms", 0.5)
+    assert output_differences(
+        shown, "evaluated 64 pictures: mIoU 70.02, 12.05% wrong\ntime per image: base 0.71 ms", 0.5
+    )
     assert output_differences(shown, "evaluated 64 images: mIoU 70.02, 12.05% wrong", 0.5)
-    assert [s.after for s in shown_outputs("metrics.md")] == [b.line for b in python_blocks("metrics.md") if b.skip is None]
+    assert [s.after for s in shown_outputs("metrics.md")] == [
+        b.line for b in python_blocks("metrics.md") if b.skip is None
+    ]
 
 
 def test_api_page_names_exist():

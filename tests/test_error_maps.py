@@ -37,7 +37,11 @@ def _trained_wrap(seed: int = 0, **kwargs) -> ErrorCorrectionWrapper:
 
 
 def _maps(out) -> dict[str, torch.Tensor]:
-    return {"error_prob": out.error_prob, "base_error_prob": out.base_error_prob, "head_error_prob": out.head_error_prob}
+    return {
+        "error_prob": out.error_prob,
+        "base_error_prob": out.base_error_prob,
+        "head_error_prob": out.head_error_prob,
+    }
 
 
 def test_both_maps_are_probabilities_of_the_right_shape_and_definition():
@@ -45,7 +49,7 @@ def test_both_maps_are_probabilities_of_the_right_shape_and_definition():
     out = wrap(batch(2, 40)[0])
     for name, m in _maps(out).items():
         assert m.shape == (2, 40, 40) and m.dtype == torch.float32, name
-        assert 0.0 <= float(m.min()) and float(m.max()) <= 1.0, name
+        assert float(m.min()) >= 0.0 and float(m.max()) <= 1.0, name
     p = out.logits.exp()
     torch.testing.assert_close(out.error_prob, 1.0 - p.amax(dim=1))
     torch.testing.assert_close(out.base_error_prob, 1.0 - p.gather(1, out.base_labels.unsqueeze(1))[:, 0])
@@ -92,7 +96,7 @@ def test_temperature_applies_to_both_maps_and_keeps_the_labels():
     assert torch.equal(hot.labels, cold.labels)
     assert float(hot.error_prob.mean()) > float(cold.error_prob.mean())
     assert not torch.allclose(hot.base_error_prob, cold.base_error_prob)
-    assert 0.0 <= float(hot.base_error_prob.min()) and float(hot.base_error_prob.max()) <= 1.0
+    assert float(hot.base_error_prob.min()) >= 0.0 and float(hot.base_error_prob.max()) <= 1.0
     torch.testing.assert_close(hot.head_error_prob, cold.head_error_prob)  # the gate has no temperature
 
 
@@ -116,7 +120,7 @@ def test_maps_are_finite_for_extreme_logits(scale):
         wrap.error_head.classifier.bias.fill_(1e4)
     out = wrap(batch(2, 32)[0])
     for name, m in _maps(out).items():
-        assert torch.isfinite(m).all() and 0.0 <= float(m.min()) and float(m.max()) <= 1.0, name
+        assert torch.isfinite(m).all() and float(m.min()) >= 0.0 and float(m.max()) <= 1.0, name
 
 
 def test_maps_in_bfloat16():
@@ -125,7 +129,7 @@ def test_maps_in_bfloat16():
     reference = _trained_wrap()(batch(2, 32)[0])
     for name, m in _maps(out).items():
         assert m.dtype == torch.float32 and torch.isfinite(m).all(), name
-        assert 0.0 <= float(m.min()) and float(m.max()) <= 1.0, name
+        assert float(m.min()) >= 0.0 and float(m.max()) <= 1.0, name
         assert float((m - _maps(reference)[name]).abs().mean()) < 0.05, name
 
 

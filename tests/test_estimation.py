@@ -50,7 +50,8 @@ def test_exact_counts_equal_true_counts_and_segmentation_metrics():
     one_hot = nn.functional.one_hot(truth.where(valid, 0), 4).permute(0, 3, 1, 2).float()
     counts = expected_counts(labels, (labels == truth).float(), truth, valid, num_classes=4)
     assert counts.shape == (3, 3, 4) and counts.dtype == torch.float64
-    assert torch.equal(counts, expected_counts(labels, (labels == truth).float(), one_hot, valid))  # probabilities 0/1 = exact
+    # probabilities 0/1 = exact
+    assert torch.equal(counts, expected_counts(labels, (labels == truth).float(), one_hot, valid))
     for c in range(4):
         assert torch.equal(counts[:, 0, c], ((labels == c) & (truth == c) & valid).sum(dim=(1, 2)).double())
         assert torch.equal(counts[:, 1, c], ((labels == c) & valid).sum(dim=(1, 2)).double())
@@ -75,7 +76,8 @@ def test_scores_leave_out_absent_classes_and_empty_images():
 
 
 def test_spearman_known_values():
-    assert spearman([1, 2, 3, 4, 5], [5, 6, 7, 8, 7]) == pytest.approx(8 / math.sqrt(95), abs=1e-12)  # 0.82078 (scipy agrees)
+    # 0.82078 (scipy agrees)
+    assert spearman([1, 2, 3, 4, 5], [5, 6, 7, 8, 7]) == pytest.approx(8 / math.sqrt(95), abs=1e-12)
     assert spearman([1, 2, 3], [10, 20, 30]) == pytest.approx(1.0)
     assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
     assert math.isnan(spearman([1, 1, 1], [1, 2, 3])) and math.isnan(spearman([1.0], [2.0]))
@@ -101,7 +103,9 @@ def test_estimate_is_unbiased_when_the_truth_is_drawn_from_p():
     logits = 2.0 * torch.randn(8, 4, 32, 32, generator=g)
     p = torch.softmax(logits, dim=1)
     truth = torch.multinomial(p.permute(0, 2, 3, 1).reshape(-1, 4), 1, generator=g).reshape(8, 32, 32)
-    comparison = errwrap.compare_estimates(LogProbStub(4), [(logits[:4], truth[:4]), (logits[4:], truth[4:])], bootstrap=200)
+    comparison = errwrap.compare_estimates(
+        LogProbStub(4), [(logits[:4], truth[:4]), (logits[4:], truth[4:])], bootstrap=200
+    )
     errors = comparison.errors["errwrap"]
     assert 0.3 < comparison.truth["fused"]["pixel_accuracy"] < 0.9
     assert errors["pixel_accuracy"] < 0.015 and errors["miou"] < 0.02  # 8192 pixels: sampling std ~0.005
@@ -127,7 +131,10 @@ def test_bounds_interval_and_worst_order():
     assert "method" in report.interval and report.config["threshold"] == 0.7 and report.config["temperature"] == 1.0
     assert "calibrate_temperature" in report.table()  # no temperature fitted: the table says so
     worst = report.worst(3)
-    assert len(worst) == 3 and [r["pixel_accuracy"] for r in worst] == sorted(r["pixel_accuracy"] for r in report.per_image)[:3]
+    assert (
+        len(worst) == 3
+        and [r["pixel_accuracy"] for r in worst] == sorted(r["pixel_accuracy"] for r in report.per_image)[:3]
+    )
     assert report.worst(100) == sorted(report.per_image, key=lambda r: r["pixel_accuracy"])
     assert report.worst(0) == []
     text = report.table()
@@ -151,7 +158,7 @@ def test_streaming_equals_one_batch_and_modes_are_restored():
     assert whole.pixel_accuracy == pytest.approx(streamed.pixel_accuracy, abs=1e-6)
     assert whole.miou == pytest.approx(streamed.miou, abs=1e-6)
     assert whole.interval["miou"] == pytest.approx(streamed.interval["miou"], abs=1e-6)
-    for a, b in zip(whole.per_image, streamed.per_image):
+    for a, b in zip(whole.per_image, streamed.per_image, strict=False):
         assert a.keys() == b.keys()
         assert all(a[k] == pytest.approx(b[k], abs=1e-5) for k in a)
 
@@ -259,7 +266,9 @@ def test_two_process_gloo_equals_one_process():
     assert r0 == r1 and r0["num_images"] == 6 and r0["config"]["world_size"] == 2
     for key in ("pixel_accuracy", "miou", "mean_error_prob", "flagged_fraction"):
         assert r0[key] == pytest.approx(getattr(single, key), abs=1e-9), key
-    assert r0["baselines"]["atc"]["pixel_accuracy"] == pytest.approx(single.baselines["atc"]["pixel_accuracy"], abs=1e-9)
+    assert r0["baselines"]["atc"]["pixel_accuracy"] == pytest.approx(
+        single.baselines["atc"]["pixel_accuracy"], abs=1e-9
+    )
     # rank r holds images r, r + 2, r + 4: its rows carry (rank, index in its own loader)
     by_image = {2 * row["index"] + row["rank"]: row for row in r0["per_image"]}
     for i, row in enumerate(single.per_image):

@@ -83,7 +83,15 @@ def test_evaluate_matches_metrics_computed_by_hand():
     assert 0 < report.error_detection["msp"].error_rate < 1
     assert report.miou_gain == report.fused.miou - report.base.miou
     t = report.time_per_image
-    assert set(t) == {"base_forward", "wrapper_forward", "extra/msp", "extra/entropy", "score/error_head", "score/msp", "score/entropy"}
+    assert set(t) == {
+        "base_forward",
+        "wrapper_forward",
+        "extra/msp",
+        "extra/entropy",
+        "score/error_head",
+        "score/msp",
+        "score/entropy",
+    }
     assert all(v > 0 for v in t.values())
     assert t["score/msp"] == pytest.approx(t["base_forward"] + t["extra/msp"])
 
@@ -92,7 +100,10 @@ def test_evaluate_reports_the_returned_labels_with_risk_coverage():
     wrap = _wrapper()
     loader = _loader()
     report = evaluate(wrap, loader, baselines=("entropy",))
-    returned, rc = ErrorDetectionMetrics(), {k: RiskCoverageMetrics() for k in ("error_prob", "msp", "error_head", "entropy")}
+    returned, rc = (
+        ErrorDetectionMetrics(),
+        {k: RiskCoverageMetrics() for k in ("error_prob", "msp", "error_head", "entropy")},
+    )
     images = {k: ImageRiskCoverageMetrics() for k in rc}
     scores_all, wrong_all = [], []
     wrap.eval()
@@ -122,7 +133,8 @@ def test_evaluate_reports_the_returned_labels_with_risk_coverage():
     exact = exact_risk_coverage(torch.cat(scores_all), torch.cat(wrong_all))
     got = report.risk_coverage["error_prob"]
     assert abs(got.aurc - exact.aurc) <= got.aurc_bound + 1e-12 and got.num_errors == exact.num_errors
-    assert report.risk_coverage["msp"].num_errors == report.error_detection["error_head"].num_errors  # both: base errors
+    # both: base errors
+    assert report.risk_coverage["msp"].num_errors == report.error_detection["error_head"].num_errors
     assert 0 <= got.eaurc <= got.aurc <= 1
     coverage, risk = report.risk_curves["error_prob"]
     assert len(coverage) == 100 and coverage[-1] == 1.0 and risk[-1] == pytest.approx(got.error_rate)
@@ -271,7 +283,10 @@ def test_evaluate_explains_images_of_different_sizes_and_takes_them_one_by_one()
     from torch.utils.data import DataLoader
 
     g = torch.Generator().manual_seed(0)
-    items = [(torch.randn(3, h, w, generator=g), torch.randint(0, NUM_CLASSES, (h, w), generator=g)) for h, w in ((32, 48), (40, 24), (24, 24))]
+    items = [
+        (torch.randn(3, h, w, generator=g), torch.randint(0, NUM_CLASSES, (h, w), generator=g))
+        for h, w in ((32, 48), (40, 24), (24, 24))
+    ]
     with pytest.raises(RuntimeError, match=r"loader: its items have different sizes.*batch_size=1.*--batch-size 1"):
         evaluate(_wrapper(), DataLoader(items, batch_size=2))
     report = evaluate(_wrapper(), DataLoader(items, batch_size=1))
@@ -344,5 +359,13 @@ def test_evaluate_sums_every_metric_over_processes(tmp_path):
     for rank in range(2):
         got = results[rank]
         assert got["num_images"] == whole["num_images"] == 8
-        for key in ("base", "fused", "error_detection", "returned_detection", "risk_coverage", "image_risk_coverage", "risk_curves"):
+        for key in (
+            "base",
+            "fused",
+            "error_detection",
+            "returned_detection",
+            "risk_coverage",
+            "image_risk_coverage",
+            "risk_curves",
+        ):
             assert got[key] == whole[key], key

@@ -15,8 +15,15 @@ def _run(*args, timeout=300):
 
 @pytest.mark.slow
 @pytest.mark.optional
-@pytest.mark.parametrize("script, module", [("wrap_smp.py", "segmentation_models_pytorch"), ("wrap_torchvision.py", "torchvision"),
-                                            ("wrap_segformer.py", "transformers"), ("wrap_mask2former.py", "transformers")])
+@pytest.mark.parametrize(
+    "script, module",
+    [
+        ("wrap_smp.py", "segmentation_models_pytorch"),
+        ("wrap_torchvision.py", "torchvision"),
+        ("wrap_segformer.py", "transformers"),
+        ("wrap_mask2former.py", "transformers"),
+    ],
+)
 def test_wrap_examples_run(script, module):
     pytest.importorskip(module)
     result = _run(EXAMPLES / script)
@@ -27,7 +34,15 @@ def test_wrap_examples_run(script, module):
 def test_cityscapes_recipe_has_help_and_refuses_missing_data(tmp_path):
     result = _run(EXAMPLES / "finetune_cityscapes.py", "--help")
     assert result.returncode == 0 and "usage" in result.stdout.lower()
-    missing = _run(EXAMPLES / "finetune_cityscapes.py", "--data", tmp_path / "nothing", "--base-weights", tmp_path / "w.pt", "--out", tmp_path / "o")
+    missing = _run(
+        EXAMPLES / "finetune_cityscapes.py",
+        "--data",
+        tmp_path / "nothing",
+        "--base-weights",
+        tmp_path / "w.pt",
+        "--out",
+        tmp_path / "o",
+    )
     assert missing.returncode != 0
 
 

@@ -30,7 +30,7 @@ def test_compile_fullgraph_matches_eager(wrap):
     assert wrap._is_torch_compilable
     x, _ = batch()
     compiled = torch.compile(InferenceModule(wrap), fullgraph=True, backend="eager")
-    for a, b in zip(compiled(x), InferenceModule(wrap)(x)):
+    for a, b in zip(compiled(x), InferenceModule(wrap)(x), strict=False):
         assert torch.equal(a, b)
 
 
@@ -40,13 +40,14 @@ def test_torch_export_matches_eager_with_dynamic_batch(wrap):
     batch_dim = torch.export.Dim("batch", min=1, max=16)
     program = torch.export.export(InferenceModule(wrap), (x,), dynamic_shapes=({0: batch_dim},))
     for xx in (x, torch.randn(5, 3, 32, 32)):
-        for a, b in zip(program.module()(xx), InferenceModule(wrap)(xx)):
+        for a, b in zip(program.module()(xx), InferenceModule(wrap)(xx), strict=False):
             assert torch.allclose(a, b, atol=1e-5)
 
 
 def test_torchscript_is_not_supported_as_flagged(wrap):
     assert not wrap._is_torch_scriptable
-    with pytest.raises(Exception):
+    # the error type TorchScript raises differs across torch versions (RuntimeError, NotSupportedError, ...)
+    with pytest.raises(Exception):  # noqa: B017
         torch.jit.script(wrap)
 
 
@@ -78,7 +79,7 @@ def test_export_program_matches_eager_for_other_batch_sizes_and_refuses_training
     program = export_program(wrap, x)
     for xx in (x, torch.randn(3, 3, 32, 32)):
         with torch.no_grad():
-            for a, b in zip(program.module()(xx), InferenceModule(wrap)(xx)):
+            for a, b in zip(program.module()(xx), InferenceModule(wrap)(xx), strict=False):
                 assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5)
     fixed = export_program(wrap, x, dynamic_batch=False)
     with pytest.raises(AssertionError, match="size"):  # torch.export's shape guard
@@ -113,8 +114,8 @@ def test_capability_flags_hold_for_every_family(family):
     reference = InferenceModule(wrap)(x)
     assert wrap._is_torch_exportable and wrap._is_torch_compilable
     program = torch.export.export(InferenceModule(wrap), (x,))
-    for a, b in zip(program.module()(x), reference):
+    for a, b in zip(program.module()(x), reference, strict=False):
         assert torch.allclose(a, b, atol=1e-4)
     compiled = torch.compile(InferenceModule(wrap), fullgraph=True, backend="eager")
-    for a, b in zip(compiled(x), reference):
+    for a, b in zip(compiled(x), reference, strict=False):
         assert torch.allclose(a, b, atol=1e-4)

@@ -28,7 +28,7 @@ def _assert_same(a, b):
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     x = torch.randn(2, a.in_channels, SIZE, SIZE, generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
-        for ta, tb in zip(a.eval()(x), b.eval()(x)):
+        for ta, tb in zip(a.eval()(x), b.eval()(x), strict=False):
             assert torch.equal(ta, tb)
 
 
@@ -40,8 +40,14 @@ def _round_trip(wrap, tmp_path, make):
     """Saved and loaded twice, rebuilt from config.json and into a fresh ``model=``: equal outputs."""
     wrap.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["base"] is not None
-    for loaded in (ErrorCorrectionWrapper.from_pretrained(tmp_path), ErrorCorrectionWrapper.from_pretrained(tmp_path, model=make())):
-        assert type(loaded.base) is type(wrap.base) and (loaded.low_key, loaded.high_key) == (wrap.low_key, wrap.high_key)
+    for loaded in (
+        ErrorCorrectionWrapper.from_pretrained(tmp_path),
+        ErrorCorrectionWrapper.from_pretrained(tmp_path, model=make()),
+    ):
+        assert type(loaded.base) is type(wrap.base) and (loaded.low_key, loaded.high_key) == (
+            wrap.low_key,
+            wrap.high_key,
+        )
         _assert_same(wrap, loaded)
 
 
@@ -98,22 +104,29 @@ def test_smp_pan_needs_a_larger_probe_and_says_so():
         _check_wrapped(wrap, model(x), x, 5)
 
 
-@pytest.mark.parametrize(("activation", "to_output"), [("sigmoid", lambda z: torch.sigmoid(z[:, 1:])), ("softmax2d", lambda z: z.softmax(1))])
+@pytest.mark.parametrize(
+    ("activation", "to_output"), [("sigmoid", lambda z: torch.sigmoid(z[:, 1:])), ("softmax2d", lambda z: z.softmax(1))]
+)
 def test_smp_logits_are_read_before_the_heads_activation(activation, to_output):
     """``activation="sigmoid"`` (binary, one channel) or ``"softmax2d"``: the base logits are the
     values before the activation, so the activation of them is exactly the model's output."""
     classes = 1 if activation == "sigmoid" else 4
-    model = _smp("unet", "resnet18", classes=classes, activation=activation, encoder_depth=3, decoder_channels=(16, 8, 8))
+    model = _smp(
+        "unet", "resnet18", classes=classes, activation=activation, encoder_depth=3, decoder_channels=(16, 8, 8)
+    )
     wrap = _wrap(model)
     assert wrap.num_classes == max(classes, 2)
     x = torch.randn(2, 3, SIZE, SIZE)
     with torch.no_grad():
         out = wrap.eval()(x)
         torch.testing.assert_close(to_output(out.base_logits), model(x), rtol=1e-5, atol=1e-6)
-    assert 0.0 <= float(out.error_prob.min()) and float(out.error_prob.max()) <= 1.0
+    assert float(out.error_prob.min()) >= 0.0 and float(out.error_prob.max()) <= 1.0
 
 
-@pytest.mark.parametrize(("encoder", "low", "channels_first"), [("tu-convnext_atto", "enc0", True), ("tu-vit_tiny_patch16_224", "reassemble0", False)])
+@pytest.mark.parametrize(
+    ("encoder", "low", "channels_first"),
+    [("tu-convnext_atto", "enc0", True), ("tu-vit_tiny_patch16_224", "reassemble0", False)],
+)
 def test_smp_dpt_low_level_is_at_stride_4(encoder, low, channels_first):
     """DPT's encoder gives no input image as enc0; a ViT encoder is at stride 16 throughout, so the
     decoder's first reassembled map (stride 4) is the low-level feature, read by a removable hook."""
@@ -137,7 +150,9 @@ def test_torchvision_mobilenet_deeplabv3_with_aux_head(tmp_path):
 
     def make():
         torch.manual_seed(0)
-        return segmentation.deeplabv3_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=4, aux_loss=True).eval()
+        return segmentation.deeplabv3_mobilenet_v3_large(
+            weights=None, weights_backbone=None, num_classes=4, aux_loss=True
+        ).eval()
 
     model = make()
     wrap = _wrap(model)
@@ -146,7 +161,11 @@ def test_torchvision_mobilenet_deeplabv3_with_aux_head(tmp_path):
         _check_wrapped(wrap, model(x)["out"], x, 4)
         features = wrap.forward_base(x).features
     assert features["low"].shape[-2:] == (SIZE // 4, SIZE // 4)
-    assert wrap.adapter.spec(model)["config"] == {"name": "deeplabv3_mobilenet_v3_large", "num_classes": 4, "aux_loss": True}
+    assert wrap.adapter.spec(model)["config"] == {
+        "name": "deeplabv3_mobilenet_v3_large",
+        "num_classes": 4,
+        "aux_loss": True,
+    }
     _round_trip(wrap.eval(), tmp_path, make)
 
 
@@ -156,8 +175,8 @@ def _mobilevit(version, seed=0):
     torch.manual_seed(seed)
     if version == 1:
         config = transformers.MobileViTConfig(
-            image_size=SIZE, hidden_sizes=[16, 24, 32], neck_hidden_sizes=[8, 8, 16, 16, 24, 32, 64], num_attention_heads=2,
-            aspp_out_channels=16, num_labels=4,
+            image_size=SIZE, hidden_sizes=[16, 24, 32], neck_hidden_sizes=[8, 8, 16, 16, 24, 32, 64],
+            num_attention_heads=2, aspp_out_channels=16, num_labels=4,
         )  # fmt: skip
         return transformers.MobileViTForSemanticSegmentation(config).eval()
     config = transformers.MobileViTV2Config(image_size=SIZE, width_multiplier=0.25, aspp_out_channels=16, num_labels=4)
@@ -174,7 +193,8 @@ def test_mobilevit_taps_its_aspp_output(version):
         reference = model(pixel_values=x).logits
         _check_wrapped(wrap, reference, x, 4)
         features = wrap.forward_base(x).features
-        assert torch.equal(model.segmentation_head.classifier(features["decode_head"]), reference)  # dropout is off in eval
+        # dropout is off in eval
+        assert torch.equal(model.segmentation_head.classifier(features["decode_head"]), reference)
     assert features["hidden1"].shape[-2:] == (SIZE // 4, SIZE // 4)
     assert _same_architecture(build_base(json.loads(json.dumps(wrap.adapter.spec(model)))), model)
 
@@ -187,8 +207,9 @@ def _beit(kind, seed=0):
         "data2vec": (transformers.Data2VecVisionConfig, transformers.Data2VecVisionForSemanticSegmentation),
     }[kind]
     config = config_cls(
-        image_size=SIZE, patch_size=16, hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=37,
-        out_indices=[0, 1, 2, 3], pool_scales=[1, 2], num_labels=4, auxiliary_channels=8, use_auxiliary_head=True,
+        image_size=SIZE, patch_size=16, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+        intermediate_size=37, out_indices=[0, 1, 2, 3], pool_scales=[1, 2], num_labels=4, auxiliary_channels=8,
+        use_auxiliary_head=True,
     )  # fmt: skip
     return model_cls(config).eval()
 
@@ -213,7 +234,9 @@ def test_smp_model_tapped_with_hooks_keeps_its_spec(tmp_path):
     model = _smp("unet", "resnet18", encoder_depth=3, decoder_channels=(16, 8, 8))
     wrap = _wrap(model, adapter="hooks", low_level="encoder.layer1", high_level="decoder")
     assert wrap.adapter.spec(model)["family"] == "smp"
-    _round_trip(wrap.eval(), tmp_path, lambda: _smp("unet", "resnet18", seed=4, encoder_depth=3, decoder_channels=(16, 8, 8)))
+    _round_trip(
+        wrap.eval(), tmp_path, lambda: _smp("unet", "resnet18", seed=4, encoder_depth=3, decoder_channels=(16, 8, 8))
+    )
 
 
 # ------------------------------------------------------------------- Mask2Former / MaskFormer
@@ -227,13 +250,17 @@ def _query_model(kind, seed=0):
     )  # fmt: skip
     if kind == "mask2former":
         config = transformers.Mask2FormerConfig(
-            backbone_config=swin, num_queries=6, hidden_dim=32, feature_size=32, mask_feature_size=32, encoder_feedforward_dim=32,
-            dim_feedforward=32, encoder_layers=1, decoder_layers=2, num_attention_heads=2, num_labels=4,
+            backbone_config=swin, num_queries=6, hidden_dim=32, feature_size=32, mask_feature_size=32,
+            encoder_feedforward_dim=32, dim_feedforward=32, encoder_layers=1, decoder_layers=2, num_attention_heads=2,
+            num_labels=4,
         )  # fmt: skip
         return transformers.Mask2FormerForUniversalSegmentation(config).eval()
-    decoder = {"model_type": "detr", "d_model": 32, "encoder_layers": 1, "decoder_layers": 1, "encoder_attention_heads": 2,
-               "decoder_attention_heads": 2, "encoder_ffn_dim": 32, "decoder_ffn_dim": 32, "num_queries": 6}  # fmt: skip
-    config = transformers.MaskFormerConfig(backbone_config=swin, fpn_feature_size=32, mask_feature_size=32, decoder_config=decoder, num_labels=4)
+    decoder = {"model_type": "detr", "d_model": 32, "encoder_layers": 1, "decoder_layers": 1,
+               "encoder_attention_heads": 2, "decoder_attention_heads": 2, "encoder_ffn_dim": 32, "decoder_ffn_dim": 32,
+               "num_queries": 6}  # fmt: skip
+    config = transformers.MaskFormerConfig(
+        backbone_config=swin, fpn_feature_size=32, mask_feature_size=32, decoder_config=decoder, num_labels=4
+    )
     return transformers.MaskFormerForInstanceSegmentation(config).eval()
 
 
@@ -260,7 +287,10 @@ def test_query_models_give_semantic_logits(kind, tmp_path):
         base = wrap.forward_base(x)
     # the per-pixel score of post_process_semantic_segmentation, at the masks' resolution, one query at a time
     queries = range(out.class_queries_logits.shape[1])
-    scores = sum(out.class_queries_logits[:, q].softmax(-1)[:, :-1, None, None] * out.masks_queries_logits[:, q, None].sigmoid() for q in queries)
+    scores = sum(
+        out.class_queries_logits[:, q].softmax(-1)[:, :-1, None, None] * out.masks_queries_logits[:, q, None].sigmoid()
+        for q in queries
+    )
     assert base.logits.shape == (2, 4, SIZE // 4, SIZE // 4)
     torch.testing.assert_close(base.logits.exp(), scores, rtol=1e-5, atol=1e-7)
     assert base.features["encoder0"].shape[-2:] == (SIZE // 4, SIZE // 4)
@@ -276,12 +306,12 @@ def test_mask2former_head_training_keeps_base_frozen():
 def test_oneformer_is_refused_with_a_reason():
     pytest.importorskip("scipy")
     transformers = pytest.importorskip("transformers")
-    swin = transformers.SwinConfig(image_size=SIZE, embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], window_size=2,
-                                   out_features=["stage1", "stage2", "stage3", "stage4"])  # fmt: skip
+    swin = transformers.SwinConfig(image_size=SIZE, embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1],
+                                   window_size=2, out_features=["stage1", "stage2", "stage3", "stage4"])  # fmt: skip
     config = transformers.OneFormerConfig(
-        backbone_config=swin, num_queries=6, hidden_dim=32, conv_dim=32, mask_dim=32, encoder_feedforward_dim=32, dim_feedforward=32,
-        encoder_layers=1, decoder_layers=2, text_encoder_num_layers=1, text_encoder_width=32, query_dec_layers=1,
-        num_attention_heads=2, num_labels=4, is_training=False,
+        backbone_config=swin, num_queries=6, hidden_dim=32, conv_dim=32, mask_dim=32, encoder_feedforward_dim=32,
+        dim_feedforward=32, encoder_layers=1, decoder_layers=2, text_encoder_num_layers=1, text_encoder_width=32,
+        query_dec_layers=1, num_attention_heads=2, num_labels=4, is_training=False,
     )  # fmt: skip
     with pytest.raises(TypeError, match="task inputs.*Mask2Former"):
         _wrap(transformers.OneFormerForUniversalSegmentation(config).eval())
@@ -298,7 +328,9 @@ class TimmSeg(nn.Module):
 
         self.backbone = timm.create_model(encoder, features_only=True, pretrained=False)
         channels = self.backbone.feature_info.channels()
-        self.fuse = nn.Sequential(nn.Conv2d(channels[-1] + channels[1], 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.fuse = nn.Sequential(
+            nn.Conv2d(channels[-1] + channels[1], 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU()
+        )
         self.classifier = nn.Conv2d(16, 4, 1)
         self.aux = nn.Conv2d(channels[-2], 4, 1)
         self.down, self.returns = down, returns
@@ -307,7 +339,12 @@ class TimmSeg(nn.Module):
         features = self.backbone(x)
         high = F.interpolate(features[-1], size=features[1].shape[-2:], mode="bilinear", align_corners=False)
         size = (x.shape[-2] // self.down, x.shape[-1] // self.down)
-        logits = F.interpolate(self.classifier(self.fuse(torch.cat([high, features[1]], 1))), size=size, mode="bilinear", align_corners=False)
+        logits = F.interpolate(
+            self.classifier(self.fuse(torch.cat([high, features[1]], 1))),
+            size=size,
+            mode="bilinear",
+            align_corners=False,
+        )
         aux = F.interpolate(self.aux(features[-2]), size=size, mode="bilinear", align_corners=False)
         return OrderedDict(out=logits, aux=aux) if self.returns == "ordered" else {"logits": logits, "aux": aux}
 

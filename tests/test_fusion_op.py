@@ -48,12 +48,14 @@ def _extreme(num_classes, dtype=torch.float32, device="cpu"):
 def _grads(fn, inputs, grad_out=None):
     leaves = [t.detach().clone().requires_grad_() for t in inputs]
     out = fn(*leaves)
-    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(out) if grad_out is None else grad_out
+    grad_out = (
+        torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(out) if grad_out is None else grad_out
+    )
     return out, torch.autograd.grad(out, leaves, grad_out), grad_out
 
 
 def _assert_grads_close(got, want, dtype):
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=False):
         assert g.dtype == w.dtype and g.shape == w.shape
         assert torch.isfinite(g).all()
         # bf16 gradients are rounded to 8 bits of mantissa: compare relative to the gradient's size.
@@ -78,7 +80,9 @@ def test_torch_backend_matches_reference_forward_and_grads(num_classes, dtype, k
 @pytest.mark.parametrize("num_classes", [2, 5])
 def test_gradcheck_float64(num_classes):
     inputs = [t.double().requires_grad_() for t in _logits(num_classes, shape=(1, 2, 3))]
-    fn = lambda *t: fused_mixture_log_probs(*t, backend="torch")
+    def fn(*t):
+        return fused_mixture_log_probs(*t, backend="torch")
+
     assert gradcheck(fn, inputs)
     assert gradgradcheck(fn, inputs)
 
@@ -104,9 +108,13 @@ def test_gradient_formula_on_one_pixel():
     mix = (1 - p) * s0 + p * s1
     w0, w1 = (1 - p) * s0 / mix, p * s1 / mix
     want = (g * w0 - s0 * (g * w0).sum(), g * w1 - s1 * (g * w1).sum(), (1 - p) * (g * w1).sum() - p * (g * w0).sum())
-    leaves = [z0.view(1, 3, 1, 1).requires_grad_(), z1.view(1, 3, 1, 1).requires_grad_(), e.view(1, 1, 1, 1).requires_grad_()]
+    leaves = [
+        z0.view(1, 3, 1, 1).requires_grad_(),
+        z1.view(1, 3, 1, 1).requires_grad_(),
+        e.view(1, 1, 1, 1).requires_grad_(),
+    ]
     got = torch.autograd.grad(fused_mixture_log_probs(*leaves, backend="torch"), leaves, g.view(1, 3, 1, 1))
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=False):
         torch.testing.assert_close(a.flatten(), b.flatten().float(), atol=1e-6, rtol=1e-5)
 
 
@@ -120,7 +128,7 @@ def test_labels_and_error_prob_equal_reference(num_classes):
     assert torch.equal(out.labels, mixture_log_probs(z0, z1, e).argmax(dim=1))
     # the probability that the returned label is wrong: 1 - max of the fused distribution
     torch.testing.assert_close(out.error_prob, 1.0 - mixture_log_probs(z0, z1, e).exp().amax(dim=1))
-    assert 0.0 <= out.error_prob.min() and out.error_prob.max() <= 1.0 - 1.0 / num_classes + 1e-6
+    assert out.error_prob.min() >= 0.0 and out.error_prob.max() <= 1.0 - 1.0 / num_classes + 1e-6
 
 
 def test_backend_choice_and_input_checks():
@@ -188,7 +196,7 @@ def test_wrapper_exports_with_plain_mixture_ops():
     program = torch.export.export(wrap, (x,))
     targets = {str(node.target) for node in program.graph.nodes}
     assert "aten.logaddexp.default" in targets  # traced through mixture_log_probs, not the Function
-    for got, want in zip(program.module()(x), wrap(x)):
+    for got, want in zip(program.module()(x), wrap(x), strict=False):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
 
 
@@ -258,7 +266,15 @@ def test_triton_kernels_match_reference_in_interpreter():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
     script = _TRITON_CHECK + "\ncheck('cpu')\nprint('ok')\n"
-    result = subprocess.run([sys.executable, "-W", "ignore", "-c", script], cwd=root, env=env, capture_output=True, text=True, timeout=600, check=False)
+    result = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", script],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith("ok")
 
@@ -292,7 +308,9 @@ def test_triton_kernels_compile_for_sm90_without_spills(num_classes, tmp_path):
                 signature[name] = "i32"
         try:
             compiled = triton.compile(
-                ASTSource(fn=kernel, signature=signature, constexprs=consts), target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}
+                ASTSource(fn=kernel, signature=signature, constexprs=consts),
+                target=GPUTarget("cuda", 90, 32),
+                options={"num_warps": warps},
             )
         except (RuntimeError, FileNotFoundError) as exc:  # no CUDA toolchain bundled with this triton
             pytest.skip(f"cannot compile for sm_90 here: {exc}")
@@ -300,6 +318,8 @@ def test_triton_kernels_compile_for_sm90_without_spills(num_classes, tmp_path):
         if os.path.exists(cuobjdump):
             cubin = tmp_path / f"{kernel.fn.__name__}.cubin"
             cubin.write_bytes(compiled.asm["cubin"])
-            usage = subprocess.run([cuobjdump, "--dump-resource-usage", str(cubin)], capture_output=True, text=True, check=True).stdout
+            usage = subprocess.run(
+                [cuobjdump, "--dump-resource-usage", str(cubin)], capture_output=True, text=True, check=True
+            ).stdout
             spilled = [int(v) for v in re.findall(r"(?:STACK|LOCAL):(\d+)", usage)]  # spills land on the stack
             assert spilled and max(spilled) == 0, f"{kernel.fn.__name__} spills registers: {usage}"

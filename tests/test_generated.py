@@ -50,8 +50,8 @@ def test_items_are_images_in_unit_range_and_int64_labels(family):
     image, label = ds[2]
     assert image.shape == (3, 40, 56) and image.dtype == torch.float32
     assert label.shape == (40, 56) and label.dtype == torch.int64
-    assert 0.0 <= float(image.min()) and float(image.max()) <= 1.0
-    assert 0 <= int(label.min()) and int(label.max()) < ds.num_classes
+    assert float(image.min()) >= 0.0 and float(image.max()) <= 1.0
+    assert int(label.min()) >= 0 and int(label.max()) < ds.num_classes
     assert ds.num_classes == len(ds.class_names) and ds.ignore_index == 255 and len(ds) == 3
     assert repr(ds) == f"{family.__name__}(num_images=3, size=(40, 56), seed=0, split='train')"
 
@@ -61,16 +61,26 @@ def test_same_triple_gives_the_same_bytes_and_any_change_another_image(family):
     a, b = family(3, size=32, seed=7), family(3, size=32, seed=7)
     for i in range(3):
         assert _digest(*a[i]) == _digest(*b[i])
-    others = {_digest(*a[1]), _digest(*family(3, size=32, seed=8)[0]), _digest(*family(3, size=32, seed=7, split="val")[0])}
+    others = {
+        _digest(*a[1]),
+        _digest(*family(3, size=32, seed=8)[0]),
+        _digest(*family(3, size=32, seed=7, split="val")[0]),
+    }
     assert _digest(*a[0]) not in others and len(others) == 3
     assert torch.equal(a[-1][1], a[2][1])
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_splits_are_disjoint(family):
-    digests = {split: {_digest(*family(12, size=24, split=split)[i]) for i in range(12)} for split in ("train", "val", "test")}
+    digests = {
+        split: {_digest(*family(12, size=24, split=split)[i]) for i in range(12)} for split in ("train", "val", "test")
+    }
     assert all(len(d) == 12 for d in digests.values())
-    assert not (digests["train"] & digests["val"]) and not (digests["train"] & digests["test"]) and not (digests["val"] & digests["test"])
+    assert (
+        not (digests["train"] & digests["val"])
+        and not (digests["train"] & digests["test"])
+        and not (digests["val"] & digests["test"])
+    )
 
 
 def test_two_families_with_one_seed_are_not_the_same_random_stream():
@@ -83,7 +93,7 @@ def test_every_class_appears_over_twenty_images(render, names):
     counts = np.zeros(len(names), dtype=np.int64)
     for i in range(20):
         counts += np.bincount(render(0, "train", i, 64)[1].ravel(), minlength=len(names))
-    assert (counts > 0).all(), dict(zip(names, counts.tolist()))
+    assert (counts > 0).all(), dict(zip(names, counts.tolist(), strict=False))
 
 
 @pytest.mark.parametrize("render, num_classes", [(render_aerial, 6), (render_cells, 3)])
@@ -156,9 +166,11 @@ def test_bad_arguments(family):
 
 # ---------------------------------------------------------------------- registry
 def test_registry_names_every_family():
-    assert GENERATED == {"scenes": Scenes, "aerial": Aerial, "cells": Cells}
+    assert {"scenes": Scenes, "aerial": Aerial, "cells": Cells} == GENERATED
     ds = generated("aerial", 3, size=32, split="val", seed=2)
-    assert isinstance(ds, Aerial) and len(ds) == 3 and ds.split == "val" and ds.seed == 2 and ds[0][0].shape == (3, 32, 32)
+    assert (
+        isinstance(ds, Aerial) and len(ds) == 3 and ds.split == "val" and ds.seed == 2 and ds[0][0].shape == (3, 32, 32)
+    )
     with pytest.raises(ValueError, match="expected one of scenes, aerial, cells, got 'city'"):
         generated("city", 2)
 
@@ -174,7 +186,7 @@ def test_each_corruption_changes_the_image_and_keeps_shape_dtype_and_range(kind)
     for x in (image, torch.stack([image, image.flip(-1)])):
         out = Corrupt(kind, 3)(x)
         assert out.shape == x.shape and out.dtype == x.dtype
-        assert 0.0 <= float(out.min()) and float(out.max()) <= 1.0
+        assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
         assert float((out - x).abs().mean()) > 0.01
     assert Corrupt(kind, 3)(torch.zeros(0, 3, 8, 8)).shape == (0, 3, 8, 8)
     half = Corrupt(kind, 3)(image.bfloat16())
@@ -185,7 +197,7 @@ def test_each_corruption_changes_the_image_and_keeps_shape_dtype_and_range(kind)
 def test_stronger_severity_changes_the_image_more(kind):
     image = _photo(96)
     change = [float((Corrupt(kind, s)(image) - image).abs().mean()) for s in range(1, 6)]
-    assert all(a < b for a, b in zip(change, change[1:])), change
+    assert all(a < b for a, b in zip(change, change[1:], strict=False)), change
 
 
 def test_severity_three_parameters():
@@ -208,7 +220,9 @@ def test_severity_three_parameters():
     assert torch.equal(jpeg, (jpeg * 255).round() / 255)  # 8-bit levels
     assert float((jpeg - image).abs().mean()) > float((Corrupt("jpeg", 1)(image) - image).abs().mean())
     buffer = io.BytesIO()
-    Image.fromarray((image * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()).save(buffer, format="JPEG", quality=20, subsampling=2)
+    Image.fromarray((image * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()).save(
+        buffer, format="JPEG", quality=20, subsampling=2
+    )
     expected = torch.from_numpy(np.asarray(Image.open(buffer), dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255
     assert torch.equal(jpeg, expected)  # quality 20
 
@@ -250,13 +264,15 @@ def test_corrupt_bad_arguments():
 
 # ---------------------------------------------------------------------- CLI
 def test_cli_data_accepts_every_generated_family():
-    assert GENERATED_KINDS == tuple(GENERATED)
+    assert tuple(GENERATED) == GENERATED_KINDS
     ds = parse_data_spec("aerial:3", "val", size=32)
     assert isinstance(ds, Aerial) and len(ds) == 3 and ds.split == "val" and ds[0][0].shape == (3, 32, 32)
     assert isinstance(parse_data_spec("CELLS", "train"), Cells) and len(parse_data_spec("cells", "train")) == 200
     with pytest.raises(CLIError, match="expected aerial or aerial:N"):
         parse_data_spec("aerial:x", "val")
-    with pytest.raises(CLIError, match="expected one of scenes\\[:N\\], aerial\\[:N\\], cells\\[:N\\], cityscapes:PATH"):
+    with pytest.raises(
+        CLIError, match="expected one of scenes\\[:N\\], aerial\\[:N\\], cells\\[:N\\], cityscapes:PATH"
+    ):
         parse_data_spec("forest:3", "val")
 
 
@@ -291,7 +307,23 @@ def test_cli_evaluate_on_a_generated_family_under_a_shift(aerial_model, tmp_path
     reports = {}
     for name, extra in (("clean", []), ("fog", ["--corrupt", "fog:5"])):
         path = tmp_path / f"{name}.json"
-        assert main(["evaluate", "--model", str(aerial_model), "--data", "aerial:2", "--size", "32", "--json", str(path), *extra]) == 0
+        assert (
+            main(
+                [
+                    "evaluate",
+                    "--model",
+                    str(aerial_model),
+                    "--data",
+                    "aerial:2",
+                    "--size",
+                    "32",
+                    "--json",
+                    str(path),
+                    *extra,
+                ]
+            )
+            == 0
+        )
         reports[name] = json.loads(path.read_text())
     assert reports["clean"]["num_images"] == reports["fog"]["num_images"] == 2
     assert reports["clean"]["calibration"] != reports["fog"]["calibration"]  # the model saw other images
@@ -305,7 +337,9 @@ def test_cli_predict_under_a_shift(aerial_model, tmp_path):
     image_path = tmp_path / "tile.png"
     Image.fromarray((Aerial(1, size=32)[0][0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)).save(image_path)
     for name, extra in (("clean", []), ("dark", ["--corrupt", "dark:5"])):
-        assert main(["predict", "--model", str(aerial_model), str(image_path), "--out", str(tmp_path / name), *extra]) == 0
+        assert (
+            main(["predict", "--model", str(aerial_model), str(image_path), "--out", str(tmp_path / name), *extra]) == 0
+        )
     assert (tmp_path / "dark" / "tile_error.png").is_file()
     panels = [np.asarray(Image.open(tmp_path / name / "tile_panel.png")) for name in ("clean", "dark")]
     assert panels[0].shape == panels[1].shape and not np.array_equal(*panels)  # the panel shows the darkened input

@@ -36,7 +36,7 @@ def _assert_same(a: ErrorCorrectionWrapper, b: ErrorCorrectionWrapper) -> None:
     for k in sa:
         assert torch.equal(sa[k], sb[k]), k
     x, _ = batch()
-    for ta, tb in zip(a.eval()(x), b.eval()(x)):
+    for ta, tb in zip(a.eval()(x), b.eval()(x), strict=False):
         assert torch.equal(ta, tb)
 
 
@@ -102,7 +102,9 @@ def test_load_by_repo_id_from_hub_cache(tmp_path):
     wrap = _trained_like()
     wrap.save_pretrained(saved)
     hub = _fake_hub_cache(tmp_path, saved)
-    loaded = ErrorCorrectionWrapper.from_pretrained("org/name", model=tiny_base(seed=3), cache_dir=hub, local_files_only=True)
+    loaded = ErrorCorrectionWrapper.from_pretrained(
+        "org/name", model=tiny_base(seed=3), cache_dir=hub, local_files_only=True
+    )
     _assert_same(wrap, loaded)
     with pytest.raises(FileNotFoundError, match="org/other"):
         ErrorCorrectionWrapper.from_pretrained("org/other", model=tiny_base(), cache_dir=hub, local_files_only=True)
@@ -152,7 +154,15 @@ def test_push_to_hub_sends_the_saved_files(monkeypatch):
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", fake_create_repo)
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", fake_upload_folder)
     wrap = _trained_like()
-    assert wrap.push_to_hub("org/name", heads_only=True, private=True, metrics={"base": {"miou": 0.5}, "fused": {"miou": 0.6}, "num_images": 3}) == "commit-info"
+    assert (
+        wrap.push_to_hub(
+            "org/name",
+            heads_only=True,
+            private=True,
+            metrics={"base": {"miou": 0.5}, "fused": {"miou": 0.6}, "num_images": 3},
+        )
+        == "commit-info"
+    )
     assert calls["create"] == ("org/name", {"private": True, "exist_ok": True, "repo_type": "model"})
     repo, files, kwargs = calls["upload"]
     assert repo == "org/name" and set(files) == {CONFIG_NAME, WEIGHTS_NAME, CARD_NAME}

@@ -50,7 +50,9 @@ def test_round_trip_rebuilds_the_base_from_config(family, tmp_path):
 
 def test_round_trip_of_a_hooked_custom_base(tmp_path):
     model = _plain("tensor")
-    wrap = _perturb_heads(ErrorCorrectionWrapper(model, low_level="backbone.0", high_level="decoder", error_channels=8, detail_channels=8))
+    wrap = _perturb_heads(
+        ErrorCorrectionWrapper(model, low_level="backbone.0", high_level="decoder", error_channels=8, detail_channels=8)
+    )
     wrap.save_pretrained(tmp_path)
     config = json.loads((tmp_path / CONFIG_NAME).read_text())
     assert config["base"] is None and config["heads"]["adapter"] == "hooks"
@@ -65,7 +67,13 @@ def test_round_trip_of_a_hooked_custom_base(tmp_path):
     "base, match",
     [
         ({"family": "os.system", "config": {}}, "os.system"),
-        ({"family": "errwrap.DeepLabV3Plus", "config": {"encoder_name": "resnet18", "num_classes": 5, "__init__": "x"}}, "__init__"),
+        (
+            {
+                "family": "errwrap.DeepLabV3Plus",
+                "config": {"encoder_name": "resnet18", "num_classes": 5, "__init__": "x"},
+            },
+            "__init__",
+        ),
         ({"family": "torchvision", "config": {"name": "torch.hub.load", "num_classes": 5}}, "torch.hub.load"),
         ({"family": "smp", "config": {"arch": "builtins.eval", "classes": 5}}, "builtins.eval"),
         ({"family": "transformers", "class": "transformers.AutoModel", "config": {}}, "transformers.AutoModel"),

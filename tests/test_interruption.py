@@ -14,7 +14,9 @@ JOB = Path(__file__).with_name("_finetune_job.py")
 
 
 def _run(*args, timeout=240):
-    result = subprocess.run([sys.executable, str(JOB), *map(str, args)], capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(
+        [sys.executable, str(JOB), *map(str, args)], capture_output=True, text=True, timeout=timeout
+    )
     assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -98,7 +100,8 @@ def test_sigkill_during_save_pretrained_leaves_the_old_or_the_new_model(tmp_path
                 os._exit(1)
         os.close(write_end)
         try:
-            assert os.read(read_end, 1) == b".", "the saving child died before its first save"  # one save done: kill during a later one
+            # one save done: kill during a later one
+            assert os.read(read_end, 1) == b".", "the saving child died before its first save"
             time.sleep(rng.uniform(0.0, 0.04))
         finally:
             os.kill(pid, signal.SIGKILL)

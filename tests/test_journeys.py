@@ -55,7 +55,9 @@ def test_binary_unet_with_0_255_masks_from_folder_to_cli_predict(tmp_path, capsy
     # 255 is also the default ignore_index: read as-is, every foreground pixel would be ignored.
     with pytest.raises(ValueError, match=r"label_map=\{255: 1\}"):
         SegmentationFolder(images, masks)
-    train = SegmentationFolder(images, masks, num_classes=2, label_map={255: 1}, transform=Compose([RandomHorizontalFlip(), Normalize()]))
+    train = SegmentationFolder(
+        images, masks, num_classes=2, label_map={255: 1}, transform=Compose([RandomHorizontalFlip(), Normalize()])
+    )
     val = SegmentationFolder(images, masks, num_classes=2, label_map={255: 1}, transform=Normalize())
     assert sorted(val[0][1].unique().tolist()) == [0, 1] and int(val[0][1].sum()) == 16 * 16
 
@@ -63,7 +65,9 @@ def test_binary_unet_with_0_255_masks_from_folder_to_cli_predict(tmp_path, capsy
     base = smp.Unet("resnet18", encoder_weights=None, classes=1, encoder_depth=3, decoder_channels=(16, 8, 8))
     wrap = ErrorCorrectionWrapper(base, error_channels=8, detail_channels=8)
     assert wrap.binary and wrap.num_classes == 2
-    result = errwrap.finetune(wrap, DataLoader(train, batch_size=2, shuffle=True), steps=2, progress=False, log_every=None)
+    result = errwrap.finetune(
+        wrap, DataLoader(train, batch_size=2, shuffle=True), steps=2, progress=False, log_every=None
+    )
     assert result.step == 2 and all(np.isfinite(h["loss"]) for h in result.history)
 
     report = errwrap.evaluate(wrap, DataLoader(val, batch_size=2))
@@ -79,7 +83,9 @@ def test_binary_unet_with_0_255_masks_from_folder_to_cli_predict(tmp_path, capsy
     assert torch.equal(loaded.labels, expected.labels) and torch.allclose(loaded.error_prob, expected.error_prob)
 
     assert main(["predict", "--model", str(tmp_path / "model"), str(images), "--out", str(tmp_path / "pred")]) == 0
-    assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == sorted(f"im{i}_{k}.png" for i in range(4) for k in ("error", "labels", "panel"))
+    assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == sorted(
+        f"im{i}_{k}.png" for i in range(4) for k in ("error", "labels", "panel")
+    )
     written = np.asarray(Image.open(tmp_path / "pred" / "im0_labels.png"))
     image, _ = Normalize()(load_image(images / "im0.jpg"), torch.zeros(32, 32, dtype=torch.long))
     with torch.no_grad():
@@ -104,7 +110,24 @@ def test_torchvision_model_saved_from_python_then_cli_finetune_evaluate_predict(
     images, masks = _image_folder(tmp_path / "data", 3, mask_fn=_classes_0_to_4)
     data = f"folder:{images},{masks}"
 
-    assert main(["finetune", "--model", str(tmp_path / "m0"), "--data", data, "--steps", "2", "--batch-size", "2", "--out", str(tmp_path / "m1")]) == 0
+    assert (
+        main(
+            [
+                "finetune",
+                "--model",
+                str(tmp_path / "m0"),
+                "--data",
+                data,
+                "--steps",
+                "2",
+                "--batch-size",
+                "2",
+                "--out",
+                str(tmp_path / "m1"),
+            ]
+        )
+        == 0
+    )
     assert "saved to" in capsys.readouterr().out
     before = ErrorCorrectionWrapper.from_pretrained(tmp_path / "m0")
     after = ErrorCorrectionWrapper.from_pretrained(tmp_path / "m1")
@@ -112,10 +135,28 @@ def test_torchvision_model_saved_from_python_then_cli_finetune_evaluate_predict(
     assert all(torch.equal(base_before[k], base_after[k]) for k in base_before)  # the base stayed frozen
     assert not torch.equal(before.error_head.classifier.weight, after.error_head.classifier.weight)
 
-    assert main(["evaluate", "--model", str(tmp_path / "m1"), "--data", data, "--batch-size", "3", "--json", str(tmp_path / "r.json")]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(tmp_path / "m1"),
+                "--data",
+                data,
+                "--batch-size",
+                "3",
+                "--json",
+                str(tmp_path / "r.json"),
+            ]
+        )
+        == 0
+    )
     report = EvaluationReport.from_json(tmp_path / "r.json")
     assert report.num_images == 3 and report.num_pixels == 3 * 32 * 32 and len(report.base.iou) == 5
-    assert main(["predict", "--model", str(tmp_path / "m1"), str(images / "im0.png"), "--out", str(tmp_path / "pred")]) == 0
+    assert (
+        main(["predict", "--model", str(tmp_path / "m1"), str(images / "im0.png"), "--out", str(tmp_path / "pred")])
+        == 0
+    )
     assert np.asarray(Image.open(tmp_path / "pred" / "im0_labels.png")).max() < 5
 
 
@@ -127,8 +168,12 @@ def _ade_tree(root, n=2):
         (root / "annotations" / split).mkdir(parents=True)
         for i in range(n):
             h, w = (40, 56) if i % 2 else (48, 32)  # ADE20K images differ in size
-            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / "images" / split / f"ADE_{split}_{i:08d}.jpg")
-            Image.fromarray(rng.integers(0, 151, (h, w), dtype=np.uint8)).save(root / "annotations" / split / f"ADE_{split}_{i:08d}.png")
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(
+                root / "images" / split / f"ADE_{split}_{i:08d}.jpg"
+            )
+            Image.fromarray(rng.integers(0, 151, (h, w), dtype=np.uint8)).save(
+                root / "annotations" / split / f"ADE_{split}_{i:08d}.png"
+            )
 
 
 @pytest.mark.slow
@@ -138,16 +183,23 @@ def test_segformer_on_ade20k_bf16_finetune_evaluate_and_export(tmp_path):
     _ade_tree(tmp_path / "ADEChallengeData2016")
     transform = Compose([Resize(32), Normalize()])
     train, val = ADE20K(tmp_path, "train", transform=transform), ADE20K(tmp_path, "val", transform=transform)
-    raw = np.asarray(Image.open(tmp_path / "ADEChallengeData2016/annotations/validation/ADE_validation_00000000.png")).astype(np.int64)
+    raw = np.asarray(
+        Image.open(tmp_path / "ADEChallengeData2016/annotations/validation/ADE_validation_00000000.png")
+    ).astype(np.int64)
     unresized = ADE20K(tmp_path, "val")[0][1].numpy()
     assert np.array_equal(unresized, np.where(raw == 0, 255, raw - 1))  # reduce_zero_label: 0 ("other") ignored
 
     torch.manual_seed(0)
     config = transformers.SegformerConfig(
-        depths=[1, 1, 1, 1], hidden_sizes=[8, 16, 24, 32], num_attention_heads=[1, 1, 1, 1], decoder_hidden_size=16, num_labels=150,
+        depths=[1, 1, 1, 1], hidden_sizes=[8, 16, 24, 32], num_attention_heads=[1, 1, 1, 1], decoder_hidden_size=16,
+        num_labels=150,
     )  # fmt: skip
-    wrap = ErrorCorrectionWrapper(transformers.SegformerForSemanticSegmentation(config), error_channels=8, detail_channels=8)
-    result = errwrap.finetune(wrap, DataLoader(train, batch_size=2), steps=2, precision="bf16", progress=False, log_every=None)
+    wrap = ErrorCorrectionWrapper(
+        transformers.SegformerForSemanticSegmentation(config), error_channels=8, detail_channels=8
+    )
+    result = errwrap.finetune(
+        wrap, DataLoader(train, batch_size=2), steps=2, precision="bf16", progress=False, log_every=None
+    )
     assert result.step == 2 and all(np.isfinite(h["loss"]) for h in result.history)
     assert all(p.dtype == torch.float32 for p in wrap.parameters())  # autocast: the weights stay fp32
     report = errwrap.evaluate(wrap, DataLoader(val, batch_size=2))
@@ -156,7 +208,10 @@ def test_segformer_on_ade20k_bf16_finetune_evaluate_and_export(tmp_path):
     # a 151-output model (class 0 = "other") is refused against the 150-class data, and fits reduce_zero_label=False
     with pytest.raises(ValueError, match="reduce_zero_label=False"):
         config151 = transformers.SegformerConfig(**{**config.to_dict(), "num_labels": 151})
-        errwrap.evaluate(ErrorCorrectionWrapper(transformers.SegformerForSemanticSegmentation(config151)), DataLoader(val, batch_size=2))
+        errwrap.evaluate(
+            ErrorCorrectionWrapper(transformers.SegformerForSemanticSegmentation(config151)),
+            DataLoader(val, batch_size=2),
+        )
     assert ADE20K(tmp_path, "val", reduce_zero_label=False).num_classes == 151
 
     from errwrap.export import InferenceModule, export_onnx, export_program
@@ -166,7 +221,7 @@ def test_segformer_on_ade20k_bf16_finetune_evaluate_and_export(tmp_path):
     with torch.no_grad():
         eager = InferenceModule(wrap)(x)
         program = export_program(wrap, x)
-        for a, b in zip(program.module()(x), eager):
+        for a, b in zip(program.module()(x), eager, strict=False):
             assert torch.allclose(a, b, atol=1e-5)
         assert torch.equal(eager[0].argmax(1), wrap(x).labels)
     pytest.importorskip("onnxscript")
@@ -182,12 +237,16 @@ class NoDropout(nn.Module):
 
     def __init__(self, classes=3, dropout_p=None):
         super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 16, 3, 2, 1), nn.ReLU())
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 8, 3, 2, 1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 16, 3, 2, 1), nn.ReLU()
+        )
         self.drop = nn.Dropout(dropout_p) if dropout_p is not None else nn.Identity()
         self.cls = nn.Conv2d(16, classes, 1)
 
     def forward(self, x):
-        return nn.functional.interpolate(self.cls(self.drop(self.body(x))), size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return nn.functional.interpolate(
+            self.cls(self.drop(self.body(x))), size=x.shape[-2:], mode="bilinear", align_corners=False
+        )
 
 
 SIZES = ((32, 48), (40, 40), (48, 32), (36, 52))
@@ -210,7 +269,9 @@ def test_researcher_compares_scores_on_images_of_different_sizes(tmp_path):
     wrap = ErrorCorrectionWrapper(NoDropout(), error_channels=8, detail_channels=8)
     with pytest.raises(RuntimeError, match="different sizes.*batch_size=1"):
         errwrap.evaluate(wrap, DataLoader(VariableSizes(), batch_size=2))
-    report = errwrap.evaluate(wrap, DataLoader(VariableSizes(), batch_size=1), baselines=("msp", "entropy", "mc_dropout"), mc_dropout_T=4)
+    report = errwrap.evaluate(
+        wrap, DataLoader(VariableSizes(), batch_size=1), baselines=("msp", "entropy", "mc_dropout"), mc_dropout_T=4
+    )
     assert report.num_images == 4 and report.num_pixels == sum(h * w - 2 * w for h, w in SIZES)
     det = report.error_detection
     assert list(det) == ["error_head", "msp", "entropy", "mc_dropout"]
@@ -230,14 +291,17 @@ def test_mc_dropout_on_a_base_whose_dropout_layers_have_p_0_is_not_entropy_again
     wrap = ErrorCorrectionWrapper(NoDropout(dropout_p=0.0), error_channels=8, detail_channels=8).eval()
     x = torch.rand(2, 3, 32, 32)
     mc, entropy = errwrap.MCDropoutScore(T=4)(wrap, x).score, errwrap.EntropyScore()(wrap, x).score
-    assert (mc - entropy).abs().max() > 1e-5  # T identical passes would give the entropy score to float precision (~1e-7)
+    # T identical passes would give the entropy score to float precision (~1e-7)
+    assert (mc - entropy).abs().max() > 1e-5
 
 
 def test_mc_dropout_on_a_binary_base_without_dropout():
     torch.manual_seed(0)
     wrap = ErrorCorrectionWrapper(NoDropout(classes=1), error_channels=8, detail_channels=8)
     items = [(torch.rand(3, 32, 32), torch.randint(0, 2, (32, 32))) for _ in range(2)]
-    report = errwrap.evaluate(wrap, DataLoader(items, batch_size=2), baselines=("entropy", "mc_dropout"), mc_dropout_T=3)
+    report = errwrap.evaluate(
+        wrap, DataLoader(items, batch_size=2), baselines=("entropy", "mc_dropout"), mc_dropout_T=3
+    )
     assert report.error_detection["mc_dropout"].auroc != report.error_detection["entropy"].auroc
 
 
@@ -250,10 +314,17 @@ def test_binary_folder_example_runs(tmp_path):
     from pathlib import Path
 
     script = Path(__file__).resolve().parent.parent / "examples" / "binary_folder.py"
-    result = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "model"), "--steps", "1", "--crop", "32"],
-                            capture_output=True, text=True, timeout=300, cwd=tmp_path, check=False)
+    result = subprocess.run(
+        [sys.executable, str(script), "--out", str(tmp_path / "model"), "--steps", "1", "--crop", "32"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "errwrap evaluation: 8 images, 32768 labelled pixels" in result.stdout  # 8 synthetic 64x64 masks, none ignored
+    # 8 synthetic 64x64 masks, none ignored
+    assert "errwrap evaluation: 8 images, 32768 labelled pixels" in result.stdout
     loaded = ErrorCorrectionWrapper.from_pretrained(tmp_path / "model")
     assert loaded.binary and loaded.class_names == ["background", "foreground"]
 
@@ -262,8 +333,11 @@ def test_model_card_says_how_images_are_normalised_and_whether_the_cli_can_load_
     from errwrap.models import DeepLabV3Plus
 
     torch.manual_seed(0)
-    known = ErrorCorrectionWrapper(DeepLabV3Plus("resnet18", num_classes=3, aspp_channels=16, decoder_channels=16, low_level_channels=8),
-                                   error_channels=8, detail_channels=8)
+    known = ErrorCorrectionWrapper(
+        DeepLabV3Plus("resnet18", num_classes=3, aspp_channels=16, decoder_channels=16, low_level_channels=8),
+        error_channels=8,
+        detail_channels=8,
+    )
     known.preprocessing = {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
     card = known.save_pretrained(tmp_path / "known").joinpath("README.md").read_text()
     assert "normalised with mean [0.5, 0.5, 0.5] and std [0.25, 0.25, 0.25]" in card

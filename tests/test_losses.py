@@ -143,7 +143,7 @@ def test_loss_accepts_any_integer_dtype_and_a_channel_dimension(dtype):
     expected = ErrorCorrectionLoss(w_base=1.0)(out, labels)
     for form in (labels.to(dtype), labels.to(dtype)[:, None]):
         got = ErrorCorrectionLoss(w_base=1.0)(out, form)
-        for a, b in zip(got, expected):
+        for a, b in zip(got, expected, strict=False):
             assert a.item() == b.item()
     unchecked = ErrorCorrectionLoss(validate=False)(out, labels.to(dtype)[:, None])
     assert unchecked.total.item() == ErrorCorrectionLoss()(out, labels).total.item()

@@ -128,7 +128,7 @@ def test_segmentation_property_matches_naive_count(num_classes, shape, seed, ign
     m = SegmentationMetrics(num_classes)
     m.update(preds, labels)
     naive = np.zeros((num_classes, num_classes), dtype=np.int64)
-    for y, p in zip(labels.flatten().tolist(), preds.flatten().tolist()):
+    for y, p in zip(labels.flatten().tolist(), preds.flatten().tolist(), strict=False):
         if y != 255:
             naive[y, p] += 1
     assert m.confusion.numpy().tolist() == naive.tolist()
@@ -220,7 +220,12 @@ def test_error_detection_within_bound_of_exact(num_bins, kind):
     exact = exact_error_detection(scores.double(), errors)
     for k in METRICS:
         bound = getattr(hist, f"{k}_bound")
-        assert abs(getattr(hist, k) - getattr(exact, k)) <= bound + 1e-9, (k, getattr(hist, k), getattr(exact, k), bound)
+        assert abs(getattr(hist, k) - getattr(exact, k)) <= bound + 1e-9, (
+            k,
+            getattr(hist, k),
+            getattr(exact, k),
+            bound,
+        )
     assert hist.num_errors == exact.num_errors
     if kind == "continuous" and num_bins == 10_000:
         assert hist.auroc_bound < 1e-3 and hist.fpr95_bound < 1e-2
@@ -250,7 +255,7 @@ def test_error_detection_streaming_and_merge():
     half_b.update(scores[1:], errors[1:], valid[1:])
     assert stream.compute() == whole.compute()
     assert half_a.merge(half_b).compute() == whole.compute()
-    assert all(torch.equal(a, b) for a, b in zip(stream.histograms, whole.histograms))
+    assert all(torch.equal(a, b) for a, b in zip(stream.histograms, whole.histograms, strict=False))
     no_mask, flat = ErrorDetectionMetrics(1000), ErrorDetectionMetrics(1000)
     no_mask.update(scores, errors)  # any shape, also without a valid mask
     flat.update(scores.flatten(), errors.flatten())
@@ -340,7 +345,7 @@ def test_risk_coverage_streaming_within_bound_of_exact(num_bins, kind):
     assert abs(hist.aurc - exact.aurc) <= hist.aurc_bound + 1e-12
     assert abs(hist.eaurc - exact.eaurc) <= hist.aurc_bound + 1e-12
     assert hist.optimal_aurc == exact.optimal_aurc and hist.num_errors == exact.num_errors
-    for a, b in zip(hist.risks, exact.risks):
+    for a, b in zip(hist.risks, exact.risks, strict=False):
         assert abs(a - b) <= hist.risk_bound + 1e-12
     if kind == "continuous" and num_bins == 10_000:
         assert hist.aurc_bound < 1e-4 and abs(hist.aurc - exact.aurc) < 1e-4
@@ -373,7 +378,11 @@ def test_image_aurc_against_the_oracle():
     # risks along the oracle order: 0, 0.05, 0.5/3, 1.4/4
     oracle = (0 + 0.05 + 0.5 / 3 + 1.4 / 4) / 4
     good = image_aurc(rates * 0.5 + 0.1, rates)
-    assert good.aurc == pytest.approx(oracle) and good.oracle_aurc == pytest.approx(oracle) and good.eaurc == pytest.approx(0)
+    assert (
+        good.aurc == pytest.approx(oracle)
+        and good.oracle_aurc == pytest.approx(oracle)
+        and good.eaurc == pytest.approx(0)
+    )
     bad = image_aurc(-rates, rates)
     assert bad.aurc == pytest.approx((0.9 + 1.3 / 2 + 1.4 / 3 + 1.4 / 4) / 4) and bad.eaurc > 0.3
     assert (good.num_images, good.error_rate) == (4, pytest.approx(0.35))
@@ -385,7 +394,9 @@ def test_image_aurc_against_the_oracle():
 
 def test_image_risk_coverage_metrics_per_image_means_over_valid_pixels():
     scores = torch.tensor([[[0.2, 0.4], [0.6, 0.9]], [[0.1, 0.1], [0.1, 0.1]], [[0.5, 0.5], [0.5, 0.5]]])
-    errors = torch.tensor([[[True, False], [False, True]], [[False, False], [False, False]], [[True, True], [True, True]]])
+    errors = torch.tensor(
+        [[[True, False], [False, True]], [[False, False], [False, False]], [[True, True], [True, True]]]
+    )
     valid = torch.ones_like(errors)
     valid[0, 1, 1] = False  # image 0: valid scores 0.2, 0.4, 0.6, one error in three
     valid[2] = False  # image 2 has no valid pixel: skipped
@@ -418,7 +429,10 @@ def test_calibration_hand_computed():
     m2.update(probs, labels_ignored)
     assert m2.compute().num_pixels == 2
     perfect = CalibrationMetrics(2)
-    perfect.update(torch.tensor([1.0, 0.0]).view(1, 2, 1, 1).expand(1, 2, 3, 3).contiguous(), torch.zeros(1, 3, 3, dtype=torch.long))
+    perfect.update(
+        torch.tensor([1.0, 0.0]).view(1, 2, 1, 1).expand(1, 2, 3, 3).contiguous(),
+        torch.zeros(1, 3, 3, dtype=torch.long),
+    )
     assert perfect.compute().ece == 0.0
     assert math.isnan(CalibrationMetrics(2).compute().ece)
 

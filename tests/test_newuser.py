@@ -21,7 +21,9 @@ from errwrap.models import DeepLabV3Plus
 
 def _tiny_wrap(num_classes: int = 11) -> ErrorCorrectionWrapper:
     torch.manual_seed(0)
-    base = DeepLabV3Plus("resnet18", num_classes=num_classes, aspp_channels=16, decoder_channels=16, low_level_channels=8)
+    base = DeepLabV3Plus(
+        "resnet18", num_classes=num_classes, aspp_channels=16, decoder_channels=16, low_level_channels=8
+    )
     return ErrorCorrectionWrapper(base, error_channels=8, detail_channels=8)
 
 
@@ -46,17 +48,23 @@ def test_cli_evaluate_and_python_evaluate_give_the_same_report(raw_model_dir, tm
         model = tmp_path / "normalised"
         wrap.save_pretrained(model)
     report_path = tmp_path / "cli.json"
-    assert main(["evaluate", "--model", str(model), "--data", "scenes:4", "--size", "32", "--json", str(report_path)]) == 0
+    assert (
+        main(["evaluate", "--model", str(model), "--data", "scenes:4", "--size", "32", "--json", str(report_path)]) == 0
+    )
     err = capsys.readouterr().err
     cli = json.loads(report_path.read_text())
 
     wrap = ErrorCorrectionWrapper.from_pretrained(model)
     transform = None if preprocessing is None else Normalize(preprocessing["mean"], preprocessing["std"])
-    python = errwrap.evaluate(wrap, DataLoader(Scenes(4, size=32, split="val", transform=transform), batch_size=4)).to_dict()
+    python = errwrap.evaluate(
+        wrap, DataLoader(Scenes(4, size=32, split="val", transform=transform), batch_size=4)
+    ).to_dict()
     assert cli["num_pixels"] == python["num_pixels"] == 4 * 32 * 32
     assert cli["fused"]["miou"] == pytest.approx(python["fused"]["miou"], abs=1e-6)
     assert cli["base"]["miou"] == pytest.approx(python["base"]["miou"], abs=1e-6)
-    assert cli["error_detection"]["error_head"]["auroc"] == pytest.approx(python["error_detection"]["error_head"]["auroc"], abs=1e-6)
+    assert cli["error_detection"]["error_head"]["auroc"] == pytest.approx(
+        python["error_detection"]["error_head"]["auroc"], abs=1e-6
+    )
     # the CLI says once that it applies no preprocessing, and only then
     assert err.count("saved without preprocessing") == (1 if preprocessing is None else 0)
 
@@ -139,8 +147,13 @@ def test_finetune_and_evaluate_print_progress_lines_when_stdout_is_not_a_termina
     assert [line.split()[1] for line in lines] == ["2/4", "4/4"] and all("loss" in line for line in lines)
     assert train_log.handlers == handlers and train_log.level == level  # the CLI leaves the logger as it was
 
-    assert main(["evaluate", "--model", str(raw_model_dir), "--data", "scenes:6", "--size", "32", "--batch-size", "2"]) == 0
-    lines = [line.strip() for line in capsys.readouterr().out.splitlines() if line.strip().startswith("evaluate: batch")]
+    assert (
+        main(["evaluate", "--model", str(raw_model_dir), "--data", "scenes:6", "--size", "32", "--batch-size", "2"])
+        == 0
+    )
+    lines = [
+        line.strip() for line in capsys.readouterr().out.splitlines() if line.strip().startswith("evaluate: batch")
+    ]
     assert [line.split()[2] for line in lines] == ["1/3,", "2/3,", "3/3,"]
 
 
@@ -211,7 +224,10 @@ def test_a_mistyped_model_is_answered_within_a_second_offline(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     (tmp_path / "errwrap-demo" / "model").mkdir(parents=True)
     for model, message in [
-        ("errwrap-tests/no-such-model", "no local directory 'errwrap-tests/no-such-model' and not found in the Hub cache"),
+        (
+            "errwrap-tests/no-such-model",
+            "no local directory 'errwrap-tests/no-such-model' and not found in the Hub cache",
+        ),
         ("errwrap-demo/modl", "no local directory 'errwrap-demo/modl'; errwrap-demo holds: model"),
         ("./my-model", "no local directory './my-model', and it is not a Hub repository id"),
     ]:
@@ -262,10 +278,30 @@ def test_python_m_errwrap_runs_the_cli_with_progress_on_a_pipe(raw_model_dir):
     from pathlib import Path
 
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent / "src"), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "errwrap", "--help"], capture_output=True, text=True, timeout=120, env=env)
+    result = subprocess.run(
+        [sys.executable, "-m", "errwrap", "--help"], capture_output=True, text=True, timeout=120, env=env
+    )
     assert result.returncode == 0 and result.stdout.startswith("usage: errwrap")
-    result = subprocess.run([sys.executable, "-m", "errwrap", "evaluate", "--model", str(raw_model_dir), "--data", "scenes:2",
-                             "--size", "32", "--batch-size", "1"], capture_output=True, text=True, timeout=120, env=env)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "errwrap",
+            "evaluate",
+            "--model",
+            str(raw_model_dir),
+            "--data",
+            "scenes:2",
+            "--size",
+            "32",
+            "--batch-size",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "evaluate: batch 1/2" in result.stdout and "evaluate: batch 2/2" in result.stdout  # stdout is a pipe here
     assert "corrected - base" in result.stdout
@@ -287,7 +323,9 @@ def test_keys_match_what_the_panel_draws():
 
     bar = viz.colorbar(100)
     assert bar.shape == (viz.KEY_SWATCH, 100, 3)
-    assert np.array_equal(bar[0, 0], viz.heatmap(np.zeros((1, 1)))[0, 0]) and np.array_equal(bar[0, -1], viz.heatmap(np.ones((1, 1)))[0, 0])
+    assert np.array_equal(bar[0, 0], viz.heatmap(np.zeros((1, 1)))[0, 0]) and np.array_equal(
+        bar[0, -1], viz.heatmap(np.ones((1, 1)))[0, 0]
+    )
     # one pixel each: fixed, broken, changed and still wrong, unchanged
     base, corrected, gt = np.array([[0, 1, 0, 2]]), np.array([[1, 0, 2, 2]]), np.array([[1, 1, 1, 2]])
     drawn = viz._changed(base, corrected, gt, 255)[0]
@@ -300,7 +338,9 @@ def test_panel_key_shows_each_present_class_colour():
     from errwrap import viz
 
     palette = viz.palette_for(11)
-    key = np.asarray(viz.panel_key(500, palette, [2, 7], class_names=[f"class{i}" for i in range(11)], ground_truth=True))
+    key = np.asarray(
+        viz.panel_key(500, palette, [2, 7], class_names=[f"class{i}" for i in range(11)], ground_truth=True)
+    )
     colours = {tuple(c) for c in key.reshape(-1, 3)}
     assert tuple(palette[2]) in colours and tuple(palette[7]) in colours and tuple(palette[3]) not in colours
     assert all(colour in colours for _, colour in viz.CHANGED_KEY)

@@ -19,8 +19,14 @@ def _python_blocks(text: str) -> list[str]:
 def test_readme_quick_start_runs(tmp_path):
     blocks = _python_blocks((ROOT / "README.md").read_text())
     quick_start = next(b for b in blocks if "ErrorCorrectionWrapper(base)" in b)
-    result = subprocess.run([sys.executable, "-c", quick_start], cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    result = subprocess.run(
+        [sys.executable, "-c", quick_start],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "torch.Size([2, 128, 128]) torch.Size([2, 128, 128])" in result.stdout
     assert "error_head" in result.stdout  # the report table

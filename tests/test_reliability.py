@@ -35,7 +35,16 @@ def _deeplab_spec(name):
     return {"family": "errwrap.DeepLabV3Plus", "config": {"encoder_name": name, "num_classes": 5}}
 
 
-OUTSIDE_NAMES = ["hf-hub:timm/resnet18.a1_in1k", "hf_hub:timm/resnet18", "local-dir:/tmp", "timm/resnet18", "../resnet18", "a\\b", "resnet18/x", "https://example.com/r18"]
+OUTSIDE_NAMES = [
+    "hf-hub:timm/resnet18.a1_in1k",
+    "hf_hub:timm/resnet18",
+    "local-dir:/tmp",
+    "timm/resnet18",
+    "../resnet18",
+    "a\\b",
+    "resnet18/x",
+    "https://example.com/r18",
+]
 
 
 @pytest.mark.parametrize("name", OUTSIDE_NAMES)
@@ -45,7 +54,9 @@ def test_deeplab_encoder_names_that_reach_outside_are_refused_before_timm(name, 
     from errwrap.adapters.specs import build_base
 
     calls = []
-    monkeypatch.setattr(timm, "create_model", lambda *a, **k: calls.append(a) or (_ for _ in ()).throw(AssertionError("timm reached")))
+    monkeypatch.setattr(
+        timm, "create_model", lambda *a, **k: calls.append(a) or (_ for _ in ()).throw(AssertionError("timm reached"))
+    )
     with pytest.raises(ValueError, match=r"encoder_name"):
         build_base(_deeplab_spec(name))
     assert calls == []
@@ -106,13 +117,28 @@ def test_transformers_backbone_names_are_refused_before_transformers(values, mat
     from errwrap.adapters.specs import build_base
 
     with pytest.raises(ValueError, match=match):
-        build_base({"family": "transformers", "class": "UperNetForSemanticSegmentation", "config": {"backbone_config": None, **values}})
+        build_base(
+            {
+                "family": "transformers",
+                "class": "UperNetForSemanticSegmentation",
+                "config": {"backbone_config": None, **values},
+            }
+        )
 
 
 def test_plain_known_names_still_build():
     from errwrap.adapters.specs import build_base
 
-    spec = {"family": "errwrap.DeepLabV3Plus", "config": {"encoder_name": "resnet18", "num_classes": 3, "aspp_channels": 8, "decoder_channels": 8, "low_level_channels": 8}}
+    spec = {
+        "family": "errwrap.DeepLabV3Plus",
+        "config": {
+            "encoder_name": "resnet18",
+            "num_classes": 3,
+            "aspp_channels": 8,
+            "decoder_channels": 8,
+            "low_level_channels": 8,
+        },
+    }
     assert type(build_base(spec)).__name__ == "DeepLabV3Plus"
 
 
@@ -125,7 +151,9 @@ def test_adapter_options_from_a_file_are_refused_by_name(saved):
 
 @pytest.mark.parametrize("options", [{}, None, "absent"])
 def test_empty_or_absent_adapter_options_load_with_the_base_frozen(saved, options):
-    _edit_config(saved, lambda c: c.pop("adapter_options", None) if options == "absent" else c.update(adapter_options=options))
+    _edit_config(
+        saved, lambda c: c.pop("adapter_options", None) if options == "absent" else c.update(adapter_options=options)
+    )
     loaded = ErrorCorrectionWrapper.from_pretrained(saved, model=tiny_base())
     assert loaded.base_frozen
     assert not any(p.requires_grad for p in loaded.base.parameters())
@@ -224,9 +252,15 @@ def test_cli_predict_and_evaluate_refuse_nan_outputs(nan_model_dir, tmp_path, ca
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(image)
     assert main(["predict", "--model", str(nan_model_dir), str(image), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert re.search(r"a\.png: the model's outputs hold NaN/Inf \(.*\) at [1-9]\d* pixels of images \[0\]", err) and "Traceback" not in err, err
+    assert (
+        re.search(r"a\.png: the model's outputs hold NaN/Inf \(.*\) at [1-9]\d* pixels of images \[0\]", err)
+        and "Traceback" not in err
+    ), err
     assert not (tmp_path / "out" / "a_labels.png").exists()
-    assert main(["evaluate", "--model", str(nan_model_dir), "--data", "scenes:2", "--size", "32", "--batch-size", "2"]) == 2
+    assert (
+        main(["evaluate", "--model", str(nan_model_dir), "--data", "scenes:2", "--size", "32", "--batch-size", "2"])
+        == 2
+    )
     err = capsys.readouterr().err
     assert "batch 0" in err and "NaN/Inf" in err and "images [0, 1]" in err
 
@@ -236,7 +270,9 @@ def _scenes_wrapper(seed: int = 0, channels: int = 8) -> ErrorCorrectionWrapper:
     from errwrap.data import Scenes
 
     torch.manual_seed(seed)
-    return ErrorCorrectionWrapper(tiny_base(seed, num_classes=len(Scenes.class_names)), error_channels=channels, detail_channels=8)
+    return ErrorCorrectionWrapper(
+        tiny_base(seed, num_classes=len(Scenes.class_names)), error_channels=channels, detail_channels=8
+    )
 
 
 def _scenes_loader(n: int = 8, batch_size: int = 2):
@@ -296,7 +332,9 @@ def test_resume_with_fewer_images_is_a_clear_error(tmp_path):
 
     finetune(_scenes_wrapper(), _scenes_loader(n=8), steps=3, checkpoint_dir=tmp_path, log_every=None)  # batch 3 of 4
     with pytest.raises(ValueError, match=r"resume.*batch 3.*yields only 1"):
-        finetune(_scenes_wrapper(), _scenes_loader(n=2), steps=4, checkpoint_dir=tmp_path, resume="latest", log_every=None)
+        finetune(
+            _scenes_wrapper(), _scenes_loader(n=2), steps=4, checkpoint_dir=tmp_path, resume="latest", log_every=None
+        )
 
 
 # ---------------------------------------------------------------------- 5. atomic model directories
@@ -325,9 +363,8 @@ def test_a_directory_set_aside_by_a_killed_save_is_put_back(saved, tmp_path):
 
     aside = tmp_path / f".m.old-{_dead_pid()}-0a1b2c3d"
     saved.rename(aside)  # killed between "rename the old one aside" and "rename the new one in"
-    with pytest.raises(RuntimeError):
-        with atomic_directory(saved):
-            raise RuntimeError("the next save fails too")
+    with pytest.raises(RuntimeError), atomic_directory(saved):
+        raise RuntimeError("the next save fails too")
     assert not aside.exists()
     ErrorCorrectionWrapper.from_pretrained(saved, model=tiny_base())
 
@@ -350,7 +387,9 @@ def test_save_into_a_file_is_refused(tmp_path):
 
 # ---------------------------------------------------------------------- 7. file modes
 @pytest.mark.skipif(os.name != "posix", reason="POSIX modes")
-@pytest.mark.parametrize("umask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700), (0o002, 0o664, 0o775)])
+@pytest.mark.parametrize(
+    "umask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700), (0o002, 0o664, 0o775)]
+)
 def test_saved_files_get_the_users_umask(tmp_path, umask, file_mode, dir_mode):
     from errwrap import finetune
 
@@ -420,7 +459,9 @@ def test_a_failed_last_checkpoint_goes_to_a_named_fallback(tmp_path, monkeypatch
 
     monkeypatch.setattr(training, "_write_checkpoint", full_disk)
     wrap = _scenes_wrapper()
-    with pytest.warns(RuntimeWarning, match="could not write the last checkpoint.*No space left.*written to .*errwrap-checkpoint-"):
+    with pytest.warns(
+        RuntimeWarning, match="could not write the last checkpoint.*No space left.*written to .*errwrap-checkpoint-"
+    ):
         result = finetune(wrap, _scenes_loader(n=2), steps=1, checkpoint_dir=tmp_path / "ckpt", log_every=None)
     try:
         assert result.checkpoint.name == "step-000001" and (result.checkpoint / "state.pt").is_file()
@@ -450,10 +491,24 @@ def cli_model_dir(tmp_path_factory):
 def test_cli_finetune_refuses_an_unwritable_out_before_training(cli_model_dir, capsys):
     from errwrap.cli import main
 
-    argv = ["finetune", "--model", str(cli_model_dir), "--data", "scenes:2", "--size", "32", "--steps", "1", "--batch-size", "2"]
+    argv = [
+        "finetune",
+        "--model",
+        str(cli_model_dir),
+        "--data",
+        "scenes:2",
+        "--size",
+        "32",
+        "--steps",
+        "1",
+        "--batch-size",
+        "2",
+    ]
     assert main([*argv, "--out", "/proc/errwrap-nowhere"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("errwrap: error: --out /proc/errwrap-nowhere: cannot write in /proc") and "fine-tuned" not in err
+    assert (
+        err.startswith("errwrap: error: --out /proc/errwrap-nowhere: cannot write in /proc") and "fine-tuned" not in err
+    )
 
 
 def test_cli_finetune_keeps_the_model_when_the_final_save_fails(cli_model_dir, tmp_path, capsys, monkeypatch):
@@ -470,7 +525,19 @@ def test_cli_finetune_keeps_the_model_when_the_final_save_fails(cli_model_dir, t
         return save(self, directory, **kwargs)
 
     monkeypatch.setattr(ErrorCorrectionWrapper, "save_pretrained", full_disk)
-    argv = ["finetune", "--model", str(cli_model_dir), "--data", "scenes:2", "--size", "32", "--steps", "1", "--batch-size", "2"]
+    argv = [
+        "finetune",
+        "--model",
+        str(cli_model_dir),
+        "--data",
+        "scenes:2",
+        "--size",
+        "32",
+        "--steps",
+        "1",
+        "--batch-size",
+        "2",
+    ]
     assert main([*argv, "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     found = re.search(r"No space left on device.*saved to (\S+) instead", err)
@@ -484,8 +551,9 @@ def test_cli_finetune_keeps_the_model_when_the_final_save_fails(cli_model_dir, t
 
 
 def test_a_safetensors_write_error_is_an_oserror_and_keeps_the_old_model(saved, monkeypatch):
-    import errwrap._io as io
     from safetensors import SafetensorError
+
+    import errwrap._io as io
 
     before = {p.name: p.read_bytes() for p in saved.iterdir()}
 
@@ -538,7 +606,8 @@ def _png(path: Path, size: int = 64) -> Path:
     return path
 
 
-@pytest.mark.parametrize("limit", [1000, 3000])  # 64x64 = 4096 pixels: over twice the limit (Pillow's error), or over it (its warning)
+# 64x64 = 4096 pixels: over twice the limit (Pillow's error), or over it (its warning)
+@pytest.mark.parametrize("limit", [1000, 3000])
 def test_decompression_bomb_images_are_refused_naming_the_file(tmp_path, monkeypatch, limit):
     from PIL import Image
 
@@ -560,7 +629,12 @@ def test_cli_predict_refuses_a_decompression_bomb_in_one_line(cli_model_dir, tmp
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     assert main(["predict", "--model", str(cli_model_dir), str(path), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("errwrap: error: ") and "bomb.png" in err and "decompression bomb" in err and "Traceback" not in err
+    assert (
+        err.startswith("errwrap: error: ")
+        and "bomb.png" in err
+        and "decompression bomb" in err
+        and "Traceback" not in err
+    )
 
 
 def test_a_base_that_returns_another_batch_size_gets_a_clear_error():
@@ -596,7 +670,10 @@ def test_calibrate_temperature_never_sets_a_temperature_a_config_would_refuse(mo
 
 # ---------------------------------------------------------------------- 3b. sizes a file cannot ask for
 def test_a_base_spec_that_would_allocate_gigabytes_is_refused_before_allocating(saved):
-    spec = {"family": "errwrap.DeepLabV3Plus", "config": {"encoder_name": "resnet18", "num_classes": 5, "aspp_channels": 100_000}}
+    spec = {
+        "family": "errwrap.DeepLabV3Plus",
+        "config": {"encoder_name": "resnet18", "num_classes": 5, "aspp_channels": 100_000},
+    }
     _edit_config(saved, lambda c: c.update(base=spec))
     with pytest.raises(ValueError, match=r"base of 51\.\d+ G parameters, more than the 1\.07 G.*model="):
         ErrorCorrectionWrapper.from_pretrained(saved)
@@ -615,7 +692,11 @@ def test_oversized_or_deeply_nested_config_files_are_refused(saved):
     with pytest.raises(ValueError, match="larger than the 16777216 errwrap reads"):
         ErrorCorrectionWrapper.from_pretrained(saved, model=tiny_base())
     for depth in (50, 100_000):
-        (saved / CONFIG_NAME).write_text(json.dumps({**{k: v for k, v in config.items() if k != "class_names"}}).replace('"base": null', '"base": ' + "[" * depth + "]" * depth))
+        (saved / CONFIG_NAME).write_text(
+            json.dumps({**{k: v for k, v in config.items() if k != "class_names"}}).replace(
+                '"base": null', '"base": ' + "[" * depth + "]" * depth
+            )
+        )
         with pytest.raises(ValueError, match="nested"):
             ErrorCorrectionWrapper.from_pretrained(saved, model=tiny_base())
 
@@ -662,11 +743,17 @@ def test_a_nested_timm_backbone_is_checked_and_never_pretrained(monkeypatch):
 
     from errwrap.adapters.specs import build_base
 
-    backbone = transformers.TimmBackboneConfig(backbone="resnet18", out_indices=(1, 2, 3, 4), use_pretrained_backbone=True)
-    config = transformers.UperNetConfig(backbone_config=backbone, hidden_size=16, auxiliary_channels=8, num_labels=3).to_dict()
+    backbone = transformers.TimmBackboneConfig(
+        backbone="resnet18", out_indices=(1, 2, 3, 4), use_pretrained_backbone=True
+    )
+    config = transformers.UperNetConfig(
+        backbone_config=backbone, hidden_size=16, auxiliary_channels=8, num_labels=3
+    ).to_dict()
     spec = {"family": "transformers", "class": "UperNetForSemanticSegmentation", "config": config}
     calls, create = [], timm.create_model
-    monkeypatch.setattr(timm, "create_model", lambda name, **kw: calls.append((name, kw.get("pretrained"))) or create(name, **kw))
+    monkeypatch.setattr(
+        timm, "create_model", lambda name, **kw: calls.append((name, kw.get("pretrained"))) or create(name, **kw)
+    )
     build_base(spec)
     assert calls and all(pretrained is False for _, pretrained in calls), calls
     assert config["backbone_config"]["use_pretrained_backbone"] is True  # the caller's spec is not changed
@@ -687,14 +774,29 @@ def test_a_latest_pointer_cannot_send_resume_to_another_directory(tmp_path, poin
     (tmp_path / "ckpt" / "latest").write_text(pointer + "\n")
     for resume in ("latest", tmp_path / "ckpt"):
         with pytest.raises(ValueError, match=r"latest: expected the name of a checkpoint in the same directory"):
-            finetune(_scenes_wrapper(), _scenes_loader(n=2), steps=2, checkpoint_dir=tmp_path / "ckpt", resume=resume, log_every=None)
+            finetune(
+                _scenes_wrapper(),
+                _scenes_loader(n=2),
+                steps=2,
+                checkpoint_dir=tmp_path / "ckpt",
+                resume=resume,
+                log_every=None,
+            )
 
 
 def test_transformers_name_or_path_notes_are_not_read_and_not_refused():
     transformers = pytest.importorskip("transformers")
     from errwrap.adapters.specs import build_base
 
-    config = transformers.SegformerConfig(num_encoder_blocks=1, depths=[1], sr_ratios=[1], hidden_sizes=[8], num_attention_heads=[1], decoder_hidden_size=8, num_labels=3).to_dict()
+    config = transformers.SegformerConfig(
+        num_encoder_blocks=1,
+        depths=[1],
+        sr_ratios=[1],
+        hidden_sizes=[8],
+        num_attention_heads=[1],
+        decoder_hidden_size=8,
+        num_labels=3,
+    ).to_dict()
     config["_name_or_path"] = "timm/made-up-name"  # where a config came from: informational only
     model = build_base({"family": "transformers", "class": "SegformerForSemanticSegmentation", "config": config})
     assert model.config.num_labels == 3

@@ -125,7 +125,8 @@ def test_page_shows_the_worst_images_first_with_truth_and_risk_coverage(wrapper,
     srcs = [img["src"] for img in parsed.imgs]
     assert "images/risk_coverage.png" in srcs and "images/accuracy.png" in srcs
     scatter = np.asarray(Image.open(page.parent / "images/accuracy.png"))
-    assert ((scatter == (214, 39, 40)).all(-1).any() and (scatter == (31, 119, 180)).all(-1).any())  # shown images red, others blue
+    # shown images red, others blue
+    assert ((scatter == (214, 39, 40)).all(-1).any() and (scatter == (31, 119, 180)).all(-1).any())
     assert sum(s.endswith("_truth.png") for s in srcs) == 3 and sum(s == "images/colorbar.png" for s in srcs) == 3
     assert len(parsed.imgs) == 3 * 5 + 2
     _sources_resolve(page, parsed)
@@ -151,13 +152,20 @@ def test_without_labels_and_more_worst_than_images(wrapper, tmp_path):
     _sources_resolve(page, parsed)
     # a second report in the same folder replaces the pictures of the first
     write_report(wrapper, loader, tmp_path, labels=False, worst=1)
-    assert sorted(p.name for p in (tmp_path / "images").glob("*.png")) == ["001_error.png", "001_image.png", "001_labels.png", "colorbar.png"]
+    assert sorted(p.name for p in (tmp_path / "images").glob("*.png")) == [
+        "001_error.png",
+        "001_image.png",
+        "001_labels.png",
+        "colorbar.png",
+    ]
 
 
 def test_hostile_names_are_escaped(wrapper, tmp_path):
     dataset = Scenes(2, size=32, split="val")
     names = [HOSTILE, "a<b>.png"]
-    page = write_report(wrapper, dataset, tmp_path, names=names, class_names=[f"<i>{i}</i>" for i in range(11)], title="<b>t</b>")
+    page = write_report(
+        wrapper, dataset, tmp_path, names=names, class_names=[f"<i>{i}</i>" for i in range(11)], title="<b>t</b>"
+    )
     text = page.read_text(encoding="utf-8")
     assert "<img src=x" not in text and "<i>" not in text and "<b>" not in text
     assert "&lt;img src=x onerror=alert(1)&gt;&quot;&amp;&#x27;b" in text
@@ -220,7 +228,21 @@ def model_dir(tmp_path_factory):
 
 def test_cli_and_python_write_the_same_ranking(model_dir, tmp_path, capsys):
     out = tmp_path / "cli"
-    argv = ["report", "--model", str(model_dir), "--data", "scenes:6", "--size", "32", "--max-images", "5", "--worst", "3", "--out", str(out)]
+    argv = [
+        "report",
+        "--model",
+        str(model_dir),
+        "--data",
+        "scenes:6",
+        "--size",
+        "32",
+        "--max-images",
+        "5",
+        "--worst",
+        "3",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     assert f"wrote {out / 'index.html'} (3 of 5 images, worst first)" in capsys.readouterr().out
     wrap = ErrorCorrectionWrapper.from_pretrained(model_dir)
@@ -235,7 +257,10 @@ def test_cli_and_python_write_the_same_ranking(model_dir, tmp_path, capsys):
     assert Page((out / "index.html").read_text()).names == Page(page.read_text()).names
     assert "c0" in (out / "index.html").read_text()  # the model's class names in the legend
     # the images are shown de-normalised with the model's preprocessing: the CLI's and Python's pictures agree
-    assert np.array_equal(np.asarray(Image.open(out / "images/001_image.png")), np.asarray(Image.open(tmp_path / "python/images/001_image.png")))
+    assert np.array_equal(
+        np.asarray(Image.open(out / "images/001_image.png")),
+        np.asarray(Image.open(tmp_path / "python/images/001_image.png")),
+    )
 
 
 def test_cli_on_image_files_escapes_hostile_file_names(model_dir, tmp_path, capsys):
@@ -245,13 +270,33 @@ def test_cli_on_image_files_escapes_hostile_file_names(model_dir, tmp_path, caps
     for name in (HOSTILE + ".png", "plain.png"):
         Image.fromarray((rng.random((24, 40, 3)) * 255).astype(np.uint8)).save(folder / name)
     out = tmp_path / "page"
-    assert main(["report", "--model", str(model_dir), "--data", f"images:{folder}", "--out", str(out), "--corrupt", "fog:2"]) == 0
+    assert (
+        main(
+            ["report", "--model", str(model_dir), "--data", f"images:{folder}", "--out", str(out), "--corrupt", "fog:2"]
+        )
+        == 0
+    )
     text = (out / "index.html").read_text(encoding="utf-8")
     parsed = Page(text)
     assert sorted(parsed.names) == sorted([HOSTILE + ".png", "plain.png"]) and "<img src=x" not in text
     assert len(parsed.imgs) == 2 * 4 and "No labels" in text
     assert Image.open(out / "images/001_image.png").size == (40, 24)
-    assert main(["report", "--model", str(model_dir), "--data", "scenes:2", "--size", "32", "--out", str(out / "index.html")]) == 2
+    assert (
+        main(
+            [
+                "report",
+                "--model",
+                str(model_dir),
+                "--data",
+                "scenes:2",
+                "--size",
+                "32",
+                "--out",
+                str(out / "index.html"),
+            ]
+        )
+        == 2
+    )
     assert "expected a directory" in capsys.readouterr().err
 
 
@@ -280,7 +325,12 @@ def _load_in_browser(binary: str, page: Path, profile: Path, extra: str = "") ->
     """Open a copy of ``page`` (with a script that records errors and counts decoded images)
     headless; return what the script recorded and Chromium's log."""
     probe = page.with_name("browser_check.html")
-    probe.write_text(page.read_text(encoding="utf-8").replace("<head>", "<head>" + CHECK_SCRIPT, 1).replace("</body>", extra + "</body>"), encoding="utf-8")
+    probe.write_text(
+        page.read_text(encoding="utf-8")
+        .replace("<head>", "<head>" + CHECK_SCRIPT, 1)
+        .replace("</body>", extra + "</body>"),
+        encoding="utf-8",
+    )
     cmd = [binary, "--headless", "--disable-gpu", "--no-sandbox", "--no-first-run", f"--user-data-dir={profile}",
            "--enable-logging=stderr", "--v=0", "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()]  # fmt: skip
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
@@ -288,11 +338,15 @@ def _load_in_browser(binary: str, page: Path, profile: Path, extra: str = "") ->
     dom = Page(run.stdout)
     marker = run.stdout.split('<pre id="browser-check">', 1)
     assert len(marker) == 2, f"the check script did not run; DOM: {run.stdout[:500]}"
-    assert [img["src"] for img in dom.imgs] == [img["src"] for img in Page(page.read_text(encoding="utf-8")).imgs]  # the DOM shows the page's images
+    # the DOM shows the page's images
+    assert [img["src"] for img in dom.imgs] == [img["src"] for img in Page(page.read_text(encoding="utf-8")).imgs]
     return json.loads(html.unescape(marker[1].split("</pre>", 1)[0])), run.stderr
 
 
-@pytest.mark.skipif(_chromium() is None, reason=f"no Chromium binary on PATH ({', '.join(CHROMIUM_NAMES)}); .ci/run installs it when it can")
+@pytest.mark.skipif(
+    _chromium() is None,
+    reason=f"no Chromium binary on PATH ({', '.join(CHROMIUM_NAMES)}); .ci/run installs it when it can",
+)
 def test_a_headless_browser_loads_the_page_without_errors_and_shows_every_image(labelled_page, tmp_path):
     binary = _chromium()
     result, log = _load_in_browser(binary, labelled_page, tmp_path / "profile")
@@ -302,9 +356,13 @@ def test_a_headless_browser_loads_the_page_without_errors_and_shows_every_image(
     broken = tmp_path / "broken"
     shutil.copytree(labelled_page.parent, broken)
     (broken / "images" / "002_error.png").unlink()
-    result, log = _load_in_browser(binary, broken / "index.html", tmp_path / "profile2", extra="<script>undefinedFunction();</script>")
+    result, log = _load_in_browser(
+        binary, broken / "index.html", tmp_path / "profile2", extra="<script>undefinedFunction();</script>"
+    )
     assert result["images"] == 17 and result["loaded"] == 16
-    assert any("002_error.png" in e for e in result["errors"]) and any("undefinedFunction" in e for e in result["errors"])
+    assert any("002_error.png" in e for e in result["errors"]) and any(
+        "undefinedFunction" in e for e in result["errors"]
+    )
     assert "undefinedFunction" in log
 
 
@@ -313,6 +371,9 @@ def test_report_help_names_the_options(capsys):
         main(["report", "--help"])
     assert info.value.code == 0
     text = capsys.readouterr().out
-    assert all(option in text for option in ("--model", "--data", "--out", "--corrupt", "--max-images", "--worst", "--no-labels"))
+    assert all(
+        option in text
+        for option in ("--model", "--data", "--out", "--corrupt", "--max-images", "--worst", "--no-labels")
+    )
     assert main(["report", "--model", "m", "--data", "scenes:2", "--out", "o", "--corrupt", "rain:2"]) == 2
     assert "--corrupt 'rain:2': expected KIND or KIND:SEVERITY" in capsys.readouterr().err

@@ -14,7 +14,7 @@ def test_channels_last_and_non_contiguous_inputs_match():
     ref = wrap(x)
     for variant in (x.to(memory_format=torch.channels_last), x.transpose(2, 3).contiguous().transpose(2, 3)):
         assert not variant.is_contiguous()
-        for a, b in zip(wrap(variant), ref):
+        for a, b in zip(wrap(variant), ref, strict=False):
             assert torch.allclose(a, b, atol=1e-5)
 
 
@@ -23,7 +23,7 @@ def test_channels_last_model():
     x, _ = batch()
     ref = wrap(x)
     wrap = wrap.to(memory_format=torch.channels_last)
-    for a, b in zip(wrap(x.to(memory_format=torch.channels_last)), ref):
+    for a, b in zip(wrap(x.to(memory_format=torch.channels_last)), ref, strict=False):
         assert torch.allclose(a, b, atol=1e-5)
 
 

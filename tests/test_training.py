@@ -2,7 +2,6 @@ import math
 import os
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -71,7 +70,9 @@ def test_frozen_finetuning_lowers_losses_and_keeps_the_base_bitwise(tmp_path):
             return loss_fn(wrapper(images), labels)
 
     before = losses()
-    result = finetune(wrapper, _loader(n=32), steps=30, lr=2e-2, warmup_steps=2, checkpoint_dir=tmp_path, log_every=None)
+    result = finetune(
+        wrapper, _loader(n=32), steps=30, lr=2e-2, warmup_steps=2, checkpoint_dir=tmp_path, log_every=None
+    )
     after = losses()  # on a batch of held-out images (seed 7)
     assert isinstance(result, FinetuneResult) and result.step == 30 and len(result.history) == 30
     assert after.error < before.error - 0.2, (before, after)
@@ -106,10 +107,12 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     with torch.no_grad():
         for p in resumed_wrapper.head_parameters():
             p.add_(1.0)
-    resumed = finetune(resumed_wrapper, _loader(transform=flip), checkpoint_dir=tmp_path / "cut", resume="latest", **kwargs)
+    resumed = finetune(
+        resumed_wrapper, _loader(transform=flip), checkpoint_dir=tmp_path / "cut", resume="latest", **kwargs
+    )
 
     assert resumed.step == full.step == 6 and len(resumed.history) == 6
-    for a, b in zip(full.history, resumed.history):
+    for a, b in zip(full.history, resumed.history, strict=False):
         for key in (*TERMS, "lr", "grad_norm"):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["step"], key)
     full_heads, resumed_heads = _heads(full_wrapper), _heads(resumed_wrapper)
@@ -130,7 +133,11 @@ def test_resume_from_an_explicit_directory_and_a_finished_run(tmp_path):
 
 def test_resume_from_a_checkpoint_file_or_the_latest_pointer(tmp_path):
     finetune(_wrapper(), _loader(), steps=2, checkpoint_dir=tmp_path, log_every=None)
-    for resume in (tmp_path / "step-000002" / "model.safetensors", tmp_path / "step-000002" / "state.pt", tmp_path / "latest"):
+    for resume in (
+        tmp_path / "step-000002" / "model.safetensors",
+        tmp_path / "step-000002" / "state.pt",
+        tmp_path / "latest",
+    ):
         again = finetune(_wrapper(seed=5), _loader(), steps=2, resume=resume, log_every=None)
         assert again.step == 2 and again.checkpoint == tmp_path / "step-000002"
 
@@ -160,7 +167,9 @@ def test_user_loaders_of_tuples_lists_and_dicts_with_common_keys_train_the_same(
         "image/mask": [{"image": x, "mask": y[:, None].to(torch.uint8)} for x, y in chunks],
         "pixel_values/labels": [{"pixel_values": x, "labels": y.int()} for x, y in chunks],
     }
-    results = {name: finetune(_wrapper(), batches, steps=2, accumulate=2, log_every=None) for name, batches in forms.items()}
+    results = {
+        name: finetune(_wrapper(), batches, steps=2, accumulate=2, log_every=None) for name, batches in forms.items()
+    }
     reference = [h["loss"] for h in results["tuple"].history]
     assert len(reference) == 2 and all(math.isfinite(v) for v in reference)
     for name, result in results.items():
@@ -218,7 +227,9 @@ def test_detail_nan_is_named_detail():
 def test_joint_training_unfreezes_and_saves_the_base(tmp_path):
     wrapper = _wrapper()
     base_before = {k: v.clone() for k, v in wrapper.base.named_parameters()}
-    result = finetune(wrapper, _loader(), steps=3, loss=ErrorCorrectionLoss(w_base=1.0), checkpoint_dir=tmp_path, log_every=None)
+    result = finetune(
+        wrapper, _loader(), steps=3, loss=ErrorCorrectionLoss(w_base=1.0), checkpoint_dir=tmp_path, log_every=None
+    )
     assert not wrapper.base_frozen
     assert any(not torch.equal(p, base_before[k]) for k, p in wrapper.base.named_parameters())
     assert all(h["base"] > 0 for h in result.history)
@@ -243,7 +254,7 @@ def test_bf16_autocast_on_cpu_and_fp16_refused():
 
 def test_dict_batches_and_bad_arguments():
     dataset = Scenes(8, size=32)
-    dict_loader = torch.utils.data.DataLoader([{"image": i, "label": l} for i, l in dataset], batch_size=4)
+    dict_loader = torch.utils.data.DataLoader([{"image": i, "label": lab} for i, lab in dataset], batch_size=4)
     assert finetune(_wrapper(), dict_loader, steps=2, log_every=None).step == 2
     with pytest.raises(ValueError, match="steps"):
         finetune(_wrapper(), dict_loader, steps=0)
@@ -264,7 +275,9 @@ def test_validation_runs_in_eval_and_does_not_change_training():
         return {"metric": torch.tensor(0.5)}
 
     plain = finetune(_wrapper(), _loader(transform=RandomHorizontalFlip()), steps=4, log_every=None)
-    validated = finetune(_wrapper(), _loader(transform=RandomHorizontalFlip()), steps=4, val_fn=val_fn, val_every=2, log_every=None)
+    validated = finetune(
+        _wrapper(), _loader(transform=RandomHorizontalFlip()), steps=4, val_fn=val_fn, val_every=2, log_every=None
+    )
     assert seen == [(False, False), (False, False)]
     assert validated.validation == [{"step": 2, "metric": 0.5}, {"step": 4, "metric": 0.5}]
     assert [h["loss"] for h in plain.history] == [h["loss"] for h in validated.history]
@@ -333,7 +346,10 @@ def test_images_of_different_sizes_are_explained_and_train_one_by_one():
     from torch.utils.data import DataLoader
 
     g = torch.Generator().manual_seed(0)
-    items = [(torch.rand(3, h, w, generator=g), torch.randint(0, NUM_CLASSES, (h, w), generator=g)) for h, w in ((32, 48), (40, 32), (32, 32))]
+    items = [
+        (torch.rand(3, h, w, generator=g), torch.randint(0, NUM_CLASSES, (h, w), generator=g))
+        for h, w in ((32, 48), (40, 32), (32, 32))
+    ]
     with pytest.raises(RuntimeError, match=r"train_loader: its items have different sizes.*batch_size=1"):
         finetune(_wrapper(), DataLoader(items, batch_size=2), steps=1, progress=False)
     result = finetune(_wrapper(), DataLoader(items, batch_size=1), steps=3, progress=False)
@@ -345,7 +361,10 @@ def test_a_dataset_declaring_other_classes_is_refused_before_training():
     data.num_classes = NUM_CLASSES + 1  # e.g. ADE20K's 150 classes against a 151-output model
     wrap = _wrapper()
     before = _heads(wrap)
-    with pytest.raises(ValueError, match=rf"train_loader: its dataset has num_classes={NUM_CLASSES + 1}, but the model predicts {NUM_CLASSES}"):
+    with pytest.raises(
+        ValueError,
+        match=rf"train_loader: its dataset has num_classes={NUM_CLASSES + 1}, but the model predicts {NUM_CLASSES}",
+    ):
         finetune(wrap, make_loader(data, 2), steps=1, progress=False)
     with pytest.raises(ValueError, match="val_loader: its dataset"):
         finetune(wrap, _loader(n=4), val_loader=make_loader(data, 2, shuffle=False), steps=1, progress=False)

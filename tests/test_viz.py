@@ -85,8 +85,8 @@ def test_risk_coverage_plot_draws_each_curve_where_it_belongs(tmp_path):
     for c in (0.25, 0.5, 0.75):
         x = int(round(52 + c * 334))
         column = img[:, x]
-        blue_rows = np.nonzero((np.abs(column - blue).sum(1) < 30))[0]
-        red_rows = np.nonzero((np.abs(column - red).sum(1) < 30))[0]
+        blue_rows = np.nonzero(np.abs(column - blue).sum(1) < 30)[0]
+        red_rows = np.nonzero(np.abs(column - red).sum(1) < 30)[0]
         assert abs(blue_rows.mean() - (24 + 238 * (1 - 0.4 * c / 0.5))) <= 2, c
         assert abs(red_rows.mean() - (24 + 238 * (1 - 0.1 / 0.5))) <= 2, c
 

@@ -23,7 +23,7 @@ def test_output_shapes_and_dtypes(logit_stride, returns):
     assert all(t.dtype == torch.float32 for t in out)
     assert out.error_prob.shape == (2, 32, 32)
     assert out.labels.dtype == torch.int64 and out.labels.shape == (2, 32, 32)
-    assert 0.0 <= out.error_prob.min() and out.error_prob.max() <= 1.0
+    assert out.error_prob.min() >= 0.0 and out.error_prob.max() <= 1.0
     assert torch.allclose(out.probs.sum(1), torch.ones(2, 32, 32), atol=1e-5)
 
 
@@ -159,7 +159,7 @@ def test_construction_restores_base_modes_and_is_repeatable():
     first = ErrorCorrectionWrapper(base, freeze_base=False)
     torch.manual_seed(123)
     second = ErrorCorrectionWrapper(base, freeze_base=False)
-    for (n, a), b in zip(first.state_dict().items(), second.state_dict().values()):
+    for (n, a), b in zip(first.state_dict().items(), second.state_dict().values(), strict=False):
         assert torch.equal(a, b), n
     assert base.training and base.stem.training and not base.stage2.training
     assert base.stem[1].num_batches_tracked.item() == 0
@@ -169,7 +169,7 @@ def test_compile_fullgraph_gives_same_outputs():
     wrap = ErrorCorrectionWrapper(tiny_base(returns="mapping")).eval()
     x, _ = batch()
     compiled = torch.compile(wrap, fullgraph=True, backend="eager")
-    for a, b in zip(compiled(x), wrap(x)):
+    for a, b in zip(compiled(x), wrap(x), strict=False):
         assert torch.equal(a, b)
 
 

@@ -14,7 +14,9 @@ class TinyBase(nn.Module):
     (logits, f3) with one feature map.
     """
 
-    def __init__(self, num_classes: int = 5, logit_stride: int = 4, returns: str = "tuple", in_channels: int = 3) -> None:
+    def __init__(
+        self, num_classes: int = 5, logit_stride: int = 4, returns: str = "tuple", in_channels: int = 3
+    ) -> None:
         super().__init__()
         self.logit_stride = logit_stride
         self.returns = returns

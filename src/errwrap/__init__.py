@@ -7,6 +7,9 @@ Computational Visual Media 8(1), 2022, as a wrapper around any segmentation netw
 import logging
 
 from ._version import __version__
+from .calibration import TemperatureFit, calibrate_temperature
+from .estimation import EstimateComparison, EstimateReport, compare_estimates, estimate, fit_atc
+from .evaluation import EvaluationReport, evaluate
 from .heads import DetailHead, ErrorHead, LearnedFusion, MixtureFusion, mixture_log_probs
 from .losses import (
     ErrorCorrectionLoss,
@@ -17,22 +20,34 @@ from .losses import (
     error_target,
     fused_nll,
 )
-from .evaluation import EvaluationReport, evaluate
-from .calibration import TemperatureFit, calibrate_temperature
-from .estimation import EstimateComparison, EstimateReport, compare_estimates, estimate, fit_atc
-from .report import write_report
 from .metrics import (
     CalibrationMetrics,
     CalibrationResult,
     ErrorDetectionMetrics,
     ErrorDetectionResult,
+    ImageRiskCoverageResult,
+    RiskCoverageMetrics,
+    RiskCoverageResult,
     SegmentationMetrics,
     SegmentationResult,
     exact_error_detection,
+    exact_risk_coverage,
+    image_aurc,
 )
-from .scores import EntropyScore, ErrorHeadScore, ErrorScore, MCDropoutScore, MSPScore, ScoreOutput
-from .scores import EnergyScore, EnsembleScore, ErrwrapScore, MaxLogitScore, TemperatureMSPScore
-from .metrics import ImageRiskCoverageResult, RiskCoverageMetrics, RiskCoverageResult, exact_risk_coverage, image_aurc
+from .report import write_report
+from .scores import (
+    EnergyScore,
+    EnsembleScore,
+    EntropyScore,
+    ErrorHeadScore,
+    ErrorScore,
+    ErrwrapScore,
+    MaxLogitScore,
+    MCDropoutScore,
+    MSPScore,
+    ScoreOutput,
+    TemperatureMSPScore,
+)
 from .training import FinetuneResult, NonFiniteLossError, finetune
 from .wrapper import ErrorCorrectionOutput, ErrorCorrectionWrapper
 

@@ -60,7 +60,9 @@ def prepare_batch(
     images = images.to(device, dtype=dtype)
     check_finite(images, f"images of batch {index}")
     size, batch_size = tuple(images.shape[-2:]), images.shape[0]
-    labels = prepare_labels(labels, num_classes, ignore_index, size=size, batch=batch_size, name=f"labels of batch {index}")
+    labels = prepare_labels(
+        labels, num_classes, ignore_index, size=size, batch=batch_size, name=f"labels of batch {index}"
+    )
     return images, labels.to(device)
 
 

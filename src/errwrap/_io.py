@@ -203,16 +203,23 @@ def check_writable(path: str | os.PathLike, need_bytes: int, what: str) -> None:
     probe = path
     while not probe.is_dir():
         if probe.exists() or probe.parent == probe:
-            raise NotADirectoryError(f"{what} {path}: expected a directory (existing or new), but {probe} is not a directory")
+            raise NotADirectoryError(
+                f"{what} {path}: expected a directory (existing or new), but {probe} is not a directory"
+            )
         probe = probe.parent
     try:
         with tempfile.TemporaryFile(dir=probe):
             pass
     except OSError as exc:
-        raise OSError(f"{what} {path}: cannot write in {probe} ({exc.strerror or exc}); choose a writable directory") from None
+        raise OSError(
+            f"{what} {path}: cannot write in {probe} ({exc.strerror or exc}); choose a writable directory"
+        ) from None
     free = shutil.disk_usage(probe).free
     if free < need_bytes:
-        raise OSError(f"{what} {path}: {free / 1e6:.1f} MB free on its disk, but saving needs about {need_bytes / 1e6:.1f} MB; free some space or choose another directory")
+        raise OSError(
+            f"{what} {path}: {free / 1e6:.1f} MB free on its disk, but saving needs about {need_bytes / 1e6:.1f} MB; "
+            "free some space or choose another directory"
+        )
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
@@ -234,7 +241,9 @@ def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+def save_safetensors(
+    tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
+) -> None:
     """Save ``tensors`` as safetensors, atomically, with a SHA-256 of the tensors in the
     metadata (checked by :func:`load_safetensors`); shared or strided tensors are copied."""
     plain = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
@@ -254,9 +263,15 @@ def _check_header(path: Path) -> dict[str, Any]:
             raise ValueError(f"{path}: not a safetensors file (only {size} bytes; expected an 8-byte header length)")
         (length,) = struct.unpack("<Q", head)
         if length > MAX_HEADER_BYTES:
-            raise ValueError(f"{path}: safetensors header of {length} bytes is larger than the {MAX_HEADER_BYTES} errwrap reads; refusing it")
+            raise ValueError(
+                f"{path}: safetensors header of {length} bytes is larger than the {MAX_HEADER_BYTES} errwrap reads; "
+                "refusing it"
+            )
         if length > size - 8:
-            raise ValueError(f"{path}: truncated or malformed safetensors file (header says {length} bytes, file has {size - 8} after the length)")
+            raise ValueError(
+                f"{path}: truncated or malformed safetensors file (header says {length} bytes, file has {size - 8} "
+                "after the length)"
+            )
         raw = f.read(length)
     try:
         header = json.loads(raw)
@@ -267,7 +282,9 @@ def _check_header(path: Path) -> dict[str, Any]:
     return header
 
 
-def load_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def load_safetensors(
+    path: str | os.PathLike, device: str | torch.device = "cpu"
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Load a safetensors file after checking its header; return ``(tensors, metadata)``.
 
     Raises:
@@ -288,7 +305,9 @@ def load_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu"
         raise ValueError(f"{path}: corrupt safetensors file ({exc})") from None
     expected = metadata.get(CHECKSUM_KEY)
     if expected is not None and tensors_digest(tensors) != expected:
-        raise ValueError(f"{path}: checksum mismatch, the weights were corrupted after they were written; refusing them")
+        raise ValueError(
+            f"{path}: checksum mismatch, the weights were corrupted after they were written; refusing them"
+        )
     return tensors, {str(k): str(v) for k, v in metadata.items()}
 
 
@@ -297,7 +316,15 @@ def _listed(keys: list[str]) -> str:
 
 
 def _kind(t: torch.Tensor) -> str:
-    return "float" if t.is_floating_point() else "complex" if t.is_complex() else "bool" if t.dtype == torch.bool else "int"
+    return (
+        "float"
+        if t.is_floating_point()
+        else "complex"
+        if t.is_complex()
+        else "bool"
+        if t.dtype == torch.bool
+        else "int"
+    )
 
 
 def load_state_strict(
@@ -326,8 +353,16 @@ def load_state_strict(
     required = set(current) if required is None else set(required)
     allowed = set(current) if allowed is None else set(allowed) & set(current)
     missing, unexpected = sorted(required - set(tensors)), sorted(set(tensors) - allowed)
-    wrong = [f"{k}: expected {tuple(current[k].shape)}, got {tuple(t.shape)}" for k, t in sorted(tensors.items()) if k in allowed and current[k].shape != t.shape]
-    kinds = [f"{k}: expected {current[k].dtype}, got {t.dtype}" for k, t in sorted(tensors.items()) if k in allowed and _kind(current[k]) != _kind(t)]
+    wrong = [
+        f"{k}: expected {tuple(current[k].shape)}, got {tuple(t.shape)}"
+        for k, t in sorted(tensors.items())
+        if k in allowed and current[k].shape != t.shape
+    ]
+    kinds = [
+        f"{k}: expected {current[k].dtype}, got {t.dtype}"
+        for k, t in sorted(tensors.items())
+        if k in allowed and _kind(current[k]) != _kind(t)
+    ]
     non_finite = sorted(k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
     problems = []
     if kinds:

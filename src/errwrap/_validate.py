@@ -219,7 +219,9 @@ def split_batch(batch: Any, name: str = "batch") -> tuple[Any, Any]:
         return batch[image_key], batch[label_key]
     if isinstance(batch, Sequence) and not isinstance(batch, (str, bytes)) and len(batch) >= 2:
         return batch[0], batch[1]
-    raise TypeError(f"{name}: expected (images, labels) or a mapping with keys 'image' and 'label', got {describe(batch)}")
+    raise TypeError(
+        f"{name}: expected (images, labels) or a mapping with keys 'image' and 'label', got {describe(batch)}"
+    )
 
 
 def check_positive_int(value: Any, name: str, *, or_none: bool = False) -> None:
@@ -255,7 +257,11 @@ def check_outputs_finite(out: Any, name: str) -> None:
     if is_tracing():
         return
     fields, pixels, images = [], 0, set()
-    found = {"logits": out} if isinstance(out, Tensor) else {f: getattr(out, f, None) for f in ("base_logits", "logits", "error_prob")}
+    found = (
+        {"logits": out}
+        if isinstance(out, Tensor)
+        else {f: getattr(out, f, None) for f in ("base_logits", "logits", "error_prob")}
+    )
     for field, t in found.items():
         if not isinstance(t, Tensor) or t.ndim < 3:
             continue
@@ -283,7 +289,8 @@ def explain_device_mismatch(exc: BaseException, model: torch.nn.Module, x: Tenso
     if devices and x.device not in devices:
         shown = ", ".join(sorted(str(d) for d in devices))
         raise RuntimeError(
-            f"{name} are on {x.device}, the model's parameters on {shown}: move the images with x.to({shown.split(', ')[0]!r}) "
+            f"{name} are on {x.device}, the model's parameters on {shown}: move the images with "
+            f"x.to({shown.split(', ')[0]!r}) "
             "or the model with wrapper.to(device)"
         ) from exc
 
@@ -293,11 +300,21 @@ def check_base_batch(out: Any, x: Tensor) -> None:
     entry per image of ``x`` (shape-only check, skipped while tracing)."""
     if is_tracing() or not isinstance(x, Tensor) or x.ndim == 0:
         return
-    found = {"logits": getattr(out, "logits", None), **{f"feature {k!r}": v for k, v in (getattr(out, "features", None) or {}).items()}}
-    wrong = {k: int(v.shape[0]) for k, v in found.items() if isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] != x.shape[0]}
+    found = {
+        "logits": getattr(out, "logits", None),
+        **{f"feature {k!r}": v for k, v in (getattr(out, "features", None) or {}).items()},
+    }
+    wrong = {
+        k: int(v.shape[0])
+        for k, v in found.items()
+        if isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] != x.shape[0]
+    }
     if wrong:
         shown = ", ".join(f"{k} batch {b}" for k, b in wrong.items())
-        raise ValueError(f"base output: {shown} for a batch of {x.shape[0]} images; expected the base network to return one output per image")
+        raise ValueError(
+            f"base output: {shown} for a batch of {x.shape[0]} images; expected the base network to return one output "
+            "per image"
+        )
 
 
 def check_norm_batch(module: torch.nn.Module, feature: Tensor, name: str) -> None:

@@ -61,13 +61,19 @@ def fit_temperature(log_probs: Tensor, labels: Tensor, tol: float = 1e-4) -> Tem
         log_probs ``(N, C)`` float, labels ``(N,)`` int64 in ``[0, C)``.
     """
     if log_probs.ndim != 2 or labels.shape != log_probs.shape[:1]:
-        raise ValueError(f"fit_temperature: expected log_probs (N, C) and labels (N,), got {tuple(log_probs.shape)} and {tuple(labels.shape)}")
+        raise ValueError(
+            f"fit_temperature: expected log_probs (N, C) and labels (N,), got {tuple(log_probs.shape)} and "
+            f"{tuple(labels.shape)}"
+        )
     if log_probs.shape[0] == 0:
         raise ValueError("fit_temperature: expected at least one labelled pixel, got none")
     log_probs = log_probs.float()
     bad = ~torch.isfinite(log_probs)
     if bool(bad.any()):
-        raise ValueError(f"fit_temperature: expected finite log_probs, got NaN/Inf in {int(bad.any(1).sum())} of {log_probs.shape[0]} pixels")
+        raise ValueError(
+            f"fit_temperature: expected finite log_probs, got NaN/Inf in {int(bad.any(1).sum())} of "
+            f"{log_probs.shape[0]} pixels"
+        )
     lo, hi = LOG_T_RANGE
     ratio = (math.sqrt(5.0) - 1.0) / 2.0
     a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
@@ -83,8 +89,14 @@ def fit_temperature(log_probs: Tensor, labels: Tensor, tol: float = 1e-4) -> Tem
             fb = _nll(log_probs, labels, b)
     log_t = (lo + hi) / 2.0
     if min(abs(log_t - LOG_T_RANGE[0]), abs(log_t - LOG_T_RANGE[1])) < 1e-2:
-        logger.warning("fitted temperature %.3g is at the edge of the search range [%.3g, %.3g]", math.exp(log_t), *map(math.exp, LOG_T_RANGE))
-    return TemperatureFit(math.exp(log_t), _nll(log_probs, labels, 0.0), _nll(log_probs, labels, log_t), int(labels.numel()))
+        logger.warning(
+            "fitted temperature %.3g is at the edge of the search range [%.3g, %.3g]",
+            math.exp(log_t),
+            *map(math.exp, LOG_T_RANGE),
+        )
+    return TemperatureFit(
+        math.exp(log_t), _nll(log_probs, labels, 0.0), _nll(log_probs, labels, log_t), int(labels.numel())
+    )
 
 
 def calibrate_temperature(
@@ -129,14 +141,25 @@ def calibrate_temperature(
         wrapper.train(was_training)
     if kept_y.numel() == 0:
         wrapper.temperature = old_t
-        raise ValueError("calibrate_temperature: the loader gave no labelled pixels (all equal to ignore_index, or empty)")
+        raise ValueError(
+            "calibrate_temperature: the loader gave no labelled pixels (all equal to ignore_index, or empty)"
+        )
     fit = fit_temperature(kept_lp, kept_y)
     low, high = TEMPERATURE_RANGE
     if not low <= fit.temperature <= high:  # NaN fails too
         wrapper.temperature = old_t
-        raise ValueError(f"calibrate_temperature: the fitted temperature {fit.temperature!r} is outside [{low:g}, {high:g}]; kept {old_t}")
+        raise ValueError(
+            f"calibrate_temperature: the fitted temperature {fit.temperature!r} is outside [{low:g}, {high:g}]; kept "
+            f"{old_t}"
+        )
     wrapper.temperature = fit.temperature
-    logger.info("fused temperature %.4f on %d pixels: NLL %.4f -> %.4f", fit.temperature, fit.pixels, fit.nll_before, fit.nll_after)
+    logger.info(
+        "fused temperature %.4f on %d pixels: NLL %.4f -> %.4f",
+        fit.temperature,
+        fit.pixels,
+        fit.nll_before,
+        fit.nll_after,
+    )
     return fit
 
 

@@ -78,7 +78,9 @@ def parse_label_map(text: str | None) -> dict[int, int] | None:
     for item in (i.strip() for i in text.split(",")):
         raw, colon, target = item.partition(":")
         if not colon or not raw.strip().isdigit() or not target.strip().isdigit():
-            raise CLIError(f"--label-map {text!r}: expected RAW:CLASS pairs separated by commas, such as 255:1, got {item!r}")
+            raise CLIError(
+                f"--label-map {text!r}: expected RAW:CLASS pairs separated by commas, such as 255:1, got {item!r}"
+            )
         mapping[int(raw)] = int(target)
     return mapping
 
@@ -173,10 +175,14 @@ def _check_device(device: str | None) -> None:
     except (RuntimeError, ValueError):
         raise CLIError(f"--device {device}: not a device name; expected cpu, cuda, cuda:N or mps") from None
     if target.type == "cuda" and not torch.cuda.is_available():
-        raise CLIError(f"--device {device}: no CUDA GPU is available here (torch {torch.__version__}, "
-                       f"built {'with CUDA ' + torch.version.cuda if torch.version.cuda else 'for CPU only'}); use --device cpu")
+        raise CLIError(
+            f"--device {device}: no CUDA GPU is available here (torch {torch.__version__}, "
+            f"built {'with CUDA ' + torch.version.cuda if torch.version.cuda else 'for CPU only'}); use --device cpu"
+        )
     if target.type == "cuda" and target.index is not None and target.index >= torch.cuda.device_count():
-        raise CLIError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0")
+        raise CLIError(
+            f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0"
+        )
     if target.type == "mps" and not torch.backends.mps.is_available():
         raise CLIError(f"--device {device}: the MPS backend is not available here; use --device cpu")
 
@@ -186,7 +192,9 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?$")
 
 def _hub_offline() -> bool:
     """``HF_HUB_OFFLINE`` as huggingface_hub reads it (1, ON, YES, TRUE), from the environment now."""
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"} or bool(constants.HF_HUB_OFFLINE)
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"} or bool(
+        constants.HF_HUB_OFFLINE
+    )
 
 
 def _check_model_location(location: str) -> bool:
@@ -252,9 +260,14 @@ def _normalizer(wrap, location: str = "the model"):
     """
     pre = getattr(wrap, "preprocessing", None)
     if not pre:
-        print(f"errwrap: note: {location} was saved without preprocessing (config.json \"preprocessing\": null): images go in "
-              "unnormalised, RGB in [0, 1], as in Python; if its base expects normalised images, set "
-              "wrap.preprocessing = {\"mean\": [...], \"std\": [...]} and save it again", file=sys.stderr, flush=True)
+        print(
+            f'errwrap: note: {location} was saved without preprocessing (config.json "preprocessing": null): images go '
+            'in '
+            "unnormalised, RGB in [0, 1], as in Python; if its base expects normalised images, set "
+            'wrap.preprocessing = {"mean": [...], "std": [...]} and save it again',
+            file=sys.stderr,
+            flush=True,
+        )
         return _unchanged, None, None
     return Normalize(pre["mean"], pre["std"]), pre["mean"], pre["std"]
 
@@ -366,8 +379,13 @@ def _batch_progress(total: int | None, what: str = "evaluate") -> Callable[[int]
 def cmd_demo(args: argparse.Namespace) -> int:
     cfg = DemoConfig(minutes=args.minutes, seed=args.seed)
     if args.quick:
-        cfg = DemoConfig(minutes=0.1, seed=args.seed, image_size=64, train_images=64, val_images=16, panels=2, mc_dropout=False)
-    _say(f"errwrap demo: {cfg.scaled(cfg.base_steps)} base steps, {cfg.scaled(cfg.head_steps)} head steps, output {args.out}")
+        cfg = DemoConfig(
+            minutes=0.1, seed=args.seed, image_size=64, train_images=64, val_images=16, panels=2, mc_dropout=False
+        )
+    _say(
+        f"errwrap demo: {cfg.scaled(cfg.base_steps)} base steps, {cfg.scaled(cfg.head_steps)} head steps, output "
+        f"{args.out}"
+    )
     with _training_progress():
         result = run_demo(args.out, cfg, say=_say)
     report = result.report
@@ -376,8 +394,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _say("")
     head = report.error_detection["error_head"]
     msp = report.error_detection["msp"]
-    _say(f"before/after: mIoU {100 * report.base.miou:.2f} -> {100 * report.fused.miou:.2f} ({100 * report.miou_gain:+.2f} points); "
-         f"AUPR-Error error head {100 * head.aupr_error:.2f} vs MSP {100 * msp.aupr_error:.2f}")
+    _say(
+        f"before/after: mIoU {100 * report.base.miou:.2f} -> {100 * report.fused.miou:.2f} "
+        f"({100 * report.miou_gain:+.2f} points); "
+        f"AUPR-Error error head {100 * head.aupr_error:.2f} vs MSP {100 * msp.aupr_error:.2f}"
+    )
     _say(f"wrote {len(result.files)} files to {result.out_dir} in {result.seconds:.0f} s "
          f"(base {result.base_steps} steps, heads {result.head_steps} steps)")
     return 0
@@ -398,7 +419,11 @@ def _readable_images(paths: Sequence[Path]) -> tuple[list[Path], list[str]]:
             continue
         readable.append(path)
     if not readable:
-        raise CLIError(skipped[0] if len(skipped) == 1 else f"none of the {len(skipped)} files is an image errwrap can read; first: {skipped[0]}")
+        raise CLIError(
+            skipped[0]
+            if len(skipped) == 1
+            else f"none of the {len(skipped)} files is an image errwrap can read; first: {skipped[0]}"
+        )
     return readable, skipped
 
 
@@ -420,7 +445,9 @@ def _panel(x, base, error, labels, *, palette, mean, std, class_names, max_width
         size = (max(1, round(x.shape[-2] * scale)), max(1, round(x.shape[-1] * scale)))
         x = F.interpolate(x[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
         error = F.interpolate(error[None, None], size=size, mode="bilinear", align_corners=False, antialias=True)[0, 0]
-        base, labels = (F.interpolate(t[None, None].float(), size=size, mode="nearest")[0, 0].long() for t in (base, labels))
+        base, labels = (
+            F.interpolate(t[None, None].float(), size=size, mode="nearest")[0, 0].long() for t in (base, labels)
+        )
     panel = make_panel(x, base, error, labels, palette=palette, mean=mean, std=std)
     present = sorted(set(base.unique().tolist()) | set(labels.unique().tolist()))
     return shrink_to_width(add_panel_key(panel, palette, present, class_names=class_names), max_width)
@@ -438,7 +465,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     device = next(wrap.parameters()).device
     results: list[dict[str, Any]] = []
-    for path, stem in zip(paths, _output_names(paths)):  # one image at a time: any mix of sizes
+    for path, stem in zip(paths, _output_names(paths), strict=False):  # one image at a time: any mix of sizes
         try:
             image = _read_image(path)
         except CLIError as exc:  # a header that reads, a body that does not (a truncated file)
@@ -451,7 +478,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
             o = wrap(x[None].to(device))
         check_outputs_finite(o, str(path))
         labels, error, base = o.labels[0].cpu(), o.error_prob[0].cpu().float(), o.base_labels[0].cpu()
-        written = [save_label_png(labels, out / f"{stem}_labels.png", palette), save_heatmap_png(error, out / f"{stem}_error.png")]
+        written = [
+            save_label_png(labels, out / f"{stem}_labels.png", palette),
+            save_heatmap_png(error, out / f"{stem}_error.png"),
+        ]
         if not args.no_panel:
             panel = _panel(x, base, error, labels, palette=palette, mean=mean, std=std, class_names=wrap.class_names,
                            max_width=args.panel_max_width)
@@ -463,13 +493,26 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 Image.fromarray(overlay(x, colours, alpha=0.5, mean=mean, std=std)).save(target)
                 written.append(target)
         mean_error, changed = float(error.mean()), float((labels != base).float().mean())
-        results.append({"file": str(path), "height": int(labels.shape[0]), "width": int(labels.shape[1]),
-                        "mean_error_prob": mean_error, "relabelled_fraction": changed, "predicted_accuracy": 1.0 - mean_error,
-                        "outputs": [str(w) for w in written]})
-        _say(f"{path}: mean error probability {mean_error:.3f}, {100 * changed:.2f}% of pixels re-labelled -> {out}/{stem}_*.png")
+        results.append(
+            {
+                "file": str(path),
+                "height": int(labels.shape[0]),
+                "width": int(labels.shape[1]),
+                "mean_error_prob": mean_error,
+                "relabelled_fraction": changed,
+                "predicted_accuracy": 1.0 - mean_error,
+                "outputs": [str(w) for w in written],
+            }
+        )
+        _say(
+            f"{path}: mean error probability {mean_error:.3f}, {100 * changed:.2f}% of pixels re-labelled -> "
+            f"{out}/{stem}_*.png"
+        )
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps({"model": args.model, "images": results, "skipped": list(skipped)}, indent=2) + "\n")
+        json_path.write_text(
+            json.dumps({"model": args.model, "images": results, "skipped": list(skipped)}, indent=2) + "\n"
+        )
         _say(f"wrote {json_path}")
     return _report_skipped(skipped, len(all_paths))
 
@@ -501,7 +544,10 @@ def _evaluation_loader(dataset, batch_size: int, workers: int):
     sizes = _image_sizes(dataset) if batch_size > 1 else None
     if sizes is None or len(set(sizes)) == 1:
         return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
-    _say(f"images of {len(set(sizes))} different sizes: batched by size (up to {batch_size} images of one size per batch)")
+    _say(
+        f"images of {len(set(sizes))} different sizes: batched by size (up to {batch_size} images of one size per "
+        "batch)"
+    )
     return DataLoader(dataset, batch_sampler=_batches_by_size(sizes, batch_size), num_workers=workers)
 
 
@@ -513,7 +559,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     normalize, _, _ = _normalizer(wrap, args.model)
     if corrupt is not None:
         normalize = Compose([corrupt.joint, normalize])
-    dataset = parse_data_spec(args.data, args.split, transform=normalize, size=args.size, num_classes=wrap.num_classes, label_map=label_map)
+    dataset = parse_data_spec(
+        args.data, args.split, transform=normalize, size=args.size, num_classes=wrap.num_classes, label_map=label_map
+    )
     _check_classes(dataset, wrap, args.data)
     if len(dataset) == 0:
         raise CLIError(f"--data {args.data}: no images found for split {args.split!r}")
@@ -522,7 +570,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     total = min(len(loader), args.max_batches or len(loader))
     progress: bool | Callable[[int], None] = True if _on_terminal() else _batch_progress(total)  # a bar, or plain lines
-    report = evaluate(wrap, loader, baselines=baselines, mc_dropout_T=args.mc_T, max_batches=args.max_batches, progress=progress)
+    report = evaluate(
+        wrap, loader, baselines=baselines, mc_dropout_T=args.mc_T, max_batches=args.max_batches, progress=progress
+    )
     _say(report.table())
     _say(f"evaluated {report.num_images} images in {time.perf_counter() - start:.1f} s")
     if json_path is not None:
@@ -540,7 +590,10 @@ def _training_batch_size(dataset, batch_size: int, *, crop: int | None) -> int:
         batch_size = len(dataset)
     sizes = _image_sizes(dataset) if crop is None and batch_size > 1 else None
     if sizes is not None and len(set(sizes)) > 1:
-        _say(f"images of {len(set(sizes))} different sizes and no --crop: one image per batch (--crop N trains on batches of NxN crops)")
+        _say(
+            f"images of {len(set(sizes))} different sizes and no --crop: one image per batch (--crop N trains on "
+            "batches of NxN crops)"
+        )
         batch_size = 1
     return batch_size
 
@@ -553,7 +606,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     wrap = _load_model(args.model, args.device)
     check_writable(args.out, 2 * tensor_bytes(wrap.state_dict().values()), "--out")  # before training, not after
     normalize, _, _ = _normalizer(wrap, args.model)
-    transforms = [data.RandomHorizontalFlip()]
+    transforms: list[Any] = [data.RandomHorizontalFlip()]
     if args.crop:
         transforms = [data.RandomScale(0.5, 2.0), data.RandomCrop(args.crop), data.RandomHorizontalFlip()]
     dataset = parse_data_spec(args.data, "train", transform=data.Compose([*transforms, normalize]), size=args.size,
@@ -571,7 +624,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                           checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
                           resume=args.resume, log_every=log_every, progress=_on_terminal() or None)
     last = result.history[-1] if result.history else {}
-    _say(f"fine-tuned {args.steps} steps; last losses: " + ", ".join(f"{k} {v:.4f}" for k, v in last.items() if isinstance(v, float)))
+    _say(
+        f"fine-tuned {args.steps} steps; last losses: "
+        + ", ".join(f"{k} {v:.4f}" for k, v in last.items() if isinstance(v, float))
+    )
     training = {"data": args.data, "steps": args.steps, "lr": args.lr, "preprocessing": _preprocessing_record(wrap)}
     if args.label_map:
         training["label_map"] = args.label_map
@@ -579,7 +635,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         wrap.save_pretrained(args.out, training=training)
     except OSError as exc:
         fallback = wrap.save_pretrained(tempfile.mkdtemp(prefix="errwrap-finetune-"), training=training)
-        raise CLIError(f"--out {args.out}: could not save the fine-tuned model ({exc}); it was saved to {fallback} instead") from None
+        raise CLIError(
+            f"--out {args.out}: could not save the fine-tuned model ({exc}); it was saved to {fallback} instead"
+        ) from None
     _say(f"saved to {args.out}")
     return 0
 
@@ -618,8 +676,8 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     else:
         if corrupt is not None:
             normalize = Compose([corrupt.joint, normalize])
-        dataset = parse_data_spec(args.data, args.split, transform=normalize, size=args.size, num_classes=wrap.num_classes,
-                                  label_map=parse_label_map(args.label_map))  # fmt: skip
+        dataset = parse_data_spec(args.data, args.split, transform=normalize, size=args.size,
+                                  num_classes=wrap.num_classes, label_map=parse_label_map(args.label_map))  # fmt: skip
         _check_classes(dataset, wrap, args.data)
         batch_size = args.batch_size or 4
     if len(dataset) == 0:
@@ -657,8 +715,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     else:
         if corrupt is not None:
             normalize = Compose([corrupt.joint, normalize])
-        dataset = parse_data_spec(args.data, args.split, transform=normalize, size=args.size, num_classes=wrap.num_classes,
-                                  label_map=parse_label_map(args.label_map))  # fmt: skip
+        dataset = parse_data_spec(args.data, args.split, transform=normalize, size=args.size,
+                                  num_classes=wrap.num_classes, label_map=parse_label_map(args.label_map))  # fmt: skip
         _check_classes(dataset, wrap, args.data)
         if args.max_images is not None and args.max_images < len(dataset):
             dataset = Subset(dataset, range(args.max_images))
@@ -667,8 +725,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     page = write_report(wrap, dataset, out, labels=not args.no_labels, worst=args.worst,
                         mean=mean, std=std, threshold=args.threshold, max_side=args.max_side)  # fmt: skip
-    _say(f"wrote {page} ({min(args.worst, len(dataset))} of {len(dataset)} images, worst first) in {time.perf_counter() - start:.1f} s; "
-         "open it in a browser, offline")
+    _say(
+        f"wrote {page} ({min(args.worst, len(dataset))} of {len(dataset)} images, worst first) in "
+        f"{time.perf_counter() - start:.1f} s; "
+        "open it in a browser, offline"
+    )
     return 0
 
 
@@ -676,7 +737,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 class _Parser(argparse.ArgumentParser):
     """Usage errors as one line, ``errwrap: error: ...`` (exit 2), pointing at ``--help``."""
 
-    def error(self, message: str) -> Any:  # type: ignore[override]
+    def error(self, message: str) -> Any:
         command = self.prog.removeprefix("errwrap").strip()
         where = f"{command}: " if command else ""
         self.exit(2, f"errwrap: error: {where}{message} (see '{self.prog} --help')\n")
@@ -694,9 +755,12 @@ def _positive_int(text: str) -> int:
 
 MODEL_HELP = ("a model directory written by save_pretrained, or a Hub repo id; its base must be one the CLI "
               "rebuilds from config.json (errwrap's DeepLabV3Plus, SMP, torchvision or transformers models)")
-DATA_HELP = ("scenes[:N], aerial[:N] or cells[:N] (generated), cityscapes:ROOT (19 classes), ade20k:ROOT (150 classes with label 0 ignored; "
-             "0 is kept as 'other' for a 151-class model) or folder:IMAGES_DIR,MASKS_DIR (masks of class indices, "
-             "paired by file stem; see --label-map)")
+DATA_HELP = (
+    "scenes[:N], aerial[:N] or cells[:N] (generated), cityscapes:ROOT (19 classes), ade20k:ROOT (150 classes with "
+    "label 0 ignored; "
+    "0 is kept as 'other' for a 151-class model) or folder:IMAGES_DIR,MASKS_DIR (masks of class indices, "
+    "paired by file stem; see --label-map)"
+)
 CORRUPT_HELP = ("corrupt the images before the model sees them, to measure a shift: blur, fog, noise, dark or jpeg, "
                 "severity 1 (mild) to 5 (strong), e.g. fog:3 (errwrap.data.Corrupt)")
 LABEL_MAP_HELP = ("folder data only: raw mask value -> class, e.g. 255:1 for binary masks saved as 0/255 "
@@ -709,7 +773,8 @@ models:
     net = torchvision.models.segmentation.deeplabv3_mobilenet_v3_large(num_classes=5)
     # ... train net, or load your weights into it ...
     wrap = errwrap.ErrorCorrectionWrapper(net)
-    wrap.preprocessing = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}  # as net was trained; omit for raw [0, 1]
+    # as net was trained; omit for raw [0, 1]
+    wrap.preprocessing = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
     wrap.save_pretrained("my-model")
 
   then: errwrap finetune --model my-model --data folder:images,masks --steps 1000 --out my-model-tuned
@@ -747,15 +812,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_demo(sub: Any) -> None:
     """The ``demo`` command's arguments."""
-    p = sub.add_parser("demo", help="train, wrap, fine-tune and evaluate on the built-in scenes (CPU, ~5 min)",
-                       description="On the built-in Scenes: train a small DeepLabV3+ base, wrap it, fine-tune the heads with the "
-                                   "base frozen, evaluate on a held-out split, print a before/after table, and write metrics.json, "
-                                   "a saved model and picture panels to --out.")
+    p = sub.add_parser(
+        "demo",
+        help="train, wrap, fine-tune and evaluate on the built-in scenes (CPU, ~5 min)",
+        description="On the built-in Scenes: train a small DeepLabV3+ base, wrap it, fine-tune the heads with the "
+        "base frozen, evaluate on a held-out split, print a before/after table, and write metrics.json, "
+        "a saved model and picture panels to --out.",
+    )
     p.add_argument("--out", default="errwrap-demo", help="output directory (default: errwrap-demo)")
     p.add_argument("--minutes", type=float, default=5.0,
                    help="scales the training steps; 5 (the default) takes about 5 minutes on an idle 2-core CPU")
     p.add_argument("--seed", type=int, default=0, help="seed of the data, the models and the training (default: 0)")
-    p.add_argument("--quick", action="store_true", help="a tiny run of a few seconds (smoke test; numbers are meaningless)")
+    p.add_argument(
+        "--quick", action="store_true", help="a tiny run of a few seconds (smoke test; numbers are meaningless)"
+    )
     p.set_defaults(func=cmd_demo)
 
 
@@ -767,18 +837,27 @@ def _add_predict(sub: Any) -> None:
                                    "Images are normalised with the model's saved preprocessing (none when it saved "
                                    "none: RGB in [0, 1], as in Python). " + _MODEL_NOTE)
     p.add_argument("--model", required=True, help=MODEL_HELP)
-    p.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...; RGB, RGBA, grayscale, 16-bit) or directories of them")
+    p.add_argument(
+        "images", nargs="+", help="image files (PNG, JPEG, ...; RGB, RGBA, grayscale, 16-bit) or directories of them"
+    )
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--palette", choices=["cityscapes", "ade20k", "generated"], default=None,
                    help="colours of the label PNGs (default: by the number of classes)")
     p.add_argument("--no-panel", action="store_true", help="do not write STEM_panel.png")
     p.add_argument("--panel-max-width", type=_positive_int, default=2048,
                    help="shrink panels wider than this many pixels (default: 2048)")
-    p.add_argument("--overlay", action="store_true",
-                   help="also write STEM_overlay.png (the image blended with the corrected labels) and STEM_error_overlay.png "
-                        "(blended with the error map)")
-    p.add_argument("--json", default=None, help="write per-image results here: file, mean error probability, fraction of "
-                                                 "pixels re-labelled, predicted accuracy (1 - mean error probability)")
+    p.add_argument(
+        "--overlay",
+        action="store_true",
+        help="also write STEM_overlay.png (the image blended with the corrected labels) and STEM_error_overlay.png "
+        "(blended with the error map)",
+    )
+    p.add_argument(
+        "--json",
+        default=None,
+        help="write per-image results here: file, mean error probability, fraction of "
+        "pixels re-labelled, predicted accuracy (1 - mean error probability)",
+    )
     p.add_argument("--corrupt", default=None, metavar="KIND:SEVERITY", help=CORRUPT_HELP)
     p.add_argument("--device", default=None, help="e.g. cpu, cuda (default: cpu)")
     p.set_defaults(func=cmd_predict)
@@ -786,19 +865,33 @@ def _add_predict(sub: Any) -> None:
 
 def _add_evaluate(sub: Any) -> None:
     """The ``evaluate`` command's arguments."""
-    p = sub.add_parser("evaluate", help="metrics report: segmentation, error detection, calibration, timing",
-                       description="Evaluate a model on a data set: base vs corrected mIoU, error head vs baselines (AUROC, "
-                                   "AUPR-Error, AUPR-Success, FPR95), ECE and time per image. " + _MODEL_NOTE)
+    p = sub.add_parser(
+        "evaluate",
+        help="metrics report: segmentation, error detection, calibration, timing",
+        description="Evaluate a model on a data set: base vs corrected mIoU, error head vs baselines (AUROC, "
+        "AUPR-Error, AUPR-Success, FPR95), ECE and time per image. " + _MODEL_NOTE,
+    )
     p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--data", required=True, metavar="KIND:PATH", help=DATA_HELP)
     p.add_argument("--label-map", default=None, metavar="RAW:CLASS,...", help=LABEL_MAP_HELP)
     p.add_argument("--split", default="val", help="data split for cityscapes, ade20k and generated data (default: val)")
     p.add_argument("--size", type=_positive_int, default=None, help="image size for generated data (default: 128)")
-    p.add_argument("--baselines", default="msp,entropy", help="comma-separated: msp, entropy, mc_dropout, max_logit, energy, error_prob (default: msp,entropy)")
+    p.add_argument(
+        "--baselines",
+        default="msp,entropy",
+        help="comma-separated: msp, entropy, mc_dropout, max_logit, energy, error_prob (default: msp,entropy)",
+    )
     p.add_argument("--mc-T", type=_positive_int, default=10, help="passes of MC dropout (default: 10)")
-    p.add_argument("--batch-size", type=_positive_int, default=4, help="images per batch (default: 4); images of different sizes are batched by size")
+    p.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=4,
+        help="images per batch (default: 4); images of different sizes are batched by size",
+    )
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default: 0)")
-    p.add_argument("--max-batches", type=_positive_int, default=None, help="stop after this many batches (default: all)")
+    p.add_argument(
+        "--max-batches", type=_positive_int, default=None, help="stop after this many batches (default: all)"
+    )
     p.add_argument("--json", default=None, help="also write the report as JSON here")
     p.add_argument("--corrupt", default=None, metavar="KIND:SEVERITY", help=CORRUPT_HELP)
     p.add_argument("--device", default=None, help="e.g. cpu, cuda (default: cpu)")
@@ -807,9 +900,12 @@ def _add_evaluate(sub: Any) -> None:
 
 def _add_finetune(sub: Any) -> None:
     """The ``finetune`` command's arguments."""
-    p = sub.add_parser("finetune", help="fine-tune the heads (base frozen) and save the model",
-                       description="Fine-tune a saved model's heads with the base frozen on the training split of --data "
-                                   "and save the model (base and heads) to --out. " + _MODEL_NOTE)
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune the heads (base frozen) and save the model",
+        description="Fine-tune a saved model's heads with the base frozen on the training split of --data "
+        "and save the model (base and heads) to --out. " + _MODEL_NOTE,
+    )
     p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--data", required=True, metavar="KIND:PATH", help=DATA_HELP)
     p.add_argument("--label-map", default=None, metavar="RAW:CLASS,...", help=LABEL_MAP_HELP)
@@ -825,8 +921,15 @@ def _add_finetune(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the data order and the heads' training (default: 0)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default: 0)")
     p.add_argument("--checkpoint-dir", default=None, help="write resumable checkpoints here")
-    p.add_argument("--checkpoint-every", type=_positive_int, default=None, help="a checkpoint every this many steps (and at the end)")
-    p.add_argument("--resume", default=None, help="a checkpoint directory, or 'latest' (the newest in --checkpoint-dir)")
+    p.add_argument(
+        "--checkpoint-every",
+        type=_positive_int,
+        default=None,
+        help="a checkpoint every this many steps (and at the end)",
+    )
+    p.add_argument(
+        "--resume", default=None, help="a checkpoint directory, or 'latest' (the newest in --checkpoint-dir)"
+    )
     p.add_argument("--log-every", type=_positive_int, default=None,
                    help="when the output is not a terminal, a progress line every this many steps (default: a tenth of "
                         "--steps, at most 50)")
@@ -836,11 +939,14 @@ def _add_finetune(sub: Any) -> None:
 
 def _add_estimate(sub: Any) -> None:
     """The ``estimate`` command's arguments."""
-    p = sub.add_parser("estimate", help="predicted accuracy and mIoU without labels; the images to check first",
-                       description="Estimate, without labels, the pixel accuracy and mIoU of the corrected labels per image and "
-                                   "for the data set (from the error map and the fused probabilities; docs/estimate.md), "
-                                   "beside the average-confidence baseline, and list the images most likely wrong first. "
-                                   "Labels in --data are ignored. " + _MODEL_NOTE)
+    p = sub.add_parser(
+        "estimate",
+        help="predicted accuracy and mIoU without labels; the images to check first",
+        description="Estimate, without labels, the pixel accuracy and mIoU of the corrected labels per image and "
+        "for the data set (from the error map and the fused probabilities; docs/estimate.md), "
+        "beside the average-confidence baseline, and list the images most likely wrong first. "
+        "Labels in --data are ignored. " + _MODEL_NOTE,
+    )
     p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--data", required=True, metavar="KIND:PATH",
                    help="images:PATH (image files or directories, comma-separated; no labels needed) or " + DATA_HELP)
@@ -848,11 +954,22 @@ def _add_estimate(sub: Any) -> None:
     p.add_argument("--split", default="val", help="data split for cityscapes, ade20k and scenes (default: val)")
     p.add_argument("--size", type=_positive_int, default=None, help="image size for scenes (default: 128)")
     p.add_argument("--corrupt", default=None, metavar="KIND:SEVERITY", help=CORRUPT_HELP)
-    p.add_argument("--threshold", type=float, default=0.5, help="error probability above which a pixel counts as flagged (default: 0.5)")
-    p.add_argument("--worst", type=int, default=10, help="how many of the most-likely-wrong images to list (default: 10)")
-    p.add_argument("--batch-size", type=_positive_int, default=None, help="images per batch (default: 1 for images:PATH, else 4)")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=0.5,
+        help="error probability above which a pixel counts as flagged (default: 0.5)",
+    )
+    p.add_argument(
+        "--worst", type=int, default=10, help="how many of the most-likely-wrong images to list (default: 10)"
+    )
+    p.add_argument(
+        "--batch-size", type=_positive_int, default=None, help="images per batch (default: 1 for images:PATH, else 4)"
+    )
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default: 0)")
-    p.add_argument("--max-batches", type=_positive_int, default=None, help="stop after this many batches (default: all)")
+    p.add_argument(
+        "--max-batches", type=_positive_int, default=None, help="stop after this many batches (default: all)"
+    )
     p.add_argument("--json", default=None, help="also write the report (every image's row) as JSON here")
     p.add_argument("--device", default=None, help="e.g. cpu, cuda (default: cpu)")
     p.set_defaults(func=cmd_estimate)
@@ -860,12 +977,14 @@ def _add_estimate(sub: Any) -> None:
 
 def _add_report(sub: Any) -> None:
     """The ``report`` command's arguments."""
-    p = sub.add_parser("report", help="a static HTML page: the estimate and the images most likely wrong first",
-                       description="Write OUT/index.html, a page that opens from disk offline (pictures in OUT/images/, numbers "
-                                   "in OUT/report.json): the estimate of errwrap estimate, the --worst images with the lowest "
-                                   "predicted accuracy first (image, labels, error map with a colour bar, class legend), and, "
-                                   "when --data has labels, true against predicted accuracy and the risk-coverage plot. "
-                                   + _MODEL_NOTE)
+    p = sub.add_parser(
+        "report",
+        help="a static HTML page: the estimate and the images most likely wrong first",
+        description="Write OUT/index.html, a page that opens from disk offline (pictures in OUT/images/, numbers "
+        "in OUT/report.json): the estimate of errwrap estimate, the --worst images with the lowest "
+        "predicted accuracy first (image, labels, error map with a colour bar, class legend), and, "
+        "when --data has labels, true against predicted accuracy and the risk-coverage plot. " + _MODEL_NOTE,
+    )
     p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--data", required=True, metavar="KIND:PATH",
                    help="images:PATH (image files or directories, comma-separated; no labels needed) or " + DATA_HELP)
@@ -875,10 +994,24 @@ def _add_report(sub: Any) -> None:
     p.add_argument("--size", type=_positive_int, default=None, help="image size for generated data (default: 128)")
     p.add_argument("--corrupt", default=None, metavar="KIND:SEVERITY", help=CORRUPT_HELP)
     p.add_argument("--max-images", type=_positive_int, default=None, help="read only the first N images (default: all)")
-    p.add_argument("--worst", type=int, default=24, help="how many images to show, most likely wrong first (default: 24)")
-    p.add_argument("--no-labels", action="store_true", help="ignore the labels of --data (the page a user without labels sees)")
-    p.add_argument("--threshold", type=float, default=0.5, help="error probability above which a pixel counts as flagged (default: 0.5)")
-    p.add_argument("--max-side", type=_positive_int, default=512, help="shrink pictures to at most this many pixels a side (default: 512)")
+    p.add_argument(
+        "--worst", type=int, default=24, help="how many images to show, most likely wrong first (default: 24)"
+    )
+    p.add_argument(
+        "--no-labels", action="store_true", help="ignore the labels of --data (the page a user without labels sees)"
+    )
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=0.5,
+        help="error probability above which a pixel counts as flagged (default: 0.5)",
+    )
+    p.add_argument(
+        "--max-side",
+        type=_positive_int,
+        default=512,
+        help="shrink pictures to at most this many pixels a side (default: 512)",
+    )
     p.add_argument("--device", default=None, help="e.g. cpu, cuda (default: cpu)")
     p.set_defaults(func=cmd_report)
 
@@ -887,7 +1020,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``errwrap`` console script; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     hub_log = logging.getLogger("huggingface_hub")
     if hub_log.handlers:  # it prints its own messages (Hub retries): not a second time through the root handler
         hub_log.propagate = False
@@ -896,7 +1031,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("errwrap: interrupted", file=sys.stderr)
         return 130
-    except (CLIError, FileNotFoundError, NotADirectoryError, ValueError, TypeError, RuntimeError, OSError, json.JSONDecodeError) as exc:
+    except (
+        CLIError,
+        FileNotFoundError,
+        NotADirectoryError,
+        ValueError,
+        TypeError,
+        RuntimeError,
+        OSError,
+        json.JSONDecodeError,
+    ) as exc:
         if args.debug:
             raise
         lines = str(exc).splitlines()

@@ -74,7 +74,9 @@ def _loader(ds, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, drop_last=shuffle, generator=g, num_workers=0)
 
 
-def _train_base(model: DeepLabV3Plus, loader: DataLoader, total: int, cfg: DemoConfig, say: Callable[[str], None]) -> None:
+def _train_base(
+    model: DeepLabV3Plus, loader: DataLoader, total: int, cfg: DemoConfig, say: Callable[[str], None]
+) -> None:
     """Plain cross-entropy training of the base for ``total`` steps (warm-up, then poly decay)."""
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.base_lr, weight_decay=1e-4)
     model.train()
@@ -96,7 +98,9 @@ def _train_base(model: DeepLabV3Plus, loader: DataLoader, total: int, cfg: DemoC
     model.eval()
 
 
-def run_demo(out_dir: str | Path = "errwrap-demo", config: DemoConfig | None = None, say: Callable[[str], None] | None = None) -> DemoResult:
+def run_demo(
+    out_dir: str | Path = "errwrap-demo", config: DemoConfig | None = None, say: Callable[[str], None] | None = None
+) -> DemoResult:
     """Run the demo and write its outputs to ``out_dir``.
 
     Files written: ``metrics.json`` (the evaluation report and the demo's settings),
@@ -109,15 +113,32 @@ def run_demo(out_dir: str | Path = "errwrap-demo", config: DemoConfig | None = N
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     norm = Normalize(IMAGENET_MEAN, IMAGENET_STD)
-    train = Scenes(cfg.train_images, size=cfg.image_size, seed=cfg.seed, split="train", transform=Compose([RandomHorizontalFlip(), norm]), cache=True)
+    train = Scenes(
+        cfg.train_images,
+        size=cfg.image_size,
+        seed=cfg.seed,
+        split="train",
+        transform=Compose([RandomHorizontalFlip(), norm]),
+        cache=True,
+    )
     val = Scenes(cfg.val_images, size=cfg.image_size, seed=cfg.seed, split="val", transform=norm, cache=True)
     for ds in (train, val):  # draw every scene once, before anything is timed
         for i in range(len(ds)):
             ds[i]
-    say(f"data: built-in Scenes, {len(train)} training and {len(val)} held-out images of {cfg.image_size}x{cfg.image_size}, {train.num_classes} classes")
+    say(
+        f"data: built-in Scenes, {len(train)} training and {len(val)} held-out images of "
+        f"{cfg.image_size}x{cfg.image_size}, {train.num_classes} classes"
+    )
 
     say(f"[1/4] training a small DeepLabV3+ ({cfg.encoder}, output stride 16) from scratch")
-    base = DeepLabV3Plus(cfg.encoder, num_classes=train.num_classes, output_stride=16, aspp_channels=64, decoder_channels=64, low_level_channels=24)
+    base = DeepLabV3Plus(
+        cfg.encoder,
+        num_classes=train.num_classes,
+        output_stride=16,
+        aspp_channels=64,
+        decoder_channels=64,
+        low_level_channels=24,
+    )
     base_steps = cfg.scaled(cfg.base_steps)
     _train_base(base, _loader(train, cfg.batch_size, True, cfg.seed), base_steps, cfg, say)
 
@@ -126,10 +147,21 @@ def run_demo(out_dir: str | Path = "errwrap-demo", config: DemoConfig | None = N
     wrap.preprocessing = {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
     train_loader = _loader(train, cfg.batch_size, True, cfg.seed + 1)
     head_steps = cfg.scaled(cfg.head_steps)
-    result = finetune(wrap, train_loader, steps=head_steps, lr=cfg.heads_lr, warmup_steps=min(50, head_steps // 10), seed=cfg.seed,
-                      progress=False, log_every=max(1, head_steps // 10))
+    result = finetune(
+        wrap,
+        train_loader,
+        steps=head_steps,
+        lr=cfg.heads_lr,
+        warmup_steps=min(50, head_steps // 10),
+        seed=cfg.seed,
+        progress=False,
+        log_every=max(1, head_steps // 10),
+    )
     last = result.history[-1]
-    say(f"  heads done: loss {last['loss']:.3f} (error {last['error']:.3f}, detail {last['detail']:.3f}, fused {last['fused']:.3f})")
+    say(
+        f"  heads done: loss {last['loss']:.3f} (error {last['error']:.3f}, detail {last['detail']:.3f}, fused "
+        f"{last['fused']:.3f})"
+    )
     wrap.eval()
 
     baselines = ("msp", "entropy", "mc_dropout") if cfg.mc_dropout else ("msp", "entropy")
@@ -151,16 +183,34 @@ def run_demo(out_dir: str | Path = "errwrap-demo", config: DemoConfig | None = N
     metrics_path = out / "metrics.json"
     metrics_path.write_text(json.dumps({"report": report.to_dict(), "demo": settings}, indent=2) + "\n")
     files.append(metrics_path)
-    training = {"data": f"errwrap.data.Scenes, {cfg.train_images} images of {cfg.image_size} px, seed {cfg.seed}",
-                "base": f"DeepLabV3Plus({cfg.encoder}) trained {base_steps} steps from scratch", "heads": f"{head_steps} steps, base frozen"}
-    files.append(wrap.save_pretrained(out / "model", class_names=train.class_names, metrics=report.to_dict(), training=training))
+    training = {
+        "data": f"errwrap.data.Scenes, {cfg.train_images} images of {cfg.image_size} px, seed {cfg.seed}",
+        "base": f"DeepLabV3Plus({cfg.encoder}) trained {base_steps} steps from scratch",
+        "heads": f"{head_steps} steps, base frozen",
+    }
+    files.append(
+        wrap.save_pretrained(out / "model", class_names=train.class_names, metrics=report.to_dict(), training=training)
+    )
     palette = palette_for(train.num_classes)
     with torch.no_grad():
         for i in range(min(cfg.panels, len(val))):
             image, label = val[i]
             o = wrap(image[None])
-            panel = make_panel(image, o.base_labels[0], o.error_prob[0], o.labels[0], ground_truth=label, palette=palette, mean=IMAGENET_MEAN, std=IMAGENET_STD)
-            present = sorted(set(o.base_labels[0].unique().tolist()) | set(o.labels[0].unique().tolist()) | set(label[label != 255].unique().tolist()))
+            panel = make_panel(
+                image,
+                o.base_labels[0],
+                o.error_prob[0],
+                o.labels[0],
+                ground_truth=label,
+                palette=palette,
+                mean=IMAGENET_MEAN,
+                std=IMAGENET_STD,
+            )
+            present = sorted(
+                set(o.base_labels[0].unique().tolist())
+                | set(o.labels[0].unique().tolist())
+                | set(label[label != 255].unique().tolist())
+            )
             panel = add_panel_key(panel, palette, present, class_names=train.class_names, ground_truth=True)
             path = out / "panels" / f"panel_{i:02d}.png"
             path.parent.mkdir(exist_ok=True)

@@ -31,7 +31,7 @@ import dataclasses
 import itertools
 import logging
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -93,10 +93,16 @@ def expected_counts(
     soft = truth is not None and truth.is_floating_point()
     if num_classes is None:
         num_classes = truth.shape[1] if soft else int(labels.max()) + 1  # type: ignore[union-attr]
-    weight = torch.ones(labels.shape, dtype=torch.float64, device=labels.device) if valid is None else valid.to(torch.float64)
+    weight = (
+        torch.ones(labels.shape, dtype=torch.float64, device=labels.device)
+        if valid is None
+        else valid.to(torch.float64)
+    )
     pred = torch.zeros(b, num_classes, dtype=torch.float64, device=labels.device)
     pred.scatter_add_(1, labels.reshape(b, -1), weight.reshape(b, -1))
-    tp = torch.zeros_like(pred).scatter_add_(1, labels.reshape(b, -1), (correct.to(torch.float64) * weight).reshape(b, -1))
+    tp = torch.zeros_like(pred).scatter_add_(
+        1, labels.reshape(b, -1), (correct.to(torch.float64) * weight).reshape(b, -1)
+    )
     if truth is None:
         true = pred.clone()
     elif soft:  # summed in float64 without a float64 copy of the (B, C, H, W) map
@@ -201,7 +207,9 @@ def _check_run_settings(threshold: float, atc_threshold: float | None, max_batch
     if not 0.0 <= float(threshold) <= 1.0:
         raise ValueError(f"threshold: expected a probability in [0, 1], got {threshold!r}")
     if atc_threshold is not None and not 0.0 <= float(atc_threshold) <= 1.0:
-        raise ValueError(f"atc_threshold: expected a probability in [0, 1] (from fit_atc) or None, got {atc_threshold!r}")
+        raise ValueError(
+            f"atc_threshold: expected a probability in [0, 1] (from fit_atc) or None, got {atc_threshold!r}"
+        )
 
 
 def _outputs(
@@ -214,10 +222,10 @@ def _outputs(
     max_batches: int | None,
     progress: bool | Callable[[int], None] | None,
     name: str,
-) -> Iterator[tuple[Any, Tensor, Tensor | None]]:
+) -> Generator[tuple[Any, Tensor | None, Tensor | None], None, None]:
     """Run the wrapper (eval mode, no gradients; every module's mode restored at the end) on each
     batch and yield ``(output, labelled pixels or None, labels or None)``."""
-    num_classes = int(wrapper.num_classes)
+    num_classes = int(wrapper.num_classes)  # type: ignore[arg-type]
     check_loader_num_classes(loader, num_classes, "loader")
     device = resolve_device(wrapper, device)
     in_channels = getattr(wrapper, "in_channels", None)
@@ -239,7 +247,15 @@ def _outputs(
                 raise explain_batch_error(exc, "loader") from exc
             truth = None
             if labelled:
-                images, truth = prepare_batch(batch, index, in_channels=in_channels, num_classes=num_classes, ignore_index=ignore_index, device=device, dtype=dtype)
+                images, truth = prepare_batch(
+                    batch,
+                    index,
+                    in_channels=in_channels,
+                    num_classes=num_classes,
+                    ignore_index=ignore_index,
+                    device=device,
+                    dtype=dtype,
+                )
             else:
                 images = images_of(batch, index, in_channels, device, dtype)
             with torch.no_grad():
@@ -268,7 +284,16 @@ def _run(
     rows: list[dict[str, Any]] = []
     counts: dict[str, list[Tensor]] = {}
     totals = torch.zeros(3, dtype=torch.float64)  # error-prob sum, flagged pixels, pixels
-    outputs = _outputs(wrapper, loader, labelled=labelled, ignore_index=ignore_index, device=device, max_batches=max_batches, progress=progress, name=name)
+    outputs = _outputs(
+        wrapper,
+        loader,
+        labelled=labelled,
+        ignore_index=ignore_index,
+        device=device,
+        max_batches=max_batches,
+        progress=progress,
+        name=name,
+    )
     with contextlib.closing(outputs):
         for out, valid, truth in outputs:
             batch_counts, stats = _batch_counts(out, valid, threshold, atc_threshold, truth)
@@ -284,10 +309,18 @@ def _run(
     merged = {k: torch.cat([part[1][k] for part in parts]) for k in parts[0][1]}
     totals = sum((part[2] for part in parts), torch.zeros(3, dtype=torch.float64))
     error_sum, flagged, num_pixels = totals.tolist()
-    return _Pass(rows=[row for part in parts for row in part[0]], counts=merged, error_sum=error_sum, flagged=flagged, num_pixels=num_pixels)
+    return _Pass(
+        rows=[row for part in parts for row in part[0]],
+        counts=merged,
+        error_sum=error_sum,
+        flagged=flagged,
+        num_pixels=num_pixels,
+    )
 
 
-def _batch_counts(out: Any, valid: Tensor | None, threshold: float, atc_threshold: float | None, truth: Tensor | None) -> tuple[dict[str, Tensor], Tensor]:
+def _batch_counts(
+    out: Any, valid: Tensor | None, threshold: float, atc_threshold: float | None, truth: Tensor | None
+) -> tuple[dict[str, Tensor], Tensor]:
     """Per-image counts ``(B, 3, C)`` of each estimator (and of the truth when labelled), and per
     image ``[error-prob sum, flagged pixels, pixels]`` ``(B, 3)``, over the ``valid`` pixels (all
     when ``None``)."""
@@ -299,12 +332,18 @@ def _batch_counts(out: Any, valid: Tensor | None, threshold: float, atc_threshol
         "avg_confidence": expected_counts(base_labels, base_msp, base_probs, valid),
     }
     if atc_threshold is not None:
-        counts["atc"] = expected_counts(base_labels, (base_msp > atc_threshold).float(), None, valid, base_probs.shape[1])
+        counts["atc"] = expected_counts(
+            base_labels, (base_msp > atc_threshold).float(), None, valid, base_probs.shape[1]
+        )
     if truth is not None:
         num_classes = counts["errwrap"].shape[-1]
         counts["truth"] = expected_counts(labels, (labels == truth).float(), truth, valid, num_classes)
         counts["base_truth"] = expected_counts(base_labels, (base_labels == truth).float(), truth, valid, num_classes)
-    w = torch.ones(labels.shape, dtype=torch.float64, device=labels.device) if valid is None else valid.to(torch.float64)
+    w = (
+        torch.ones(labels.shape, dtype=torch.float64, device=labels.device)
+        if valid is None
+        else valid.to(torch.float64)
+    )
     stats = torch.stack([
         (error_prob.to(torch.float64) * w).sum(dim=(1, 2)),
         ((error_prob > threshold).to(torch.float64) * w).sum(dim=(1, 2)),
@@ -313,7 +352,9 @@ def _batch_counts(out: Any, valid: Tensor | None, threshold: float, atc_threshol
     return counts, stats
 
 
-def _rows(start: int, counts: dict[str, Tensor], stats: Tensor, with_atc: bool, rank: int | None) -> list[dict[str, Any]]:
+def _rows(
+    start: int, counts: dict[str, Tensor], stats: Tensor, with_atc: bool, rank: int | None
+) -> list[dict[str, Any]]:
     """One JSON-ready dict per image of a batch."""
     scores = {key: scores_from_counts(value) for key, value in counts.items()}
     rows = []
@@ -403,7 +444,7 @@ class EstimateReport:
         return nan_to_none({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "EstimateReport":
+    def from_dict(cls, data: Mapping[str, Any]) -> EstimateReport:
         """Inverse of :meth:`to_dict` (``None`` becomes ``nan``)."""
         if not isinstance(data, Mapping):
             raise TypeError(f"from_dict: expected a mapping, got {type(data).__name__}")
@@ -422,7 +463,7 @@ class EstimateReport:
         return write_json_text(self.to_dict(), path, indent)
 
     @classmethod
-    def from_json(cls, text_or_path: str | Path) -> "EstimateReport":
+    def from_json(cls, text_or_path: str | Path) -> EstimateReport:
         """Read a report from JSON text or from a ``.json`` file."""
         return cls.from_dict(read_json_text(text_or_path))
 
@@ -441,12 +482,23 @@ class EstimateReport:
             lines.append(f"{name:<16}{_pct(values['pixel_accuracy']):>8}{_pct(values['miou']):>8}   (base labels)")
         threshold = self.config.get("threshold", 0.5)
         if self.config.get("temperature", 1.0) == 1.0:
-            lines += ["(the fused probabilities have no fitted temperature: the estimate is only as good as their calibration;",
-                      " fit one on held-out labelled data with errwrap.calibrate_temperature, docs/estimate.md)"]
-        lines += ["", f"mean error probability {_pct(self.mean_error_prob)}%, pixels above {threshold:g}: {_pct(self.flagged_fraction)}%"]
+            lines += [
+                "(the fused probabilities have no fitted temperature: the estimate is only as good as their "
+                "calibration;",
+                " fit one on held-out labelled data with errwrap.calibrate_temperature, docs/estimate.md)",
+            ]
+        lines += [
+            "",
+            f"mean error probability {_pct(self.mean_error_prob)}%, pixels above {threshold:g}: "
+            f"{_pct(self.flagged_fraction)}%",
+        ]
         worst = self.worst(k)
         if worst:
-            lines += ["", f"most likely wrong first ({len(worst)} of {self.num_images}):", f"{'index':>7}{'pixAcc':>8}{'mIoU':>8}{'meanErr':>9}{'flagged':>9}"]
+            lines += [
+                "",
+                f"most likely wrong first ({len(worst)} of {self.num_images}):",
+                f"{'index':>7}{'pixAcc':>8}{'mIoU':>8}{'meanErr':>9}{'flagged':>9}",
+            ]
             for row in worst:
                 lines.append(f"{row['index']:>7}{_pct(row['pixel_accuracy']):>8}{_pct(row['miou']):>8}{_pct(row['mean_error_prob']):>9}{_pct(row['flagged_fraction']):>9}")
         return "\n".join(lines)
@@ -455,17 +507,25 @@ class EstimateReport:
         return self.table()
 
 
-def _report(run: _Pass, threshold: float, atc_threshold: float | None, bootstrap: int, level: float, seed: int, wrapper: nn.Module) -> EstimateReport:
+def _report(
+    run: _Pass,
+    threshold: float,
+    atc_threshold: float | None,
+    bootstrap: int,
+    level: float,
+    seed: int,
+    wrapper: nn.Module,
+) -> EstimateReport:
     totals = {k: v.sum(dim=0) for k, v in run.counts.items()}
     accuracy, iou, miou = scores_from_counts(totals["errwrap"])
-    baselines = {}
+    baselines: dict[str, dict[str, float]] = {}
     for name in ("avg_confidence", "atc"):
         if name in totals:
             b_acc, _, b_miou = scores_from_counts(totals[name])
             baselines[name] = {"pixel_accuracy": float(b_acc), "miou": float(b_miou)}
     if atc_threshold is not None:
         baselines["atc"]["threshold"] = float(atc_threshold)
-    interval = _bootstrap_interval(run.counts["errwrap"], bootstrap, level, seed)
+    interval: dict[str, Any] = _bootstrap_interval(run.counts["errwrap"], bootstrap, level, seed)
     interval.update(level=level, method=f"percentile bootstrap over images ({bootstrap} resamples, seed {seed})")
     pixels = run.num_pixels
     _, world = _dist_world()
@@ -480,9 +540,9 @@ def _report(run: _Pass, threshold: float, atc_threshold: float | None, bootstrap
         baselines=baselines,
         num_images=len(run.rows),
         num_pixels=int(pixels),
-        config={"threshold": float(threshold), "atc_threshold": atc_threshold, "num_classes": int(wrapper.num_classes),
-                "temperature": float(getattr(wrapper, "temperature", 1.0)), "bootstrap": bootstrap, "level": level, "seed": seed,
-                "world_size": world},
+        config={"threshold": float(threshold), "atc_threshold": atc_threshold, "num_classes": int(wrapper.num_classes),  # type: ignore[arg-type]
+                "temperature": float(getattr(wrapper, "temperature", 1.0)), "bootstrap": bootstrap, "level": level,
+                "seed": seed, "world_size": world},
     )  # fmt: skip
 
 
@@ -538,7 +598,9 @@ def estimate(
     run = _run(wrapper, loader, threshold=threshold, atc_threshold=atc_threshold, labelled=False, ignore_index=-1,
                device=device, max_batches=max_batches, progress=progress, name="estimate")  # fmt: skip
     report = _report(run, threshold, atc_threshold, bootstrap, level, seed, wrapper)
-    logger.info("estimated %d images: pixel accuracy %.4f, mIoU %.4f", report.num_images, report.pixel_accuracy, report.miou)
+    logger.info(
+        "estimated %d images: pixel accuracy %.4f, mIoU %.4f", report.num_images, report.pixel_accuracy, report.miou
+    )
     return report
 
 
@@ -569,18 +631,29 @@ def fit_atc(
     _check_run_settings(0.5, None, max_batches)
     hist = torch.zeros(_ATC_BINS, dtype=torch.float64)
     correct = torch.zeros((), dtype=torch.float64)
-    outputs = _outputs(wrapper, loader, labelled=True, ignore_index=ignore_index, device=device, max_batches=max_batches, progress=progress, name="fit_atc")
+    outputs = _outputs(
+        wrapper,
+        loader,
+        labelled=True,
+        ignore_index=ignore_index,
+        device=device,
+        max_batches=max_batches,
+        progress=progress,
+        name="fit_atc",
+    )
     with contextlib.closing(outputs):
         for out, valid, truth in outputs:
             msp, base_labels = torch.softmax(out.base_logits.float(), dim=1).max(dim=1)
             bins = (msp[valid].to(torch.float64) * _ATC_BINS).long().clamp_(0, _ATC_BINS - 1)
             hist += torch.bincount(bins, minlength=_ATC_BINS).to(torch.float64).cpu()
-            correct += ((base_labels == truth) & valid).sum().to(torch.float64).cpu()
+            correct += ((base_labels == truth) & valid).sum().to(torch.float64).cpu()  # type: ignore[operator]
     parts = _gather((hist, correct))
     hist, correct = sum(p[0] for p in parts), sum(p[1] for p in parts)
     total = float(hist.sum())
     if total == 0:
-        raise ValueError(f"fit_atc: expected labelled pixels, got none (every label was ignore_index={ignore_index}, or no batch)")
+        raise ValueError(
+            f"fit_atc: expected labelled pixels, got none (every label was ignore_index={ignore_index}, or no batch)"
+        )
     return _atc_threshold(hist / total, float(correct) / total)
 
 
@@ -625,7 +698,14 @@ class EstimateComparison:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON data; ``nan`` becomes ``None``."""
-        return nan_to_none({"estimate": self.estimate.to_dict(), "truth": self.truth, "errors": self.errors, "per_image": self.per_image})
+        return nan_to_none(
+            {
+                "estimate": self.estimate.to_dict(),
+                "truth": self.truth,
+                "errors": self.errors,
+                "per_image": self.per_image,
+            }
+        )
 
     def to_json(self, path: str | Path | None = None, indent: int = 2) -> str:
         """Strict JSON text; also written to ``path`` if given."""
@@ -635,8 +715,10 @@ class EstimateComparison:
         """Each estimator against the truth of the labels it describes (points, lower is better
         except Spearman)."""
         lines = [
-            f"label-free estimates vs truth: {self.estimate.num_images} images, {self.estimate.num_pixels} labelled pixels",
-            f"truth: fused labels pixAcc {_pct(self.truth['fused']['pixel_accuracy'])} mIoU {_pct(self.truth['fused']['miou'])}; "
+            f"label-free estimates vs truth: {self.estimate.num_images} images, {self.estimate.num_pixels} labelled "
+            "pixels",
+            f"truth: fused labels pixAcc {_pct(self.truth['fused']['pixel_accuracy'])} mIoU "
+            f"{_pct(self.truth['fused']['miou'])}; "
             f"base labels pixAcc {_pct(self.truth['base']['pixel_accuracy'])} mIoU {_pct(self.truth['base']['miou'])}",
             "",
             f"{'estimator':<16}{'labels':>7}{'pixAcc':>8}{'|err|':>7}{'mIoU':>8}{'|err|':>7}{'imgMAE':>8}{'Spearman':>9}",
@@ -678,14 +760,15 @@ def compare_estimates(
         An :class:`EstimateComparison`.
     """
     _check_interval_settings(bootstrap, level)
-    run = _run(wrapper, loader, threshold=threshold, atc_threshold=atc_threshold, labelled=True, ignore_index=ignore_index,
-               device=device, max_batches=max_batches, progress=progress, name="compare_estimates")  # fmt: skip
+    run = _run(wrapper, loader, threshold=threshold, atc_threshold=atc_threshold, labelled=True,
+               ignore_index=ignore_index, device=device, max_batches=max_batches, progress=progress,
+               name="compare_estimates")  # fmt: skip
     report = _report(run, threshold, atc_threshold, bootstrap, level, seed, wrapper)
     truth = {}
     for target, key in (("fused", "truth"), ("base", "base_truth")):
         acc, _, miou = scores_from_counts(run.counts[key].sum(dim=0))
         truth[target] = {"pixel_accuracy": float(acc), "miou": float(miou)}
-    errors = {}
+    errors: dict[str, dict[str, Any]] = {}
     for name in ESTIMATORS:
         if name not in run.counts:
             continue

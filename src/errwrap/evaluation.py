@@ -47,6 +47,7 @@ from .metrics import (
     RiskCoverageResult,
     SegmentationMetrics,
     SegmentationResult,
+    StreamingMetric,
 )
 from .scores import ErrorHeadScore, ErrorScore, MCDropoutScore, build_score, msp_score
 
@@ -55,7 +56,7 @@ __all__ = ["EvaluationReport", "evaluate", "unpack_batch"]
 logger = logging.getLogger(__name__)
 
 
-def _result_from_dict(cls: type, data: Mapping[str, Any]) -> Any:
+def _result_from_dict(cls: Any, data: Mapping[str, Any]) -> Any:
     missing = [f for f in cls._fields if f not in data]
     if missing:
         raise ValueError(f"{cls.__name__}: missing keys {missing} in {sorted(data)}")
@@ -146,7 +147,7 @@ class EvaluationReport:
         return nan_to_none(data)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "EvaluationReport":
+    def from_dict(cls, data: Mapping[str, Any]) -> EvaluationReport:
         """Inverse of :meth:`to_dict` (``None`` becomes ``nan``); reports written before the
         returned-label metrics existed read with those fields empty."""
         if not isinstance(data, Mapping):
@@ -160,9 +161,15 @@ class EvaluationReport:
             num_pixels=int(data["num_pixels"]),
             time_per_image={k: none_to_nan(v) for k, v in data["time_per_image"].items()},
             config=dict(data.get("config", {})),
-            returned_detection=None if data.get("returned_detection") is None else _result_from_dict(ErrorDetectionResult, data["returned_detection"]),
-            risk_coverage={k: _result_from_dict(RiskCoverageResult, v) for k, v in data.get("risk_coverage", {}).items()},
-            image_risk_coverage={k: _result_from_dict(ImageRiskCoverageResult, v) for k, v in data.get("image_risk_coverage", {}).items()},
+            returned_detection=None
+            if data.get("returned_detection") is None
+            else _result_from_dict(ErrorDetectionResult, data["returned_detection"]),
+            risk_coverage={
+                k: _result_from_dict(RiskCoverageResult, v) for k, v in data.get("risk_coverage", {}).items()
+            },
+            image_risk_coverage={
+                k: _result_from_dict(ImageRiskCoverageResult, v) for k, v in data.get("image_risk_coverage", {}).items()
+            },
             judged_labels=dict(data.get("judged_labels", {})),
             risk_curves={k: (list(c), list(r)) for k, (c, r) in data.get("risk_curves", {}).items()},
         )
@@ -172,7 +179,7 @@ class EvaluationReport:
         return write_json_text(self.to_dict(), path, indent)
 
     @classmethod
-    def from_json(cls, text_or_path: str | Path) -> "EvaluationReport":
+    def from_json(cls, text_or_path: str | Path) -> EvaluationReport:
         """Read a report from JSON text or from a ``.json`` file."""
         return cls.from_dict(read_json_text(text_or_path))
 
@@ -182,7 +189,8 @@ class EvaluationReport:
         lines = [f"errwrap evaluation: {self.num_images} images, {self.num_pixels} labelled pixels"]
         lines.append("")
         lines.append(f"{'segmentation':<14}{'mIoU':>8}{'pixAcc':>8}{'mAcc':>8}{'ECE':>8}")
-        for name, label, seg in (("base", "base", self.base), ("fused", "corrected", self.fused)):  # corrected: the fused labels
+        # corrected: the fused labels
+        for name, label, seg in (("base", "base", self.base), ("fused", "corrected", self.fused)):
             ece = self.calibration[name].ece if name in self.calibration else float("nan")
             lines.append(f"{label:<14}{_fmt(seg.miou):>8}{_fmt(seg.pixel_accuracy):>8}{_fmt(seg.mean_accuracy):>8}{_fmt(ece):>8}")
         gain = "n/a" if math.isnan(self.miou_gain) else f"{100 * self.miou_gain:+.2f}"
@@ -206,7 +214,9 @@ class EvaluationReport:
         if self.risk_coverage:
             lines.append("")
             lines.extend(self._risk_coverage_lines())
-        times = ", ".join(f"{k} {1000 * v:.2f} ms" for k, v in self.time_per_image.items() if not k.startswith("score/"))
+        times = ", ".join(
+            f"{k} {1000 * v:.2f} ms" for k, v in self.time_per_image.items() if not k.startswith("score/")
+        )
         lines.append(f"time per image: {times}")
         return "\n".join(lines)
 
@@ -216,7 +226,11 @@ class EvaluationReport:
         lines.append(f"{'score':<{w}}{'labels':<10}{'err%':>7}{'AUROC':>8}{'AUPR-E':>8}{'FPR95':>8}{'AURC':>8}{'E-AURC':>8}{'imAURC':>8}{'imE-AURC':>10}")
         for name, rc in self.risk_coverage.items():
             labels = self.judged_labels.get(name, "base")
-            det = self.returned_detection if name == "error_prob" and labels == "returned" else self.error_detection.get(name)
+            det = (
+                self.returned_detection
+                if name == "error_prob" and labels == "returned"
+                else self.error_detection.get(name)
+            )
             auroc, aupr, fpr = (det.auroc, det.aupr_error, det.fpr95) if det is not None else (float("nan"),) * 3
             img = self.image_risk_coverage.get(name)
             img_aurc, img_eaurc = (img.aurc, img.eaurc) if img is not None else (float("nan"),) * 2
@@ -225,7 +239,9 @@ class EvaluationReport:
                 f"{_fmt(rc.aurc):>8}{_fmt(rc.eaurc):>8}{_fmt(img_aurc):>8}{_fmt(img_eaurc):>10}"
             )
         lines.append("(AURC: mean risk as pixels are accepted from the least suspicious; E-AURC: AURC minus a perfect")
-        lines.append(" ranking's; imAURC, imE-AURC: images ranked by mean score against their error rate; all in points)")
+        lines.append(
+            " ranking's; imAURC, imE-AURC: images ranked by mean score against their error rate; all in points)"
+        )
         return lines
 
     def __str__(self) -> str:
@@ -293,7 +309,7 @@ def evaluate(
         >>> print(report.table())                                                 # doctest: +SKIP
     """
     check_positive_int(max_batches, "max_batches", or_none=True)
-    num_classes = int(wrapper.num_classes)
+    num_classes = int(wrapper.num_classes)  # type: ignore[arg-type]
     check_loader_num_classes(loader, num_classes, "loader")
     scores = _build_scores(baselines, mc_dropout_T, mc_dropout_seed, mc_dropout_p)
     device = resolve_device(wrapper, device)
@@ -326,7 +342,7 @@ def evaluate(
                 ignore_index=ignore_index, device=device, dtype=dtype,
             )  # fmt: skip
             if index == 0:  # untimed warm-up, so one-time costs do not land on whichever pass runs first
-                wrapper.forward_base(images)
+                wrapper.forward_base(images)  # type: ignore[operator]
                 wrapper(images)
             out, outputs = _timed_pass(wrapper, images, error_head, scores, device, seconds, f"batch {index}")
             meters.update(out, outputs, labels, ignore_index)
@@ -335,12 +351,15 @@ def evaluate(
                 callback(index)
 
     if _dist_initialized():
-        for metric in [*seg.values(), *cal.values(), *det.values(), returned_det, *risk.values(), *images_rc.values()]:
+        metrics: list[StreamingMetric | ImageRiskCoverageMetrics] = [
+            *seg.values(), *cal.values(), *det.values(), returned_det, *risk.values(), *images_rc.values()
+        ]
+        for metric in metrics:
             metric.sync()
         keys = list(seconds)
         summed = _sum_over_processes([float(num_images), *(seconds[k] for k in keys)])
         num_images = int(summed[0])
-        seconds = dict(zip(keys, summed[1:]))
+        seconds = dict(zip(keys, summed[1:], strict=False))
     if num_images == 0:
         raise ValueError("loader: expected at least one batch of images, got none")
 
@@ -366,6 +385,7 @@ def _build_scores(
     """The baseline scores by name, refusing duplicates and the error head's own name."""
     scores: dict[str, ErrorScore] = {}
     for spec in baselines:
+        score: ErrorScore
         if spec == "mc_dropout":
             score = MCDropoutScore(T=mc_dropout_T, seed=mc_dropout_seed, p=mc_dropout_p)
         else:
@@ -393,7 +413,7 @@ def _timed_pass(
     size = images.shape[-2:]
     _synchronize(device)
     start = time.perf_counter()
-    base_logits = resize(wrapper.forward_base(images).logits, size)
+    base_logits = resize(wrapper.forward_base(images).logits, size)  # type: ignore[operator]
     _synchronize(device)
     seconds["base_forward"] += time.perf_counter() - start
 
@@ -446,7 +466,7 @@ class _Meters:
         score_bins: int,
         calibration_bins: int,
         scores: Mapping[str, ErrorScore],
-    ) -> "_Meters":
+    ) -> _Meters:
         judged = {"error_prob": "returned", "msp": "base", ErrorHeadScore.name: "base"}
         judged.update({n: s.judges for n, s in scores.items()})
         return cls(

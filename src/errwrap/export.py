@@ -104,8 +104,14 @@ def export_onnx(
         onnx_path = tmp.with_suffix(".onnx")
         try:
             torch.onnx.export(
-                module, (sample,), str(onnx_path), dynamo=True, dynamic_shapes=dynamic_shapes, opset_version=opset_version,
-                external_data=False, verbose=False,  # a library does not print its progress
+                module,
+                (sample,),
+                str(onnx_path),
+                dynamo=True,
+                dynamic_shapes=dynamic_shapes,
+                opset_version=opset_version,
+                external_data=False,
+                verbose=False,  # a library does not print its progress
             )
             os.replace(onnx_path, tmp)
         finally:

@@ -51,7 +51,9 @@ def mixture_log_probs(base_logits: Tensor, detail_logits: Tensor, error_logits: 
     return torch.logaddexp(keep, change)
 
 
-def mixture_log_probs_inference(base_logits: Tensor, base_probs: Tensor, detail_logits: Tensor, error_logits: Tensor) -> Tensor:
+def mixture_log_probs_inference(
+    base_logits: Tensor, base_probs: Tensor, detail_logits: Tensor, error_logits: Tensor
+) -> Tensor:
     """:func:`mixture_log_probs` for inference, from the base's probabilities already computed.
 
     Mixes in probability space, ``log(sigmoid(-e) * p0 + sigmoid(e) * softmax(z1))``, in place:

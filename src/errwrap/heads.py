@@ -7,6 +7,7 @@ See docs/method.md for which choices are the paper's and which are errwrap's own
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -67,7 +68,7 @@ class ErrorHead(nn.Module):
             raise ValueError(f"num_blocks: expected >= 1, got {num_blocks}")
         if not 0.0 < prior < 1.0:
             raise ValueError(f"prior: expected a probability in (0, 1), got {prior}")
-        dd = {"device": device, "dtype": dtype}
+        dd: dict[str, Any] = {"device": device, "dtype": dtype}
         in_channels = feature_channels + num_classes + 3
         blocks = [ConvNormAct(in_channels, channels, 3, norm_layer=norm_layer, act_layer=act_layer, **dd)]
         blocks += [
@@ -77,7 +78,7 @@ class ErrorHead(nn.Module):
         self.blocks = nn.Sequential(*blocks)
         self.classifier = nn.Conv2d(channels, 1, 1, **dd)
         nn.init.normal_(self.classifier.weight, std=0.01)
-        nn.init.constant_(self.classifier.bias, math.log(prior / (1.0 - prior)))
+        nn.init.constant_(self.classifier.bias, math.log(prior / (1.0 - prior)))  # type: ignore[arg-type]
         # Full-resolution skip from the base's own confidence cues (max probability, margin,
         # entropy), added after upsampling: the conv body sees only the high-level feature's
         # resolution, which blurs errors on thin parts and boundaries. It starts as the
@@ -86,7 +87,7 @@ class ErrorHead(nn.Module):
         self.refine = nn.Conv2d(3, 1, 1, **dd)
         with torch.no_grad():
             self.refine.weight.copy_(torch.tensor([-8.0, 0.0, 0.0]).view(1, 3, 1, 1))
-            self.refine.bias.fill_(4.0)
+            self.refine.bias.fill_(4.0)  # type: ignore[union-attr]
 
     def forward(self, feature: Tensor, base_logits: Tensor, base_probs: Tensor | None = None) -> Tensor:
         """Error logits at the feature's resolution.
@@ -119,7 +120,7 @@ class ErrorHead(nn.Module):
             cues = confidence_cues(torch.softmax(base_logits.detach().float(), dim=1))
         # self.refine as a weighted sum: a 3->1 1x1 convolution at full resolution is ~50x
         # slower on CPU (oneDNN) than these element-wise ops.
-        weight, bias = self.refine.weight.float(), self.refine.bias.float()
+        weight, bias = self.refine.weight.float(), self.refine.bias.float()  # type: ignore[union-attr]
         skip = (cues * weight.view(1, 3, 1, 1)).sum(dim=1, keepdim=True) + bias.view(1, 1, 1, 1)
         return error_logits + skip.to(error_logits.dtype)
 
@@ -162,7 +163,7 @@ class DetailHead(nn.Module):
         super().__init__()
         if num_blocks < 1:
             raise ValueError(f"num_blocks: expected >= 1, got {num_blocks}")
-        dd = {"device": device, "dtype": dtype}
+        dd: dict[str, Any] = {"device": device, "dtype": dtype}
         reduce_channels = reduce_channels or channels
         self.reduce = ConvNormAct(high_channels, reduce_channels, 1, norm_layer=norm_layer, act_layer=act_layer, **dd)
         in_channels = low_channels + reduce_channels + 1
@@ -230,7 +231,7 @@ class LearnedFusion(nn.Module):
         super().__init__()
         self.gate = nn.Conv2d(2 * num_classes + 1, 1, kernel_size, padding=kernel_size // 2, device=device, dtype=dtype)
         nn.init.zeros_(self.gate.weight)
-        nn.init.zeros_(self.gate.bias)
+        nn.init.zeros_(self.gate.bias)  # type: ignore[arg-type]
 
     def forward(
         self,

@@ -49,7 +49,16 @@ FORMAT_VERSION = 1
 
 #: Top-level keys of ``config.json``. ``adapter_options`` is no longer written; older files hold
 #: ``{}`` there, which is still read (and anything else refused).
-_TOP_KEYS = {"errwrap_version", "format_version", "heads", "heads_only", "base", "class_names", "adapter_options", "preprocessing"}
+_TOP_KEYS = {
+    "errwrap_version",
+    "format_version",
+    "heads",
+    "heads_only",
+    "base",
+    "class_names",
+    "adapter_options",
+    "preprocessing",
+}
 #: Largest ``config.json`` errwrap reads, and how deeply its JSON may nest.
 MAX_CONFIG_BYTES = 16 * 1024 * 1024
 MAX_CONFIG_DEPTH = 32
@@ -61,11 +70,15 @@ _M = TypeVar("_M", bound="HubMixin")
 
 def _scan_for_code_keys(obj: Any, source: str, where: str = "", depth: int = 0) -> None:
     if depth > MAX_CONFIG_DEPTH:
-        raise ValueError(f"{source}: {where[:80]}... is nested more than {MAX_CONFIG_DEPTH} levels deep; an errwrap config is not")
+        raise ValueError(
+            f"{source}: {where[:80]}... is nested more than {MAX_CONFIG_DEPTH} levels deep; an errwrap config is not"
+        )
     if isinstance(obj, dict):
         for k, v in obj.items():
             if str(k) in _CODE_KEYS:
-                raise ValueError(f"{source}: key {where + str(k)!r} asks for code to be loaded; errwrap configs are data only")
+                raise ValueError(
+                    f"{source}: key {where + str(k)!r} asks for code to be loaded; errwrap configs are data only"
+                )
             _scan_for_code_keys(v, source, f"{where}{k}.", depth + 1)
     elif isinstance(obj, list):
         for i, v in enumerate(obj):
@@ -99,7 +112,9 @@ def _check_format(raw: Any, source: str) -> None:
         raise ValueError(f"{source}: expected a JSON object, got {type(raw).__name__}")
     version = raw.get("format_version")
     if not isinstance(version, int):
-        raise ValueError(f"{source}: missing or invalid 'format_version' (expected an integer); is this an errwrap config?")
+        raise ValueError(
+            f"{source}: missing or invalid 'format_version' (expected an integer); is this an errwrap config?"
+        )
     if version > FORMAT_VERSION:
         raise ValueError(
             f"{source}: written by errwrap {raw.get('errwrap_version', '?')} in format {version}; this errwrap "
@@ -107,7 +122,10 @@ def _check_format(raw: Any, source: str) -> None:
         )
     unknown = sorted(set(raw) - _TOP_KEYS)
     if unknown:
-        raise ValueError(f"{source}: unknown keys {unknown} (written by errwrap {raw.get('errwrap_version', '?')}?); this errwrap {__version__} knows {sorted(_TOP_KEYS)}")
+        raise ValueError(
+            f"{source}: unknown keys {unknown} (written by errwrap {raw.get('errwrap_version', '?')}?); this errwrap "
+            f"{__version__} knows {sorted(_TOP_KEYS)}"
+        )
     _scan_for_code_keys(raw, source)
 
 
@@ -149,7 +167,8 @@ def _check_config(raw: Any, source: str) -> SavedConfig:
     if options not in (None, {}):  # older files hold {}; no adapter takes options from a file
         keys = sorted(options) if isinstance(options, dict) else options
         raise ValueError(
-            f"{source}: adapter_options {keys!r} are not allowed in a saved config; no adapter takes options from a file "
+            f"{source}: adapter_options {keys!r} are not allowed in a saved config; no adapter takes options from a "
+            "file "
             "(expected {} or none). Pass such settings in Python, e.g. from_pretrained(...).unfreeze_base()"
         )
     version = raw.get("errwrap_version")
@@ -196,18 +215,26 @@ def _resolve_file(location: str | os.PathLike, filename: str, **download: Any) -
     if local.is_dir():
         path = local / filename
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: missing; an errwrap model directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+            raise FileNotFoundError(
+                f"{path}: missing; an errwrap model directory holds {CONFIG_NAME} and {WEIGHTS_NAME}"
+            )
         return path
     if local.exists() or str(location).endswith((".json", ".safetensors")):
         raise FileNotFoundError(f"{location}: expected a model directory or a Hub repository id 'org/name'")
     try:
         return Path(hf_hub_download(repo_id=str(location), filename=filename, library_name="errwrap", **download))
     except HFValidationError as exc:
-        raise FileNotFoundError(f"{location}: not a local directory, and not a valid Hub repository id ({exc})") from None
+        raise FileNotFoundError(
+            f"{location}: not a local directory, and not a valid Hub repository id ({exc})"
+        ) from None
     except EntryNotFoundError:
-        raise FileNotFoundError(f"{location}: has no {filename} (not in the local Hub cache, or not in the repository)") from None
+        raise FileNotFoundError(
+            f"{location}: has no {filename} (not in the local Hub cache, or not in the repository)"
+        ) from None
     except (HfHubHTTPError, OfflineModeIsEnabled, OSError) as exc:
-        raise FileNotFoundError(f"{location}: could not get {filename} from the Hub ({type(exc).__name__}: {exc})") from None
+        raise FileNotFoundError(
+            f"{location}: could not get {filename} from the Hub ({type(exc).__name__}: {exc})"
+        ) from None
 
 
 def _other_entries(directory: Path) -> list[str]:
@@ -221,7 +248,11 @@ def _other_entries(directory: Path) -> list[str]:
     except OSError:
         pass
     own = {CONFIG_NAME, WEIGHTS_NAME, CARD_NAME}
-    return sorted(p.name for p in directory.iterdir() if p.name not in own and not (p.name.startswith(".") and p.name.endswith(".tmp")))
+    return sorted(
+        p.name
+        for p in directory.iterdir()
+        if p.name not in own and not (p.name.startswith(".") and p.name.endswith(".tmp"))
+    )
 
 
 class HubMixin:
@@ -279,7 +310,10 @@ class HubMixin:
         try:
             json.dumps(config, allow_nan=False)
         except (TypeError, ValueError) as exc:
-            raise TypeError(f"the model's configuration is not plain JSON ({exc}); name layers by string (e.g. norm_layer='batchnorm')") from None
+            raise TypeError(
+                f"the model's configuration is not plain JSON ({exc}); name layers by string (e.g. "
+                "norm_layer='batchnorm')"
+            ) from None
         return parse_config(config, "the configuration")
 
     # ------------------------------------------------------------------ save
@@ -315,13 +349,19 @@ class HubMixin:
         """
         directory = Path(save_directory)
         if directory.exists() and not directory.is_dir():
-            raise NotADirectoryError(f"save_directory: expected a directory (existing or new), got the file {directory}")
+            raise NotADirectoryError(
+                f"save_directory: expected a directory (existing or new), got the file {directory}"
+            )
         config = self.hub_config(heads_only=heads_only, class_names=class_names)
         card = render_model_card(config, metrics=metrics, training=training, license=license)
         weights = self._hub_weights(heads_only)
 
         def write(into: Path) -> None:
-            save_safetensors(weights, into / WEIGHTS_NAME, metadata={"format": "pt", "library": "errwrap", "heads_only": str(heads_only).lower()})
+            save_safetensors(
+                weights,
+                into / WEIGHTS_NAME,
+                metadata={"format": "pt", "library": "errwrap", "heads_only": str(heads_only).lower()},
+            )
             write_text_atomic(into / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
             write_text_atomic(into / CARD_NAME, card)
 
@@ -329,7 +369,11 @@ class HubMixin:
         if directory.is_dir() and not os.access(directory.absolute().parent, os.W_OK | os.X_OK):
             others = others or ["(a parent directory that cannot be written)"]
         if others:
-            logger.info("%s holds other files (%s); its model files are replaced one by one, not as one directory", directory, others[:5])
+            logger.info(
+                "%s holds other files (%s); its model files are replaced one by one, not as one directory",
+                directory,
+                others[:5],
+            )
             directory.mkdir(parents=True, exist_ok=True)
             write(directory)
         else:
@@ -372,12 +416,21 @@ class HubMixin:
             ValueError: the config is invalid, names an unknown family, or the weights are
                 corrupt, miss keys, have unexpected keys or the wrong shapes (all named).
         """
-        download = {"revision": revision, "cache_dir": cache_dir, "force_download": force_download, "local_files_only": local_files_only, "token": token}
+        download = {
+            "revision": revision,
+            "cache_dir": cache_dir,
+            "force_download": force_download,
+            "local_files_only": local_files_only,
+            "token": token,
+        }
         config_path = _resolve_file(pretrained_model_name_or_path, CONFIG_NAME, **download)
         config = read_config(config_path)
         if model is None:
             if config.heads_only:
-                raise ValueError(f"{pretrained_model_name_or_path}: this checkpoint holds only the heads; pass your trained base network as model=")
+                raise ValueError(
+                    f"{pretrained_model_name_or_path}: this checkpoint holds only the heads; pass your trained base "
+                    "network as model="
+                )
             if config.base is None:
                 raise ValueError(
                     f"{pretrained_model_name_or_path}: the base is a custom network that errwrap cannot rebuild from "
@@ -426,7 +479,9 @@ class HubMixin:
         api = HfApi(token=token)
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         with tempfile.TemporaryDirectory() as tmp:
-            self.save_pretrained(tmp, heads_only=heads_only, class_names=class_names, metrics=metrics, training=training, license=license)
+            self.save_pretrained(
+                tmp, heads_only=heads_only, class_names=class_names, metrics=metrics, training=training, license=license
+            )
             return api.upload_folder(
                 repo_id=repo_id,
                 folder_path=tmp,

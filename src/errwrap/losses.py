@@ -201,7 +201,13 @@ class ErrorCorrectionLoss(nn.Module):
         super().__init__()
         if error_mode not in ERROR_LOSSES:
             raise ValueError(f"error_mode: expected one of {ERROR_LOSSES}, got {error_mode!r}")
-        for name, value in (("w_err", w_err), ("w_detail", w_detail), ("w_fused", w_fused), ("w_base", w_base), ("focus", focus)):
+        for name, value in (
+            ("w_err", w_err),
+            ("w_detail", w_detail),
+            ("w_fused", w_fused),
+            ("w_base", w_base),
+            ("focus", focus),
+        ):
             if value < 0:
                 raise ValueError(f"{name}: expected a non-negative weight, got {value}")
         self.w_err, self.w_detail, self.w_fused, self.w_base = w_err, w_detail, w_fused, w_base
@@ -216,12 +222,11 @@ class ErrorCorrectionLoss(nn.Module):
         b, c, h, w = output.logits.shape
         labels = prepare_labels(labels, c, self.ignore_index, size=(h, w), batch=b, validate=validate)
         target = error_target(output.base_logits, labels, self.ignore_index)
-        l_err = error_loss(output.error_logits, target, self.ignore_index, self.error_mode, self.gamma, self.max_pos_weight)
+        l_err = error_loss(
+            output.error_logits, target, self.ignore_index, self.error_mode, self.gamma, self.max_pos_weight
+        )
         l_detail = detail_loss(output.detail_logits, labels, target, self.focus, self.ignore_index)
         l_fused = fused_nll(output.logits, labels, self.ignore_index)
-        if self.w_base > 0:
-            l_base = base_ce(output.base_logits, labels, self.ignore_index)
-        else:
-            l_base = l_fused.new_zeros(())
+        l_base = base_ce(output.base_logits, labels, self.ignore_index) if self.w_base > 0 else l_fused.new_zeros(())
         total = self.w_err * l_err + self.w_detail * l_detail + self.w_fused * l_fused + self.w_base * l_base
         return LossOutput(total, l_err, l_detail, l_fused, l_base)

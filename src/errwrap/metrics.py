@@ -15,7 +15,7 @@ error that binning causes, computed from the same histograms. See docs/metrics.m
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 import torch
@@ -49,6 +49,7 @@ DEFAULT_SCORE_BINS = 10_000
 """Default number of score bins (width ``1e-4`` on ``[0, 1]``)."""
 
 _NAN = float("nan")
+_M = TypeVar("_M", bound="StreamingMetric")  # methods that return self keep the subclass
 
 
 def _finite_or_nan(num: float, den: float) -> float:
@@ -73,7 +74,7 @@ class StreamingMetric:
         """The settings that define the state's meaning (checked by :meth:`merge`)."""
         return {}
 
-    def reset(self) -> "StreamingMetric":
+    def reset(self: _M) -> _M:
         """Zero every count."""
         for state in self._states.values():
             state.zero_()
@@ -83,20 +84,25 @@ class StreamingMetric:
         """A copy of the state: plain tensors that add up (sum them to combine evaluations)."""
         return {name: state.clone() for name, state in self._states.items()}
 
-    def load_state_dict(self, state: dict[str, Tensor]) -> "StreamingMetric":
+    def load_state_dict(self: _M, state: dict[str, Tensor]) -> _M:
         """Replace the state by ``state`` (as returned by :meth:`state_dict`), strictly."""
         missing = sorted(set(self._states) - set(state))
         unexpected = sorted(set(state) - set(self._states))
         if missing or unexpected:
-            raise ValueError(f"{type(self).__name__}.load_state_dict: missing keys {missing}, unexpected keys {unexpected}")
+            raise ValueError(
+                f"{type(self).__name__}.load_state_dict: missing keys {missing}, unexpected keys {unexpected}"
+            )
         for name, value in state.items():
             own = self._states[name]
             if not isinstance(value, Tensor) or value.shape != own.shape:
-                raise ValueError(f"{type(self).__name__}.load_state_dict: {name!r}: expected a tensor of shape {tuple(own.shape)}, got {describe(value)}")
+                raise ValueError(
+                    f"{type(self).__name__}.load_state_dict: {name!r}: expected a tensor of shape {tuple(own.shape)}, "
+                    f"got {describe(value)}"
+                )
             own.copy_(value.to(own.device, own.dtype))
         return self
 
-    def merge(self, other: "StreamingMetric") -> "StreamingMetric":
+    def merge(self: _M, other: StreamingMetric) -> _M:
         """Add the counts of ``other`` (same class and settings) to this object's."""
         if type(other) is not type(self):
             raise TypeError(f"merge: expected a {type(self).__name__}, got {type(other).__name__}")
@@ -106,7 +112,7 @@ class StreamingMetric:
             state.add_(other._states[name].to(state.device))
         return self
 
-    def sync(self, group: Any = None) -> "StreamingMetric":
+    def sync(self: _M, group: Any = None) -> _M:
         """Sum the state over every process of ``group`` (``all_reduce``); a no-op when
         ``torch.distributed`` is not initialised. Call it once, after the last ``update``."""
         for state in self._states.values():
@@ -115,7 +121,7 @@ class StreamingMetric:
 
     all_reduce = sync
 
-    def to(self, device: torch.device | str) -> "StreamingMetric":
+    def to(self: _M, device: torch.device | str) -> _M:
         """Move the state to ``device``."""
         self.device = torch.device(device)
         self._states = {name: state.to(self.device) for name, state in self._states.items()}
@@ -194,19 +200,30 @@ class SegmentationMetrics(StreamingMetric):
             raise TypeError(f"update: expected tensors, got preds {describe(preds)} and labels {describe(labels)}")
         if preds.is_floating_point():
             if preds.ndim < 2 or preds.shape[1] != self.num_classes:
-                raise ValueError(f"preds: expected integer labels or scores of shape BxCxHxW with C={self.num_classes}, got {describe(preds)}")
+                raise ValueError(
+                    f"preds: expected integer labels or scores of shape BxCxHxW with C={self.num_classes}, got "
+                    f"{describe(preds)}"
+                )
             preds = preds.argmax(dim=1)
         if labels.is_floating_point() or labels.dtype == torch.bool:
             raise TypeError(f"labels: expected an integer tensor, got {describe(labels)}")
         if preds.shape != labels.shape:
-            raise ValueError(f"preds and labels: expected the same shape, got {tuple(preds.shape)} and {tuple(labels.shape)}")
+            raise ValueError(
+                f"preds and labels: expected the same shape, got {tuple(preds.shape)} and {tuple(labels.shape)}"
+            )
         valid = labels != self.ignore_index
         labels, preds = labels[valid].long(), preds[valid].long()
         c = self.num_classes
         if labels.numel() and bool(((labels < 0) | (labels >= c)).any()):
-            raise ValueError(f"labels: expected values in [0, {c}) or ignore_index={self.ignore_index}, got {torch.unique(labels[(labels < 0) | (labels >= c)])[:8].tolist()}")
+            raise ValueError(
+                f"labels: expected values in [0, {c}) or ignore_index={self.ignore_index}, got "
+                f"{torch.unique(labels[(labels < 0) | (labels >= c)])[:8].tolist()}"
+            )
         if preds.numel() and bool(((preds < 0) | (preds >= c)).any()):
-            raise ValueError(f"preds: expected values in [0, {c}), got {torch.unique(preds[(preds < 0) | (preds >= c)])[:8].tolist()}")
+            raise ValueError(
+                f"preds: expected values in [0, {c}), got "
+                f"{torch.unique(preds[(preds < 0) | (preds >= c)])[:8].tolist()}"
+            )
         counts = torch.bincount(labels * c + preds, minlength=c * c)
         self._states["confusion"].add_(counts.to(self.device))
 
@@ -341,7 +358,8 @@ class ErrorDetectionMetrics(StreamingMetric):
             if lo < -tol or hi > 1 + tol:
                 raise ValueError(
                     f"scores: expected values in score_range={self.score_range}, got [{lo * (high - low) + low:.6g}, "
-                    f"{hi * (high - low) + low:.6g}]; map unbounded scores to [0, 1] (e.g. entropy / log(C)) or set score_range"
+                    f"{hi * (high - low) + low:.6g}]; map unbounded scores to [0, 1] (e.g. entropy / log(C)) or set "
+                    "score_range"
                 )
         return (unit.clamp(0, 1) * self.num_bins).long().clamp_(0, self.num_bins - 1)
 
@@ -352,7 +370,9 @@ class ErrorDetectionMetrics(StreamingMetric):
         if not isinstance(errors, Tensor):
             raise TypeError(f"errors: expected a bool tensor, got {describe(errors)}")
         if errors.shape != scores.shape or (valid is not None and valid.shape != scores.shape):
-            shapes = f"{tuple(scores.shape)}, {tuple(errors.shape)}" + (f", {tuple(valid.shape)}" if valid is not None else "")
+            shapes = f"{tuple(scores.shape)}, {tuple(errors.shape)}" + (
+                f", {tuple(valid.shape)}" if valid is not None else ""
+            )
             raise ValueError(f"scores, errors, valid: expected the same shape, got {shapes}")
         errors = errors.bool()
         if valid is not None:
@@ -371,7 +391,7 @@ class ErrorDetectionMetrics(StreamingMetric):
         n_pos, n_neg = int(self._states["errors"].sum()), int(self._states["successes"].sum())
         total = n_pos + n_neg
         if n_pos == 0 or n_neg == 0:
-            return ErrorDetectionResult(*([_NAN] * 8), n_pos, total, _finite_or_nan(n_pos, total))
+            return ErrorDetectionResult._make([*([_NAN] * 8), n_pos, total, _finite_or_nan(n_pos, total)])
         # AUROC: pairs in different bins are ordered as their scores; a pair sharing a bin counts 1/2.
         neg_below = neg.cumsum(0) - neg
         pairs = float(n_pos) * float(n_neg)
@@ -386,7 +406,17 @@ class ErrorDetectionMetrics(StreamingMetric):
         fpr95 = float(fp_from_top[k]) / n_neg
         fpr95_bound = float(neg.flip(0)[k]) / n_neg
         return ErrorDetectionResult(
-            auroc, ap_err, ap_ok, fpr95, auroc_bound, ap_err_bound, ap_ok_bound, fpr95_bound, n_pos, total, n_pos / total
+            auroc,
+            ap_err,
+            ap_ok,
+            fpr95,
+            auroc_bound,
+            ap_err_bound,
+            ap_ok_bound,
+            fpr95_bound,
+            n_pos,
+            total,
+            n_pos / total,
         )
 
 
@@ -417,7 +447,7 @@ def exact_error_detection(scores: Tensor | np.ndarray, errors: Tensor | np.ndarr
     n_neg = int(e.size - n_pos)
     total = n_pos + n_neg
     if n_pos == 0 or n_neg == 0:
-        return ErrorDetectionResult(*([_NAN] * 8), n_pos, total, _finite_or_nan(n_pos, total))
+        return ErrorDetectionResult._make([*([_NAN] * 8), n_pos, total, _finite_or_nan(n_pos, total)])
     _, inverse, counts = np.unique(s, return_inverse=True, return_counts=True)
     starts = np.cumsum(counts) - counts
     ranks = (starts + (counts + 1) / 2.0)[inverse]  # average ranks, 1-based
@@ -428,7 +458,17 @@ def exact_error_detection(scores: Tensor | np.ndarray, errors: Tensor | np.ndarr
     fp = np.cumsum(np.bincount(inv_desc, weights=(~e).astype(np.float64), minlength=len(values)))
     k = int(np.nonzero(tp * 100 >= 95 * n_pos)[0][0])
     return ErrorDetectionResult(
-        float(auroc), _exact_ap(s, e), _exact_ap(-s, ~e), float(fp[k] / n_neg), 0.0, 0.0, 0.0, 0.0, n_pos, total, n_pos / total
+        float(auroc),
+        _exact_ap(s, e),
+        _exact_ap(-s, ~e),
+        float(fp[k] / n_neg),
+        0.0,
+        0.0,
+        0.0,
+        0.0,
+        n_pos,
+        total,
+        n_pos / total,
     )
 
 
@@ -467,7 +507,13 @@ class CalibrationMetrics(StreamingMetric):
         ``update(probs, labels)``: probabilities ``(B, C, H, W)``, labels ``(B, H, W)``.
     """
 
-    def __init__(self, num_classes: int | None = None, num_bins: int = 15, ignore_index: int = 255, device: torch.device | str | None = None) -> None:
+    def __init__(
+        self,
+        num_classes: int | None = None,
+        num_bins: int = 15,
+        ignore_index: int = 255,
+        device: torch.device | str | None = None,
+    ) -> None:
         super().__init__(device)
         check_positive_int(num_bins, "num_bins")
         self.num_classes = num_classes
@@ -487,7 +533,9 @@ class CalibrationMetrics(StreamingMetric):
         if self.num_classes is not None and probs.shape[1] != self.num_classes:
             raise ValueError(f"probs: expected {self.num_classes} classes (BxCxHxW), got shape {tuple(probs.shape)}")
         if not isinstance(labels, Tensor) or labels.shape != probs.shape[:1] + probs.shape[2:]:
-            raise ValueError(f"labels: expected shape {tuple(probs.shape[:1] + probs.shape[2:])}, got {describe(labels)}")
+            raise ValueError(
+                f"labels: expected shape {tuple(probs.shape[:1] + probs.shape[2:])}, got {describe(labels)}"
+            )
         confidence, pred = probs.max(dim=1)
         valid = labels != self.ignore_index
         self.update_confidences(confidence[valid], pred[valid] == labels[valid])
@@ -495,13 +543,18 @@ class CalibrationMetrics(StreamingMetric):
     def update_confidences(self, confidences: Tensor, correct: Tensor) -> None:
         """Add top-label confidences in ``[0, 1]`` with whether each top label is correct."""
         if confidences.shape != correct.shape:
-            raise ValueError(f"confidences and correct: expected the same shape, got {tuple(confidences.shape)} and {tuple(correct.shape)}")
+            raise ValueError(
+                f"confidences and correct: expected the same shape, got {tuple(confidences.shape)} and "
+                f"{tuple(correct.shape)}"
+            )
         conf = confidences.detach().double().flatten().clamp(0, 1)
         bins = (conf * self.num_bins).long().clamp_(0, self.num_bins - 1)
         n = self.num_bins
         self._states["count"].add_(torch.bincount(bins, minlength=n).to(self.device))
         self._states["correct"].add_(torch.bincount(bins[correct.flatten().bool()], minlength=n).to(self.device))
-        self._states["confidence"].add_(torch.zeros(n, dtype=torch.float64, device=conf.device).index_add_(0, bins, conf).to(self.device))
+        self._states["confidence"].add_(
+            torch.zeros(n, dtype=torch.float64, device=conf.device).index_add_(0, bins, conf).to(self.device)
+        )
 
     def compute(self) -> CalibrationResult:
         """ECE, MCE, accuracy and mean confidence; ``nan`` when nothing was counted."""
@@ -754,7 +807,9 @@ def exact_risk_coverage(
     Shapes:
         scores, errors: any shape, the same; flattened.
     """
-    err, cnt = _groups_by_score(scores, np.asarray(errors.detach().cpu() if isinstance(errors, Tensor) else errors).astype(bool), "errors")
+    err, cnt = _groups_by_score(
+        scores, np.asarray(errors.detach().cpu() if isinstance(errors, Tensor) else errors).astype(bool), "errors"
+    )
     return _risk_coverage_result(err, cnt, _check_coverages(coverages), 0.0)
 
 
@@ -765,7 +820,9 @@ def risk_coverage_curve(scores: Tensor | np.ndarray, errors: Tensor | np.ndarray
     Shapes:
         scores, errors: any shape, the same -> two arrays of length ``#distinct scores``.
     """
-    err, cnt = _groups_by_score(scores, np.asarray(errors.detach().cpu() if isinstance(errors, Tensor) else errors).astype(bool), "errors")
+    err, cnt = _groups_by_score(
+        scores, np.asarray(errors.detach().cpu() if isinstance(errors, Tensor) else errors).astype(bool), "errors"
+    )
     return _curve_of_groups(err, cnt)
 
 
@@ -789,14 +846,18 @@ class ImageRiskCoverageResult(NamedTuple):
     error_rate: float
 
 
-def image_aurc(mean_scores: Tensor | np.ndarray | list[float], error_rates: Tensor | np.ndarray | list[float]) -> ImageRiskCoverageResult:
+def image_aurc(
+    mean_scores: Tensor | np.ndarray | list[float], error_rates: Tensor | np.ndarray | list[float]
+) -> ImageRiskCoverageResult:
     """Image-level AURC of ranking images by their mean error score against their true error
     rates, with the oracle ranking (by the true rates) and the excess over it.
 
     Shapes:
         mean_scores, error_rates: ``(N,)``, rates in ``[0, 1]``.
     """
-    rates = np.asarray(error_rates.detach().cpu() if isinstance(error_rates, Tensor) else error_rates, dtype=np.float64).ravel()
+    rates = np.asarray(
+        error_rates.detach().cpu() if isinstance(error_rates, Tensor) else error_rates, dtype=np.float64
+    ).ravel()
     if rates.size and (not np.isfinite(rates).all() or rates.min() < 0 or rates.max() > 1):
         raise ValueError(f"error_rates: expected values in [0, 1], got range [{rates.min()}, {rates.max()}]")
     n = rates.size
@@ -821,14 +882,22 @@ class ImageRiskCoverageMetrics:
         self.mean_scores: list[float] = []
         self.error_rates: list[float] = []
 
-    def reset(self) -> "ImageRiskCoverageMetrics":
+    def reset(self) -> ImageRiskCoverageMetrics:
         self.mean_scores, self.error_rates = [], []
         return self
 
     def update(self, scores: Tensor, errors: Tensor, valid: Tensor | None = None) -> None:
         """Add a batch of images."""
-        if not isinstance(scores, Tensor) or scores.ndim < 2 or errors.shape != scores.shape or (valid is not None and valid.shape != scores.shape):
-            raise ValueError(f"scores, errors, valid: expected the same shape (B, H, W), got {describe(scores)}, {describe(errors)}, {describe(valid)}")
+        if (
+            not isinstance(scores, Tensor)
+            or scores.ndim < 2
+            or errors.shape != scores.shape
+            or (valid is not None and valid.shape != scores.shape)
+        ):
+            raise ValueError(
+                f"scores, errors, valid: expected the same shape (B, H, W), got {describe(scores)}, "
+                f"{describe(errors)}, {describe(valid)}"
+            )
         weight = torch.ones_like(scores, dtype=torch.float64) if valid is None else valid.double()
         dims = tuple(range(1, scores.ndim))
         count = weight.sum(dims)
@@ -838,13 +907,13 @@ class ImageRiskCoverageMetrics:
         self.mean_scores += means.cpu().tolist()
         self.error_rates += rates.cpu().tolist()
 
-    def merge(self, other: "ImageRiskCoverageMetrics") -> "ImageRiskCoverageMetrics":
+    def merge(self, other: ImageRiskCoverageMetrics) -> ImageRiskCoverageMetrics:
         """Append the images of ``other``."""
         self.mean_scores += other.mean_scores
         self.error_rates += other.error_rates
         return self
 
-    def sync(self, group: Any = None) -> "ImageRiskCoverageMetrics":
+    def sync(self, group: Any = None) -> ImageRiskCoverageMetrics:
         """Gather the images of every process (a no-op without ``torch.distributed``)."""
         if not is_initialized():
             return self

@@ -41,7 +41,10 @@ def _metrics_section(metrics: dict[str, Any]) -> list[str]:
     if detection:
         lines += ["| error score | AUROC | AUPR-Error | AUPR-Success | FPR@95%TPR |", "|---|---|---|---|---|"]
         for name, m in detection.items():
-            lines.append(f"| {name} | {_fmt(m.get('auroc'))} | {_fmt(m.get('aupr_error'))} | {_fmt(m.get('aupr_success'))} | {_fmt(m.get('fpr95'))} |")
+            lines.append(
+                f"| {name} | {_fmt(m.get('auroc'))} | {_fmt(m.get('aupr_error'))} | {_fmt(m.get('aupr_success'))} | "
+                f"{_fmt(m.get('fpr95'))} |"
+            )
         lines.append("")
     if metrics.get("num_images") is not None:
         lines += [f"On {metrics['num_images']} images ({metrics.get('num_pixels')} labelled pixels).", ""]
@@ -90,7 +93,11 @@ def render_model_card(
         base_text = "a custom network (not described in `config.json`): pass it as `model=` when loading"
     else:
         base_text = f"family `{base['family']}`, configuration in `config.json` under `base`"
-    kind = "the three heads only (the base's weights are not in this repository)" if config.get("heads_only") else "the base network and the three heads"
+    kind = (
+        "the three heads only (the base's weights are not in this repository)"
+        if config.get("heads_only")
+        else "the base network and the three heads"
+    )
     names = config.get("class_names")
     classes = ", ".join(f"`{n}`" for n in names) if names else "not named"
     lines = front + [
@@ -112,8 +119,11 @@ def render_model_card(
         "```python",
         "from errwrap import ErrorCorrectionWrapper",
         "",
-        ("wrap = ErrorCorrectionWrapper.from_pretrained(REPO_ID, model=my_base)" if base is None or config.get("heads_only")
-         else "wrap = ErrorCorrectionWrapper.from_pretrained(REPO_ID)"),
+        (
+            "wrap = ErrorCorrectionWrapper.from_pretrained(REPO_ID, model=my_base)"
+            if base is None or config.get("heads_only")
+            else "wrap = ErrorCorrectionWrapper.from_pretrained(REPO_ID)"
+        ),
         f"out = wrap(images)          # images: B x {heads['in_channels']} x H x W float, {_normalisation(config)}",
         "out.labels, out.error_prob  # corrected labels, P(returned label is wrong)",
         "```",

@@ -31,8 +31,8 @@ from PIL import Image, ImageDraw
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
-from ._io import atomic_path
 from ._batch import LABEL_KEYS, images_of, prepare_batch
+from ._io import atomic_path
 from ._utils import eval_mode, resolve_device
 from ._validate import input_dtype
 from .estimation import EstimateComparison, EstimateReport, _dist_world, compare_estimates, estimate
@@ -54,10 +54,17 @@ def _as_loader(data: Any, batch_size: int) -> Iterable[Any]:
     kept. A one-shot iterator is refused: the report reads the data more than once."""
     if isinstance(data, DataLoader):
         return data
-    if hasattr(data, "__getitem__") and hasattr(data, "__len__") and not isinstance(data, (str, bytes, Tensor, Mapping)):
+    if (
+        hasattr(data, "__getitem__")
+        and hasattr(data, "__len__")
+        and not isinstance(data, (str, bytes, Tensor, Mapping))
+    ):
         return DataLoader(data, batch_size=batch_size, shuffle=False)
     if not isinstance(data, Iterable) or iter(data) is data:
-        raise TypeError(f"data: expected a dataset or a loader that can be read more than once (a DataLoader), got {type(data).__name__}")
+        raise TypeError(
+            "data: expected a dataset or a loader that can be read more than once (a DataLoader), got "
+            f"{type(data).__name__}"
+        )
     return data
 
 
@@ -114,7 +121,9 @@ def _check_options(worst: int, max_side: int, names: Sequence[str] | None) -> No
     if isinstance(max_side, bool) or not isinstance(max_side, int) or max_side < 16:
         raise ValueError(f"max_side: expected an int of at least 16 (pixels), got {max_side!r}")
     if names is not None and (isinstance(names, str) or not all(isinstance(n, str) for n in names)):
-        raise TypeError(f"names: expected a sequence of strings (one per image, in loader order), got {type(names).__name__}")
+        raise TypeError(
+            f"names: expected a sequence of strings (one per image, in loader order), got {type(names).__name__}"
+        )
 
 
 # ---------------------------------------------------------------------------- pictures
@@ -124,7 +133,7 @@ def _fit(tile: np.ndarray, max_side: int, nearest: bool) -> Image.Image:
     scale = max_side / max(img.size)
     if scale < 1:
         size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
-        img = img.resize(size, Image.NEAREST if nearest else Image.BILINEAR)
+        img = img.resize(size, Image.NEAREST if nearest else Image.BILINEAR)  # type: ignore[attr-defined]
     return img
 
 
@@ -140,7 +149,7 @@ def _colorbar(path: Path, width: int = 16, height: int = 128) -> None:
 
 
 def _risk_plot(comparison_curves: Mapping[str, Any], path: Path) -> bool:
-    curves = {}
+    curves: dict[str, Any] = {}
     for key, name in (("error_prob", "errwrap error_prob (returned labels)"), ("msp", "MSP (base labels)")):
         if key in comparison_curves:
             curves[name] = tuple(np.asarray(c, dtype=np.float64) for c in comparison_curves[key])
@@ -177,10 +186,10 @@ def _accuracy_scatter(rows: Sequence[Mapping[str, Any]], shown: Sequence[int], p
     draw.text((4, 0), "predicted", fill=(0, 0, 0))
     drawn, marked = 0, set(shown)
     for row in sorted(rows, key=lambda r: int(r["index"]) in marked):  # the shown images on top
-        x, y = row.get("true_pixel_accuracy"), row.get("pixel_accuracy")
-        if x is None or y is None or math.isnan(x) or math.isnan(y):
+        true_acc, acc = row.get("true_pixel_accuracy"), row.get("pixel_accuracy")
+        if true_acc is None or acc is None or math.isnan(true_acc) or math.isnan(acc):
             continue
-        cx, cy = px(min(max(x, 0.0), 1.0), min(max(y, 0.0), 1.0))
+        cx, cy = px(min(max(true_acc, 0.0), 1.0), min(max(acc, 0.0), 1.0))
         color = (214, 39, 40) if int(row["index"]) in marked else (31, 119, 180)
         draw.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=color)
         drawn += 1
@@ -209,7 +218,7 @@ def _render_worst(
     found: dict[int, dict[str, Any]] = {}
     in_channels = getattr(wrapper, "in_channels", None)
     dtype = input_dtype(wrapper)
-    num_classes = int(wrapper.num_classes)
+    num_classes = int(wrapper.num_classes)  # type: ignore[arg-type]
     start = 0
     with eval_mode(wrapper):
         for index, batch in enumerate(loader):
@@ -273,9 +282,14 @@ def _check_same_image(item: dict[str, Any], row: Mapping[str, Any], ignore_index
         err = err[item["truth"] != ignore_index]
     mean = float(err.double().mean()) if err.numel() else float("nan")
     expected = row.get("mean_error_prob")
-    if expected is not None and not math.isnan(expected) and not math.isclose(mean, expected, rel_tol=1e-5, abs_tol=1e-6):
+    if (
+        expected is not None
+        and not math.isnan(expected)
+        and not math.isclose(mean, expected, rel_tol=1e-5, abs_tol=1e-6)
+    ):
         raise ValueError(
-            f"data: image {row['index']} differs between two passes over the loader (mean error probability {expected:.6f}, "
+            f"data: image {row['index']} differs between two passes over the loader (mean error probability "
+            f"{expected:.6f}, "
             f"then {mean:.6f}); write_report needs the same images in the same order on every pass: shuffle=False and "
             "no random transforms"
         )
@@ -297,7 +311,8 @@ img.tile { width: 200px; height: auto; image-rendering: pixelated; border: 1px s
 .ticks { display: flex; flex-direction: column; justify-content: space-between; height: 152px; font-size: 0.7em; }
 .legend { list-style: none; padding: 0; margin: 0; font-size: 0.8em; max-width: 220px; }
 .legend li { margin: 1px 0; }
-.swatch { display: inline-block; width: 0.9em; height: 0.9em; border: 1px solid #777; margin-right: 0.4em; vertical-align: middle; }
+.swatch { display: inline-block; width: 0.9em; height: 0.9em; border: 1px solid #777; margin-right: 0.4em;
+  vertical-align: middle; }
 section.image { border-top: 2px solid #ddd; padding-top: 0.6em; margin-top: 1em; }
 .note { color: #555; font-size: 0.9em; max-width: 60em; }
 """
@@ -334,7 +349,10 @@ def _legend(classes: Sequence[int], palette: np.ndarray, class_names: Sequence[s
 
 
 def _figure(src: str, caption: str, alt: str) -> str:
-    return f'<figure><a href="{_e(src)}"><img class="tile" src="{_e(src)}" alt="{_e(alt)}"></a><figcaption>{_e(caption)}</figcaption></figure>'
+    return (
+        f'<figure><a href="{_e(src)}"><img class="tile" src="{_e(src)}" alt="{_e(alt)}"></a>'
+        f"<figcaption>{_e(caption)}</figcaption></figure>"
+    )
 
 
 def _summary(report: EstimateReport, comparison: EstimateComparison | None) -> str:
@@ -349,10 +367,13 @@ def _summary(report: EstimateReport, comparison: EstimateComparison | None) -> s
             key = "fused" if target == "returned" else "base"
             spear = errors.get(name, {}).get("spearman", math.nan)
             spear_text = "n/a" if spear is None or math.isnan(spear) else f"{spear:.3f}"
-            cells += f"<td>{_pct(truth[key]['pixel_accuracy'])}</td><td>{_pct(truth[key]['miou'])}</td><td>{spear_text}</td>"
+            cells += (
+                f"<td>{_pct(truth[key]['pixel_accuracy'])}</td><td>{_pct(truth[key]['miou'])}</td><td>{spear_text}</td>"
+            )
         return cells + "</tr>"
 
-    rows = [row("errwrap", "returned", f"{_pct(report.pixel_accuracy)}<br><small>{_e(_interval(report, 'pixel_accuracy'))}</small>",
+    rows = [row("errwrap", "returned",
+                f"{_pct(report.pixel_accuracy)}<br><small>{_e(_interval(report, 'pixel_accuracy'))}</small>",
                 f"{_pct(report.miou)}<br><small>{_e(_interval(report, 'miou'))}</small>")]  # fmt: skip
     for name, values in report.baselines.items():
         rows.append(row(name, "base", _pct(values.get("pixel_accuracy")), _pct(values.get("miou"))))
@@ -374,16 +395,26 @@ def _image_section(
         (f"pixels with error probability > {threshold:g}", _pct(row.get("flagged_fraction"))),
     ]
     if "true_pixel_accuracy" in row:
-        cells += [("true pixel accuracy", _pct(row.get("true_pixel_accuracy"))), ("true mIoU", _pct(row.get("true_miou"))),
+        cells += [("true pixel accuracy", _pct(row.get("true_pixel_accuracy"))),
+                  ("true mIoU", _pct(row.get("true_miou"))),
                   ("base labels' true pixel accuracy", _pct(row.get("base_true_pixel_accuracy")))]  # fmt: skip
-    table = "<table>" + "".join(f'<tr><td class="name">{_e(k)}</td><td class="value">{v}</td></tr>' for k, v in cells) + "</table>"
-    figures = [_figure(files["image"], "image", f"{name}: image"), _figure(files["labels"], "returned labels", f"{name}: labels")]
+    table = (
+        "<table>"
+        + "".join(f'<tr><td class="name">{_e(k)}</td><td class="value">{v}</td></tr>' for k, v in cells)
+        + "</table>"
+    )
+    figures = [
+        _figure(files["image"], "image", f"{name}: image"),
+        _figure(files["labels"], "returned labels", f"{name}: labels"),
+    ]
     if "truth" in files:
         figures.append(_figure(files["truth"], "ground truth", f"{name}: ground truth"))
     bar = "".join(f"<span>{t:g}</span>" for t in reversed(_COLORBAR_TICKS))
     figures.append(
-        f'<figure><div class="bar"><a href="{_e(files["error"])}"><img class="tile" src="{_e(files["error"])}" alt="{_e(name)}: error map"></a>'
-        f'<img class="cbar" src="{_e(files["colorbar"])}" alt="colour bar of the error probability, 0 to 1"><div class="ticks">{bar}</div></div>'
+        f'<figure><div class="bar"><a href="{_e(files["error"])}"><img class="tile" src="{_e(files["error"])}" '
+        f'alt="{_e(name)}: error map"></a>'
+        f'<img class="cbar" src="{_e(files["colorbar"])}" alt="colour bar of the error probability, 0 to 1"><div '
+        f'class="ticks">{bar}</div></div>'
         "<figcaption>error probability of the returned labels</figcaption></figure>"
     )
     figures.append(f"<figure>{legend}<figcaption>classes in view</figcaption></figure>")
@@ -462,27 +493,39 @@ def write_report(
     if out.exists() and not out.is_dir():
         raise ValueError(f"out_dir {out}: expected a directory (existing or new), got an existing file")
     if _dist_world()[1] > 1:
-        raise ValueError("write_report: runs on one process; call it outside torch.distributed (or on rank 0 with a loader of all images)")
+        raise ValueError(
+            "write_report: runs on one process; call it outside torch.distributed (or on rank 0 with a loader of all "
+            "images)"
+        )
     loader = _as_loader(data, batch_size)
     labelled = bool(labels) and _has_labels(_first_batch(loader))
     dev = resolve_device(wrapper, device)
-    num_classes = int(wrapper.num_classes)
+    num_classes = int(wrapper.num_classes)  # type: ignore[arg-type]
     class_names = _class_names(class_names, wrapper, loader, num_classes)
     palette = np.asarray(palette, dtype=np.uint8) if palette is not None else palette_for(num_classes)
     if palette.ndim != 2 or palette.shape[1] != 3 or palette.shape[0] < num_classes:
-        raise ValueError(f"palette: expected at least {num_classes} RGB colours (shape ({num_classes}, 3)), got shape {palette.shape}")
+        raise ValueError(
+            f"palette: expected at least {num_classes} RGB colours (shape ({num_classes}, 3)), got shape "
+            f"{palette.shape}"
+        )
     pre = getattr(wrapper, "preprocessing", None) or {}
     if mean is None and std is None:
         mean, std = pre.get("mean"), pre.get("std")
     if (mean is None) != (std is None):
-        raise ValueError(f"mean, std: expected both or neither (how the images were normalised), got mean={mean!r}, std={std!r}")
+        raise ValueError(
+            f"mean, std: expected both or neither (how the images were normalised), got mean={mean!r}, std={std!r}"
+        )
 
     comparison: EstimateComparison | None = None
     evaluation = None
     if labelled:
-        comparison = compare_estimates(wrapper, loader, threshold=threshold, ignore_index=ignore_index, device=dev, max_batches=max_batches)
+        comparison = compare_estimates(
+            wrapper, loader, threshold=threshold, ignore_index=ignore_index, device=dev, max_batches=max_batches
+        )
         report, rows = comparison.estimate, comparison.per_image
-        evaluation = evaluate(wrapper, loader, baselines=(), ignore_index=ignore_index, device=dev, max_batches=max_batches)
+        evaluation = evaluate(
+            wrapper, loader, baselines=(), ignore_index=ignore_index, device=dev, max_batches=max_batches
+        )
     else:
         report = estimate(wrapper, loader, threshold=threshold, device=dev, max_batches=max_batches)
         rows = report.per_image
@@ -509,7 +552,8 @@ def write_report(
                              max_batches=max_batches, save=save)  # fmt: skip
     missing = sorted(set(rank_of) - set(pictures))
     if missing:
-        raise ValueError(f"data: images {missing[:5]} were not there on a second pass over the loader; write_report needs the same "
+        raise ValueError(f"data: images {missing[:5]} were not there on a second pass over the loader; "
+                         "write_report needs the same "
                          "images in the same order on every pass: shuffle=False and no random transforms")  # fmt: skip
     sections, seen_classes, any_ignored = [], set(), False
     for rank, row in enumerate(shown, start=1):
@@ -520,9 +564,13 @@ def write_report(
         sections.append(_image_section(rank, row, image_names[int(row["index"])], files, legend, threshold))
 
     has_plot = evaluation is not None and _risk_plot(evaluation.risk_curves, images_dir / "risk_coverage.png")
-    has_scatter = comparison is not None and _accuracy_scatter(rows, [int(r["index"]) for r in shown], images_dir / "accuracy.png") > 0
+    has_scatter = (
+        comparison is not None
+        and _accuracy_scatter(rows, [int(r["index"]) for r in shown], images_dir / "accuracy.png") > 0
+    )
     page = _page(title, report, comparison, evaluation, sections, has_plot, has_scatter, len(shown),
-                 _legend(sorted(c for c in seen_classes if 0 <= c < num_classes), palette, class_names, any_ignored))  # fmt: skip
+                 _legend(sorted(c for c in seen_classes if 0 <= c < num_classes), palette, class_names,
+                         any_ignored))  # fmt: skip
     index = out / "index.html"
     with atomic_path(index) as tmp:
         Path(tmp).write_text(page, encoding="utf-8")
@@ -571,7 +619,8 @@ def _page(
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>",
         f"<h1>{_e(title)}</h1>",
-        f'<p class="note">{report.num_images} images, {report.num_pixels} pixels ({where}). Estimated by errwrap.estimate '
+        f'<p class="note">{report.num_images} images, {report.num_pixels} pixels ({where}). Estimated by '
+        'errwrap.estimate '
         "from the error map and the fused probabilities, without labels; the interval is a bootstrap over images, "
         "not a bound on the estimate's own error (docs/estimate.md).</p>",
         '<h2>The data set</h2><div id="summary">',
@@ -579,7 +628,8 @@ def _page(
         "</div>",
     ]
     if float(report.config.get("temperature", 1.0)) == 1.0:
-        parts.append('<p class="note">The fused probabilities have no fitted temperature: the estimate is only as good as '
+        parts.append('<p class="note">The fused probabilities have no fitted temperature: the estimate is only as '
+                     "good as "
                      "their calibration (errwrap.calibrate_temperature on held-out labelled data).</p>")  # fmt: skip
     if comparison is None:
         parts.append('<p class="note">No labels: the true accuracy and the risk-coverage plot need labelled data.</p>')
@@ -587,8 +637,10 @@ def _page(
         parts.append(
             '<h2>True against predicted accuracy</h2><figure id="accuracy"><img src="images/accuracy.png" '
             'alt="per image, true against predicted pixel accuracy">'
-            "<figcaption>One dot per image: true (across) against predicted (up) pixel accuracy of the returned labels; "
-            "on the grey diagonal the estimate is exact, above it too high. Red: the images shown below.</figcaption></figure>"
+            "<figcaption>One dot per image: true (across) against predicted (up) pixel accuracy of the returned "
+            "labels; "
+            "on the grey diagonal the estimate is exact, above it too high. Red: the images shown "
+            "below.</figcaption></figure>"
         )
     if has_plot:
         rc = evaluation.risk_coverage
@@ -596,11 +648,13 @@ def _page(
         parts.append(
             '<h2>Risk-coverage</h2><figure id="risk-coverage"><img src="images/risk_coverage.png" '
             'alt="risk-coverage plot: errwrap error probability against the max-softmax probability">'
-            f"<figcaption>Reject the most suspicious pixels first: error rate of the accepted ones. AURC (points, lower is "
+            "<figcaption>Reject the most suspicious pixels first: error rate of the accepted ones. AURC (points, "
+            "lower is "
             f"better): {aurc}. error_prob judges the returned labels, MSP the base labels.</figcaption></figure>"
         )
     parts += [f"<h2>Classes in the images shown</h2>{legend}",
-              f'<h2>Images, most likely wrong first</h2><p class="note">{shown} of {report.num_images} images, by predicted '
+              f'<h2>Images, most likely wrong first</h2><p class="note">{shown} of {report.num_images} images, by '
+              'predicted '
               "pixel accuracy, lowest first.</p>",
               '<div id="images">', *sections, "</div>", "</body></html>"]  # fmt: skip
     return "\n".join(parts) + "\n"

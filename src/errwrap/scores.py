@@ -50,9 +50,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._utils import eval_mode
+from ._validate import check_positive_int
 from .adapters import NativeAdapter, find_adapter
 from .calibration import fit_temperature, sample_labelled_pixels
-from ._validate import check_positive_int
 from .functional import normalized_entropy, normalized_entropy_of_logits
 from .layers import resize
 
@@ -158,7 +158,7 @@ def energy_score(logits: Tensor, temperature: float = 1.0) -> Tensor:
 
 
 def _base_logits(wrapper: nn.Module, images: Tensor) -> Tensor:
-    return resize(wrapper.forward_base(images).logits, images.shape[-2:])
+    return resize(wrapper.forward_base(images).logits, images.shape[-2:])  # type: ignore[operator]
 
 
 class ErrorScore:
@@ -178,7 +178,9 @@ class ErrorScore:
     def compute(self, wrapper: nn.Module, images: Tensor, base_logits: Tensor | None, output: Any) -> ScoreOutput:
         raise NotImplementedError
 
-    def __call__(self, wrapper: nn.Module, images: Tensor, base_logits: Tensor | None = None, output: Any = None) -> ScoreOutput:
+    def __call__(
+        self, wrapper: nn.Module, images: Tensor, base_logits: Tensor | None = None, output: Any = None
+    ) -> ScoreOutput:
         """Score ``images`` ``(B, C_in, H, W)``; reuse ``base_logits``/``output`` when given."""
         with torch.no_grad():
             return self.compute(wrapper, images, base_logits, output)
@@ -276,7 +278,7 @@ class TemperatureMSPScore(ErrorScore):
         return f"TemperatureMSPScore(temperature={self.temperature:.4g})"
 
     @classmethod
-    def fit(cls, wrapper: nn.Module, loader: Any, **kwargs: Any) -> "TemperatureMSPScore":
+    def fit(cls, wrapper: nn.Module, loader: Any, **kwargs: Any) -> TemperatureMSPScore:
         """The score with ``T`` fitted on ``loader`` by minimising the NLL of
         ``softmax(z0 / T)`` (the base's logits) on a seeded sample of labelled pixels.
 
@@ -288,9 +290,17 @@ class TemperatureMSPScore(ErrorScore):
         """
         logits, labels = sample_labelled_pixels(wrapper, loader, _base_logits, **kwargs)
         if labels.numel() == 0:
-            raise ValueError("TemperatureMSPScore.fit: the loader gave no labelled pixels (all equal to ignore_index, or empty)")
+            raise ValueError(
+                "TemperatureMSPScore.fit: the loader gave no labelled pixels (all equal to ignore_index, or empty)"
+            )
         result = fit_temperature(logits, labels)
-        logger.info("base temperature %.4f on %d pixels: NLL %.4f -> %.4f", result.temperature, result.pixels, result.nll_before, result.nll_after)
+        logger.info(
+            "base temperature %.4f on %d pixels: NLL %.4f -> %.4f",
+            result.temperature,
+            result.pixels,
+            result.nll_before,
+            result.nll_after,
+        )
         score = cls(result.temperature)
         score.fit_result = result
         return score
@@ -305,7 +315,7 @@ def _member_logits(member: nn.Module, images: Tensor) -> Tensor:
     returns logits, ``(logits, ...)``, a mapping with ``"logits"``/``"out"``, or is read by a
     registered adapter."""
     if hasattr(member, "forward_base"):
-        return member.forward_base(images).logits
+        return member.forward_base(images).logits  # type: ignore[operator]
     adapter = find_adapter(member)
     if not isinstance(adapter, NativeAdapter):
         return adapter(member, images).logits
@@ -315,7 +325,10 @@ def _member_logits(member: nn.Module, images: Tensor) -> Tensor:
     elif isinstance(out, (tuple, list)) and out:
         out = out[0]
     if not isinstance(out, Tensor) or out.ndim != 4 or not out.is_floating_point():
-        raise TypeError(f"ensemble member {type(member).__name__}: expected logits BxCxhxw (alone, first in a tuple, or under 'logits'/'out'), got {type(out).__name__}")
+        raise TypeError(
+            f"ensemble member {type(member).__name__}: expected logits BxCxhxw (alone, first in a tuple, or under "
+            f"'logits'/'out'), got {type(out).__name__}"
+        )
     return out
 
 
@@ -363,17 +376,23 @@ class EnsembleScore(ErrorScore):
         Shapes:
             images ``(B, C_in, H, W)`` -> ``N`` tensors ``(B, C, H, W)``.
         """
-        probs = []
+        probs: list[Tensor] = []
         for i, member in enumerate(self.bases):
             param = next(iter(member.parameters()), None)
             if param is not None and param.device != images.device:
-                raise ValueError(f"ensemble member {i} is on {param.device}, the images on {images.device}: move the members (member.to(device))")
+                raise ValueError(
+                    f"ensemble member {i} is on {param.device}, the images on {images.device}: move the members "
+                    "(member.to(device))"
+                )
             with eval_mode(member):
                 logits = _member_logits(member, images.to(param.dtype) if param is not None else images)
             if logits.shape[1] == 1:
                 logits = torch.cat([torch.zeros_like(logits), logits], dim=1)
             if probs and logits.shape[1] != probs[0].shape[1]:
-                raise ValueError(f"ensemble member {i}: expected {probs[0].shape[1]} classes like member 0, got logits of shape {tuple(logits.shape)}")
+                raise ValueError(
+                    f"ensemble member {i}: expected {probs[0].shape[1]} classes like member 0, got logits of shape "
+                    f"{tuple(logits.shape)}"
+                )
             probs.append(torch.softmax(resize(logits, images.shape[-2:]).float(), dim=1))
         return probs
 
@@ -415,8 +434,9 @@ class ErrwrapScore(ErrorScore):
         if kind not in self.KINDS:
             raise ValueError(f"kind: expected one of {sorted(self.KINDS)}, got {kind!r}")
         self.kind = kind
-        self.name = self.KINDS[kind]
-        self.judges = "base" if kind == "base" else "returned"
+        # per instance here: the class-level defaults of ErrorScore describe one kind
+        self.name = self.KINDS[kind]  # type: ignore[misc]
+        self.judges = "base" if kind == "base" else "returned"  # type: ignore[misc]
 
     def __repr__(self) -> str:
         return f"ErrwrapScore(kind={self.kind!r})"
@@ -478,7 +498,9 @@ class MCDropoutScore(ErrorScore):
     name = "mc_dropout"
     STATISTICS: ClassVar[tuple[str, ...]] = ("entropy", "msp", "variance")
 
-    def __init__(self, T: int = 10, seed: int = 0, statistic: str = "entropy", p: float = 0.1, classifier: str | None = None) -> None:
+    def __init__(
+        self, T: int = 10, seed: int = 0, statistic: str = "entropy", p: float = 0.1, classifier: str | None = None
+    ) -> None:
         check_positive_int(T, "T")
         if statistic not in self.STATISTICS:
             raise ValueError(f"statistic: expected one of {self.STATISTICS}, got {statistic!r}")
@@ -496,14 +518,22 @@ class MCDropoutScore(ErrorScore):
 
     def _install_dropout(self, base: nn.Module, num_classes: int) -> tuple[list[nn.Module], Any]:
         # dropout layers with p = 0 (common in timm and transformers configs) would give T identical passes
-        dropouts = [m for m in base.modules() if isinstance(m, _DROPOUT_TYPES) and float(getattr(m, "p", 0.0)) > 0]
+        dropouts: list[nn.Module] = [
+            m for m in base.modules() if isinstance(m, _DROPOUT_TYPES) and float(getattr(m, "p", 0.0)) > 0
+        ]
         if dropouts:
             return dropouts, None
         name = self.classifier or find_classifier(base, num_classes)
         module = base.get_submodule(name)
         p = self.p
         if not self._announced:
-            logger.info("MC dropout: the base has no dropout layer; applying Dropout2d(p=%g) to the input of %r during the %d passes", p, name, self.T)
+            logger.info(
+                "MC dropout: the base has no dropout layer; applying Dropout2d(p=%g) to the input of %r during the %d "
+                "passes",
+                p,
+                name,
+                self.T,
+            )
             self._announced = True
 
         def pre_hook(_module: nn.Module, args: tuple) -> tuple:
@@ -513,7 +543,9 @@ class MCDropoutScore(ErrorScore):
 
         return [], module.register_forward_pre_hook(pre_hook)
 
-    def sample_probs(self, wrapper: nn.Module, images: Tensor, deterministic: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
+    def sample_probs(
+        self, wrapper: nn.Module, images: Tensor, deterministic: bool = False
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
         """Mean and total variance over the ``T`` passes of the base softmax, and (when
         ``deterministic``) the logits of one pass with dropout off, all at input resolution.
 
@@ -521,7 +553,7 @@ class MCDropoutScore(ErrorScore):
             images ``(B, C_in, H, W)`` -> mean ``(B, C, H, W)``, variance ``(B, H, W)``,
             logits ``(B, C, H, W)`` or ``None``.
         """
-        base = wrapper.base
+        base: nn.Module = wrapper.base  # type: ignore[assignment]
         devices = [images.device] if images.device.type == "cuda" else []
         hook = None
         with eval_mode(base):
@@ -529,7 +561,9 @@ class MCDropoutScore(ErrorScore):
                 with torch.no_grad():
                     logits = _base_logits(wrapper, images) if deterministic else None
                     # a binary base's classifier has one output channel (the wrapper reads it as two classes)
-                    dropouts, hook = self._install_dropout(base, 1 if getattr(wrapper, "binary", False) else wrapper.num_classes)
+                    dropouts, hook = self._install_dropout(
+                        base, 1 if getattr(wrapper, "binary", False) else wrapper.num_classes  # type: ignore[arg-type]
+                    )
                     for m in dropouts:
                         m.train()
                     with torch.random.fork_rng(devices=devices):
@@ -542,6 +576,7 @@ class MCDropoutScore(ErrorScore):
             finally:
                 if hook is not None:
                     hook.remove()
+        assert mean is not None and sq is not None  # T >= 1 passes (checked in __init__)
         mean = mean / self.T
         variance = (sq / self.T - mean.square()).clamp_min(0).sum(dim=1)
         return mean, variance, logits
@@ -586,5 +621,10 @@ def build_score(name: str | ErrorScore, **kwargs: Any) -> ErrorScore:
     try:
         return SCORES[name](**kwargs)
     except TypeError as exc:  # a required setting is missing: say which score needs it
-        needs = {"ensemble": "bases=[net, ...]", "temperature_msp": "temperature=T (or TemperatureMSPScore.fit(wrapper, loader))"}
-        raise TypeError(f"score {name!r}: {exc}; pass {needs.get(name, 'its settings')} or an ErrorScore object") from None
+        needs = {
+            "ensemble": "bases=[net, ...]",
+            "temperature_msp": "temperature=T (or TemperatureMSPScore.fit(wrapper, loader))",
+        }
+        raise TypeError(
+            f"score {name!r}: {exc}; pass {needs.get(name, 'its settings')} or an ErrorScore object"
+        ) from None

@@ -186,7 +186,12 @@ def make_panel(
         top = int(max(base.max(), fixed.max(), 0)) + 1
         palette = palette_for(num_classes or top)
     img = to_uint8_image(image, mean, std)
-    for name, arr in (("image", img[..., 0]), ("error_prob", _numpy(error_prob)), ("corrected", fixed), ("ground_truth", gt)):
+    for name, arr in (
+        ("image", img[..., 0]),
+        ("error_prob", _numpy(error_prob)),
+        ("corrected", fixed),
+        ("ground_truth", gt),
+    ):
         if arr is not None and arr.shape[:2] != (h, w):
             raise ValueError(f"{name}: expected spatial size {(h, w)} like base_labels, got {arr.shape[:2]}")
     tiles = [
@@ -206,7 +211,7 @@ def make_panel(
             h, w = h * scale, w * scale
     panel = Image.new("RGB", (6 * w + 5 * PANEL_GAP, h + top), (255, 255, 255))
     draw = ImageDraw.Draw(panel)
-    for i, (tile, title) in enumerate(zip(tiles, PANEL_TITLES)):
+    for i, (tile, title) in enumerate(zip(tiles, PANEL_TITLES, strict=False)):
         x = i * (w + PANEL_GAP)
         panel.paste(Image.fromarray(tile), (x, top))
         if titles:
@@ -276,7 +281,9 @@ def colorbar(width: int, height: int = KEY_SWATCH) -> np.ndarray:
     return heatmap(np.repeat(np.linspace(0.0, 1.0, width)[None], height, axis=0))
 
 
-def _flow(draw: ImageDraw.ImageDraw, items: Sequence[tuple[str, tuple[int, int, int]]], x0: int, y: int, width: int) -> int:
+def _flow(
+    draw: ImageDraw.ImageDraw, items: Sequence[tuple[str, tuple[int, int, int]]], x0: int, y: int, width: int
+) -> int:
     """Draw ``swatch name`` items left to right from ``(x0, y)``, wrapping at ``width``; the ``y``
     below the last row."""
     x = x0
@@ -304,13 +311,17 @@ def panel_key(
     bar for the error probability from 0 to 1, and the changed-pixels colours."""
     ids = sorted({int(c) for c in class_ids if 0 <= int(c) < len(palette)})
     names = [class_names[c] if class_names is not None and c < len(class_names) else str(c) for c in ids]
-    items = [(name, tuple(int(v) for v in palette[c])) for c, name in zip(ids[:max_classes], names[:max_classes])]
-    canvas = Image.new("RGB", (width, 64 + KEY_ROW_HEIGHT * (len(items) + 3)), (255, 255, 255))  # tall enough; cropped below
+    items = [
+        (name, tuple(int(v) for v in palette[c]))
+        for c, name in zip(ids[:max_classes], names[:max_classes], strict=False)
+    ]
+    # tall enough; cropped below
+    canvas = Image.new("RGB", (width, 64 + KEY_ROW_HEIGHT * (len(items) + 3)), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     label = "classes:"
     draw.text((2, 1), label, fill=(0, 0, 0))
     x0 = 2 + int(draw.textlength("changed pixels:")) + 8
-    y = _flow(draw, items, x0, 0, width)
+    y = _flow(draw, items, x0, 0, width)  # type: ignore[arg-type]
     if len(ids) > max_classes:
         draw.text((x0, y + 1), f"+{len(ids) - max_classes} more", fill=(0, 0, 0))
         y += KEY_ROW_HEIGHT
@@ -342,8 +353,13 @@ def add_panel_key(
     return out
 
 
-def overlay(image: torch.Tensor | np.ndarray, colours: np.ndarray, alpha: float = 0.5, mean: Sequence[float] | None = None,
-            std: Sequence[float] | None = None) -> np.ndarray:
+def overlay(
+    image: torch.Tensor | np.ndarray,
+    colours: np.ndarray,
+    alpha: float = 0.5,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> np.ndarray:
     """``image`` blended with a colour map (``colorize`` labels or a ``heatmap``):
     ``(1 - alpha) * image + alpha * colours``, ``H x W x 3`` uint8.
 
@@ -382,7 +398,16 @@ def shrink_to_width(img: Image.Image, max_width: int | None) -> Image.Image:
 
 
 #: Line colours of :func:`risk_coverage_plot`, in the order of the curves.
-PLOT_COLORS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207), (140, 86, 75), (127, 127, 127))
+PLOT_COLORS = (
+    (31, 119, 180),
+    (214, 39, 40),
+    (44, 160, 44),
+    (148, 103, 189),
+    (255, 127, 14),
+    (23, 190, 207),
+    (140, 86, 75),
+    (127, 127, 127),
+)
 
 
 def _nice_top(value: float) -> float:
@@ -399,11 +424,17 @@ def _checked_curve(name: str, curve: tuple[np.ndarray, np.ndarray]) -> tuple[np.
         raise ValueError(f"curves[{name!r}]: expected a (coverage, risk) pair of arrays, got {type(curve).__name__}")
     coverage, risk = (np.asarray(_numpy(c), dtype=np.float64).ravel() for c in curve)
     if coverage.shape != risk.shape or coverage.size == 0:
-        raise ValueError(f"curves[{name!r}]: expected coverage and risk of the same non-zero length, got {coverage.size} and {risk.size}")
+        raise ValueError(
+            f"curves[{name!r}]: expected coverage and risk of the same non-zero length, got {coverage.size} and "
+            f"{risk.size}"
+        )
     if not (np.isfinite(coverage).all() and np.isfinite(risk).all()):
         raise ValueError(f"curves[{name!r}]: expected finite values")
     if coverage.min() < 0 or coverage.max() > 1 or risk.min() < 0 or risk.max() > 1:
-        raise ValueError(f"curves[{name!r}]: expected coverage and risk in [0, 1], got coverage [{coverage.min():.3g}, {coverage.max():.3g}], risk [{risk.min():.3g}, {risk.max():.3g}]")
+        raise ValueError(
+            f"curves[{name!r}]: expected coverage and risk in [0, 1], got coverage [{coverage.min():.3g}, "
+            f"{coverage.max():.3g}], risk [{risk.min():.3g}, {risk.max():.3g}]"
+        )
     return coverage, risk
 
 
@@ -465,7 +496,7 @@ def risk_coverage_plot(
     def to_px(cov: np.ndarray, risk: np.ndarray) -> list[tuple[float, float]]:
         x = left + cov * plot_w
         y = upper + plot_h * (1 - np.clip(risk / top, 0, 1))
-        return list(zip(x.tolist(), y.tolist()))
+        return list(zip(x.tolist(), y.tolist(), strict=False))
 
     for k in range(6):  # ticks, grid lines and labels: 0, 0.2, ..., 1 of each axis
         frac = k / 5

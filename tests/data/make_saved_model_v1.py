@@ -20,8 +20,9 @@ from safetensors.torch import save_file
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
-from errwrap import ErrorCorrectionLoss, ErrorCorrectionWrapper  # noqa: E402
 from tests.tiny import batch, tiny_base  # noqa: E402
+
+from errwrap import ErrorCorrectionLoss, ErrorCorrectionWrapper  # noqa: E402
 
 
 def main() -> None:
@@ -40,7 +41,10 @@ def main() -> None:
     images, _ = batch(3, 32, seed=123)
     with torch.no_grad():
         out = wrap(images)
-    save_file({"images": images, **{k: v.contiguous() for k, v in out._asdict().items()}}, str(out_dir / "expected.safetensors"))
+    save_file(
+        {"images": images, **{k: v.contiguous() for k, v in out._asdict().items()}},
+        str(out_dir / "expected.safetensors"),
+    )
     print(f"wrote {out_dir}")
 
 

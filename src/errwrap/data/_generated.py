@@ -17,7 +17,17 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-__all__ = ["GeneratedDataset", "SPLITS", "check_render_args", "make_rng", "grid", "band_noise", "gaussian_blur", "rotated_coords", "window"]
+__all__ = [
+    "GeneratedDataset",
+    "SPLITS",
+    "check_render_args",
+    "make_rng",
+    "grid",
+    "band_noise",
+    "gaussian_blur",
+    "rotated_coords",
+    "window",
+]
 
 SPLITS = {"train": 0, "val": 1, "test": 2}
 
@@ -106,7 +116,7 @@ class GeneratedDataset(Dataset):
     class_names: ClassVar[list[str]] = []
     num_classes: ClassVar[int] = 0
     ignore_index = 255
-    _render: ClassVar[Render]
+    _render: ClassVar[staticmethod[[int, str, int, int | tuple[int, int]], tuple[np.ndarray, np.ndarray]]]
     #: smallest side ``size`` may ask for
     min_size: ClassVar[int] = 16
 
@@ -133,8 +143,8 @@ class GeneratedDataset(Dataset):
         if self._cache is not None and index in self._cache:
             image, label = self._cache[index]
             return image.clone(), label.clone()
-        image, label = type(self)._render(self.seed, self.split, index, self.size)
-        out = torch.from_numpy(image).permute(2, 0, 1).contiguous(), torch.from_numpy(label)
+        rendered_image, rendered_label = type(self)._render(self.seed, self.split, index, self.size)
+        out = torch.from_numpy(rendered_image).permute(2, 0, 1).contiguous(), torch.from_numpy(rendered_label)
         if self._cache is not None:
             self._cache[index] = (out[0].clone(), out[1].clone())
         return out
@@ -148,4 +158,7 @@ class GeneratedDataset(Dataset):
         return image, label
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(num_images={self.num_images}, size={self.size}, seed={self.seed}, split={self.split!r})"
+        return (
+            f"{type(self).__name__}(num_images={self.num_images}, size={self.size}, seed={self.seed}, "
+            f"split={self.split!r})"
+        )

@@ -19,10 +19,20 @@ and different in character from the street-like :class:`~errwrap.data.Scenes`:
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
-from ._generated import GeneratedDataset, band_noise, check_render_args, gaussian_blur, grid, make_rng, rotated_coords, window
+from ._generated import (
+    GeneratedDataset,
+    band_noise,
+    check_render_args,
+    gaussian_blur,
+    grid,
+    make_rng,
+    rotated_coords,
+    window,
+)
 
 __all__ = ["Aerial", "AERIAL_CLASSES", "render_aerial"]
 
@@ -37,11 +47,17 @@ AERIAL_CLASSES: tuple[str, ...] = (
 )
 SOIL, WATER, VEGETATION, BUILDING, ROAD, CAR = range(len(AERIAL_CLASSES))
 
-_ROOF_COLOURS = np.array([(0.62, 0.30, 0.22), (0.50, 0.50, 0.52), (0.32, 0.32, 0.35), (0.70, 0.62, 0.50), (0.80, 0.80, 0.78)], np.float32)
-_CAR_COLOURS = np.array([(0.92, 0.92, 0.90), (0.10, 0.10, 0.12), (0.70, 0.12, 0.10), (0.15, 0.25, 0.60), (0.65, 0.66, 0.68)], np.float32)
+_ROOF_COLOURS = np.array(
+    [(0.62, 0.30, 0.22), (0.50, 0.50, 0.52), (0.32, 0.32, 0.35), (0.70, 0.62, 0.50), (0.80, 0.80, 0.78)], np.float32
+)
+_CAR_COLOURS = np.array(
+    [(0.92, 0.92, 0.90), (0.10, 0.10, 0.12), (0.70, 0.12, 0.10), (0.15, 0.25, 0.60), (0.65, 0.66, 0.68)], np.float32
+)
 
 
-def _jitter(rng: np.random.Generator, colour: tuple[float, float, float] | np.ndarray, amount: float = 0.04) -> np.ndarray:
+def _jitter(
+    rng: np.random.Generator, colour: tuple[float, float, float] | np.ndarray, amount: float = 0.04
+) -> np.ndarray:
     return np.asarray(colour, dtype=np.float32) + rng.uniform(-amount, amount, 3).astype(np.float32)
 
 
@@ -72,7 +88,7 @@ def _layout(rng: np.random.Generator, h: int, w: int, noise: dict[str, np.ndarra
     label[veg_field > rng.uniform(0.5, 1.4)] = VEGETATION
 
     # Water: a lake from low-frequency noise, or a river, or neither; ``water`` > 0 inside (px).
-    water = np.full((h, w), -1e3, dtype=np.float32)
+    water: np.ndarray = np.full((h, w), -1e3, dtype=np.float32)
     kind = rng.choice(["lake", "river", "none"], p=[0.4, 0.35, 0.25])
     if kind == "lake":
         water = (noise["low"] - rng.uniform(0.7, 1.5)) * 12.0 * scale + 1.5 * noise["mid"]
@@ -107,8 +123,10 @@ def _layout(rng: np.random.Generator, h: int, w: int, noise: dict[str, np.ndarra
 
     # Buildings: rotated rectangles or L-shapes, kept off roads and water; one dominant angle.
     blocked = road_mask | (water > -2.0 * scale)
-    blocked = blocked | np.roll(blocked, 2, 0) | np.roll(blocked, -2, 0) | np.roll(blocked, 2, 1) | np.roll(blocked, -2, 1)
-    buildings = []
+    blocked = (
+        blocked | np.roll(blocked, 2, 0) | np.roll(blocked, -2, 0) | np.roll(blocked, 2, 1) | np.roll(blocked, -2, 1)
+    )
+    buildings: list[dict[str, Any]] = []
     angle0 = 0.0 if rng.random() < 0.4 else rng.uniform(0, math.pi / 2)
     for _ in range(int(rng.integers(3, 16))):
         if len(buildings) >= 9:
@@ -139,10 +157,11 @@ def _layout(rng: np.random.Generator, h: int, w: int, noise: dict[str, np.ndarra
             if len(ys) == 0:
                 break
             k = int(rng.integers(len(ys)))
-            u = float(road["along"][ys[k], xs[k]])  # the nearest point of the centre line, in the road's frame
-            v = road["bend"] * (1.0 - (u / road["reach"]) ** 2) + rng.choice([-1.0, 1.0]) * road["half"] * 0.45
+            # the nearest point of the centre line, in the road's frame
+            along = float(road["along"][ys[k], xs[k]])
+            across = road["bend"] * (1.0 - (along / road["reach"]) ** 2) + rng.choice([-1.0, 1.0]) * road["half"] * 0.45
             sin, cos = math.sin(road["angle"]), math.cos(road["angle"])
-            cy, cx = road["cy"] + u * sin + v * cos, road["cx"] + u * cos - v * sin
+            cy, cx = road["cy"] + along * sin + across * cos, road["cx"] + along * cos - across * sin
             angle = road["angle"] + math.atan(float(road["slope"][ys[k], xs[k]]))
             length, width = rng.uniform(1.6, 2.4) * scale, rng.uniform(0.9, 1.2) * scale
             box = window(cy, cx, length + 1, h, w)
@@ -150,7 +169,13 @@ def _layout(rng: np.random.Generator, h: int, w: int, noise: dict[str, np.ndarra
             inside = (np.abs(u) <= length) & (np.abs(v) <= width) & road["mask"][box]
             if inside.any():
                 label[box][inside] = CAR
-                cars.append({"box": box, "inside": inside, "colour": _jitter(rng, _CAR_COLOURS[rng.integers(len(_CAR_COLOURS))], 0.03)})
+                cars.append(
+                    {
+                        "box": box,
+                        "inside": inside,
+                        "colour": _jitter(rng, _CAR_COLOURS[rng.integers(len(_CAR_COLOURS))], 0.03),
+                    }
+                )
     return {"label": label, "water": water, "roads": roads, "buildings": buildings, "cars": cars}
 
 
@@ -173,7 +198,9 @@ def _textures(rng: np.random.Generator, h: int, w: int, noise: dict[str, np.ndar
     soil = tones[parcel] + (rows + 0.04 * noise["low"] + 0.02 * noise["high"])[..., None]
 
     # Water: blue to murky green, smooth, faint ripples.
-    water_colour = _jitter(rng, (0.16, 0.26, 0.36), 0.03) + rng.uniform(0, 1) * np.array([0.06, 0.06, -0.08], np.float32)
+    water_colour = _jitter(rng, (0.16, 0.26, 0.36), 0.03) + rng.uniform(0, 1) * np.array(
+        [0.06, 0.06, -0.08], np.float32
+    )
     u, _ = rotated_coords(yy, xx, 0.0, 0.0, rng.uniform(0, math.pi))
     ripple = 0.012 * np.sin(2 * math.pi * u / rng.uniform(3.0, 6.0)) * (noise["mid"] > 0.5)
     water = water_colour + (ripple + 0.015 * noise["low"])[..., None]
@@ -194,7 +221,9 @@ def _cast(shadow: np.ndarray, inside: np.ndarray, box: tuple[slice, slice], dy: 
         shadow[ys:ye, xs:xe] |= inside[ys - y0:ye - y0, xs - x0:xe - x0]
 
 
-def render_aerial(seed: int, split: str, index: int, size: int | tuple[int, int] = 128) -> tuple[np.ndarray, np.ndarray]:
+def render_aerial(
+    seed: int, split: str, index: int, size: int | tuple[int, int] = 128
+) -> tuple[np.ndarray, np.ndarray]:
     """Draw one tile: image ``(H, W, 3)`` float32 in ``[0, 1]`` and labels ``(H, W)`` int64.
 
     The result depends on ``(seed, split, index, size)`` only.
@@ -243,7 +272,9 @@ def render_aerial(seed: int, split: str, index: int, size: int | tuple[int, int]
             roof *= np.where(v > 0, 0.8, 1.05)[..., None]
             roof[np.abs(v) < 0.6 * scale] *= 1.15
         else:
-            interior = inside & np.roll(inside, 1, 0) & np.roll(inside, -1, 0) & np.roll(inside, 1, 1) & np.roll(inside, -1, 1)
+            interior = (
+                inside & np.roll(inside, 1, 0) & np.roll(inside, -1, 0) & np.roll(inside, 1, 1) & np.roll(inside, -1, 1)
+            )
             roof[inside & ~interior] *= 0.75
         roof += 0.015 * noise["high"][box][..., None]
         image[box][inside] = roof[inside]

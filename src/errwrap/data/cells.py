@@ -24,7 +24,16 @@ import math
 
 import numpy as np
 
-from ._generated import GeneratedDataset, band_noise, check_render_args, gaussian_blur, grid, make_rng, rotated_coords, window
+from ._generated import (
+    GeneratedDataset,
+    band_noise,
+    check_render_args,
+    gaussian_blur,
+    grid,
+    make_rng,
+    rotated_coords,
+    window,
+)
 
 __all__ = ["Cells", "CELL_CLASSES", "render_cells"]
 
@@ -47,7 +56,10 @@ def _instances(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, np
     radii = np.clip(mean_r * rng.lognormal(0.0, 0.35, n), 3.0 * scale, 20.0 * scale)
     if rng.random() < 0.6:  # clustered: cells crowd around a few points and touch
         hubs = rng.uniform(0.15, 0.85, (int(rng.integers(1, 4)), 2)) * (h, w)
-        centres = hubs[rng.integers(len(hubs), size=n)] + rng.normal(0.0, 1.0, (n, 2)) * 1.6 * radii[:, None] * math.sqrt(n / len(hubs)) * 0.5
+        centres = (
+            hubs[rng.integers(len(hubs), size=n)]
+            + rng.normal(0.0, 1.0, (n, 2)) * 1.6 * radii[:, None] * math.sqrt(n / len(hubs)) * 0.5
+        )
     else:
         centres = rng.uniform(0, 1, (n, 2)) * (h, w)
     fmin = np.full((h, w), np.inf, dtype=np.float32)

@@ -129,12 +129,19 @@ class Corrupt:
 def _check_image(image: Tensor, kind: str) -> bool:
     """Whether ``image`` is a batch; clear errors for what :class:`Corrupt` cannot take."""
     if not isinstance(image, Tensor) or image.ndim not in (3, 4) or not image.is_floating_point():
-        got = f"a {image.dtype} tensor of shape {tuple(image.shape)}" if isinstance(image, Tensor) else type(image).__name__
+        got = (
+            f"a {image.dtype} tensor of shape {tuple(image.shape)}"
+            if isinstance(image, Tensor)
+            else type(image).__name__
+        )
         raise ValueError(f"image: expected a float tensor of shape CxHxW or BxCxHxW with values in [0, 1], got {got}")
     if kind == "jpeg" and image.shape[-3] not in (1, 3):
         raise ValueError(f"image: jpeg expects 1 or 3 channels, got {image.shape[-3]} (shape {tuple(image.shape)})")
     if image.numel() and (float(image.min()) < -1e-3 or float(image.max()) > 1 + 1e-3):
-        raise ValueError(f"image: expected values in [0, 1] (corrupt before Normalize), got [{float(image.min()):.3g}, {float(image.max()):.3g}]")
+        raise ValueError(
+            f"image: expected values in [0, 1] (corrupt before Normalize), got [{float(image.min()):.3g}, "
+            f"{float(image.max()):.3g}]"
+        )
     return image.ndim == 4
 
 

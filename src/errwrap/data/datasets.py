@@ -89,7 +89,8 @@ def _open(path: str | os.PathLike) -> Image.Image:
         found = re.search(r"\((\d+) pixels\)", str(exc))
         pixels = f"{found.group(1)} pixels" if found else "too many pixels"
         raise ValueError(
-            f"{path}: {pixels}, more than Pillow's limit of {Image.MAX_IMAGE_PIXELS} (PIL.Image.MAX_IMAGE_PIXELS); refused as "
+            f"{path}: {pixels}, more than Pillow's limit of {Image.MAX_IMAGE_PIXELS} (PIL.Image.MAX_IMAGE_PIXELS); "
+            "refused as "
             "a possible decompression bomb. Raise that limit for an image you trust"
         ) from None
 
@@ -107,9 +108,15 @@ def load_image(path: str | os.PathLike) -> Tensor:
             gray = np.asarray(im).astype(np.float32)
             if im.mode == "F":
                 if gray.size and (gray.min() < 0.0 or gray.max() > 1.0):
-                    raise ValueError(f"{path}: a floating-point (mode F) image: expected values in [0, 1], got [{gray.min()}, {gray.max()}]")
+                    raise ValueError(
+                        f"{path}: a floating-point (mode F) image: expected values in [0, 1], got [{gray.min()}, "
+                        f"{gray.max()}]"
+                    )
             elif gray.size and (gray.min() < 0 or gray.max() > 65535):
-                raise ValueError(f"{path}: a 32-bit integer (mode I) image: expected values in [0, 65535], got [{gray.min()}, {gray.max()}]")
+                raise ValueError(
+                    f"{path}: a 32-bit integer (mode I) image: expected values in [0, 65535], got [{gray.min()}, "
+                    f"{gray.max()}]"
+                )
             else:
                 gray /= 65535.0
             return torch.from_numpy(np.ascontiguousarray(gray))[None].expand(3, -1, -1).contiguous()
@@ -128,11 +135,14 @@ def load_mask(path: str | os.PathLike) -> np.ndarray:
             if (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 0] == rgb[..., 2]).all():
                 return rgb[..., 0].astype(np.int64)
             raise ValueError(
-                f"{path}: expected a single-channel label image (mode L, P, I or I;16), got a colour-coded {im.mode} mask; "
+                f"{path}: expected a single-channel label image (mode L, P, I or I;16), got a colour-coded {im.mode} "
+                "mask; "
                 "map each colour to its class index and save the indices as an L or P PNG"
             )
         if im.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L", "1"):
-            raise ValueError(f"{path}: expected a single-channel label image (mode L, P, I or I;16), got mode {im.mode}")
+            raise ValueError(
+                f"{path}: expected a single-channel label image (mode L, P, I or I;16), got mode {im.mode}"
+            )
         return np.asarray(im).astype(np.int64)
 
 
@@ -147,12 +157,18 @@ def _check_label_map(label_map: Mapping[int, int] | None) -> dict[int, int] | No
     if label_map is None:
         return None
     if not isinstance(label_map, Mapping):
-        raise TypeError(f"label_map: expected a mapping of raw mask values to class indices (e.g. {{255: 1}}), got {type(label_map).__name__}")
+        raise TypeError(
+            "label_map: expected a mapping of raw mask values to class indices (e.g. {255: 1}), got "
+            f"{type(label_map).__name__}"
+        )
     checked: dict[int, int] = {}
     for key, value in label_map.items():
         for item in (key, value):
             if isinstance(item, bool) or not isinstance(item, (int, np.integer)) or item < 0:
-                raise ValueError(f"label_map: expected non-negative integer values and classes (e.g. {{255: 1}}), got {key!r}: {value!r}")
+                raise ValueError(
+                    f"label_map: expected non-negative integer values and classes (e.g. {{255: 1}}), got {key!r}: "
+                    f"{value!r}"
+                )
         checked[int(key)] = int(value)
     return checked
 
@@ -184,7 +200,10 @@ class _PairDataset(Dataset):
         image = load_image(image_path)
         label = torch.from_numpy(self._labels(load_mask(label_path), label_path))
         if label.shape != image.shape[-2:]:
-            raise ValueError(f"{label_path}: label of size {tuple(label.shape)}, but its image {image_path.name} is {tuple(image.shape[-2:])}")
+            raise ValueError(
+                f"{label_path}: label of size {tuple(label.shape)}, but its image {image_path.name} is "
+                f"{tuple(image.shape[-2:])}"
+            )
         if self.transform is not None:
             image, label = self.transform(image, label)
         return image, label
@@ -242,21 +261,30 @@ class SegmentationFolder(_PairDataset):
         images = {p.stem: p for p in sorted(images_dir.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS}
         masks = {p.stem: p for p in sorted(masks_dir.iterdir()) if p.suffix.lower() in MASK_EXTENSIONS}
         if not images:
-            raise FileNotFoundError(f"images_dir: expected image files ({', '.join(IMAGE_EXTENSIONS)}) in {images_dir}, found none")
+            raise FileNotFoundError(
+                f"images_dir: expected image files ({', '.join(IMAGE_EXTENSIONS)}) in {images_dir}, found none"
+            )
         no_mask = sorted(set(images) - set(masks))
         no_image = sorted(set(masks) - set(images))
-        lossy = sorted(p.name for p in masks_dir.iterdir() if p.stem in no_mask and p.suffix.lower() in (".jpg", ".jpeg", ".webp"))
+        lossy = sorted(
+            p.name for p in masks_dir.iterdir() if p.stem in no_mask and p.suffix.lower() in (".jpg", ".jpeg", ".webp")
+        )
         if lossy:
             raise ValueError(
-                f"masks_dir: {len(lossy)} mask(s) are JPEG/WebP ({lossy[:5]}); lossy compression changes label values at "
+                f"masks_dir: {len(lossy)} mask(s) are JPEG/WebP ({lossy[:5]}); lossy compression changes label values "
+                "at "
                 f"edges, so masks must be lossless ({', '.join(MASK_EXTENSIONS)})"
             )
         if not masks:
-            raise FileNotFoundError(f"masks_dir: expected label images ({', '.join(MASK_EXTENSIONS)}) in {masks_dir}, found none")
+            raise FileNotFoundError(
+                f"masks_dir: expected label images ({', '.join(MASK_EXTENSIONS)}) in {masks_dir}, found none"
+            )
         if no_mask or no_image:
             raise ValueError(
-                f"images and masks must pair by file stem; {len(no_mask)} image(s) without a mask in {masks_dir}: {no_mask[:10]}"
-                f"{' ...' if len(no_mask) > 10 else ''}; {len(no_image)} mask(s) without an image in {images_dir}: {no_image[:10]}"
+                f"images and masks must pair by file stem; {len(no_mask)} image(s) without a mask in {masks_dir}: "
+                f"{no_mask[:10]}"
+                f"{' ...' if len(no_mask) > 10 else ''}; {len(no_image)} mask(s) without an image in {images_dir}: "
+                f"{no_image[:10]}"
                 f"{' ...' if len(no_image) > 10 else ''}"
             )
         if class_names is not None and num_classes is not None and len(class_names) != num_classes:
@@ -264,7 +292,11 @@ class SegmentationFolder(_PairDataset):
         super().__init__([(images[s], masks[s]) for s in sorted(images)], transform)
         self.num_classes = num_classes
         self.ignore_index = ignore_index
-        self.class_names = list(class_names) if class_names is not None else ([str(i) for i in range(num_classes)] if num_classes else None)
+        self.class_names = (
+            list(class_names)
+            if class_names is not None
+            else ([str(i) for i in range(num_classes)] if num_classes else None)
+        )
         first = self.pairs[0][1]
         self._labels(load_mask(first), first)  # a 0/255 binary dataset fails here, not mid-training
 
@@ -278,17 +310,27 @@ class SegmentationFolder(_PairDataset):
             values = np.unique(raw)
             if len(values) == 2 and values[0] == 0 and values[1] == self.ignore_index:
                 raise ValueError(
-                    f"{path}: the mask holds only 0 and {self.ignore_index}, and {self.ignore_index} is ignore_index, so every "
+                    f"{path}: the mask holds only 0 and {self.ignore_index}, and {self.ignore_index} is ignore_index, "
+                    "so every "
                     f"non-zero pixel would be unlabelled and only background would be learnt. For a binary mask with "
-                    f"{self.ignore_index} = foreground pass label_map={{{self.ignore_index}: 1}} (errwrap CLI: --label-map "
-                    f"{self.ignore_index}:1); if {self.ignore_index} really marks unlabelled pixels, pass label_map={{}}"
+                    f"{self.ignore_index} = foreground pass label_map={{{self.ignore_index}: 1}} (errwrap CLI: "
+                    "--label-map "
+                    f"{self.ignore_index}:1); if {self.ignore_index} really marks unlabelled pixels, pass "
+                    "label_map={}"
                 )
         if self.num_classes is not None:
             bad = (raw >= self.num_classes) & (raw != self.ignore_index) | (raw < 0)
             if bad.any():
-                values = sorted(set(np.unique(raw[bad]).tolist()))[:10]
-                hint = "; map raw values to class indices with label_map= (e.g. {255: 1} for 0/255 binary masks)" if not self.label_map else ""
-                raise ValueError(f"{path}: label values {values} are neither in 0..{self.num_classes - 1} nor ignore_index={self.ignore_index}{hint}")
+                bad_values = sorted(set(np.unique(raw[bad]).tolist()))[:10]
+                hint = (
+                    "; map raw values to class indices with label_map= (e.g. {255: 1} for 0/255 binary masks)"
+                    if not self.label_map
+                    else ""
+                )
+                raise ValueError(
+                    f"{path}: label values {bad_values} are neither in 0..{self.num_classes - 1} nor "
+                    f"ignore_index={self.ignore_index}{hint}"
+                )
         return raw
 
 
@@ -332,9 +374,14 @@ class Cityscapes(_PairDataset):
             else:
                 missing.append(str(label_ids))
         if not pairs and not missing:
-            raise FileNotFoundError(f"Cityscapes images: expected files {image_root}/<city>/*_leftImg8bit.png, found none")
+            raise FileNotFoundError(
+                f"Cityscapes images: expected files {image_root}/<city>/*_leftImg8bit.png, found none"
+            )
         if missing:
-            raise FileNotFoundError(f"Cityscapes labels: {len(missing)} image(s) have no label; expected e.g. {missing[0]} (or *_gtFine_labelTrainIds.png)")
+            raise FileNotFoundError(
+                f"Cityscapes labels: {len(missing)} image(s) have no label; expected e.g. {missing[0]} (or "
+                "*_gtFine_labelTrainIds.png)"
+            )
         super().__init__(pairs, transform)
 
     def _labels(self, raw: np.ndarray, path: Path) -> np.ndarray:
@@ -397,7 +444,9 @@ class ADE20K(_PairDataset):
             raise FileNotFoundError(f"ADE20K images: expected files {image_root}/*.jpg, found none")
         missing = [str(label_root / f"{p.stem}.png") for p in images if not (label_root / f"{p.stem}.png").is_file()]
         if missing:
-            raise FileNotFoundError(f"ADE20K annotations: {len(missing)} image(s) have no annotation; expected e.g. {missing[0]}")
+            raise FileNotFoundError(
+                f"ADE20K annotations: {len(missing)} image(s) have no annotation; expected e.g. {missing[0]}"
+            )
         super().__init__([(p, label_root / f"{p.stem}.png") for p in images], transform)
 
     def _labels(self, raw: np.ndarray, path: Path) -> np.ndarray:

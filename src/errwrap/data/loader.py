@@ -52,9 +52,9 @@ def make_loader(
     if distributed:
         sampler: torch.utils.data.Sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
     elif shuffle:
-        sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
+        sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))  # type: ignore[arg-type]
     else:
-        sampler = SequentialSampler(dataset)
+        sampler = SequentialSampler(dataset)  # type: ignore[arg-type]
     generator = torch.Generator().manual_seed(seed)  # worker seeds
     logger.debug("make_loader: %s, batch %d, %d workers", type(sampler).__name__, batch_size, num_workers)
     return DataLoader(

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch.utils.data import Dataset
-
+from ._generated import GeneratedDataset
 from .aerial import Aerial
 from .cells import Cells
 from .scenes import Scenes
@@ -13,10 +12,10 @@ from .scenes import Scenes
 __all__ = ["GENERATED", "generated"]
 
 #: Every generated family by name (the CLI's ``--data NAME[:N]``).
-GENERATED: dict[str, type[Dataset]] = {"scenes": Scenes, "aerial": Aerial, "cells": Cells}
+GENERATED: dict[str, type[GeneratedDataset]] = {"scenes": Scenes, "aerial": Aerial, "cells": Cells}
 
 
-def generated(name: str, num_images: int, **kwargs: Any) -> Dataset:
+def generated(name: str, num_images: int, **kwargs: Any) -> GeneratedDataset:
     """The generated dataset ``name`` of ``num_images`` images.
 
     Args:

@@ -65,7 +65,9 @@ def _band_noise(rng: np.random.Generator, shape: tuple[int, int], bands: list[tu
     return fields
 
 
-def _shape_field(kind: int, yy: np.ndarray, xx: np.ndarray, rng: np.random.Generator, cy: float, cx: float, r: float) -> np.ndarray:
+def _shape_field(
+    kind: int, yy: np.ndarray, xx: np.ndarray, rng: np.random.Generator, cy: float, cx: float, r: float
+) -> np.ndarray:
     """A normalised radius ``f`` of a shape centred at ``(cy, cx)``: ``f < 1`` inside."""
     angle = rng.uniform(0, math.pi)
     dy, dx = yy - cy, xx - cx
@@ -110,7 +112,9 @@ def _layout(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, low: np.nd
     # Large regions: a wavy, tilted horizon; below it ground and grass split by a noise threshold.
     horizon = h * rng.uniform(0.2, 0.5) + (xx[0] - w / 2) * rng.uniform(-0.25, 0.25)
     for period in (rng.uniform(0.5, 1.5) * w, rng.uniform(0.1, 0.3) * w):
-        horizon = horizon + rng.uniform(0.0, 0.05) * h * np.sin(2 * math.pi * xx[0] / period + rng.uniform(0, 2 * math.pi))
+        horizon = horizon + rng.uniform(0.0, 0.05) * h * np.sin(
+            2 * math.pi * xx[0] / period + rng.uniform(0, 2 * math.pi)
+        )
     above = SKY if rng.random() < 0.7 else BRICK
     first, second = (GROUND, GRASS) if rng.random() < 0.5 else (GRASS, GROUND)
     label[:] = np.where(low > rng.uniform(-0.6, 0.6), first, second)
@@ -168,7 +172,9 @@ def _wave(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, angle: float
     return np.sin(2 * math.pi * (xx * math.cos(angle) + yy * math.sin(angle)) / period + rng.uniform(0, 2 * math.pi))
 
 
-def _texture(c: int, rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, noise: dict[str, np.ndarray], h: int) -> np.ndarray:
+def _texture(
+    c: int, rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, noise: dict[str, np.ndarray], h: int
+) -> np.ndarray:
     """The texture of class ``c`` at the pixels ``(yy, xx)`` (1-d coordinates), ``(N, 3)``."""
     one = np.ones_like(yy)[..., None]
     if c == SKY:
@@ -176,12 +182,18 @@ def _texture(c: int, rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, n
         t = (yy / h)[..., None]
         return top * (1 - t) + bottom * t + 0.015 * noise["high"][..., None]
     if c == GROUND:
-        return _jitter(rng, (0.46, 0.36, 0.26)) + (0.10 * noise["low"] + 0.03 * noise["high"])[..., None] * np.array([1.0, 0.9, 0.7], np.float32)
+        return _jitter(rng, (0.46, 0.36, 0.26)) + (0.10 * noise["low"] + 0.03 * noise["high"])[..., None] * np.array(
+            [1.0, 0.9, 0.7], np.float32
+        )
     if c == GRASS:
-        return _jitter(rng, (0.32, 0.50, 0.22)) + (0.09 * noise["high"])[..., None] * np.array([0.8, 1.0, 0.6], np.float32)
+        return _jitter(rng, (0.32, 0.50, 0.22)) + (0.09 * noise["high"])[..., None] * np.array(
+            [0.8, 1.0, 0.6], np.float32
+        )
     if c == FOLIAGE:
         blotch = 0.08 * noise["mid"] - 0.06 * (noise["mid"] > 1.0)
-        return _jitter(rng, (0.32, 0.50, 0.22)) + (blotch + 0.02 * noise["high"])[..., None] * np.array([0.8, 1.0, 0.6], np.float32)
+        return _jitter(rng, (0.32, 0.50, 0.22)) + (blotch + 0.02 * noise["high"])[..., None] * np.array(
+            [0.8, 1.0, 0.6], np.float32
+        )
     if c == BRICK:
         row_h = rng.uniform(5.0, 8.0)
         brick_w = row_h * rng.uniform(1.8, 2.6)
@@ -212,7 +224,10 @@ def _texture(c: int, rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, n
         dot = (u * u + v * v) < (period * rng.uniform(0.18, 0.28)) ** 2
         return np.where(dot[..., None], _jitter(rng, (0.78, 0.64, 0.82)) * one, _jitter(rng, (0.42, 0.30, 0.50)) * one)
     if c == POLE:
-        return _jitter(rng, (0.40, 0.40, 0.43)) + (0.05 * np.sin(yy / rng.uniform(2.0, 4.0)) + 0.02 * noise["high"])[..., None]
+        return (
+            _jitter(rng, (0.40, 0.40, 0.43))
+            + (0.05 * np.sin(yy / rng.uniform(2.0, 4.0)) + 0.02 * noise["high"])[..., None]
+        )
     if c == WIRE:
         return _jitter(rng, (0.16, 0.13, 0.11)) + 0.02 * noise["high"][..., None]
     raise ValueError(f"class: expected 0..{len(SCENE_CLASSES) - 1}, got {c}")
@@ -258,7 +273,7 @@ def render_scene(seed: int, split: str, index: int, size: int | tuple[int, int] 
     flat_label = label.ravel()
     order = np.argsort(flat_label, kind="stable")
     bounds = np.cumsum(np.bincount(flat_label, minlength=len(SCENE_CLASSES)))
-    image = np.empty((h * w, 3), dtype=np.float32)
+    image: np.ndarray = np.empty((h * w, 3), dtype=np.float32)
     flat_y, flat_x = yy.ravel(), xx.ravel()
     flat_noise = {k: v.ravel() for k, v in noise.items()}
     start = 0

@@ -35,9 +35,14 @@ JointTransform = Callable[[Tensor, Tensor], "tuple[Tensor, Tensor]"]
 
 def _check_pair(image: Tensor, label: Tensor) -> None:
     if not isinstance(image, Tensor) or image.ndim != 3 or not image.is_floating_point():
-        raise ValueError(f"image: expected a float tensor of shape CxHxW, got {getattr(image, 'shape', type(image).__name__)}")
+        raise ValueError(
+            f"image: expected a float tensor of shape CxHxW, got {getattr(image, 'shape', type(image).__name__)}"
+        )
     if not isinstance(label, Tensor) or label.ndim != 2 or label.shape != image.shape[-2:]:
-        raise ValueError(f"label: expected a tensor of shape {tuple(image.shape[-2:])} (the image's HxW), got {getattr(label, 'shape', type(label).__name__)}")
+        raise ValueError(
+            f"label: expected a tensor of shape {tuple(image.shape[-2:])} (the image's HxW), got "
+            f"{getattr(label, 'shape', type(label).__name__)}"
+        )
 
 
 def _uniform(low: float, high: float, generator: torch.Generator | None) -> float:
@@ -83,7 +88,9 @@ class Resize:
 class RandomScale:
     """Rescale both sides by a factor drawn uniformly from ``[min_scale, max_scale]``."""
 
-    def __init__(self, min_scale: float = 0.5, max_scale: float = 2.0, generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self, min_scale: float = 0.5, max_scale: float = 2.0, generator: torch.Generator | None = None
+    ) -> None:
         if not 0 < min_scale <= max_scale:
             raise ValueError(f"scales: expected 0 < min_scale <= max_scale, got {min_scale}, {max_scale}")
         self.min_scale, self.max_scale, self.generator = min_scale, max_scale, generator
@@ -147,7 +154,13 @@ class ColorJitter:
     """Random brightness, contrast and saturation (image only, before :class:`Normalize`; the
     result is clamped to ``[0, 1]``). Each factor is drawn from ``[1 - x, 1 + x]``."""
 
-    def __init__(self, brightness: float = 0.2, contrast: float = 0.2, saturation: float = 0.2, generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self,
+        brightness: float = 0.2,
+        contrast: float = 0.2,
+        saturation: float = 0.2,
+        generator: torch.Generator | None = None,
+    ) -> None:
         for name, value in (("brightness", brightness), ("contrast", contrast), ("saturation", saturation)):
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"{name}: expected a value in [0, 1), got {value}")

@@ -46,7 +46,10 @@ class _ImagePooling(nn.Sequential):
     """Global average pooling -> 1x1 conv-norm-act, broadcast back to the input size."""
 
     def __init__(self, in_channels: int, out_channels: int, norm_layer: str, act_layer: str) -> None:
-        super().__init__(nn.AdaptiveAvgPool2d(1), ConvNormAct(in_channels, out_channels, 1, norm_layer=norm_layer, act_layer=act_layer))
+        super().__init__(
+            nn.AdaptiveAvgPool2d(1),
+            ConvNormAct(in_channels, out_channels, 1, norm_layer=norm_layer, act_layer=act_layer),
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         size = x.shape[-2:]
@@ -77,12 +80,20 @@ class ASPP(nn.Module):
         act_layer: str = "relu",
     ) -> None:
         super().__init__()
-        branches: list[nn.Module] = [ConvNormAct(in_channels, out_channels, 1, norm_layer=norm_layer, act_layer=act_layer)]
+        branches: list[nn.Module] = [
+            ConvNormAct(in_channels, out_channels, 1, norm_layer=norm_layer, act_layer=act_layer)
+        ]
         for rate in atrous_rates:
-            branches.append(ConvNormAct(in_channels, out_channels, 3, dilation=int(rate), norm_layer=norm_layer, act_layer=act_layer))
+            branches.append(
+                ConvNormAct(
+                    in_channels, out_channels, 3, dilation=int(rate), norm_layer=norm_layer, act_layer=act_layer
+                )
+            )
         branches.append(_ImagePooling(in_channels, out_channels, norm_layer, act_layer))
         self.branches = nn.ModuleList(branches)
-        self.project = ConvNormAct(out_channels * len(branches), out_channels, 1, norm_layer=norm_layer, act_layer=act_layer)
+        self.project = ConvNormAct(
+            out_channels * len(branches), out_channels, 1, norm_layer=norm_layer, act_layer=act_layer
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         return self.project(torch.cat([branch(x) for branch in self.branches], dim=1))
@@ -100,7 +111,8 @@ def _create_encoder(encoder_name: str, in_channels: int, output_stride: int, pre
         if output_stride != 32 and "output_stride" in str(exc):
             raise ValueError(
                 f"encoder_name={encoder_name!r}: this timm encoder cannot be dilated to output_stride={output_stride} "
-                f"({type(exc).__name__}: {exc}); expected an encoder that supports output_stride (ResNet, EfficientNet, "
+                f"({type(exc).__name__}: {exc}); expected an encoder that supports output_stride (ResNet, "
+                "EfficientNet, "
                 "MobileNetV3, ConvNeXt, RegNet, ...), or pass output_stride=32 to run ASPP on its undilated last stage"
             ) from exc
         raise
@@ -165,15 +177,19 @@ class DeepLabV3Plus(nn.Module):
             raise ValueError(f"atrous_rates: expected positive integers, got {atrous_rates}")
 
         self.encoder = _create_encoder(encoder_name, in_channels, output_stride, pretrained)
-        reductions = list(self.encoder.feature_info.reduction())
-        channels = list(self.encoder.feature_info.channels())
+        feature_info: Any = self.encoder.feature_info  # timm's FeatureInfo
+        reductions = list(feature_info.reduction())
+        channels = list(feature_info.channels())
         if reductions[-1] != output_stride:
             raise ValueError(
                 f"encoder_name={encoder_name!r}: expected its last feature at stride {output_stride}, got stride "
                 f"{reductions[-1]} (feature strides {reductions}); this encoder ignores output_stride"
             )
         if 4 not in reductions:
-            raise ValueError(f"encoder_name={encoder_name!r}: expected a stride-4 feature for the decoder, got feature strides {reductions}")
+            raise ValueError(
+                f"encoder_name={encoder_name!r}: expected a stride-4 feature for the decoder, got feature strides "
+                f"{reductions}"
+            )
         self.low_index = max(i for i, r in enumerate(reductions) if r == 4)
         self.high_index = len(reductions) - 1
         self.low_encoder_channels = channels[self.low_index]
@@ -181,9 +197,13 @@ class DeepLabV3Plus(nn.Module):
         self.nhwc_features = getattr(fmt, "value", fmt) == "NHWC"  # e.g. Swin: permuted to NCHW in forward
 
         self.aspp = ASPP(channels[-1], aspp_channels, rates, norm_layer=norm_layer, act_layer=act_layer)
-        self.reduce = ConvNormAct(channels[self.low_index], low_level_channels, 1, norm_layer=norm_layer, act_layer=act_layer)
+        self.reduce = ConvNormAct(
+            channels[self.low_index], low_level_channels, 1, norm_layer=norm_layer, act_layer=act_layer
+        )
         self.decoder = nn.Sequential(
-            ConvNormAct(aspp_channels + low_level_channels, decoder_channels, 3, norm_layer=norm_layer, act_layer=act_layer),
+            ConvNormAct(
+                aspp_channels + low_level_channels, decoder_channels, 3, norm_layer=norm_layer, act_layer=act_layer
+            ),
             ConvNormAct(decoder_channels, decoder_channels, 3, norm_layer=norm_layer, act_layer=act_layer),
         )
         self.dropout = nn.Dropout(dropout)
@@ -234,4 +254,7 @@ class DeepLabV3Plus(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
-        return f"encoder_name={c['encoder_name']!r}, num_classes={c['num_classes']}, output_stride={c['output_stride']}, atrous_rates={c['atrous_rates']}"
+        return (
+            f"encoder_name={c['encoder_name']!r}, num_classes={c['num_classes']}, "
+            f"output_stride={c['output_stride']}, atrous_rates={c['atrous_rates']}"
+        )

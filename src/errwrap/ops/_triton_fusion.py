@@ -89,8 +89,12 @@ def mixture_fwd_kernel(
     if ONE_CHUNK:
         offs_c = tl.arange(0, BLOCK_C)
         m = (offs_c < C)[:, None] & mask_p[None, :]
-        x0 = tl.load(_chunk_ptrs(z0_ptr + pid_b * s0b, offs_c, offs_p, s0c, s0p), mask=m, other=float("-inf")).to(tl.float32)
-        x1 = tl.load(_chunk_ptrs(z1_ptr + pid_b * s1b, offs_c, offs_p, s1c, s1p), mask=m, other=float("-inf")).to(tl.float32)
+        x0 = tl.load(_chunk_ptrs(z0_ptr + pid_b * s0b, offs_c, offs_p, s0c, s0p), mask=m, other=float("-inf")).to(
+            tl.float32
+        )
+        x1 = tl.load(_chunk_ptrs(z1_ptr + pid_b * s1b, offs_c, offs_p, s1c, s1p), mask=m, other=float("-inf")).to(
+            tl.float32
+        )
         hi0, ls0 = _tile_lse(x0, mask_p)
         hi1, ls1 = _tile_lse(x1, mask_p)
         a = _log_component(x0, hi0, ls0, log_q)
@@ -134,8 +138,12 @@ def mixture_bwd_kernel(
     if ONE_CHUNK:
         offs_c = tl.arange(0, BLOCK_C)
         m = (offs_c < C)[:, None] & mask_p[None, :]
-        x0 = tl.load(_chunk_ptrs(z0_ptr + pid_b * s0b, offs_c, offs_p, s0c, s0p), mask=m, other=float("-inf")).to(tl.float32)
-        x1 = tl.load(_chunk_ptrs(z1_ptr + pid_b * s1b, offs_c, offs_p, s1c, s1p), mask=m, other=float("-inf")).to(tl.float32)
+        x0 = tl.load(_chunk_ptrs(z0_ptr + pid_b * s0b, offs_c, offs_p, s0c, s0p), mask=m, other=float("-inf")).to(
+            tl.float32
+        )
+        x1 = tl.load(_chunk_ptrs(z1_ptr + pid_b * s1b, offs_c, offs_p, s1c, s1p), mask=m, other=float("-inf")).to(
+            tl.float32
+        )
         g = tl.load(_chunk_ptrs(g_ptr + pid_b * sgb, offs_c, offs_p, sgc, sgp), mask=m, other=0.0).to(tl.float32)
         hi0, ls0 = _tile_lse(x0, mask_p)
         hi1, ls1 = _tile_lse(x1, mask_p)
@@ -189,8 +197,12 @@ def mixture_labels_kernel(
     if ONE_CHUNK:
         offs_c = tl.arange(0, BLOCK_C)
         m = (offs_c < C)[:, None] & mask_p[None, :]
-        x0 = tl.load(_chunk_ptrs(z0_ptr + pid_b * s0b, offs_c, offs_p, s0c, s0p), mask=m, other=float("-inf")).to(tl.float32)
-        x1 = tl.load(_chunk_ptrs(z1_ptr + pid_b * s1b, offs_c, offs_p, s1c, s1p), mask=m, other=float("-inf")).to(tl.float32)
+        x0 = tl.load(_chunk_ptrs(z0_ptr + pid_b * s0b, offs_c, offs_p, s0c, s0p), mask=m, other=float("-inf")).to(
+            tl.float32
+        )
+        x1 = tl.load(_chunk_ptrs(z1_ptr + pid_b * s1b, offs_c, offs_p, s1c, s1p), mask=m, other=float("-inf")).to(
+            tl.float32
+        )
         hi0, ls0 = _tile_lse(x0, mask_p)
         hi1, ls1 = _tile_lse(x1, mask_p)
         a = _log_component(x0, hi0, ls0, log_q)

@@ -110,14 +110,16 @@ def _check_inputs(base_logits: Any, detail_logits: Any, error_logits: Any) -> No
             raise TypeError(f"{name}: expected a floating-point BxCxHxW tensor, got {describe(t)}")
     if detail_logits.shape != base_logits.shape:
         raise ValueError(
-            f"detail_logits: expected the shape of base_logits {tuple(base_logits.shape)}, got {tuple(detail_logits.shape)}"
+            f"detail_logits: expected the shape of base_logits {tuple(base_logits.shape)}, got "
+            f"{tuple(detail_logits.shape)}"
         )
     b, _, h, w = base_logits.shape
     if tuple(error_logits.shape) != (b, 1, h, w):
         raise ValueError(f"error_logits: expected shape {(b, 1, h, w)}, got {tuple(error_logits.shape)}")
     if len({base_logits.device, detail_logits.device, error_logits.device}) != 1:
         raise ValueError(
-            f"expected all logits on one device, got {base_logits.device}, {detail_logits.device}, {error_logits.device}"
+            f"expected all logits on one device, got {base_logits.device}, {detail_logits.device}, "
+            f"{error_logits.device}"
         )
 
 
@@ -239,7 +241,7 @@ class _MixtureLogProbs(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(z0: Tensor, z1: Tensor, e: Tensor, backend: str) -> Tensor:  # type: ignore[override]
+    def forward(z0: Tensor, z1: Tensor, e: Tensor, backend: str) -> Tensor:
         if backend == "triton":
             return _triton_forward(z0, z1, e)
         return mixture_log_probs(z0, z1, e)
@@ -251,7 +253,7 @@ class _MixtureLogProbs(torch.autograd.Function):
         ctx.backend = backend
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         z0, z1, e = ctx.saved_tensors
         # A graph for double backward needs differentiable ops: the torch recompute gives one.
         if ctx.backend == "triton" and not torch.is_grad_enabled():

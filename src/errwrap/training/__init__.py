@@ -11,14 +11,13 @@ when checkpoints are written, resuming), :mod:`.optim` (AdamW, :func:`lr_factor`
 device, which part trains) and ``_validation``.
 """
 
-from .checkpoint import load_checkpoint_weights
-from .loop import FinetuneResult, NonFiniteLossError, finetune
-from .optim import lr_factor
-
 # importable from here as before the split, outside the API (``x as x`` marks a re-export)
 from .checkpoint import STATE_FORMAT as STATE_FORMAT
 from .checkpoint import _write_checkpoint as _write_checkpoint
+from .checkpoint import load_checkpoint_weights
+from .loop import FinetuneResult, NonFiniteLossError, finetune
 from .optim import PRECISIONS as PRECISIONS
 from .optim import SCHEDULES as SCHEDULES
+from .optim import lr_factor
 
 __all__ = ["FinetuneResult", "NonFiniteLossError", "finetune", "lr_factor", "load_checkpoint_weights"]

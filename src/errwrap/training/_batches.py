@@ -79,7 +79,7 @@ class Batches:
             if isinstance(getattr(sampler, "generator", None), torch.Generator):
                 sampler.generator.manual_seed(self.seed + self.epoch)
         if isinstance(getattr(self.loader, "generator", None), torch.Generator):
-            self.loader.generator.manual_seed(self.seed + self.epoch)
+            self.loader.generator.manual_seed(self.seed + self.epoch)  # type: ignore[attr-defined]
         self._it = iter(self.loader)
         return self._it
 

@@ -14,8 +14,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import _distributed
-from .._io import check_writable, tensor_bytes
 from .._batch import check_loader_num_classes
+from .._io import check_writable, tensor_bytes
 from ..data.transforms import Compose, Normalize
 from ..losses import ErrorCorrectionLoss
 from .checkpoint import checkpoint_weights
@@ -44,19 +44,19 @@ def check_arguments(
     for name, value, low in (("steps", steps, 1), ("accumulate", accumulate, 1), ("warmup_steps", warmup_steps, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name}: expected an integer >= {low}, got {value!r}")
-    for name, value in (("checkpoint_every", checkpoint_every), ("val_every", val_every), ("log_every", log_every)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"{name}: expected a positive integer or None, got {value!r}")
+    for name, every in (("checkpoint_every", checkpoint_every), ("val_every", val_every), ("log_every", log_every)):
+        if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+            raise ValueError(f"{name}: expected a positive integer or None, got {every!r}")
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule: expected one of {SCHEDULES}, got {schedule!r}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
     numbers = (("lr", lr, "> 0"), ("weight_decay", weight_decay, ">= 0"))
-    for name, value, rule in (*numbers, ("clip_grad_norm", clip_grad_norm, "> 0 (None: no clipping)")):
-        if name == "clip_grad_norm" and value is None:
+    for name, number, rule in (*numbers, ("clip_grad_norm", clip_grad_norm, "> 0 (None: no clipping)")):
+        if name == "clip_grad_norm" and number is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"{name}: expected a finite number {rule}, got {value!r}")
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number):
+            raise ValueError(f"{name}: expected a finite number {rule}, got {number!r}")
     if lr <= 0 or weight_decay < 0:
         raise ValueError(f"lr, weight_decay: expected lr > 0 and weight_decay >= 0, got {lr}, {weight_decay}")
     if clip_grad_norm is not None and clip_grad_norm <= 0:
@@ -71,10 +71,10 @@ def check_data(
     loader's ``Normalize`` as the wrapper's preprocessing."""
     if not hasattr(wrapper, "freeze_base") or not hasattr(wrapper, "unfreeze_base"):
         raise TypeError(f"wrapper: expected an ErrorCorrectionWrapper, got {type(wrapper).__name__}")
-    check_loader_num_classes(train_loader, int(wrapper.num_classes), "train_loader")
+    check_loader_num_classes(train_loader, int(wrapper.num_classes), "train_loader")  # type: ignore[arg-type]
     _record_preprocessing(wrapper, train_loader)
     if val_loader is not None:
-        check_loader_num_classes(val_loader, int(wrapper.num_classes), "val_loader")
+        check_loader_num_classes(val_loader, int(wrapper.num_classes), "val_loader")  # type: ignore[arg-type]
     if checkpoint_dir is not None and Path(checkpoint_dir).exists() and not Path(checkpoint_dir).is_dir():
         raise NotADirectoryError(
             f"checkpoint_dir: expected a directory (existing or not), got the file {checkpoint_dir}"
@@ -94,7 +94,7 @@ def _record_preprocessing(wrapper: nn.Module, loader: Iterable) -> None:
     if wrapper.preprocessing is None:
         wrapper.preprocessing = seen
         logger.info("finetune: recorded the loader's Normalize as wrapper.preprocessing %s", seen)
-    elif {k: [float(v) for v in wrapper.preprocessing[k]] for k in ("mean", "std")} != seen:
+    elif {k: [float(v) for v in wrapper.preprocessing[k]] for k in ("mean", "std")} != seen:  # type: ignore[index]
         warnings.warn(
             f"finetune: the loader normalises with {seen}, but wrapper.preprocessing is {wrapper.preprocessing}; "
             "save_pretrained records the latter",
@@ -132,11 +132,11 @@ def select_trained(wrapper: nn.Module, loss: nn.Module | None) -> tuple[nn.Modul
     base_trained = float(getattr(loss_fn, "w_base", 0.0)) > 0
     if base_trained and wrapper.base_frozen:
         logger.info("finetune: loss has w_base > 0; unfreezing the base for joint training")
-        wrapper.unfreeze_base()
+        wrapper.unfreeze_base()  # type: ignore[operator]
     elif not base_trained and not wrapper.base_frozen:
         logger.info("finetune: loss has w_base = 0; freezing the base, training the heads only")
-        wrapper.freeze_base()
-    params = [p for p in wrapper.parameters() if p.requires_grad]
+        wrapper.freeze_base()  # type: ignore[operator]
+    params: list[Tensor] = [p for p in wrapper.parameters() if p.requires_grad]
     if not params:
         raise ValueError("wrapper: no parameter requires grad; nothing to train")
     return loss_fn, base_trained, params

@@ -29,8 +29,8 @@ def run_validation(wrapper: nn.Module, val_fn: ValFn | None, val_loader: Iterabl
     if val_fn is None:
 
         def val_fn(model: nn.Module) -> dict:
-            report = evaluation.evaluate(model, val_loader)  # looked up at call time
-            return report.to_dict() if hasattr(report, "to_dict") else dict(report)
+            report = evaluation.evaluate(model, val_loader)  # type: ignore[arg-type]  # looked up at call time
+            return report.to_dict() if hasattr(report, "to_dict") else dict(report)  # type: ignore[call-overload]
 
     was_training = wrapper.training
     cuda = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []

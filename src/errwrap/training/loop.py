@@ -109,7 +109,7 @@ class _Stepper:
             values_t = torch.stack([p.detach().float() for p in parts])
             if _distributed.is_initialized():
                 _distributed.all_reduce_sum(values_t).div_(_distributed.world_size())
-            values = dict(zip(("total", *_TERMS), values_t.tolist()))
+            values = dict(zip(("total", *_TERMS), values_t.tolist(), strict=False))
             if not all(math.isfinite(v) for v in values.values()):
                 bad = next(t for t in (*_TERMS, "total") if not math.isfinite(values[t]))
                 raise NonFiniteLossError(run.step + 1, bad, values, run.checkpoint)

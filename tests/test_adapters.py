@@ -12,9 +12,27 @@ import torch.nn.functional as F
 from torch import nn
 
 import errwrap.adapters
-from errwrap.adapters import PROTOCOL_HELP, BaseAdapter, BaseOutput, NativeAdapter, find_adapter, register_adapter, registered_adapters, unregister_adapter
-from errwrap.adapters import Adapter, Family, FeatureInfo, SMPAdapter, TransformersAdapter, choose_default_features
-from errwrap.adapters import family_spec, feature_info, register_family, registered_families, unregister_family
+from errwrap.adapters import (
+    PROTOCOL_HELP,
+    Adapter,
+    BaseAdapter,
+    BaseOutput,
+    Family,
+    FeatureInfo,
+    NativeAdapter,
+    SMPAdapter,
+    TransformersAdapter,
+    choose_default_features,
+    family_spec,
+    feature_info,
+    find_adapter,
+    register_adapter,
+    register_family,
+    registered_adapters,
+    registered_families,
+    unregister_adapter,
+    unregister_family,
+)
 from errwrap.adapters.hooks import FeatureTap, HooksAdapter, logits_from_output
 from errwrap.adapters.select import choose_features, probe, select_adapter
 from errwrap.adapters.specs import BASE_FAMILIES, build_base

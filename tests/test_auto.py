@@ -70,7 +70,7 @@ def test_logits_only_model_is_wrapped_with_discovered_taps(caplog):
         out = wrap(x)
         assert torch.equal(out.base_logits, model(x))
     assert out.logits.shape == (2, 5, SIZE, SIZE) and out.error_prob.shape == (2, SIZE, SIZE)
-    assert 0.0 <= float(out.error_prob.min()) and float(out.error_prob.max()) <= 1.0
+    assert float(out.error_prob.min()) >= 0.0 and float(out.error_prob.max()) <= 1.0
     wrap.train()
     labels = torch.randint(0, 5, (2, SIZE, SIZE))
     ErrorCorrectionLoss()(wrap(x), labels).total.backward()

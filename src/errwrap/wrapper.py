@@ -281,13 +281,13 @@ class ErrorCorrectionWrapper(nn.Module, HubMixin):
         load_state_strict(self, tensors, source, required=keys, allowed=keys)
 
     @classmethod
-    def _hub_from_config(cls, model: nn.Module, heads: HeadConfig) -> "ErrorCorrectionWrapper":
+    def _hub_from_config(cls, model: nn.Module, heads: HeadConfig) -> ErrorCorrectionWrapper:
         adapter = None if heads.adapter in (None, "native") else heads.adapter
         wrapper = cls(model, adapter=adapter, **heads.constructor_kwargs())
         wrapper.temperature = heads.temperature
         return wrapper
 
-    def _hub_place(self, device: torch.device | str | None, dtype: torch.dtype | None) -> "ErrorCorrectionWrapper":
+    def _hub_place(self, device: torch.device | str | None, dtype: torch.dtype | None) -> ErrorCorrectionWrapper:
         if device is not None or dtype is not None:
             self.to(device=device, dtype=dtype)
         return self.eval()
@@ -338,7 +338,7 @@ class ErrorCorrectionWrapper(nn.Module, HubMixin):
         return True
 
     # ------------------------------------------------------------------ freezing
-    def freeze_base(self) -> "ErrorCorrectionWrapper":
+    def freeze_base(self) -> ErrorCorrectionWrapper:
         """Stop gradients into the base and keep it (norm statistics, dropout) in eval mode,
         even after ``wrapper.train()``. The base then runs under ``torch.no_grad()``."""
         if not self.base_frozen:
@@ -349,7 +349,7 @@ class ErrorCorrectionWrapper(nn.Module, HubMixin):
         self.base.eval()
         return self
 
-    def unfreeze_base(self) -> "ErrorCorrectionWrapper":
+    def unfreeze_base(self) -> ErrorCorrectionWrapper:
         """Let the base train again: restores ``requires_grad`` of the parameters that had it
         before :meth:`freeze_base`, and the base follows the wrapper's train/eval mode."""
         if self.base_frozen:
@@ -360,7 +360,7 @@ class ErrorCorrectionWrapper(nn.Module, HubMixin):
         self.base.train(self.training)
         return self
 
-    def train(self, mode: bool = True) -> "ErrorCorrectionWrapper":
+    def train(self, mode: bool = True) -> ErrorCorrectionWrapper:
         super().train(mode)
         if mode:
             self._fresh_heads = False

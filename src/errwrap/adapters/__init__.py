@@ -8,6 +8,8 @@ base from its JSON spec), one module per family (:mod:`.smp`, :mod:`.torchvision
 :mod:`.transformers`, :mod:`.deeplab`) and :mod:`.builtin`, which registers those families.
 """
 
+from . import builtin  # noqa: F401  registers the built-in families and the SMP, torchvision and transformers adapters
+from .auto import choose_feature_modules
 from .base import (
     PROTOCOL_HELP,
     Adapter,
@@ -19,6 +21,7 @@ from .base import (
     parse_base_output,
 )
 from .features import FeatureInfo, choose_default_features, feature_info
+from .hooks import FeatureTap, HooksAdapter, logits_from_output
 from .registry import (
     Family,
     family_spec,
@@ -30,14 +33,11 @@ from .registry import (
     unregister_adapter,
     unregister_family,
 )
-from .hooks import FeatureTap, HooksAdapter, logits_from_output
-from .auto import choose_feature_modules
-from .specs import build_base
+from .select import Probe, choose_features, probe, select_adapter
 from .smp import SMPAdapter
+from .specs import build_base
 from .torchvision import TorchvisionSegmentationAdapter
 from .transformers import TransformersAdapter
-from . import builtin  # noqa: F401  registers the built-in families and the SMP, torchvision and transformers adapters
-from .select import Probe, choose_features, probe, select_adapter
 
 __all__ = [
     "PROTOCOL_HELP",

@@ -45,7 +45,9 @@ def _read(out: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return out.labels, out.error_prob, out.base_error_prob
 
 
-def _variants(wrap: nn.Module, x: torch.Tensor, compile_: bool) -> tuple[dict[str, Callable[[], Any]], dict[str, float]]:
+def _variants(
+    wrap: nn.Module, x: torch.Tensor, compile_: bool
+) -> tuple[dict[str, Callable[[], Any]], dict[str, float]]:
     size = x.shape[-2:]
     x_last = x.contiguous(memory_format=torch.channels_last)
     wrap_last = _channels_last_copy(wrap)
@@ -107,22 +109,34 @@ def _agreement(fns: dict[str, Callable[[], Any]]) -> dict[str, dict[str, float]]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", default="smp_deeplabv3plus_resnet50", choices=list(MODELS), help="base network (random weights)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument(
+        "--model", default="smp_deeplabv3plus_resnet50", choices=list(MODELS), help="base network (random weights)"
+    )
     parser.add_argument("--size", nargs=2, type=int, default=[256, 512], metavar=("H", "W"), help="input size")
     parser.add_argument("--batch", type=int, default=1, help="batch size")
     parser.add_argument("--repeats", type=int, default=9, help="timed rounds")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first (after compilation)")
     parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile variants")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    parser.add_argument("--tiny", action="store_true", help="seconds-long smoke run: a tiny model at 64x128, 2 rounds, no compile")
+    parser.add_argument(
+        "--tiny", action="store_true", help="seconds-long smoke run: a tiny model at 64x128, 2 rounds, no compile"
+    )
     parser.add_argument("--json", metavar="PATH", help="write the full results as JSON")
     args = parser.parse_args(argv)
     setup_logging(random_heads=True)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.tiny:
-        args.model, args.size, args.repeats, args.warmup, args.no_compile = "tiny_deeplabv3plus_resnet18", [64, 128], 2, 1, True
+        args.model, args.size, args.repeats, args.warmup, args.no_compile = (
+            "tiny_deeplabv3plus_resnet18",
+            [64, 128],
+            2,
+            1,
+            True,
+        )
 
     from errwrap import ErrorCorrectionWrapper
 
@@ -133,8 +147,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         warnings.simplefilter("ignore")  # random heads: timing only
         wrap.train().eval()
     x = torch.randn(args.batch, 3, *args.size)
-    print(f"errwrap inference paths: {args.model}, input {args.batch}x3x{args.size[0]}x{args.size[1]}, {torch.get_num_threads()} threads, "
-          f"{args.repeats} rounds after {args.warmup} warm-up")  # fmt: skip
+    shape = f"{args.batch}x3x{args.size[0]}x{args.size[1]}"
+    print(
+        f"errwrap inference paths: {args.model}, input {shape}, {torch.get_num_threads()} threads, "
+        f"{args.repeats} rounds after {args.warmup} warm-up"
+    )
     fns, compile_seconds = _variants(wrap, x, not args.no_compile)
     agreement = _agreement(fns)
     times = interleaved_times(fns, args.repeats, args.warmup)
@@ -142,10 +159,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows, results = [], {}
     for name, ts in times.items():
         q = quartiles(ts)
-        vs_base = quartiles([t / b for t, b in zip(ts, times["base"])])["median"]
-        vs_eager = quartiles([t / e for t, e in zip(ts, times[eager])])["median"]
-        results[name] = {"latency_ms": {k: (1000 * v if k != "n" else v) for k, v in q.items()}, "x_base": vs_base, "x_eager": vs_eager,
-                         "compile_s": compile_seconds.get(name), **agreement.get(name, {})}  # fmt: skip
+        vs_base = quartiles([t / b for t, b in zip(ts, times["base"], strict=True)])["median"]
+        vs_eager = quartiles([t / e for t, e in zip(ts, times[eager], strict=True)])["median"]
+        results[name] = {
+            "latency_ms": {k: (1000 * v if k != "n" else v) for k, v in q.items()},
+            "x_base": vs_base,
+            "x_eager": vs_eager,
+            "compile_s": compile_seconds.get(name),
+            **agreement.get(name, {}),
+        }
         rows.append({
             "variant": name, "ms (median)": f"{1000 * q['median']:.1f}", "IQR ms": f"{1000 * q['iqr']:.1f}",
             "x base": f"{vs_base:.3f}", "x inference_mode": f"{vs_eager:.3f}",
@@ -156,8 +178,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(format_table(rows))
     wrapped = {k: v for k, v in results.items() if not k.startswith("base")}
     fastest = min(wrapped, key=lambda k: wrapped[k]["latency_ms"]["median"])
-    agree = all(v["labels_equal"] >= 0.999 and v["error_prob_max_diff"] <= 1e-3 and v["base_error_prob_max_diff"] <= 1e-3 for v in wrapped.values())
-    print(f"\nfastest wrapper path: {fastest} ({wrapped[fastest]['x_base']:.3f} x base); outputs agree with no_grad: {agree}")
+    agree = all(
+        v["labels_equal"] >= 0.999 and v["error_prob_max_diff"] <= 1e-3 and v["base_error_prob_max_diff"] <= 1e-3
+        for v in wrapped.values()
+    )
+    print(
+        f"\nfastest wrapper path: {fastest} ({wrapped[fastest]['x_base']:.3f} x base); outputs agree with no_grad: "
+        f"{agree}"
+    )
     summary = {"benchmark": "inference_path", "model": args.model, "size": args.size, "fastest": fastest,
                "x_base": {k: v["x_base"] for k, v in results.items()}, "outputs_agree": agree}  # fmt: skip
     config = {k: v for k, v in vars(args).items() if k != "json"}

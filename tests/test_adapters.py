@@ -187,7 +187,11 @@ def test_torchvision_outputs_features_and_spec(name, kwargs, keys):
         with torch.no_grad():
             assert torch.equal(_at_input(last_conv(features["high"])), reference)
     spec = wrap.adapter.spec(model)
-    expected = {"name": name, "num_classes": 5} if name.startswith("lraspp") else {"name": name, "num_classes": 5, "aux_loss": kwargs.get("aux_loss", False)}
+    expected = (
+        {"name": name, "num_classes": 5}
+        if name.startswith("lraspp")
+        else {"name": name, "num_classes": 5, "aux_loss": kwargs.get("aux_loss", False)}
+    )
     assert spec == {"family": "torchvision", "config": expected}
     assert _same_architecture(build_base(spec), model)
 
@@ -212,8 +216,12 @@ def _segformer(seed=0):
 def _upernet(seed=0):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(seed)
-    backbone = transformers.ConvNextConfig(hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1], out_features=["stage1", "stage2", "stage3", "stage4"])
-    config = transformers.UperNetConfig(backbone_config=backbone, hidden_size=16, num_labels=5, use_auxiliary_head=False)
+    backbone = transformers.ConvNextConfig(
+        hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1], out_features=["stage1", "stage2", "stage3", "stage4"]
+    )
+    config = transformers.UperNetConfig(
+        backbone_config=backbone, hidden_size=16, num_labels=5, use_auxiliary_head=False
+    )
     return transformers.UperNetForSemanticSegmentation(config).eval()
 
 
@@ -231,7 +239,8 @@ def test_transformers_outputs_features_and_spec(make, low):
     assert (wrap.low_key, wrap.high_key) == (low, "decode_head")
     assert features[low].shape[-2:] == (SIZE // 4, SIZE // 4)
     assert features["decode_head"].shape == (2, 16, SIZE // 4, SIZE // 4)
-    if type(model).__name__.startswith("Segformer"):  # the fused feature is the classifier's input (dropout is off in eval)
+    # the fused feature is the classifier's input (dropout is off in eval)
+    if type(model).__name__.startswith("Segformer"):
         with torch.no_grad():
             assert torch.equal(model.decode_head.classifier(features["decode_head"]), reference)
     spec = json.loads(json.dumps(wrap.adapter.spec(model)))
@@ -246,7 +255,8 @@ def _dpt(seed=0):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(seed)
     config = transformers.DPTConfig(
-        hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=37, image_size=SIZE, patch_size=16,
+        hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=37, image_size=SIZE,
+        patch_size=16,
         neck_hidden_sizes=[16, 16, 32, 32], fusion_hidden_size=32, backbone_out_indices=[0, 1, 2, 3], num_labels=5,
     )  # fmt: skip
     return transformers.DPTForSemanticSegmentation(config).eval()
@@ -289,7 +299,9 @@ class PlainNet(nn.Module):
         self.classifier = nn.Conv2d(16, num_classes, 1)
 
     def forward(self, x):
-        logits = F.interpolate(self.classifier(self.decoder(self.backbone(x))), size=x.shape[-2:], mode="bilinear", align_corners=False)
+        logits = F.interpolate(
+            self.classifier(self.decoder(self.backbone(x))), size=x.shape[-2:], mode="bilinear", align_corners=False
+        )
         if self.returns == "mapping":
             return {"out": logits, "aux": logits}
         if self.returns == "tuple":
@@ -307,7 +319,9 @@ def _plain(returns="tensor", seed=0):
 @pytest.mark.parametrize("returns", ["tensor", "mapping", "tuple"])
 def test_hooks_adapter_from_module_names(returns):
     model = _plain(returns)
-    wrap = ErrorCorrectionWrapper(model, low_level="backbone.0", high_level="decoder", error_channels=8, detail_channels=8)
+    wrap = ErrorCorrectionWrapper(
+        model, low_level="backbone.0", high_level="decoder", error_channels=8, detail_channels=8
+    )
     assert isinstance(wrap.adapter, HooksAdapter)
     assert (wrap.low_key, wrap.high_key) == ("backbone.0", "decoder")
     x = torch.randn(2, 3, SIZE, SIZE)
@@ -325,7 +339,9 @@ def test_hooks_one_module_feeds_both_heads():
 
 
 def test_hooks_head_training_keeps_base_frozen():
-    wrap = ErrorCorrectionWrapper(_plain(), low_level="backbone.0", high_level="decoder", error_channels=8, detail_channels=8)
+    wrap = ErrorCorrectionWrapper(
+        _plain(), low_level="backbone.0", high_level="decoder", error_channels=8, detail_channels=8
+    )
     _train_heads(wrap)
 
 
@@ -433,7 +449,8 @@ def test_user_adapter_wins_over_builtin():
 def test_importing_errwrap_imports_no_model_family():
     code = (
         "import sys, errwrap, errwrap.adapters; "
-        "print([m for m in ('segmentation_models_pytorch', 'transformers', 'torchvision.models.segmentation') if m in sys.modules])"
+        "print([m for m in ('segmentation_models_pytorch', 'transformers', 'torchvision.models.segmentation') if m in "
+        "sys.modules])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert out.stdout.strip() == "[]"
@@ -448,7 +465,10 @@ def test_importing_errwrap_imports_no_model_family():
         ({"family": "torchvision", "config": {"name": "resnet50"}}, "unknown name 'resnet50'"),
         ({"family": "torchvision", "config": {"name": "fcn_resnet50", "weights": "DEFAULT"}}, "unknown config keys"),
         ({"family": "transformers", "class": "AutoModel", "config": {}}, "unknown class 'AutoModel'"),
-        ({"family": "errwrap.DeepLabV3Plus", "config": {"encoder_name": "resnet18", "code": "x"}}, "unknown config keys"),
+        (
+            {"family": "errwrap.DeepLabV3Plus", "config": {"encoder_name": "resnet18", "code": "x"}},
+            "unknown config keys",
+        ),
         ({"family": "smp"}, "'config' mapping"),
     ],
 )
@@ -458,7 +478,10 @@ def test_build_base_allow_list(spec, match):
 
 
 def test_build_base_never_downloads():
-    spec = {"family": "errwrap.DeepLabV3Plus", "config": {"encoder_name": "resnet18", "num_classes": 3, "pretrained": True}}
+    spec = {
+        "family": "errwrap.DeepLabV3Plus",
+        "config": {"encoder_name": "resnet18", "num_classes": 3, "pretrained": True},
+    }
     assert build_base(spec).config["pretrained"] is False
 
 

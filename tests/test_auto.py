@@ -23,7 +23,14 @@ class EncoderDecoder(nn.Module):
     """Encoder to stride 16, a decoder at stride 4 with a skip, a classifier, upsampled logits;
     optionally an auxiliary head that runs after the main one, and a log-softmax output."""
 
-    def __init__(self, num_classes: int = 5, width: int = 16, aux: bool = False, log_softmax: bool = False, returns: str = "tensor"):
+    def __init__(
+        self,
+        num_classes: int = 5,
+        width: int = 16,
+        aux: bool = False,
+        log_softmax: bool = False,
+        returns: str = "tensor",
+    ):
         super().__init__()
         self.stem = _block(3, 8, 2)
         self.layer1 = nn.Sequential(_block(8, 12, 2), _block(12, 12, 1))
@@ -74,7 +81,11 @@ def test_logits_only_model_is_wrapped_with_discovered_taps(caplog):
     wrap.train()
     labels = torch.randint(0, 5, (2, SIZE, SIZE))
     ErrorCorrectionLoss()(wrap(x), labels).total.backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in wrap.named_parameters() if p.requires_grad and "refine" not in n)
+    assert all(
+        p.grad is not None and p.grad.abs().sum() > 0
+        for n, p in wrap.named_parameters()
+        if p.requires_grad and "refine" not in n
+    )
     assert all(p.grad is None for p in model.parameters())
 
 

@@ -26,7 +26,10 @@ __all__ = ["ErrorCorrectionOutput", "ErrorCorrectionWrapper", "binary_to_two_cla
 
 logger = logging.getLogger(__name__)
 
-_LIBRARY_DIRS = (os.path.dirname(os.path.abspath(__file__)) + os.sep, os.path.dirname(os.path.abspath(torch.__file__)) + os.sep)
+_LIBRARY_DIRS = (
+    os.path.dirname(os.path.abspath(__file__)) + os.sep,
+    os.path.dirname(os.path.abspath(torch.__file__)) + os.sep,
+)
 
 
 def _user_stacklevel() -> int:
@@ -103,7 +106,7 @@ def binary_to_two_class(logits: Tensor) -> Tensor:
     return torch.cat([torch.zeros_like(logits), logits], dim=1)
 
 
-def _heads_loaded(module: nn.Module, incompatible_keys: Any) -> None:
+def _heads_loaded(module: Any, incompatible_keys: Any) -> None:
     module._fresh_heads = False
 
 
@@ -188,13 +191,22 @@ class ErrorCorrectionWrapper(nn.Module, HubMixin):
         logits, features = found.output.logits, found.output.features
         self.binary = int(logits.shape[1]) == 1
         if self.binary:
-            logger.info("%s returns one logit channel: read as binary segmentation, classes 0 (background) and 1 (foreground)", type(base).__name__)
+            logger.info(
+                "%s returns one logit channel: read as binary segmentation, classes 0 (background) and 1 (foreground)",
+                type(base).__name__,
+            )
             logits = binary_to_two_class(logits)
         inferred = int(logits.shape[1])
         if num_classes is not None and num_classes != inferred:
             if self.binary:
-                raise ValueError(f"num_classes={num_classes}, but the base returns one logit channel (binary segmentation), which errwrap reads as 2 channels: expected num_classes=2 or None")
-            raise ValueError(f"num_classes={num_classes}, but the base returns logits with {inferred} channels (shape {tuple(logits.shape)})")
+                raise ValueError(
+                    f"num_classes={num_classes}, but the base returns one logit channel (binary segmentation), which "
+                    "errwrap reads as 2 channels: expected num_classes=2 or None"
+                )
+            raise ValueError(
+                f"num_classes={num_classes}, but the base returns logits with {inferred} channels (shape "
+                f"{tuple(logits.shape)})"
+            )
         low_key, high_key = choose_features(self.adapter, found.features, low_level, high_level)
         low_channels = int(features[low_key].shape[1])
         high_channels = int(features[high_key].shape[1])
@@ -208,9 +220,28 @@ class ErrorCorrectionWrapper(nn.Module, HubMixin):
             sample_size=sample_size,
         )  # fmt: skip
         param = next(iter(base.parameters()), None)
-        dd = {"device": param.device, "dtype": param.dtype} if param is not None and param.is_floating_point() else {}
-        self.error_head = ErrorHead(high_channels, inferred, error_channels, error_blocks, norm_layer=norm_layer, act_layer=act_layer, prior=error_prior, **dd)
-        self.detail_head = DetailHead(low_channels, high_channels, inferred, detail_channels, detail_blocks, norm_layer=norm_layer, act_layer=act_layer, **dd)
+        floating = param is not None and param.is_floating_point()
+        dd: dict[str, Any] = {"device": param.device, "dtype": param.dtype} if param is not None and floating else {}
+        self.error_head = ErrorHead(
+            high_channels,
+            inferred,
+            error_channels,
+            error_blocks,
+            norm_layer=norm_layer,
+            act_layer=act_layer,
+            prior=error_prior,
+            **dd,
+        )
+        self.detail_head = DetailHead(
+            low_channels,
+            high_channels,
+            inferred,
+            detail_channels,
+            detail_blocks,
+            norm_layer=norm_layer,
+            act_layer=act_layer,
+            **dd,
+        )
         self.fusion = build_fusion(fusion, inferred, **dd)
         self.base_frozen = False
         self._trainable_base: list[str] = []
@@ -437,4 +468,7 @@ class ErrorCorrectionWrapper(nn.Module, HubMixin):
 
     def extra_repr(self) -> str:
         temperature = f", temperature={self.temperature:.4g}" if self.temperature != 1.0 else ""
-        return f"num_classes={self.num_classes}{temperature}, adapter={self.adapter.name!r}, low_level={self.low_key!r}, high_level={self.high_key!r}, base_frozen={self.base_frozen}"
+        return (
+            f"num_classes={self.num_classes}{temperature}, adapter={self.adapter.name!r}, "
+            f"low_level={self.low_key!r}, high_level={self.high_key!r}, base_frozen={self.base_frozen}"
+        )

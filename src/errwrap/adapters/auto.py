@@ -14,7 +14,8 @@ submodule for one probe pass and picks two module outputs, which the hooks adapt
   stride 2 or 1 when the network never reaches stride 4.
 
 Only modules that run exactly once per forward pass qualify (a shared ``ReLU`` does not), and
-globally pooled ``1 x 1`` maps do not count. The choice is logged; pass ``low_level=`` / ``high_level=`` module names to choose others.
+globally pooled ``1 x 1`` maps do not count. The choice is logged; pass ``low_level=`` /
+``high_level=`` module names to choose others.
 """
 
 from __future__ import annotations
@@ -79,13 +80,18 @@ def record_module_outputs(model: nn.Module, x: Tensor) -> tuple[Any, list[Module
     try:
         for name, module in model.named_modules():
             if name:
-                kinds[name] = (next(iter(module.children()), None) is None, next(iter(module.parameters()), None) is not None)
+                kinds[name] = (
+                    next(iter(module.children()), None) is None,
+                    next(iter(module.parameters()), None) is not None,
+                )
                 handles.append(module.register_forward_hook(make_hook(name)))
         out = model(x)
     finally:
         for handle in handles:
             handle.remove()
-    records = [ModuleOutput(n, e["order"], e["calls"], e["shape"], *kinds[n], value=e["value"]) for n, e in seen.items()]
+    records = [
+        ModuleOutput(n, e["order"], e["calls"], e["shape"], *kinds[n], value=e["value"]) for n, e in seen.items()
+    ]
     return out, sorted(records, key=lambda r: r.order)
 
 
@@ -105,7 +111,9 @@ def _distance(output: Tensor, logits: Tensor) -> float:
 
 def _square_stride(shape: tuple[int, ...], size: tuple[int, int]) -> bool:
     """The map is the input downsampled by the same factor in height and width (up to rounding)."""
-    return abs(size[0] / shape[-2] - size[1] / shape[-1]) <= 0.5 * max(1.0, min(size[0] / shape[-2], size[1] / shape[-1]))
+    return abs(size[0] / shape[-2] - size[1] / shape[-1]) <= 0.5 * max(
+        1.0, min(size[0] / shape[-2], size[1] / shape[-1])
+    )
 
 
 def _stride(shape: tuple[int, ...], size: tuple[int, int]) -> int:
@@ -130,19 +138,24 @@ def choose_feature_modules(
     pooled = x.shape[-2] * x.shape[-1] > 1  # globally pooled maps (squeeze-excitation, image pooling) are no features
     maps = [
         r for r in records
-        if r.shape is not None and r.shape[0] == x.shape[0] and r.calls == 1 and not (pooled and r.shape[-2] * r.shape[-1] == 1)
+        if r.shape is not None and r.shape[0] == x.shape[0] and r.calls == 1
+        and not (pooled and r.shape[-2] * r.shape[-1] == 1)
         and _square_stride(r.shape, size)  # channels-last (B, H, W, C) tensors are no BxCxhxw maps
     ]  # fmt: skip
     heads = [r for r in maps if r.leaf and r.has_params and r.shape[1] == num_classes]  # type: ignore[index]
     classifier = min(heads, key=lambda r: _distance(r.value, logits)) if heads else None  # type: ignore[arg-type]
     before = [r for r in maps if classifier is None or r.order < classifier.order]
     # The input itself, passed through (normalisation layers at the input), is no feature.
-    before = [r for r in before if not (r.shape[1] == x.shape[1] and _stride(r.shape, size) == 1)]  # type: ignore[index]
+    before = [r for r in before if not (r.shape[1] == x.shape[1] and _stride(r.shape, size) == 1)]  # type: ignore[index, arg-type]
     if classifier is None:  # logits made without a conv classifier: drop the C-channel tail
         while before and before[-1].shape[1] == num_classes:  # type: ignore[index]
             before.pop()
     if not before:
-        hint = "its submodules produce no 4-d feature maps" if not maps else "no 4-d feature map is produced before its classifier"
+        hint = (
+            "its submodules produce no 4-d feature maps"
+            if not maps
+            else "no 4-d feature map is produced before its classifier"
+        )
         raise NoFeaturesError(
             f"{type(model).__name__}: errwrap could not find features to tap ({hint}); pass module names: "
             "ErrorCorrectionWrapper(model, low_level='<early module>', high_level='<module before the classifier>')"
@@ -161,7 +174,8 @@ def choose_feature_modules(
     shallowest = min(r.depth for r in stage)
     low = [r for r in stage if r.depth == shallowest][-1]
     logger.info(
-        "%s gives logits but no feature maps errwrap can use: tapping low_level=%r (%d channels, stride %d) and high_level=%r (%d channels, stride %d); "
+        "%s gives logits but no feature maps errwrap can use: tapping low_level=%r (%d channels, stride %d) and "
+        "high_level=%r (%d channels, stride %d); "
         "pass low_level= / high_level= module names to choose others",
         type(model).__name__, low.name, low.shape[1], strides[low.name], high.name, high.shape[1], strides[high.name],  # type: ignore[index]
     )

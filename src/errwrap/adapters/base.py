@@ -53,7 +53,10 @@ def normalize_features(features: Any) -> dict[str, Tensor]:
     elif isinstance(features, Sequence) and not isinstance(features, str):
         named = {str(i): f for i, f in enumerate(features)}
     else:
-        raise TypeError(f"base features: expected a tensor, a sequence or a mapping of tensors, got {describe(features)}. {PROTOCOL_HELP}")
+        raise TypeError(
+            f"base features: expected a tensor, a sequence or a mapping of tensors, got {describe(features)}. "
+            f"{PROTOCOL_HELP}"
+        )
     if not is_tracing():
         if not named:
             raise ValueError(f"base features: expected at least one feature map, got none. {PROTOCOL_HELP}")
@@ -67,7 +70,9 @@ def parse_base_output(out: Any) -> BaseOutput:
     """Parse the native protocol; raise a ``TypeError`` that explains it otherwise."""
     if isinstance(out, BaseOutput):
         return out
-    if isinstance(out, Tensor) or (isinstance(out, Mapping) and "features" not in out and any(k in out for k in ("out", "logits"))):
+    if isinstance(out, Tensor) or (
+        isinstance(out, Mapping) and "features" not in out and any(k in out for k in ("out", "logits"))
+    ):
         raise NoFeaturesError(f"base output: got {describe(out)}, logits without features. {PROTOCOL_HELP}")
     if isinstance(out, Mapping):
         if "logits" in out and "features" in out:
@@ -81,8 +86,12 @@ def parse_base_output(out: Any) -> BaseOutput:
         # (logits, aux_logits), (logits, None) and longer tuples are logits without features; so
         # is a second element shaped like the logits (an auxiliary head's output, not a feature).
         second = out[1] if len(out) == 2 else None
-        if second is None or (isinstance(second, Tensor) and second.ndim == 4 and out[0].ndim == 4 and second.shape[1] == out[0].shape[1]):
-            raise NoFeaturesError(f"base output: got {describe(out)}, logits (and auxiliary logits) without features. {PROTOCOL_HELP}")
+        if second is None or (
+            isinstance(second, Tensor) and second.ndim == 4 and out[0].ndim == 4 and second.shape[1] == out[0].shape[1]
+        ):
+            raise NoFeaturesError(
+                f"base output: got {describe(out)}, logits (and auxiliary logits) without features. {PROTOCOL_HELP}"
+            )
         logits, features = out
     else:
         raise TypeError(f"base output: got {describe(out)}, which errwrap cannot read. {PROTOCOL_HELP}")
@@ -108,7 +117,7 @@ class Adapter(ABC):
     #: :func:`~errwrap.adapters.features.choose_default_features` (finest map, last map).
     default_features: FeaturePair = (None, None)
 
-    def __init__(self, model: nn.Module | None = None) -> None:
+    def __init__(self, model: nn.Module | None = None) -> None:  # noqa: B027 - optional override, does nothing
         """Registered adapters are built as ``factory(model)``; the base class ignores ``model``."""
 
     @abstractmethod
@@ -135,7 +144,7 @@ class Adapter(ABC):
         """Name of the module of the base whose output the feature ``name`` is, if known."""
         return None
 
-    def detach(self) -> None:
+    def detach(self) -> None:  # noqa: B027 - optional override: nothing to undo by default
         """Undo whatever the adapter did to the model (e.g. remove hooks)."""
 
     def spec(self, model: nn.Module) -> dict[str, Any] | None:

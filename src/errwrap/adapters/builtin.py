@@ -30,8 +30,15 @@ def register_builtin_adapters() -> None:
     for family in BUILTIN_FAMILIES:
         register_family(family)
     register_adapter(SMPAdapter.name, is_smp_model, SMPAdapter, priority=BUILTIN_PRIORITY)
-    register_adapter(TorchvisionSegmentationAdapter.name, is_torchvision_segmentation_model, TorchvisionSegmentationAdapter, priority=BUILTIN_PRIORITY)
-    register_adapter(TransformersAdapter.name, is_transformers_segmentation_model, TransformersAdapter, priority=BUILTIN_PRIORITY)
+    register_adapter(
+        TorchvisionSegmentationAdapter.name,
+        is_torchvision_segmentation_model,
+        TorchvisionSegmentationAdapter,
+        priority=BUILTIN_PRIORITY,
+    )
+    register_adapter(
+        TransformersAdapter.name, is_transformers_segmentation_model, TransformersAdapter, priority=BUILTIN_PRIORITY
+    )
 
 
 register_builtin_adapters()

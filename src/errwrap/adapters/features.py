@@ -83,4 +83,4 @@ def choose_default_features(features: Sequence[FeatureInfo], preferred: FeatureP
         low = max(features, key=lambda f: f.size[0] * f.size[1]).name
     if high not in names:
         high = names[-1]
-    return low, high  # type: ignore[return-value]
+    return low, high

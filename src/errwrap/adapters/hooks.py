@@ -36,7 +36,9 @@ def module_or_error(model: nn.Module, name: str, role: str = "module") -> nn.Mod
     names = [n for n in modules if n]
     close = difflib.get_close_matches(str(name), names, n=6, cutoff=0.5)
     hint = f"close names: {close}" if close else f"its top-level modules are {[n for n in names if '.' not in n][:12]}"
-    raise ValueError(f"{role}={name!r}: expected the name of a module of {type(model).__name__}, got no such module; {hint}")
+    raise ValueError(
+        f"{role}={name!r}: expected the name of a module of {type(model).__name__}, got no such module; {hint}"
+    )
 
 
 def _first_tensor(value: Any) -> Any:
@@ -72,7 +74,7 @@ class FeatureTap:
         self._store = store
         self._handles: list[RemovableHandle] = []
         modules = [module_or_error(model, n, role) for n in self.names]
-        for name, module in zip(self.names, modules):
+        for name, module in zip(self.names, modules, strict=True):
             self._handles.append(module.register_forward_hook(self._make_hook(store, name)))
         self._finalizer = weakref.finalize(self, _remove, self._handles)
 
@@ -88,12 +90,16 @@ class FeatureTap:
         missing = [n for n in self.names if n not in self._store]
         if missing and not is_tracing():
             self._store.clear()
-            raise RuntimeError(f"hooked modules {missing} did not run in the base's forward; expected modules that the forward calls")
+            raise RuntimeError(
+                f"hooked modules {missing} did not run in the base's forward; expected modules that the forward calls"
+            )
         out = {n: self._store.pop(n) for n in self.names}
         if not is_tracing():
             for name, value in out.items():
                 if not isinstance(value, Tensor) or value.ndim != 4:
-                    raise TypeError(f"module {name!r}: expected its output to be a 4-d tensor BxCxhxw, got {describe(value)}")
+                    raise TypeError(
+                        f"module {name!r}: expected its output to be a 4-d tensor BxCxhxw, got {describe(value)}"
+                    )
         return out
 
     def clear(self) -> None:

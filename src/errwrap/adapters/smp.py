@@ -138,20 +138,25 @@ class SMPAdapter(Adapter):
 
     name = "smp"
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: Any) -> None:
         for attr in ("encoder", "decoder", "segmentation_head"):
             if not isinstance(getattr(model, attr, None), nn.Module):
-                raise TypeError(f"SMPAdapter: expected an SMP SegmentationModel with .{attr}, got {type(model).__name__} without it")
+                raise TypeError(
+                    f"SMPAdapter: expected an SMP SegmentationModel with .{attr}, got {type(model).__name__} without it"
+                )
         channels = list(getattr(model.encoder, "out_channels", []))
         strides = _encoder_strides(model.encoder, len(channels))
         self.keep = [i for i, c in enumerate(channels) if c > 0]
         self.dpt = hasattr(model.encoder, "has_prefix_tokens")  # DPT's encoder returns (features, prefix_tokens)
         candidates = [i for i in self.keep if strides[i] > 1] or self.keep  # not the input image (enc0 of CNN encoders)
         at_four = [i for i in candidates if strides[i] == 4]
-        low = f"enc{at_four[0]}" if at_four else f"enc{min(candidates, key=lambda i: strides[i])}" if candidates else None
+        low = (
+            f"enc{at_four[0]}" if at_four else f"enc{min(candidates, key=lambda i: strides[i])}" if candidates else None
+        )
         self.tap: FeatureTap | None = None
         if self.dpt and not at_four and isinstance(getattr(model.decoder, "reassemble_blocks", None), nn.ModuleList):
-            # a ViT encoder has no stride-4 map: DPT's first reassembled map (upsampled to stride 4) is its early feature
+            # a ViT encoder has no stride-4 map: DPT's first reassembled map (upsampled to stride 4) is
+            # its early feature
             self.tap = FeatureTap(model, ["decoder.reassemble_blocks.0"])
             low = "reassemble0"
         self.default_features: FeaturePair = (low, "decoder")
@@ -159,21 +164,28 @@ class SMPAdapter(Adapter):
         # convolutions would cost ~50% of the base's FLOPs. Their decoder blocks are tapped too
         # (features "decoder.blocks.{i}"); see preferred_features.
         blocks = getattr(model.decoder, "blocks", None)
-        has_blocks = isinstance(blocks, nn.ModuleList) and len(blocks) > 0
-        self.block_tap = FeatureTap(model, [f"decoder.blocks.{i}" for i in range(len(blocks))]) if has_blocks else None
+        n_blocks = len(blocks) if isinstance(blocks, nn.ModuleList) else 0
+        self.block_tap = FeatureTap(model, [f"decoder.blocks.{i}" for i in range(n_blocks)]) if n_blocks else None
         head = model.segmentation_head
         activation = getattr(head[-1] if isinstance(head, nn.Sequential) else head, "activation", None)
         # SMP's SegmentationHead is Sequential(conv, upsampling, Activation): run it without the activation.
-        self.skip_activation = isinstance(head, nn.Sequential) and activation is not None and not isinstance(activation, nn.Identity)
+        self.skip_activation = (
+            isinstance(head, nn.Sequential) and activation is not None and not isinstance(activation, nn.Identity)
+        )
         if self.skip_activation:
-            logger.info("SMP model %s applies %s after its last conv: errwrap reads the logits before it", type(model).__name__, type(activation).__name__)
+            logger.info(
+                "SMP model %s applies %s after its last conv: errwrap reads the logits before it",
+                type(model).__name__,
+                type(activation).__name__,
+            )
         elif activation is not None and not isinstance(activation, nn.Identity):
             logger.warning(
-                "SMP model %s applies %s to its output: errwrap reads that output as logits; build it with activation=None",
+                "SMP model %s applies %s to its output: errwrap reads that output as logits; build it with "
+                "activation=None",
                 type(model).__name__, type(activation).__name__,
             )
 
-    def forward(self, model: nn.Module, x: Tensor) -> BaseOutput:
+    def forward(self, model: Any, x: Tensor) -> BaseOutput:
         if not is_tracing():
             model.check_input_shape(x)
         if self.tap is not None:

@@ -56,7 +56,8 @@ def check_model_name(value: Any, key: str, family: str) -> str:
     ``timm/``) and no path, so a saved spec cannot make a library download or read elsewhere."""
     if not isinstance(value, str) or not _PLAIN_NAME.fullmatch(value) or ".." in value:
         raise ValueError(
-            f"base spec {family}: {key} {value!r} is not a plain model name; expected letters, digits, '_', '.' and '-' "
+            f"base spec {family}: {key} {value!r} is not a plain model name; expected letters, digits, '_', '.' and "
+            "'-' "
             "only (no scheme such as 'hf-hub:' or 'local-dir:', no path): errwrap rebuilds a base from a known name, "
             "never from a download or another directory"
         )
@@ -69,7 +70,9 @@ def check_timm_name(value: Any, key: str, family: str) -> str:
 
     name = check_model_name(value, key, family)
     if not timm.is_model(name):
-        raise ValueError(f"base spec {family}: {key} {name!r} is not a model this timm {timm.__version__} knows (timm.list_models())")
+        raise ValueError(
+            f"base spec {family}: {key} {name!r} is not a model this timm {timm.__version__} knows (timm.list_models())"
+        )
     return name
 
 
@@ -139,7 +142,9 @@ def _refuse_huge(builder: Callable[[Mapping[str, Any]], nn.Module], spec: Mappin
     elements = sum(t.numel() for t in probe.parameters()) + sum(t.numel() for t in probe.buffers())
     if elements > MAX_BASE_ELEMENTS:
         raise ValueError(
-            f"base spec {spec.get('family')}: this config builds a base of {elements / 1e9:.2f} G parameters, more than the "
-            f"{MAX_BASE_ELEMENTS / 1e9:.2f} G errwrap rebuilds from a file; for a base this large build it yourself and pass it "
+            f"base spec {spec.get('family')}: this config builds a base of {elements / 1e9:.2f} G parameters, more "
+            "than the "
+            f"{MAX_BASE_ELEMENTS / 1e9:.2f} G errwrap rebuilds from a file; for a base this large build it yourself "
+            "and pass it "
             "as from_pretrained(..., model=...)"
         )

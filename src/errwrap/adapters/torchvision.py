@@ -73,7 +73,7 @@ def _stride4_stage(backbone: nn.Module) -> str:
     return names[0]
 
 
-def _num_classes(model: nn.Module) -> int | None:
+def _num_classes(model: Any) -> int | None:
     if type(model).__name__ == "LRASPP":
         return int(model.classifier.low_classifier.out_channels)
     last = model.classifier[-1] if isinstance(model.classifier, nn.Sequential) else None
@@ -138,20 +138,25 @@ class TorchvisionSegmentationAdapter(Adapter):
     name = "torchvision"
     default_features: FeaturePair = ("low", "high")
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: Any) -> None:
         self.lraspp = type(model).__name__ == "LRASPP" and hasattr(model.classifier, "low_classifier")
-        backbone = getattr(model, "backbone", None)
+        backbone: Any = getattr(model, "backbone", None)
         if not isinstance(backbone, nn.ModuleDict) or not hasattr(backbone, "return_layers"):
             raise TypeError(
-                f"TorchvisionSegmentationAdapter: expected the backbone to be torchvision's IntermediateLayerGetter, got "
+                "TorchvisionSegmentationAdapter: expected the backbone to be torchvision's IntermediateLayerGetter, "
+                "got "
                 f"{type(backbone).__name__}; tap it with ErrorCorrectionWrapper(model, low_level=..., high_level=...)"
             )
         if not self.lraspp and not isinstance(model.classifier, nn.Sequential):
-            raise TypeError(f"TorchvisionSegmentationAdapter: expected an nn.Sequential classifier, got {type(model.classifier).__name__}")
-        self.return_layers = dict(backbone.return_layers)
+            raise TypeError(
+                "TorchvisionSegmentationAdapter: expected an nn.Sequential classifier, got "
+                f"{type(model.classifier).__name__}"
+            )
+        return_layers: Any = backbone.return_layers  # IntermediateLayerGetter's {module name: output name}
+        self.return_layers: dict[str, str] = dict(return_layers)
         self.low_stage = None if self.lraspp else _stride4_stage(backbone)
 
-    def _backbone(self, backbone: nn.Module, x: Tensor) -> tuple[dict[str, Tensor], Tensor | None]:
+    def _backbone(self, backbone: nn.ModuleDict, x: Tensor) -> tuple[dict[str, Tensor], Tensor | None]:
         # IntermediateLayerGetter.forward, also keeping the stride-4 stage.
         out: dict[str, Tensor] = {}
         low = None
@@ -163,7 +168,7 @@ class TorchvisionSegmentationAdapter(Adapter):
                 out[self.return_layers[name]] = x
         return out, low
 
-    def forward(self, model: nn.Module, x: Tensor) -> BaseOutput:
+    def forward(self, model: Any, x: Tensor) -> BaseOutput:
         size = x.shape[-2:]
         features, low = self._backbone(model.backbone, x)
         if self.lraspp:

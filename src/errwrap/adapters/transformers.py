@@ -111,7 +111,7 @@ def semantic_logits_from_queries(class_logits: Tensor, mask_logits: Tensor) -> T
     return scores.clamp_min(torch.finfo(torch.float32).tiny).log().to(mask_logits.dtype)
 
 
-def transformers_spec(model: nn.Module) -> dict[str, Any] | None:
+def transformers_spec(model: Any) -> dict[str, Any] | None:
     """``{"family": "transformers", "class": ..., "config": model.config.to_dict()}`` for the
     classes in :data:`TRANSFORMERS_CLASSES`, else ``None``."""
     cls = type(model).__name__
@@ -191,7 +191,9 @@ class TransformersAdapter(Adapter):
             try:
                 self.tap = FeatureTap(model, [tap])
             except ValueError:
-                logger.warning("%s has no module %r (another transformers version?); using its hidden states only", cls, tap)
+                logger.warning(
+                    "%s has no module %r (another transformers version?); using its hidden states only", cls, tap
+                )
         self.tap_name = tap if self.tap is not None else None
         high = "pixel_decoder" if self.queries else "decode_head" if self.tap is not None else None
         self.default_features: FeaturePair = (None, high)
@@ -215,7 +217,9 @@ class TransformersAdapter(Adapter):
             stages = getattr(out, "encoder_hidden_states", None) or ()
             features = {f"encoder{i}": h for i, h in enumerate(stages) if isinstance(h, Tensor) and h.ndim == 4}
             features["pixel_decoder"] = out.pixel_decoder_last_hidden_state
-            return BaseOutput(semantic_logits_from_queries(out.class_queries_logits, out.masks_queries_logits), features)
+            return BaseOutput(
+                semantic_logits_from_queries(out.class_queries_logits, out.masks_queries_logits), features
+            )
         if self.tap is not None:
             self.tap.clear()
         out = model(pixel_values=x, output_hidden_states=True)

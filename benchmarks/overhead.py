@@ -4,8 +4,9 @@ For each base network, one run times, in interleaved rounds (after warm-up round
 
 * ``base``: ``wrapper.forward_base(x)`` (the base network through its adapter), its logits
   resized to the input and their ``argmax``: the labels a user of the base alone gets;
-* ``error@W``: the base plus the error head of width ``W`` and its map resized to the input
-  (``out.head_error_prob``, the paper's stage (i) alone);
+* ``error@W``: ``base`` plus the error head of width ``W`` and its map resized to the input
+  (the base's labels and ``out.head_error_prob``, the paper's stage (i) alone, without the
+  refinement at the output's resolution);
 * ``all@W``: the full wrapper forward (error, detail and fusion heads, width ``W`` for both the
   error and the detail head) and what a user reads from it: ``out.labels``, ``out.error_prob``
   (the returned labels' error map) and ``out.base_error_prob``;
@@ -168,7 +169,8 @@ def _variants(wrappers: dict[int, nn.Module], x: torch.Tensor, autocast: Any) ->
         def run() -> Any:
             with torch.inference_mode(), autocast():
                 out = w.forward_base(x)
-                return torch.sigmoid(resize(w.error_head(out.features[w.high_key], out.logits)))
+                error_map = torch.sigmoid(resize(w.error_head(out.features[w.high_key], out.logits)))
+                return resize(out.logits).argmax(1), error_map
 
         return run
 

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from .. import _distributed
 from .._batch import check_loader_num_classes
 from .._io import check_writable, tensor_bytes
+from .._utils import module_device
 from ..data.transforms import Compose, Normalize
 from ..losses import ErrorCorrectionLoss
 from .checkpoint import checkpoint_weights
@@ -103,15 +104,10 @@ def _record_preprocessing(wrapper: nn.Module, loader: Iterable) -> None:
         )
 
 
-def _module_device(module: nn.Module) -> torch.device:
-    param = next(iter(module.parameters()), None)
-    return param.device if param is not None else torch.device("cpu")
-
-
 def place(wrapper: nn.Module, device: str | torch.device | None, precision: str) -> torch.device:
     """The device to train on (``device``, default the wrapper's; CUDA with its index), the
     wrapper moved there when it is elsewhere (logged). fp16 needs CUDA (``ValueError``)."""
-    current = _module_device(wrapper)
+    current = module_device(wrapper)
     target = torch.device(device) if device is not None else current
     if target.type == "cuda" and target.index is None:
         target = torch.device("cuda", torch.cuda.current_device())

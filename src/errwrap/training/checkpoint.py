@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from .. import _distributed
 from .._io import load_safetensors, load_state_strict, replace_directory, save_safetensors, write_text_atomic
+from .._utils import module_device
 from ._batches import Batches, rng_state, set_rng_state
 
 __all__ = [
@@ -248,8 +249,7 @@ def load_checkpoint_weights(wrapper: nn.Module, checkpoint: str | os.PathLike) -
     path = Path(checkpoint) / "model.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint: expected {path}, which does not exist")
-    param = next(iter(wrapper.parameters()), None)
-    tensors, _ = load_safetensors(path, device=param.device if param is not None else "cpu")
+    tensors, _ = load_safetensors(path, device=module_device(wrapper))
     heads = [k for k in wrapper.state_dict() if not k.startswith("base.")]
     return load_state_strict(wrapper, tensors, str(path), required=heads)
 

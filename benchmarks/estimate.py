@@ -1,8 +1,11 @@
 """Label-free accuracy estimates against the truth, in distribution and under corruptions.
 
-For each data family (``errwrap.data.generated``: ``scenes``, ``aerial``, ``cells``) and seed, a
-small DeepLabV3+ (resnet18, output stride 16, the demo's widths) is trained from scratch with
-cross-entropy, wrapped, and its heads fine-tuned with the base frozen (the demo's learning rates).
+For each data family (``errwrap.data.generated``: ``scenes``, ``aerial``, ``cells``), base and
+seed, the base is trained from scratch with cross-entropy, wrapped, and its heads fine-tuned with
+the base frozen (the demo's learning rates). The bases are the quality benchmark's
+(``benchmarks/quality.py``): ``deeplabv3plus``, a small DeepLabV3+ (resnet18, output stride 16,
+the demo's widths), and ``stride8``, a timm resnet18 at output stride 8 with a 1x1 classifier that
+returns logits only.
 Then, with the labels hidden from the estimators:
 
 * the ATC threshold is fitted (:func:`errwrap.fit_atc`) on the labelled ``"test"`` split;
@@ -18,6 +21,7 @@ Then, with the labels hidden from the estimators:
 
 Example:
     python benchmarks/estimate.py --families scenes --seeds 0 --json estimate.json
+    python benchmarks/estimate.py --families scenes aerial cells --bases stride8 --json estimate_stride8.json
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, finish, format_table, mean_std, setup_logging  # noqa: E402
+from quality import BASES, base_logits_of, build_base  # noqa: E402
 
 ESTIMATORS = ("errwrap", "errwrap+T", "avg_confidence", "atc")
 FAMILIES = ("scenes", "aerial", "cells")
@@ -69,21 +74,12 @@ def loader(
     )
 
 
-def train_wrapper(family: str, seed: int, args: argparse.Namespace) -> Any:
+def train_wrapper(family: str, base_kind: str, seed: int, args: argparse.Namespace) -> Any:
     """The base trained from scratch (AdamW, warm-up then poly decay) and the heads fine-tuned."""
     from errwrap import ErrorCorrectionWrapper, finetune
-    from errwrap.models import DeepLabV3Plus
 
     train = loader(family, args.train_images, args.image_size, seed, "train", None, 0, train=True)
-    torch.manual_seed(seed)
-    base = DeepLabV3Plus(
-        "resnet18",
-        num_classes=train.dataset.num_classes,
-        output_stride=16,
-        aspp_channels=64,
-        decoder_channels=64,
-        low_level_channels=24,
-    )
+    base = build_base(base_kind, train.dataset.num_classes, seed)
     opt = torch.optim.AdamW(base.parameters(), lr=2e-3, weight_decay=1e-4)
     base.train()
     step = 0
@@ -91,7 +87,7 @@ def train_wrapper(family: str, seed: int, args: argparse.Namespace) -> Any:
         for images, labels in train:
             for group in opt.param_groups:
                 group["lr"] = 2e-3 * min(1.0, (step + 1) / 20) * (1 - step / args.base_steps) ** 0.9
-            loss = F.cross_entropy(base(images)[0], labels, ignore_index=255)
+            loss = F.cross_entropy(base_logits_of(base, images), labels, ignore_index=255)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -137,12 +133,12 @@ def result_rows(runs: list[dict[str, Any]], conditions: list[str]) -> list[dict[
     return rows
 
 
-def one_run(family: str, seed: int, args: argparse.Namespace, conditions: list[str]) -> dict[str, Any]:
+def one_run(family: str, base_kind: str, seed: int, args: argparse.Namespace, conditions: list[str]) -> dict[str, Any]:
     """Train, fit ATC and the temperature, and compare every estimator under every condition."""
     from errwrap import calibrate_temperature, compare_estimates, fit_atc
 
     start = time.perf_counter()
-    wrap = train_wrapper(family, seed, args)
+    wrap = train_wrapper(family, base_kind, seed, args)
     seconds_train = time.perf_counter() - start
 
     def held_out(shift: str) -> Any:
@@ -154,8 +150,9 @@ def one_run(family: str, seed: int, args: argparse.Namespace, conditions: list[s
     atc = fit_atc(wrap, labelled)
     raw = {shift: compare_estimates(wrap, held_out(shift), atc_threshold=atc) for shift in conditions}
     temperature = calibrate_temperature(wrap, labelled).temperature
-    run: dict[str, Any] = {"family": family, "seed": seed, "atc_threshold": atc, "temperature": temperature,
-                           "seconds_train": round(seconds_train, 1), "conditions": {}}  # fmt: skip
+    run: dict[str, Any] = {"family": family, "base": base_kind, "seed": seed, "atc_threshold": atc,
+                           "temperature": temperature, "seconds_train": round(seconds_train, 1),
+                           "conditions": {}}  # fmt: skip
     for shift in conditions:
         calibrated = compare_estimates(wrap, held_out(shift), atc_threshold=atc)
         errors = dict(raw[shift].errors)
@@ -207,6 +204,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     parser.add_argument("--families", nargs="+", default=["scenes"], choices=FAMILIES)
+    parser.add_argument(
+        "--bases", nargs="+", default=["deeplabv3plus"], choices=BASES, help="benchmarks/quality.py's bases"
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--train-images", type=int, default=400)
@@ -238,13 +238,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     conditions = ["none", *args.shifts]
     runs, aggregate, targets = [], {}, []
-    for family in args.families:
+    groups = [f"{family}/{base_kind}" for family in args.families for base_kind in args.bases]
+    for group in groups:
+        family, base_kind = group.split("/")
         family_runs = []
         for seed in args.seeds:
-            print(f"{family}, seed {seed}: resnet18 DeepLabV3+, {args.image_size} px, "
-                  f"{args.train_images} training images, "
+            print(f"{family}, {base_kind}, seed {seed}: {args.image_size} px, {args.train_images} training images, "
                   f"{args.base_steps} base + {args.head_steps} head steps", flush=True)  # fmt: skip
-            family_runs.append(one_run(family, seed, args, conditions))
+            family_runs.append(one_run(family, base_kind, seed, args, conditions))
         runs += family_runs
         metrics = ("pixel_accuracy", "miou", "per_image_mae", "spearman")
         agg = {
@@ -254,32 +255,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             }
             for c in conditions
         }
-        aggregate[family] = agg
-        print(f"\n{family}: estimate vs truth on {args.val_images} held-out images per condition (shifts at severity "
+        aggregate[group] = agg
+        print(f"\n{group}: estimate vs truth on {args.val_images} held-out images per condition (shifts at severity "
               f"{args.severity}), mean over {len(family_runs)} seed(s) (points)")  # fmt: skip
         print(format_table(result_rows(family_runs, conditions)))
-        family_targets = [{"family": family, **t} for t in targets_of(agg, conditions, args.shifts)]
-        print(f"\n{family}: targets")
+        family_targets = [{"family": group, **t} for t in targets_of(agg, conditions, args.shifts)]
+        print(f"\n{group}: targets")
         print(format_table([{**t, "met": "yes" if t["met"] else "no"} for t in family_targets]))
         targets += family_targets
         print()
 
     def table(metric: str) -> dict[str, Any]:
-        return {
-            f: {c: {e: aggregate[f][c][e][metric]["mean"] for e in ESTIMATORS} for c in conditions}
-            for f in args.families
-        }
+        return {g: {c: {e: aggregate[g][c][e][metric]["mean"] for e in ESTIMATORS} for c in conditions} for g in groups}
 
     summary = {
         "benchmark": "estimate",
         "families": args.families,
+        "bases": args.bases,
         "seeds": args.seeds,
         "conditions": conditions,
         "abs_error_pixel_accuracy": table("pixel_accuracy"),
         "abs_error_miou": table("miou"),
         "spearman": table("spearman"),
         "temperature": {
-            f: mean_std([r["temperature"] for r in runs if r["family"] == f])["mean"] for f in args.families
+            g: mean_std([r["temperature"] for r in runs if f"{r['family']}/{r['base']}" == g])["mean"] for g in groups
         },
         "targets_met": {f"{t['family']} {t['estimator']}: {t['target']}": bool(t["met"]) for t in targets},
         "seconds": round(time.perf_counter() - start, 1),

@@ -143,16 +143,20 @@ def test_mc_dropout(tmp):
 
 
 def test_estimate(tmp):
-    summary, data, stdout = _run("estimate", tmp, "--shifts", "blur", "noise")
+    summary, data, stdout = _run("estimate", tmp, "--shifts", "blur", "noise", "--bases", "deeplabv3plus", "stride8")
     assert summary["benchmark"] == "estimate" and summary["families"] == ["scenes"]
+    assert summary["bases"] == ["deeplabv3plus", "stride8"]
     assert summary["conditions"] == ["none", "blur", "noise"]
-    for table in ("abs_error_pixel_accuracy", "abs_error_miou"):
-        for condition in summary["conditions"]:
-            values = summary[table]["scenes"][condition]
-            assert set(values) == {"errwrap", "errwrap+T", "avg_confidence", "atc"} and all(
-                _is_rate(v) for v in values.values()
-            )
-    assert all(-1.0 <= v <= 1.0 for c in summary["spearman"]["scenes"].values() for v in c.values())
+    groups = ("scenes/deeplabv3plus", "scenes/stride8")
+    assert [f"{r['family']}/{r['base']}" for r in data["runs"]] == list(groups)
+    for group in groups:
+        for table in ("abs_error_pixel_accuracy", "abs_error_miou"):
+            for condition in summary["conditions"]:
+                values = summary[table][group][condition]
+                assert set(values) == {"errwrap", "errwrap+T", "avg_confidence", "atc"} and all(
+                    _is_rate(v) for v in values.values()
+                )
+        assert all(-1.0 <= v <= 1.0 for c in summary["spearman"][group].values() for v in c.values())
     run = data["runs"][0]
     assert 0.0 < run["atc_threshold"] < 1.0 and run["temperature"] > 0
     for condition in run["conditions"].values():

@@ -14,7 +14,7 @@ builds on) and re-exported here, so that this is the one place to import the pro
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -31,6 +31,7 @@ __all__ = [
     "images_of",
     "explain_batch_error",
     "check_loader_num_classes",
+    "numbered_batches",
 ]
 
 #: ``(images, labels)`` of a batch; the name :mod:`errwrap.evaluation` has always exported.
@@ -119,3 +120,21 @@ def check_loader_num_classes(loader: Any, num_classes: int, name: str) -> None:
             "151-output model: ADE20K(..., reduce_zero_label=False)), or set dataset.num_classes = None if the labels "
             "already use the model's class indices"
         )
+
+
+def numbered_batches(loader: Iterable[Any], max_batches: int | None, name: str = "loader") -> Iterator[tuple[int, Any]]:
+    """``(index, batch)`` for at most ``max_batches`` batches of ``loader``; a ``RuntimeError``
+    raised while fetching a batch (a worker's failure) comes out explained by
+    :func:`explain_batch_error`."""
+    batches = iter(loader)
+    index = 0
+    while max_batches is None or index < max_batches:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except RuntimeError as exc:
+            raise explain_batch_error(exc, name) from exc
+        yield index, batch
+        index += 1
+

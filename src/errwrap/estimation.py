@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import itertools
 import logging
 import math
 from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
@@ -40,7 +39,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ._batch import check_loader_num_classes, explain_batch_error, images_of, prepare_batch
+from ._batch import check_loader_num_classes, images_of, numbered_batches, prepare_batch
 from ._distributed import gather_objects as _gather
 from ._distributed import rank_and_world as _dist_world
 from ._io import nan_to_none, none_to_nan, read_json_text, write_json_text
@@ -235,16 +234,7 @@ def _outputs(
         iterator = tqdm(loader, desc=name, total=max_batches)
     callback = progress if callable(progress) else None
     with eval_mode(wrapper):
-        batches = iter(iterator)
-        for index in itertools.count():
-            if max_batches is not None and index >= max_batches:
-                break
-            try:
-                batch = next(batches)
-            except StopIteration:
-                break
-            except RuntimeError as exc:
-                raise explain_batch_error(exc, "loader") from exc
+        for index, batch in numbered_batches(iterator, max_batches):
             truth = None
             if labelled:
                 images, truth = prepare_batch(

@@ -15,7 +15,6 @@ One pass over a loader computes, in constant memory (see :mod:`errwrap.metrics`)
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
 import math
 import time
@@ -27,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ._batch import check_loader_num_classes, explain_batch_error, prepare_batch, unpack_batch
+from ._batch import check_loader_num_classes, numbered_batches, prepare_batch, unpack_batch
 from ._distributed import is_initialized as _dist_initialized
 from ._distributed import sum_over_processes as _sum_over_processes
 from ._distributed import world_size as _world_size
@@ -327,16 +326,7 @@ def evaluate(
     dtype = input_dtype(wrapper)  # float64 or float16 images run in the model's dtype
     error_head = ErrorHeadScore()
     with eval_mode(wrapper), torch.no_grad():
-        batches = iter(iterator)
-        for index in itertools.count():
-            if max_batches is not None and index >= max_batches:
-                break
-            try:
-                batch = next(batches)
-            except StopIteration:
-                break
-            except RuntimeError as exc:
-                raise explain_batch_error(exc, "loader") from exc
+        for index, batch in numbered_batches(iterator, max_batches):
             images, labels = prepare_batch(
                 batch, index, in_channels=getattr(wrapper, "in_channels", None), num_classes=num_classes,
                 ignore_index=ignore_index, device=device, dtype=dtype,

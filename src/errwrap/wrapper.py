@@ -440,8 +440,7 @@ class ErrorCorrectionWrapper(nn.Module, HubMixin):
         fused = self.fusion(full, detail, error, base_probs)
         if self.temperature != 1.0:  # temperature scaling keeps the argmax: labels do not change
             fused = torch.log_softmax(fused / self.temperature, dim=1)
-        base_logits = full
-        return ErrorCorrectionOutput(fused, base_logits, error, detail)
+        return ErrorCorrectionOutput(fused, full, error, detail)
 
     def forward(self, x: Tensor) -> ErrorCorrectionOutput:
         check_images(x, self.in_channels)

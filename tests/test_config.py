@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from errwrap import ErrorCorrectionWrapper
 from errwrap.config import MAX_HEAD_PARAMETERS, HeadConfig, head_parameter_count
@@ -22,7 +23,7 @@ REQUIRED = dict(
 EVERY_FIELD = dict(
     num_classes=7, in_channels=4, low_level="stem", high_level="layer4", low_channels=24, high_channels=96,
     error_channels=32, error_blocks=3, detail_channels=16, detail_blocks=1, fusion="learned", norm_layer="groupnorm",
-    act_layer="gelu", error_prior=0.25, adapter="hooks", sample_size=128, temperature=2.5,
+    act_layer="gelu", error_prior=0.25, adapter="hooks", sample_size=128, temperature=2.5, project_features=True,
 )  # fmt: skip
 
 
@@ -52,7 +53,7 @@ def test_config_is_frozen_and_an_integer_temperature_reads_as_a_float():
 
 def test_constructor_kwargs_are_what_the_wrapper_takes():
     kwargs = HeadConfig(**EVERY_FIELD).constructor_kwargs()
-    assert set(kwargs) == set(REQUIRED) | {"sample_size"}
+    assert set(kwargs) == set(REQUIRED) | {"sample_size", "project_features"}
     assert kwargs["sample_size"] == 128 and kwargs["fusion"] == "learned"
 
 
@@ -80,6 +81,8 @@ def test_constructor_kwargs_are_what_the_wrapper_takes():
         ("error_prior", "0.1", r"heads\.error_prior must be a probability"),
         ("temperature", 1e-300, r"heads\.temperature must be a positive number in \[0\.001, 1000\]"),
         ("temperature", True, r"heads\.temperature must be a positive number"),
+        ("project_features", 1, r"heads\.project_features must be true or false, got 1"),
+        ("project_features", "true", r"heads\.project_features must be true or false"),
     ],
 )
 def test_each_bad_field_is_refused_by_name(key, value, match):
@@ -132,7 +135,7 @@ def test_saved_config_of_the_first_format_reads_through_the_schema():
 def test_written_config_is_the_first_formats_but_for_adapter_options(tmp_path):
     """What save_pretrained writes for the saved_model_v1 settings: the same heads, same keys in
     the same order, without the empty "adapter_options" (errwrap of format 1 reads it absent)."""
-    wrap = ErrorCorrectionWrapper(tiny_base(0), error_channels=8, detail_channels=8)
+    wrap = ErrorCorrectionWrapper(tiny_base(0), error_channels=8, detail_channels=8, project_features=False)
     wrap.save_pretrained(tmp_path, class_names=[f"class{i}" for i in range(5)])
     old = json.loads((SAVED_V1 / CONFIG_NAME).read_text())
     assert old.pop("adapter_options") == {}
@@ -157,3 +160,28 @@ def test_adapter_options_read_only_when_empty(tmp_path, options, ok):
     else:
         with pytest.raises(ValueError, match=r"adapter_options .* are not allowed in a saved config"):
             read_config(tmp_path / CONFIG_NAME)
+
+
+def test_projected_heads_are_the_default_and_saved_as_such(tmp_path):
+    """New wrappers reduce each head's feature with a 1x1 conv first; the config says so, and a
+    config without the key (every model saved before it) rebuilds the unprojected heads."""
+    wrap = ErrorCorrectionWrapper(tiny_base(0), error_channels=8, detail_channels=8)
+    assert wrap.config.project_features is True
+    assert wrap.error_head.project is not None and wrap.detail_head.project is not None
+    assert wrap.error_head.blocks[0].conv.in_channels == 8 + 5 + 3  # width + classes + cues, not 16 + 5 + 3
+    assert wrap.detail_head.blocks[0].conv.in_channels == 8 + 8 + 1
+    wrap.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / CONFIG_NAME).read_text())["heads"]["project_features"] is True
+    assert read_config(tmp_path / CONFIG_NAME).heads.project_features is True
+    old = read_config(SAVED_V1 / CONFIG_NAME).heads
+    assert old.project_features is False
+    assert ErrorCorrectionWrapper(tiny_base(0), **old.constructor_kwargs()).error_head.project is None
+
+
+@pytest.mark.parametrize("project", [False, True])
+def test_head_parameter_count_counts_the_conv_weights(project):
+    wrap = ErrorCorrectionWrapper(tiny_base(0), error_channels=8, detail_channels=8, project_features=project)
+    heads = [wrap.error_head, wrap.detail_head]
+    weights = sum(m.weight.numel() for h in heads for m in h.modules() if isinstance(m, torch.nn.Conv2d))
+    refine = wrap.error_head.refine.weight.numel() + wrap.error_head.classifier.weight.numel()
+    assert head_parameter_count(wrap.config) == weights - refine

@@ -116,6 +116,26 @@ def test_detail_head_shapes():
     assert len(head.blocks) == 3
 
 
+def test_projected_heads_read_the_reduced_features_and_train_the_reduction():
+    """project=True: a 1x1 conv-norm-act takes each feature to the head's width before the 3x3
+    blocks; outputs keep their shapes and the reductions receive gradients."""
+    error = ErrorHead(256, 5, channels=8, project=True)
+    detail = DetailHead(96, 256, 5, channels=8, project=True)
+    assert error.blocks[0].conv.in_channels == 8 + 5 + 3 and detail.blocks[0].conv.in_channels == 8 + 8 + 1
+    assert error.project.conv.in_channels == 256 and detail.project.conv.in_channels == 96
+    high, low = torch.randn(2, 256, 4, 4), torch.randn(2, 96, 16, 16)
+    e = error(high, torch.randn(2, 5, 16, 16))
+    d = detail(low, high, torch.sigmoid(torch.nn.functional.interpolate(e, size=(16, 16))).detach())
+    assert e.shape == (2, 1, 4, 4) and d.shape == (2, 5, 16, 16)
+    (e.sum() + d.sum()).backward()
+    for head in (error, detail):
+        grad = head.project.conv.weight.grad
+        assert grad is not None and grad.abs().sum() > 0
+    # The unprojected heads (saved models without project_features) have no such module.
+    assert ErrorHead(256, 5, channels=8).project is None
+    assert not any("project" in name for name, _ in DetailHead(96, 256, 5).named_modules())
+
+
 @pytest.mark.parametrize("norm", ["batchnorm", "groupnorm", "instancenorm", "none"])
 @pytest.mark.parametrize("act", ["relu", "gelu", "silu"])
 def test_heads_with_configurable_layers(norm, act):

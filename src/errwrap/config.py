@@ -56,6 +56,10 @@ def _string(value: Any) -> str | None:
     return None if isinstance(value, str) else f" must be a string, got {value!r}"
 
 
+def _boolean(value: Any) -> str | None:
+    return None if isinstance(value, bool) else f" must be true or false, got {value!r}"
+
+
 def _probability(value: Any) -> str | None:
     if not isinstance(value, (int, float)) or not 0 < value < 1:
         return f" must be a probability in (0, 1), got {value!r}"
@@ -100,6 +104,10 @@ class HeadConfig:
         adapter: name of the adapter (``None`` or ``"native"``: chosen from the base's type).
         sample_size: side of the probe input used at construction.
         temperature: temperature of the fused probabilities (1: none).
+        project_features: each head reduces its backbone feature to its width with a 1x1
+            conv-norm-act before its 3x3 blocks. New wrappers set it (``ErrorCorrectionWrapper``'s
+            default); a saved config without it is the earlier architecture, which reads the
+            features directly.
     """
 
     num_classes: int = _field(_positive_int(65536))
@@ -119,6 +127,7 @@ class HeadConfig:
     adapter: str | None = _field(_string, constructor=False, default=None)
     sample_size: int = _field(_positive_int(2048), default=64)
     temperature: float = _field(_temperature, constructor=False, convert=float, default=1.0)
+    project_features: bool = _field(_boolean, default=False)
 
     # ------------------------------------------------------------------ JSON
     def to_json(self) -> dict[str, Any]:
@@ -188,7 +197,11 @@ def head_parameter_count(config: HeadConfig) -> int:
     unrecorded feature channels count as 0)."""
     c, low, high = config.num_classes, config.low_channels or 0, config.high_channels or 0
     ec, eb, dc, db = config.error_channels, config.error_blocks, config.detail_channels, config.detail_blocks
-    error = 9 * ec * (high + c + 3) + 9 * (eb - 1) * ec * ec
-    detail = dc * high + 9 * dc * (low + dc + 1) + 9 * (db - 1) * dc * dc + dc * c
-    return error + detail
+    if config.project_features:
+        error = ec * high + 9 * ec * (ec + c + 3)
+        detail = dc * high + dc * low + 9 * dc * (dc + dc + 1)
+    else:
+        error = 9 * ec * (high + c + 3)
+        detail = dc * high + 9 * dc * (low + dc + 1)
+    return error + 9 * (eb - 1) * ec * ec + detail + 9 * (db - 1) * dc * dc + dc * c
 

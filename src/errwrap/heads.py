@@ -44,6 +44,10 @@ class ErrorHead(nn.Module):
         norm_layer: normalisation, a name from ``errwrap.layers.NORM_LAYERS``.
         act_layer: activation, a name from ``errwrap.layers.ACT_LAYERS``.
         prior: initial error probability; the classifier's bias starts at ``logit(prior)``.
+        project: reduce the feature to ``channels`` with a 1x1 conv-norm-act before the 3x3
+            blocks (the wrapper's default: the first 3x3 block then reads ``channels + C + 3``
+            channels instead of ``feature_channels + C + 3``, about a third of the cost on a
+            256-channel decoder feature). ``False`` is the architecture of earlier saved models.
 
     Shapes:
         feature ``(B, feature_channels, h, w)``, base_logits ``(B, C, h0, w0)`` ->
@@ -60,6 +64,7 @@ class ErrorHead(nn.Module):
         norm_layer: LayerSpec = "batchnorm",
         act_layer: LayerSpec = "relu",
         prior: float = 0.1,
+        project: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -69,7 +74,13 @@ class ErrorHead(nn.Module):
         if not 0.0 < prior < 1.0:
             raise ValueError(f"prior: expected a probability in (0, 1), got {prior}")
         dd: dict[str, Any] = {"device": device, "dtype": dtype}
-        in_channels = feature_channels + num_classes + 3
+        # Registered only when used, so the state dicts of earlier (unprojected) heads keep their keys.
+        self.project: nn.Module | None = (
+            ConvNormAct(feature_channels, channels, 1, norm_layer=norm_layer, act_layer=act_layer, **dd)
+            if project
+            else None
+        )
+        in_channels = (channels if project else feature_channels) + num_classes + 3
         blocks = [ConvNormAct(in_channels, channels, 3, norm_layer=norm_layer, act_layer=act_layer, **dd)]
         blocks += [
             ConvNormAct(channels, channels, 3, norm_layer=norm_layer, act_layer=act_layer, **dd)
@@ -101,6 +112,8 @@ class ErrorHead(nn.Module):
         probs = torch.softmax(base_logits.detach().float(), dim=1) if base_probs is None else base_probs
         probs = resize(probs, feature.shape[-2:])
         cues = confidence_cues(probs)
+        if self.project is not None:
+            feature = self.project(feature)
         x = torch.cat([feature, probs.to(feature.dtype), cues.to(feature.dtype)], dim=1)
         return self.classifier(self.blocks(x))
 
@@ -140,6 +153,9 @@ class DetailHead(nn.Module):
         reduce_channels: width ``F_h`` is reduced to; defaults to ``channels``.
         norm_layer: normalisation, a name from ``errwrap.layers.NORM_LAYERS``.
         act_layer: activation, a name from ``errwrap.layers.ACT_LAYERS``.
+        project: reduce ``F_l`` to ``channels`` with a 1x1 conv-norm-act before the 3x3 blocks,
+            as ``F_h`` is (the wrapper's default; ``False`` is the architecture of earlier
+            saved models).
 
     Shapes:
         low ``(B, low_channels, hl, wl)``, high ``(B, high_channels, hh, wh)``,
@@ -157,6 +173,7 @@ class DetailHead(nn.Module):
         reduce_channels: int | None = None,
         norm_layer: LayerSpec = "batchnorm",
         act_layer: LayerSpec = "relu",
+        project: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -166,7 +183,12 @@ class DetailHead(nn.Module):
         dd: dict[str, Any] = {"device": device, "dtype": dtype}
         reduce_channels = reduce_channels or channels
         self.reduce = ConvNormAct(high_channels, reduce_channels, 1, norm_layer=norm_layer, act_layer=act_layer, **dd)
-        in_channels = low_channels + reduce_channels + 1
+        self.project: nn.Module | None = (
+            ConvNormAct(low_channels, channels, 1, norm_layer=norm_layer, act_layer=act_layer, **dd)
+            if project
+            else None
+        )
+        in_channels = (channels if project else low_channels) + reduce_channels + 1
         blocks = [ConvNormAct(in_channels, channels, 3, norm_layer=norm_layer, act_layer=act_layer, **dd)]
         blocks += [
             ConvNormAct(channels, channels, 3, norm_layer=norm_layer, act_layer=act_layer, **dd)
@@ -177,6 +199,8 @@ class DetailHead(nn.Module):
 
     def forward(self, low: Tensor, high: Tensor, error_prob: Tensor) -> Tensor:
         high = resize(self.reduce(high), low.shape[-2:])
+        if self.project is not None:
+            low = self.project(low)
         x = torch.cat([low, high.to(low.dtype), error_prob.to(low.dtype)], dim=1)
         return self.classifier(self.blocks(x))
 

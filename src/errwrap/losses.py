@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._validate import check_finite, check_logits, is_tracing, prepare_labels
+from .functional import class_labels
 from .layers import resize
 
 __all__ = [
@@ -54,7 +55,7 @@ def error_target(base_logits: Tensor, labels: Tensor, ignore_index: int = 255) -
         >>> error_target(z, torch.tensor([[[0, 0]]]))
         tensor([[[0, 1]]])
     """
-    pred = _at_label_size(base_logits.detach(), labels).argmax(dim=1)
+    pred = class_labels(_at_label_size(base_logits.detach(), labels))
     target = (pred != labels).long()
     return torch.where(labels == ignore_index, torch.full_like(target, ignore_index), target)
 

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from ._distributed import all_reduce_sum, gather_objects, is_initialized
 from ._validate import check_positive_int, describe
+from .functional import class_labels
 
 __all__ = [
     "StreamingMetric",
@@ -204,7 +205,7 @@ class SegmentationMetrics(StreamingMetric):
                     f"preds: expected integer labels or scores of shape BxCxHxW with C={self.num_classes}, got "
                     f"{describe(preds)}"
                 )
-            preds = preds.argmax(dim=1)
+            preds = class_labels(preds)
         if labels.is_floating_point() or labels.dtype == torch.bool:
             raise TypeError(f"labels: expected an integer tensor, got {describe(labels)}")
         if preds.shape != labels.shape:

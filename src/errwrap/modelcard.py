@@ -112,7 +112,9 @@ def render_model_card(
         f"- **Weights**: {kind}, in `model.safetensors`.",
         f"- **Classes** ({heads['num_classes']}): {classes}.",
         f"- **Heads**: error head {heads['error_blocks']}x{heads['error_channels']} channels, detail head "
-        f"{heads['detail_blocks']}x{heads['detail_channels']} channels, `{heads['fusion']}` fusion.",
+        f"{heads['detail_blocks']}x{heads['detail_channels']} channels"
+        f"{', features reduced by 1x1 convolutions first' if heads.get('project_features') else ''}, "
+        f"`{heads['fusion']}` fusion.",
         "",
         "## Usage",
         "",

@@ -53,7 +53,7 @@ from ._utils import eval_mode
 from ._validate import check_positive_int
 from .adapters import NativeAdapter, find_adapter
 from .calibration import fit_temperature, sample_labelled_pixels
-from .functional import normalized_entropy, normalized_entropy_of_logits
+from .functional import class_labels, normalized_entropy, normalized_entropy_of_logits
 from .layers import resize
 
 __all__ = [
@@ -98,7 +98,7 @@ class ScoreOutput(NamedTuple):
     @property
     def prediction(self) -> Tensor:
         """The judged prediction ``(B, H, W)`` int64."""
-        return self.base_logits.argmax(dim=1)
+        return class_labels(self.base_logits)
 
 
 def msp_score(logits: Tensor) -> Tensor:

@@ -18,6 +18,7 @@ from ._validate import check_images, check_logits, check_norm_batch, input_dtype
 from .adapters import Adapter, BaseOutput
 from .adapters.select import FeatureRef, Probe, choose_features, probe, select_adapter
 from .config import HeadConfig
+from .functional import class_labels
 from .heads import DetailHead, ErrorHead, build_fusion, confidence_cues
 from .hub import HubMixin
 from .layers import resize
@@ -83,12 +84,12 @@ class ErrorCorrectionOutput(NamedTuple):
     @property
     def labels(self) -> Tensor:
         """Corrected labels ``(B, H, W)`` int64."""
-        return self.logits.argmax(dim=1)
+        return class_labels(self.logits)
 
     @property
     def base_labels(self) -> Tensor:
         """The base network's labels ``(B, H, W)`` int64."""
-        return self.base_logits.argmax(dim=1)
+        return class_labels(self.base_logits)
 
     @property
     def probs(self) -> Tensor:
@@ -148,6 +149,9 @@ class ErrorCorrectionWrapper(nn.Module, HubMixin):
         fusion: ``"mixture"`` (the paper's) or ``"learned"``.
         norm_layer, act_layer: names from ``errwrap.layers`` used by both heads.
         error_prior: initial error probability of the error head.
+        project_features: each head reduces its backbone feature to its width with a 1x1
+            conv-norm-act before its 3x3 blocks (about half the heads' cost on a DeepLabV3+ base;
+            see docs/method.md). ``False`` builds the architecture of models saved before this setting existed.
         freeze_base: start with the base frozen (see :meth:`freeze_base`).
         sample_size: side of the probe input used at construction.
 
@@ -178,6 +182,7 @@ class ErrorCorrectionWrapper(nn.Module, HubMixin):
         norm_layer: str = "batchnorm",
         act_layer: str = "relu",
         error_prior: float = 0.1,
+        project_features: bool = True,
         freeze_base: bool = True,
         sample_size: int = 64,
     ) -> None:
@@ -217,7 +222,7 @@ class ErrorCorrectionWrapper(nn.Module, HubMixin):
             low_channels=low_channels, high_channels=high_channels, error_channels=error_channels,
             error_blocks=error_blocks, detail_channels=detail_channels, detail_blocks=detail_blocks, fusion=fusion,
             norm_layer=norm_layer, act_layer=act_layer, error_prior=error_prior, adapter=self.adapter.name,
-            sample_size=sample_size,
+            sample_size=sample_size, project_features=project_features,
         )  # fmt: skip
         param = next(iter(base.parameters()), None)
         floating = param is not None and param.is_floating_point()
@@ -230,6 +235,7 @@ class ErrorCorrectionWrapper(nn.Module, HubMixin):
             norm_layer=norm_layer,
             act_layer=act_layer,
             prior=error_prior,
+            project=project_features,
             **dd,
         )
         self.detail_head = DetailHead(
@@ -240,6 +246,7 @@ class ErrorCorrectionWrapper(nn.Module, HubMixin):
             detail_blocks,
             norm_layer=norm_layer,
             act_layer=act_layer,
+            project=project_features,
             **dd,
         )
         self.fusion = build_fusion(fusion, inferred, **dd)

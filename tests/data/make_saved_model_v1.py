@@ -27,7 +27,7 @@ from errwrap import ErrorCorrectionLoss, ErrorCorrectionWrapper  # noqa: E402
 
 def main() -> None:
     torch.manual_seed(0)
-    wrap = ErrorCorrectionWrapper(tiny_base(0), error_channels=8, detail_channels=8)
+    wrap = ErrorCorrectionWrapper(tiny_base(0), error_channels=8, detail_channels=8, project_features=False)
     opt = torch.optim.Adam(wrap.head_parameters(), 1e-2)
     wrap.train()
     for step in range(5):  # a few steps, so that norm statistics and weights are not the initial ones

@@ -176,6 +176,26 @@ def test_inference_mixture_equals_log_space_mixture(scale, num_classes):
     assert torch.equal(got.argmax(1), expected.argmax(1))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inference_mixture_recomputes_only_the_underflowed_entries_exactly(dtype):
+    """Some pixels underflow (confident base and detail), the rest do not: the underflowed
+    entries get the log-space values, the others stay the probability-space ones."""
+    torch.manual_seed(1)
+    z0, z1, e = torch.randn(1, 5, 8, 8), torch.randn(1, 5, 8, 8), torch.randn(1, 1, 8, 8)
+    z0[..., :2, :] *= 300.0
+    z1[..., :2, :] = z0[..., :2, :]  # both agree, far apart: entries near exp(-300) underflow
+    z0, z1, e = z0.to(dtype), z1.to(dtype), e.to(dtype)
+    probs = torch.softmax(z0.float(), dim=1)
+    mixed = (torch.sigmoid(-e.float()) * probs + torch.sigmoid(e.float()) * torch.softmax(z1.float(), dim=1))
+    underflow = mixed < torch.finfo(torch.float32).tiny
+    assert underflow.any() and not underflow[..., 2:, :].any()
+    got = mixture_log_probs_inference(z0, probs, z1, e)
+    expected = mixture_log_probs(z0, z1, e)
+    assert torch.isfinite(got).all() and (got[underflow] < -80).all()
+    assert torch.allclose(got[underflow], expected[underflow], rtol=1e-6, atol=1e-3)
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_mixture_fusion_takes_the_inference_path_only_without_gradients():
     torch.manual_seed(0)
     z0, z1, e = torch.randn(1, 5, 4, 4), torch.randn(1, 5, 4, 4), torch.randn(1, 1, 4, 4)

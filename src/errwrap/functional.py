@@ -76,8 +76,10 @@ def mixture_log_probs_inference(
     a ``logaddexp`` per class, and one ``B x C x H x W`` buffer instead of five. Both terms are
     non-negative and each is exact to float32 rounding, so the result equals the log-space one
     to float32 tolerance wherever the mixture probability is a normal float (``>= 1.2e-38``);
-    pixels with a smaller probability (logits tens of units apart) are recomputed with
-    :func:`mixture_log_probs`. Not for training: no gradient flows through the in-place ops.
+    entries with a smaller probability (logits tens of units apart) are recomputed in log space,
+    those entries only (``log_softmax`` read as ``z - logsumexp(z)``), so a map where some
+    pixels underflow costs two ``logsumexp`` and a few masked passes more, not the whole
+    log-space mixture. Not for training: no gradient flows through the in-place ops.
 
     Shapes:
         base_logits, base_probs (``softmax(base_logits)`` in float32), detail_logits
@@ -88,8 +90,11 @@ def mixture_log_probs_inference(
     mixed = mixed.addcmul_(base_probs, torch.sigmoid(-error))
     underflow = mixed < _TINY if bool(mixed.amin() < _TINY) else None
     log_probs = mixed.log_()
-    if underflow is not None:  # rare: recompute, in log space, the pixels that underflowed
-        log_probs = torch.where(underflow, mixture_log_probs(base_logits, detail_logits, error_logits), log_probs)
+    if underflow is not None:  # recompute, in log space, the entries that underflowed
+        z0, z1 = base_logits.float(), detail_logits.float()
+        keep = (F.logsigmoid(-error) - torch.logsumexp(z0, dim=1, keepdim=True)).expand_as(z0)[underflow]
+        change = (F.logsigmoid(error) - torch.logsumexp(z1, dim=1, keepdim=True)).expand_as(z1)[underflow]
+        log_probs[underflow] = torch.logaddexp(keep.add_(z0[underflow]), change.add_(z1[underflow]))
     return log_probs
 
 

@@ -28,7 +28,7 @@ from .layers import LayerSpec
 __all__ = ["HeadConfig", "MAX_HEAD_PARAMETERS", "TEMPERATURE_RANGE", "head_parameter_count"]
 
 #: Most parameters the three heads of a config may have (1 GB in float32; errwrap's defaults
-#: give about 0.1 M).
+#: give 0.1-0.3 M on a resnet50 DeepLabV3+).
 MAX_HEAD_PARAMETERS = 2**28
 #: The temperatures a config may hold and :func:`errwrap.calibrate_temperature` may set.
 TEMPERATURE_RANGE = (1e-3, 1e3)

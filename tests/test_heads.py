@@ -177,18 +177,20 @@ def test_inference_mixture_equals_log_space_mixture(scale, num_classes):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_inference_mixture_recomputes_only_the_underflowed_entries_exactly(dtype):
+@pytest.mark.parametrize("rows", [1, 16])  # a few entries (recomputed alone) or many (the whole map)
+def test_inference_mixture_recomputes_the_underflowed_entries_exactly(dtype, rows):
     """Some pixels underflow (confident base and detail), the rest do not: the underflowed
     entries get the log-space values, the others stay the probability-space ones."""
     torch.manual_seed(1)
-    z0, z1, e = torch.randn(1, 5, 8, 8), torch.randn(1, 5, 8, 8), torch.randn(1, 1, 8, 8)
-    z0[..., :2, :] *= 300.0
-    z1[..., :2, :] = z0[..., :2, :]  # both agree, far apart: entries near exp(-300) underflow
+    z0, z1, e = torch.randn(1, 5, 32, 8), torch.randn(1, 5, 32, 8), torch.randn(1, 1, 32, 8)
+    z0[..., :rows, :] *= 300.0
+    z1[..., :rows, :] = z0[..., :rows, :]  # both agree, far apart: entries near exp(-300) underflow
     z0, z1, e = z0.to(dtype), z1.to(dtype), e.to(dtype)
     probs = torch.softmax(z0.float(), dim=1)
     mixed = (torch.sigmoid(-e.float()) * probs + torch.sigmoid(e.float()) * torch.softmax(z1.float(), dim=1))
     underflow = mixed < torch.finfo(torch.float32).tiny
-    assert underflow.any() and not underflow[..., 2:, :].any()
+    assert underflow.any() and not underflow[..., rows:, :].any()
+    assert (underflow.float().mean() > 0.05) == (rows == 16)  # the two branches
     got = mixture_log_probs_inference(z0, probs, z1, e)
     expected = mixture_log_probs(z0, z1, e)
     assert torch.isfinite(got).all() and (got[underflow] < -80).all()

@@ -76,10 +76,12 @@ def mixture_log_probs_inference(
     a ``logaddexp`` per class, and one ``B x C x H x W`` buffer instead of five. Both terms are
     non-negative and each is exact to float32 rounding, so the result equals the log-space one
     to float32 tolerance wherever the mixture probability is a normal float (``>= 1.2e-38``);
-    entries with a smaller probability (logits tens of units apart) are recomputed in log space,
-    those entries only (``log_softmax`` read as ``z - logsumexp(z)``), so a map where some
-    pixels underflow costs two ``logsumexp`` and a few masked passes more, not the whole
-    log-space mixture. Not for training: no gradient flows through the in-place ops.
+    entries with a smaller probability (logits tens of units apart) are recomputed in log space:
+    when they are few (at most 5% of the entries), those entries only (``log_softmax`` read as
+    ``z - logsumexp(z)``), else the whole map with :func:`mixture_log_probs`, which is then the
+    faster of the two (19.6 against 34.8 ms with 0.6% of a 19 x 256 x 512 map underflowing, 81
+    against 53 ms with 21%; 2 CPU threads). Not for training: no gradient flows through the
+    in-place ops.
 
     Shapes:
         base_logits, base_probs (``softmax(base_logits)`` in float32), detail_logits
@@ -91,6 +93,8 @@ def mixture_log_probs_inference(
     underflow = mixed < _TINY if bool(mixed.amin() < _TINY) else None
     log_probs = mixed.log_()
     if underflow is not None:  # recompute, in log space, the entries that underflowed
+        if int(underflow.sum()) * 20 > underflow.numel():
+            return torch.where(underflow, mixture_log_probs(base_logits, detail_logits, error_logits), log_probs)
         z0, z1 = base_logits.float(), detail_logits.float()
         keep = (F.logsigmoid(-error) - torch.logsumexp(z0, dim=1, keepdim=True)).expand_as(z0)[underflow]
         change = (F.logsigmoid(error) - torch.logsumexp(z1, dim=1, keepdim=True)).expand_as(z1)[underflow]

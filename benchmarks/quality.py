@@ -246,7 +246,8 @@ def run_cell(family: str, base_kind: str, seed: int, args: argparse.Namespace, s
     base = members[0]
     say(f"  bases trained ({len(members)}, {time.perf_counter() - t0:.0f}s)")
     wrap = ErrorCorrectionWrapper(base)
-    errwrap.finetune(wrap, train, steps=args.head_steps, progress=False, log_every=None)
+    augment = {} if args.head_augment == "default" else {"augment": None}
+    errwrap.finetune(wrap, train, steps=args.head_steps, progress=False, log_every=None, **augment)
     wrap.eval()
     say(f"  heads trained ({time.perf_counter() - t0:.0f}s)")
     temp_msp = TemperatureMSPScore.fit(wrap, loader("test", args.val_images))
@@ -344,6 +345,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--base-steps", type=int, default=500)
     parser.add_argument("--base-lr", type=float, default=2e-3)
     parser.add_argument("--head-steps", type=int, default=600, help="errwrap.finetune steps (its defaults otherwise)")
+    parser.add_argument(
+        "--head-augment", choices=("default", "none"), default="default",
+        help="finetune's augment: its default ('photometric'), or none (the A/B of docs/benchmarks.md section 4)",
+    )  # fmt: skip
     parser.add_argument("--ensemble", type=int, default=3, help="bases in the deep ensemble (1: none)")
     parser.add_argument(
         "--ensemble-seeds",

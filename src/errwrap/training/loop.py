@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
@@ -29,6 +30,7 @@ from .._validate import input_dtype
 from ._batches import Batches, seed_everything
 from ._setup import check_arguments, check_data, check_room, place, select_trained
 from ._validation import validate
+from .augment import AUGMENTS, PhotometricAugment, build_augment
 from .checkpoint import CheckpointSaver, Run, restore
 from .optim import build_optimizer, build_precision
 
@@ -92,11 +94,29 @@ class _Stepper:
     dtype: torch.dtype
     accumulate: int
     clip_grad_norm: float | None
+    augment: str | None = None
+    seed: int = 0
+    _augmenter: PhotometricAugment | None = None
+    _augment_checked: bool = False
+
+    def _augmented(self, images: Tensor, micro: int) -> Tensor:
+        """``images`` through the photometric augmentation, drawn from ``(seed, step, micro, rank)``
+        alone, so a resumed run augments its batches as the uninterrupted run did."""
+        if self.augment is None:
+            return images
+        if not self._augment_checked:
+            self._augmenter, self._augment_checked = build_augment(self.augment, self.run.wrapper, images), True
+        if self._augmenter is None:
+            return images
+        entropy = [self.seed, self.run.step, micro, _distributed.rank()]
+        generator = torch.Generator().manual_seed(int(np.random.SeedSequence(entropy).generate_state(1)[0]))
+        return self._augmenter(images, generator)
 
     def _micro_batch(self, micro: int) -> tuple[dict[str, float], int]:
         """Forward and backward one batch; its loss terms (means over ranks) and its number of images."""
         run = self.run
         images, labels = run.batches.next_on(self.device, self.dtype, getattr(run.wrapper, "in_channels", None))
+        images = self._augmented(images, micro)
         accumulating = micro < self.accumulate - 1  # DDP syncs the gradients at the step's last micro-batch only
         ddp = self.model if isinstance(self.model, DistributedDataParallel) else None
         sync = ddp.no_sync() if ddp is not None and accumulating else contextlib.nullcontext()
@@ -191,6 +211,7 @@ def finetune(
     clip_grad_norm: float | None = 1.0,
     precision: str = "fp32",
     seed: int = 0,
+    augment: str | None = "photometric",
     loss: nn.Module | None = None,
     device: str | torch.device | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
@@ -241,6 +262,13 @@ def finetune(
         precision: ``"fp32"``, ``"bf16"`` (autocast, CPU or GPU) or ``"fp16"`` (autocast and
             ``GradScaler``, GPU only).
         seed: seeds torch, ``random`` and numpy at the start, and each epoch's order.
+        augment: ``"photometric"`` (default): half of the training images, drawn anew at each
+            step, get a random gain, gamma, contrast and saturation
+            (:class:`~errwrap.training.augment.PhotometricAugment`, in pixel space through
+            ``wrapper.preprocessing``), so the heads also learn how the base fails under other
+            light; ``None``: the batches as the loader gives them. Without
+            ``wrapper.preprocessing`` images must be in ``[0, 1]``, else training goes on
+            without augmentation and a ``UserWarning`` says so.
         loss: an :class:`~errwrap.ErrorCorrectionLoss` (default: ``ErrorCorrectionLoss()``).
         device: where to train; default: the wrapper's device. Given and different, the wrapper
             is moved there (logged). Batches are moved to it.
@@ -279,6 +307,8 @@ def finetune(
         val_every=val_every, log_every=log_every, schedule=schedule, precision=precision, lr=lr,
         weight_decay=weight_decay, clip_grad_norm=clip_grad_norm,
     )  # fmt: skip
+    if augment not in AUGMENTS:
+        raise ValueError(f"augment: expected one of {AUGMENTS}, got {augment!r}")
     check_data(wrapper, train_loader, val_loader, checkpoint_dir)
 
     # ------------------------------------------------------------ build: device, what trains, optimizer, precision
@@ -300,7 +330,9 @@ def finetune(
     model: nn.Module = wrapper
     if _distributed.is_initialized():
         model = DistributedDataParallel(wrapper, device_ids=[target.index] if target.type == "cuda" else None)
-    stepper = _Stepper(run, model, loss_fn, autocast, params, target, input_dtype(wrapper), accumulate, clip_grad_norm)
+    stepper = _Stepper(
+        run, model, loss_fn, autocast, params, target, input_dtype(wrapper), accumulate, clip_grad_norm, augment, seed
+    )
     saver = CheckpointSaver(ckpt_root, checkpoint_every)
     shown = _Progress(steps, run.step, progress, log_every)
     validating = val_fn is not None or val_loader is not None

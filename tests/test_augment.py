@@ -1,0 +1,95 @@
+import warnings
+
+import pytest
+import torch
+
+from errwrap import ErrorCorrectionWrapper
+from errwrap.data import IMAGENET_MEAN, IMAGENET_STD, Normalize, Scenes, make_loader
+from errwrap.training import finetune
+from errwrap.training.augment import PhotometricAugment, build_augment
+
+from .tiny import tiny_base
+
+NUM_CLASSES = len(Scenes.class_names)
+
+
+def _normalised(images):
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (images - mean) / std, mean, std
+
+
+def test_a_fixed_gain_darkens_pixels_exactly_through_the_normalisation():
+    raw = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    images, mean, std = _normalised(raw)
+    aug = PhotometricAugment(IMAGENET_MEAN, IMAGENET_STD, p=1.0, gain=(0.5, 0.5), gamma=(2.0, 2.0),
+                             contrast=(1.0, 1.0), saturation=(1.0, 1.0))  # fmt: skip
+    out = aug(images, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(out * std + mean, 0.5 * raw**2, rtol=1e-5, atol=1e-6)
+
+
+def test_pixels_stay_in_range_dtype_is_kept_and_the_generator_decides():
+    raw = torch.rand(16, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    images, mean, std = _normalised(raw)
+    aug = PhotometricAugment(IMAGENET_MEAN, IMAGENET_STD)
+    a = aug(images, torch.Generator().manual_seed(5))
+    b = aug(images, torch.Generator().manual_seed(5))
+    c = aug(images, torch.Generator().manual_seed(6))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    pixels = a * std + mean
+    assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5
+    changed = (a != images).flatten(1).any(dim=1)
+    assert 0 < int(changed.sum()) < 16  # p = 0.5: some images changed, others untouched
+    assert torch.equal(a[~changed], images[~changed])
+    half = aug(images.bfloat16(), torch.Generator().manual_seed(5))
+    assert half.dtype == torch.bfloat16 and half.shape == images.shape
+    assert torch.equal(PhotometricAugment(IMAGENET_MEAN, IMAGENET_STD, p=0.0)(images, torch.Generator()), images)
+
+
+def test_one_channel_images_and_bad_arguments():
+    grey = torch.rand(4, 1, 8, 8)
+    out = PhotometricAugment([0.0], [1.0], p=1.0)(grey, torch.Generator().manual_seed(0))
+    assert out.shape == grey.shape and out.min() >= 0 and out.max() <= 1
+    with pytest.raises(ValueError, match=r"expected \(B, 3, H, W\)"):
+        PhotometricAugment(IMAGENET_MEAN, IMAGENET_STD)(grey, torch.Generator())
+    with pytest.raises(ValueError, match="p: expected a probability"):
+        PhotometricAugment([0.0], [1.0], p=1.5)
+    with pytest.raises(ValueError, match="gamma: expected a range"):
+        PhotometricAugment([0.0], [1.0], gamma=(1.2, 0.8))
+    with pytest.raises(ValueError, match="std positive"):
+        PhotometricAugment([0.0], [0.0])
+
+
+def test_the_normalisation_comes_from_the_wrapper_or_from_pixels_in_the_unit_range():
+    wrap = ErrorCorrectionWrapper(tiny_base(0, num_classes=NUM_CLASSES), error_channels=8, detail_channels=8)
+    images, _, _ = _normalised(torch.rand(2, 3, 8, 8))
+    assert build_augment(None, wrap, images) is None
+    with pytest.raises(ValueError, match="augment: expected one of"):
+        build_augment("colour", wrap, images)
+    unit = build_augment("photometric", wrap, torch.rand(2, 3, 8, 8))
+    assert unit is not None and unit.mean == (0.0, 0.0, 0.0) and unit.std == (1.0, 1.0, 1.0)
+    with pytest.warns(UserWarning, match="training without augmentation"):
+        assert build_augment("photometric", wrap, images) is None
+    wrap.preprocessing = {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        recorded = build_augment("photometric", wrap, images)
+    assert recorded is not None and recorded.mean == tuple(IMAGENET_MEAN)
+
+
+def test_finetune_augments_by_default_and_not_with_none():
+    def run(**kwargs):
+        torch.manual_seed(0)
+        wrap = ErrorCorrectionWrapper(tiny_base(0, num_classes=NUM_CLASSES), error_channels=8, detail_channels=8)
+        data = Scenes(8, size=32, seed=0, transform=Normalize(), cache=True)
+        history = finetune(wrap, make_loader(data, 4, seed=0), steps=3, log_every=None, progress=False, **kwargs)
+        return [h["loss"] for h in history.history], wrap.preprocessing
+
+    default, pre = run()
+    again, _ = run()
+    plain, _ = run(augment=None)
+    assert pre == {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+    assert default == again  # repeatable
+    assert default != plain  # the default changed what the heads saw
+    with pytest.raises(ValueError, match="augment: expected one of"):
+        run(augment="colour")

@@ -245,7 +245,8 @@ def run_cell(family: str, base_kind: str, seed: int, args: argparse.Namespace, s
         )
     base = members[0]
     say(f"  bases trained ({len(members)}, {time.perf_counter() - t0:.0f}s)")
-    wrap = ErrorCorrectionWrapper(base)
+    widths = {} if args.head_width is None else {"error_channels": args.head_width, "detail_channels": args.head_width}
+    wrap = ErrorCorrectionWrapper(base, **widths)
     augment = {} if args.head_augment == "default" else {"augment": None}
     errwrap.finetune(wrap, train, steps=args.head_steps, progress=False, log_every=None, **augment)
     wrap.eval()
@@ -348,6 +349,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--head-augment", choices=("default", "none"), default="default",
         help="finetune's augment: its default ('photometric'), or none (the A/B of docs/benchmarks.md section 4)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--head-width", type=int, default=None,
+        help="error_channels and detail_channels of the heads (default: the wrapper's defaults)",
     )  # fmt: skip
     parser.add_argument("--ensemble", type=int, default=3, help="bases in the deep ensemble (1: none)")
     parser.add_argument(

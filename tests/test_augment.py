@@ -68,8 +68,18 @@ def test_the_normalisation_comes_from_the_wrapper_or_from_pixels_in_the_unit_ran
         build_augment("colour", wrap, images)
     unit = build_augment("photometric", wrap, torch.rand(2, 3, 8, 8))
     assert unit is not None and unit.mean == (0.0, 0.0, 0.0) and unit.std == (1.0, 1.0, 1.0)
-    with pytest.warns(UserWarning, match="training without augmentation"):
-        assert build_augment("photometric", wrap, images) is None
+    raw = torch.zeros(2, 3, 8, 8)
+    raw[0, :, 0, 0], raw[1, :, 0, 1] = 1.0, 0.0  # pixels that span [0, 1] in every channel
+    raw[0, :, 1, 1] = 0.5
+    normalised, _, _ = _normalised(raw.clamp(0, 1))
+    with pytest.warns(UserWarning, match=r"guessed from the first batch's range"):
+        guessed = build_augment("photometric", wrap, normalised)
+    assert guessed is not None
+    torch.testing.assert_close(torch.tensor(guessed.mean), torch.tensor(IMAGENET_MEAN), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(guessed.std), torch.tensor(IMAGENET_STD), rtol=1e-5, atol=1e-6)
+    flat = torch.full((2, 3, 8, 8), 3.0)
+    with pytest.warns(UserWarning, match="a channel of the first batch is constant; training without augmentation"):
+        assert build_augment("photometric", wrap, flat) is None
     wrap.preprocessing = {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -93,3 +103,31 @@ def test_finetune_augments_by_default_and_not_with_none():
     assert default != plain  # the default changed what the heads saw
     with pytest.raises(ValueError, match="augment: expected one of"):
         run(augment="colour")
+
+
+def test_a_torchvision_normalize_is_recorded_for_the_augmentation():
+    from torch.utils.data import DataLoader
+    from torchvision import transforms as tv
+
+    from errwrap.training._setup import _record_preprocessing
+
+    class Images(torch.utils.data.Dataset):
+        def __init__(self, transform):
+            self.transform = transform
+
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            return self.transform(torch.rand(3, 8, 8)), torch.zeros(8, 8, dtype=torch.long)
+
+    for transform in (
+        tv.Compose([tv.RandomHorizontalFlip(), tv.Normalize(IMAGENET_MEAN, IMAGENET_STD)]),
+        tv.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ):
+        wrap = ErrorCorrectionWrapper(tiny_base(0, num_classes=NUM_CLASSES), error_channels=8, detail_channels=8)
+        _record_preprocessing(wrap, DataLoader(Images(transform), batch_size=2))
+        assert wrap.preprocessing == {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+    wrap = ErrorCorrectionWrapper(tiny_base(0, num_classes=NUM_CLASSES), error_channels=8, detail_channels=8)
+    _record_preprocessing(wrap, DataLoader(Images(tv.Normalize(0.5, 0.25)), batch_size=2))  # scalars: not recorded
+    assert wrap.preprocessing is None

@@ -82,16 +82,40 @@ def check_data(
         )
 
 
+def _normalizers(transform: object, depth: int = 0) -> list[tuple[list[float], list[float]]]:
+    """``(mean, std)`` of every ``Normalize`` in a transform: errwrap's, or by duck typing any
+    class named ``Normalize`` with per-channel ``mean`` and ``std`` (torchvision's v1 and v2,
+    albumentations'), looking into ``.transforms`` of a ``Compose`` (errwrap's or another's)."""
+    if isinstance(transform, Normalize) or (
+        type(transform).__name__ == "Normalize" and hasattr(transform, "mean") and hasattr(transform, "std")
+    ):
+        try:
+            mean = [float(v) for v in transform.mean]
+            std = [float(v) for v in transform.std]
+        except TypeError:  # a scalar mean or std: not per-channel statistics to record
+            return []
+        return [(mean, std)] if len(mean) == len(std) else []
+    chain = transform.transforms if isinstance(transform, Compose) else getattr(transform, "transforms", None)
+    if chain is None and getattr(transform, "transform", None) is not None:  # torchvision's StandardTransform
+        chain = [transform.transform]  # type: ignore[attr-defined]
+    if depth > 4 or not isinstance(chain, list | tuple):
+        return []
+    return [found for t in chain for found in _normalizers(t, depth + 1)]
+
+
 def _record_preprocessing(wrapper: nn.Module, loader: Iterable) -> None:
-    """Set ``wrapper.preprocessing`` from an ``errwrap.data.Normalize`` in ``loader.dataset``'s
-    transform (directly or inside a ``Compose``) when the wrapper has none, so that a saved model
-    says how its images were normalised; warn when the wrapper records other statistics."""
-    transform = getattr(getattr(loader, "dataset", None), "transform", None)
-    chain = list(transform.transforms) if isinstance(transform, Compose) else [transform]
-    found = [t for t in chain if isinstance(t, Normalize)]
+    """Set ``wrapper.preprocessing`` from the one ``Normalize`` in ``loader.dataset``'s transform
+    (errwrap's, torchvision's or albumentations', directly or inside a ``Compose``) when the wrapper
+    has none, so that a saved model says how its images were normalised and ``finetune``'s
+    augmentation knows the pixel values; warn when the wrapper records other statistics."""
+    dataset = getattr(loader, "dataset", None)
+    transform = getattr(dataset, "transform", None)
+    if transform is None:
+        transform = getattr(dataset, "transforms", None)
+    found = _normalizers(transform)
     if len(found) != 1 or not hasattr(wrapper, "preprocessing"):
         return
-    seen = {"mean": [float(v) for v in found[0].mean], "std": [float(v) for v in found[0].std]}
+    seen = {"mean": found[0][0], "std": found[0][1]}
     if wrapper.preprocessing is None:
         wrapper.preprocessing = seen
         logger.info("finetune: recorded the loader's Normalize as wrapper.preprocessing %s", seen)

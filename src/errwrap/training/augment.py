@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .. import _distributed
+
 __all__ = ["AUGMENTS", "PhotometricAugment", "build_augment"]
 
 #: The values of ``finetune(augment=...)``.
@@ -118,8 +120,10 @@ def build_augment(augment: str | None, wrapper: Any, images: Tensor) -> Photomet
     """The augmentation ``finetune(augment=...)`` names, for the wrapper's normalisation.
 
     The normalisation is ``wrapper.preprocessing`` (recorded from the loader's ``Normalize``);
-    without one, images already in ``[0, 1]`` are taken as they are; otherwise the batch's
-    pixel values are unknown and training goes on without augmentation, with a warning.
+    without one, images already in ``[0, 1]`` are taken as they are. Otherwise the pixel values
+    are guessed from ``images``, the first batch (of every rank): each channel's range there is
+    read as ``[0, 1]`` (a ``UserWarning`` says so and with which statistics; ``finetune`` keeps
+    them in its checkpoints, so a resumed run reads pixels as the run it continues).
     """
     if augment not in AUGMENTS:
         raise ValueError(f"augment: expected one of {AUGMENTS}, got {augment!r}")
@@ -129,14 +133,31 @@ def build_augment(augment: str | None, wrapper: Any, images: Tensor) -> Photomet
     channels = images.shape[1]
     if pre is not None and len(pre["mean"]) == channels:
         return PhotometricAugment(pre["mean"], pre["std"])
-    if float(images.min()) >= 0.0 and float(images.max()) <= 1.0:
+    flat = images.detach().float().transpose(0, 1).reshape(channels, -1)
+    ranges = _distributed.gather_objects((flat.amin(dim=1).tolist(), flat.amax(dim=1).tolist()))
+    low = torch.tensor([min(r[0][c] for r in ranges) for c in range(channels)])  # every rank decides the same
+    high = torch.tensor([max(r[1][c] for r in ranges) for c in range(channels)])
+    if float(low.min()) >= 0.0 and float(high.max()) <= 1.0:
         return PhotometricAugment([0.0] * channels, [1.0] * channels)
+    if bool((high - low <= 0).any()):
+        warnings.warn(
+            "finetune: augment='photometric' needs the images' normalisation, but wrapper.preprocessing is None "
+            "and a channel of the first batch is constant; training without augmentation. Set "
+            "wrapper.preprocessing = {'mean': [...], 'std': [...]} or pass augment=None to silence this",
+            UserWarning,
+            stacklevel=4,
+        )
+        return None
+    # pixel = (x - low) / (high - low): the normalisation x = (pixel - mean) / std with these statistics
+    std_t = 1.0 / (high - low)
+    mean, std = [float(v) for v in -low * std_t], [float(v) for v in std_t]
     warnings.warn(
         "finetune: augment='photometric' needs the images' normalisation, but wrapper.preprocessing is None and "
-        f"the images are not in [0, 1] (range {float(images.min()):.3g} to {float(images.max()):.3g}); training "
-        "without augmentation. Set wrapper.preprocessing = {'mean': [...], 'std': [...]} (or normalise with "
-        "errwrap.data.Normalize, which finetune records), or pass augment=None to silence this",
+        f"the images are not in [0, 1]; guessed from the first batch's range: mean={[round(v, 3) for v in mean]}, "
+        f"std={[round(v, 3) for v in std]} (each channel's minimum and maximum read as 0 and 1). Set "
+        "wrapper.preprocessing = {'mean': [...], 'std': [...]} (or normalise with errwrap.data.Normalize or "
+        "torchvision's, which finetune records), or pass augment=None",
         UserWarning,
         stacklevel=4,
     )
-    return None
+    return PhotometricAugment(mean, std)

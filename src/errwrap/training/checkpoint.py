@@ -70,6 +70,9 @@ class Run:
         history: one dict per optimizer step.
         validation: one dict per validation.
         checkpoint: the last checkpoint written or resumed from, or ``None``.
+        augment_stats: the ``{"mean", "std"}`` the photometric augmentation reads pixels with
+            (saved, so a resumed run augments as the uninterrupted run, even when they were
+            guessed from the first batch), or ``None``.
     """
 
     wrapper: nn.Module
@@ -83,6 +86,7 @@ class Run:
     history: list[dict[str, float]] = dataclasses.field(default_factory=list)
     validation: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     checkpoint: Path | None = None
+    augment_stats: dict[str, list[float]] | None = None
 
     def training_state(self, rngs: list[dict[str, Any]]) -> dict[str, Any]:
         """The content of ``state.pt`` at this step, with every rank's RNG states ``rngs``."""
@@ -99,6 +103,7 @@ class Run:
             "rng": rngs,
             "history": json.dumps(self.history),
             "validation": json.dumps(self.validation),
+            "augment": json.dumps(self.augment_stats),
         }
 
 
@@ -275,6 +280,8 @@ def restore(run: Run, resume: str | os.PathLike | None, checkpoint_dir: Path | N
     run.step = int(state["step"])
     run.history = json.loads(state["history"])
     run.validation = json.loads(state["validation"])
+    if isinstance(state.get("augment"), str):  # checkpoints before the augmentation have none
+        run.augment_stats = json.loads(state["augment"])
     run.batches.epoch, run.batches.position = int(state["epoch"]), int(state["position"])
     rank, world = _distributed.rank_and_world()
     rngs = state["rng"]

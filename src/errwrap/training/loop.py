@@ -105,7 +105,14 @@ class _Stepper:
         if self.augment is None:
             return images
         if not self._augment_checked:
-            self._augmenter, self._augment_checked = build_augment(self.augment, self.run.wrapper, images), True
+            stats = self.run.augment_stats  # restored from a checkpoint: the statistics the run started with
+            if stats is not None:
+                self._augmenter = PhotometricAugment(stats["mean"], stats["std"])
+            else:
+                self._augmenter = build_augment(self.augment, self.run.wrapper, images)
+                if self._augmenter is not None:
+                    self.run.augment_stats = {"mean": list(self._augmenter.mean), "std": list(self._augmenter.std)}
+            self._augment_checked = True
         if self._augmenter is None:
             return images
         entropy = [self.seed, self.run.step, micro, _distributed.rank()]
@@ -267,8 +274,9 @@ def finetune(
             (:class:`~errwrap.training.augment.PhotometricAugment`, in pixel space through
             ``wrapper.preprocessing``), so the heads also learn how the base fails under other
             light; ``None``: the batches as the loader gives them. Without
-            ``wrapper.preprocessing`` images must be in ``[0, 1]``, else training goes on
-            without augmentation and a ``UserWarning`` says so.
+            ``wrapper.preprocessing`` (recorded from the loader's ``Normalize``: errwrap's,
+            torchvision's or albumentations'), images outside ``[0, 1]`` are read through the
+            first batch's per-channel range, and a ``UserWarning`` says so.
         loss: an :class:`~errwrap.ErrorCorrectionLoss` (default: ``ErrorCorrectionLoss()``).
         device: where to train; default: the wrapper's device. Given and different, the wrapper
             is moved there (logged). Batches are moved to it.

@@ -72,8 +72,9 @@ def test_the_normalisation_comes_from_the_wrapper_or_from_pixels_in_the_unit_ran
     raw[0, :, 0, 0], raw[1, :, 0, 1] = 1.0, 0.0  # pixels that span [0, 1] in every channel
     raw[0, :, 1, 1] = 0.5
     normalised, _, _ = _normalised(raw.clamp(0, 1))
-    with pytest.warns(UserWarning, match=r"guessed from the first batch's range"):
+    with pytest.warns(UserWarning, match=r"guessed from the first batch's range") as record:
         guessed = build_augment("photometric", wrap, normalised)
+    assert record[0].filename == __file__  # points at the caller's line, not into errwrap
     assert guessed is not None
     torch.testing.assert_close(torch.tensor(guessed.mean), torch.tensor(IMAGENET_MEAN), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(torch.tensor(guessed.std), torch.tensor(IMAGENET_STD), rtol=1e-5, atol=1e-6)
@@ -131,3 +132,18 @@ def test_a_torchvision_normalize_is_recorded_for_the_augmentation():
     wrap = ErrorCorrectionWrapper(tiny_base(0, num_classes=NUM_CLASSES), error_channels=8, detail_channels=8)
     _record_preprocessing(wrap, DataLoader(Images(tv.Normalize(0.5, 0.25)), batch_size=2))  # scalars: not recorded
     assert wrap.preprocessing is None
+
+
+def test_finetune_guesses_unknown_normalisation_once_and_says_so_at_the_callers_line():
+    wrap = ErrorCorrectionWrapper(tiny_base(0, num_classes=NUM_CLASSES), error_channels=8, detail_channels=8)
+    g = torch.Generator().manual_seed(0)
+    data = [
+        {"pixel_values": (torch.rand(2, 3, 32, 32, generator=g) - 0.45) / 0.226,
+         "labels": torch.randint(0, NUM_CLASSES, (2, 32, 32), generator=g)}
+        for _ in range(3)
+    ]  # fmt: skip
+    with pytest.warns(UserWarning, match="guessed from the first batch's range") as record:
+        finetune(wrap, data, steps=3, log_every=None, progress=False)
+    guesses = [r for r in record if "guessed" in str(r.message)]
+    assert len(guesses) == 1 and guesses[0].filename == __file__
+    assert wrap.preprocessing is None  # a guess is not recorded as the model's preprocessing

@@ -1,15 +1,18 @@
-"""Small helpers shared by the modules that run a wrapper: where a module lives, and running it
-in eval mode without losing anyone's ``training`` flag."""
+"""Small helpers shared by the modules that run a wrapper: where a module lives, running it in
+eval mode without losing anyone's ``training`` flag, and the ``stacklevel`` of a warning that
+points at the user's own line."""
 
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 
-__all__ = ["module_device", "resolve_device", "eval_mode"]
+__all__ = ["module_device", "resolve_device", "eval_mode", "user_stacklevel"]
 
 
 def module_device(module: nn.Module) -> torch.device:
@@ -43,3 +46,19 @@ def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m, mode in modes.items():
             m.training = mode
+
+
+_LIBRARY_DIRS = (
+    os.path.dirname(os.path.abspath(__file__)) + os.sep,
+    os.path.dirname(os.path.abspath(torch.__file__)) + os.sep,
+)
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` of a ``warnings.warn`` made by this function's caller that points at
+    the first frame outside errwrap and torch: the user's own line (``wrap(x)``, or their call
+    of ``errwrap.finetune``), whichever torch version's ``Module.__call__`` is in between."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(_LIBRARY_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import sys
 import warnings
 from collections.abc import Iterator
 from typing import Any, NamedTuple
@@ -14,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ._io import load_state_strict
+from ._utils import user_stacklevel
 from ._validate import check_images, check_logits, check_norm_batch, input_dtype, is_tracing
 from .adapters import Adapter, BaseOutput
 from .adapters.select import FeatureRef, Probe, choose_features, probe, select_adapter
@@ -26,22 +25,6 @@ from .layers import resize
 __all__ = ["ErrorCorrectionOutput", "ErrorCorrectionWrapper", "binary_to_two_class"]
 
 logger = logging.getLogger(__name__)
-
-_LIBRARY_DIRS = (
-    os.path.dirname(os.path.abspath(__file__)) + os.sep,
-    os.path.dirname(os.path.abspath(torch.__file__)) + os.sep,
-)
-
-
-def _user_stacklevel() -> int:
-    """The ``stacklevel`` of a ``warnings.warn`` made by this function's caller that points at
-    the first frame outside errwrap and torch: the user's own line (``wrap(x)``, or their call
-    of ``errwrap.evaluate``), whichever torch version's ``Module.__call__`` is in between."""
-    frame, level = sys._getframe(1), 1
-    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(_LIBRARY_DIRS):
-        frame, level = frame.f_back, level + 1
-    return level
-
 
 class ErrorCorrectionOutput(NamedTuple):
     """What :class:`ErrorCorrectionWrapper` returns, always, every map at the input's ``(H, W)``.
@@ -462,7 +445,7 @@ class ErrorCorrectionWrapper(nn.Module, HubMixin):
                 "error_prob is not a trained error map until the heads are trained (errwrap.finetune) or loaded "
                 "(ErrorCorrectionWrapper.from_pretrained, load_state_dict)",
                 UserWarning,
-                stacklevel=_user_stacklevel(),
+                stacklevel=user_stacklevel(),
             )
         return self.forward_heads(self._keep_used_features(self.forward_base(x)), x.shape[-2:])
 

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from .. import _distributed
+from .._utils import user_stacklevel
 
 __all__ = ["AUGMENTS", "PhotometricAugment", "build_augment"]
 
@@ -145,7 +146,7 @@ def build_augment(augment: str | None, wrapper: Any, images: Tensor) -> Photomet
             "and a channel of the first batch is constant; training without augmentation. Set "
             "wrapper.preprocessing = {'mean': [...], 'std': [...]} or pass augment=None to silence this",
             UserWarning,
-            stacklevel=4,
+            stacklevel=user_stacklevel(),
         )
         return None
     # pixel = (x - low) / (high - low): the normalisation x = (pixel - mean) / std with these statistics
@@ -158,6 +159,6 @@ def build_augment(augment: str | None, wrapper: Any, images: Tensor) -> Photomet
         "wrapper.preprocessing = {'mean': [...], 'std': [...]} (or normalise with errwrap.data.Normalize or "
         "torchvision's, which finetune records), or pass augment=None",
         UserWarning,
-        stacklevel=4,
+        stacklevel=user_stacklevel(),
     )
     return PhotometricAugment(mean, std)

@@ -227,11 +227,12 @@ def run_cell(family: str, base_kind: str, seed: int, args: argparse.Namespace, s
     norm = Normalize(IMAGENET_MEAN, IMAGENET_STD)
     size = args.image_size
 
-    def loader(split: str, n: int, train: bool = False, corrupt: Any = None) -> DataLoader:
+    def loader(split: str, n: int, train: bool = False, corrupt: Any = None, seed_offset: int = 0) -> DataLoader:
         steps = [RandomHorizontalFlip()] if train else []
         if corrupt is not None:
             steps.append(corrupt.joint)
-        ds = generated(family, n, size=size, seed=seed, split=split, transform=Compose([*steps, norm]), cache=True)
+        ds = generated(family, n, size=size, seed=seed + 1000 * seed_offset, split=split,
+                       transform=Compose([*steps, norm]), cache=True)  # fmt: skip
         g = torch.Generator().manual_seed(seed)
         return DataLoader(ds, batch_size=args.batch_size, shuffle=train, drop_last=train, generator=g)
 
@@ -248,7 +249,8 @@ def run_cell(family: str, base_kind: str, seed: int, args: argparse.Namespace, s
     widths = {} if args.head_width is None else {"error_channels": args.head_width, "detail_channels": args.head_width}
     wrap = ErrorCorrectionWrapper(base, **widths)
     augment = {} if args.head_augment == "default" else {"augment": None}
-    errwrap.finetune(wrap, train, steps=args.head_steps, progress=False, log_every=None, **augment)
+    heads = train if args.head_data == "train" else loader("train", args.train_images, train=True, seed_offset=1)
+    errwrap.finetune(wrap, heads, steps=args.head_steps, progress=False, log_every=None, **augment)
     wrap.eval()
     say(f"  heads trained ({time.perf_counter() - t0:.0f}s)")
     temp_msp = TemperatureMSPScore.fit(wrap, loader("test", args.val_images))
@@ -349,6 +351,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--head-augment", choices=("default", "none"), default="default",
         help="finetune's augment: its default ('photometric'), or none (the A/B of docs/benchmarks.md section 4)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--head-data", choices=("train", "heldout"), default="train",
+        help="train the heads on the base's own training images, or on as many other images of the family "
+        "(drawn with another seed) that the base never saw",
     )  # fmt: skip
     parser.add_argument(
         "--head-width", type=int, default=None,

@@ -17,8 +17,8 @@ from .. import _distributed
 from .._batch import check_loader_num_classes
 from .._io import check_writable, tensor_bytes
 from .._utils import module_device
-from ..data.transforms import Compose, Normalize
 from ..losses import ErrorCorrectionLoss
+from .augment import AUGMENTS
 from .checkpoint import checkpoint_weights
 from .optim import PRECISIONS, SCHEDULES
 
@@ -40,6 +40,7 @@ def check_arguments(
     lr: float,
     weight_decay: float,
     clip_grad_norm: float | None,
+    augment: str | None = None,
 ) -> None:
     """Refuse out-of-range numbers and unknown choices with a ``ValueError`` naming the argument."""
     for name, value, low in (("steps", steps, 1), ("accumulate", accumulate, 1), ("warmup_steps", warmup_steps, 0)):
@@ -52,6 +53,8 @@ def check_arguments(
         raise ValueError(f"schedule: expected one of {SCHEDULES}, got {schedule!r}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
+    if augment not in AUGMENTS:
+        raise ValueError(f"augment: expected one of {AUGMENTS}, got {augment!r}")
     numbers = (("lr", lr, "> 0"), ("weight_decay", weight_decay, ">= 0"))
     for name, number, rule in (*numbers, ("clip_grad_norm", clip_grad_norm, "> 0 (None: no clipping)")):
         if name == "clip_grad_norm" and number is None:
@@ -83,19 +86,17 @@ def check_data(
 
 
 def _normalizers(transform: object, depth: int = 0) -> list[tuple[list[float], list[float]]]:
-    """``(mean, std)`` of every ``Normalize`` in a transform: errwrap's, or by duck typing any
-    class named ``Normalize`` with per-channel ``mean`` and ``std`` (torchvision's v1 and v2,
-    albumentations'), looking into ``.transforms`` of a ``Compose`` (errwrap's or another's)."""
-    if isinstance(transform, Normalize) or (
-        type(transform).__name__ == "Normalize" and hasattr(transform, "mean") and hasattr(transform, "std")
-    ):
+    """``(mean, std)`` of every ``Normalize`` in a transform, by duck typing: any class named
+    ``Normalize`` with per-channel ``mean`` and ``std`` (errwrap's, torchvision's v1 and v2,
+    albumentations'), looking into the ``.transforms`` of a ``Compose`` (anyone's)."""
+    if type(transform).__name__ == "Normalize" and hasattr(transform, "mean") and hasattr(transform, "std"):
         try:
             mean = [float(v) for v in transform.mean]
             std = [float(v) for v in transform.std]
         except TypeError:  # a scalar mean or std: not per-channel statistics to record
             return []
         return [(mean, std)] if len(mean) == len(std) else []
-    chain = transform.transforms if isinstance(transform, Compose) else getattr(transform, "transforms", None)
+    chain = getattr(transform, "transforms", None)
     if chain is None and getattr(transform, "transform", None) is not None:  # torchvision's StandardTransform
         chain = [transform.transform]  # type: ignore[attr-defined]
     if depth > 4 or not isinstance(chain, list | tuple):

@@ -100,8 +100,8 @@ class PhotometricAugment:
         std = torch.tensor(self.std, device=images.device).view(1, -1, 1, 1)
         x = (images[idx].float() * std + mean).clamp(0.0, 1.0)
         x = gain * x.pow(gamma)
-        grey = _grey(x)
-        x = grey.mean(dim=(2, 3), keepdim=True) + contrast * (x - grey.mean(dim=(2, 3), keepdim=True))
+        grey_mean = _grey(x).mean(dim=(2, 3), keepdim=True)
+        x = grey_mean + contrast * (x - grey_mean)
         if x.shape[1] == 3:
             grey = _grey(x)
             x = grey + saturation * (x - grey)

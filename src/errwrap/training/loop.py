@@ -30,7 +30,7 @@ from .._validate import input_dtype
 from ._batches import Batches, seed_everything
 from ._setup import check_arguments, check_data, check_room, place, select_trained
 from ._validation import validate
-from .augment import AUGMENTS, PhotometricAugment, build_augment
+from .augment import PhotometricAugment, build_augment
 from .checkpoint import CheckpointSaver, Run, restore
 from .optim import build_optimizer, build_precision
 
@@ -313,10 +313,8 @@ def finetune(
     check_arguments(
         steps=steps, accumulate=accumulate, warmup_steps=warmup_steps, checkpoint_every=checkpoint_every,
         val_every=val_every, log_every=log_every, schedule=schedule, precision=precision, lr=lr,
-        weight_decay=weight_decay, clip_grad_norm=clip_grad_norm,
+        weight_decay=weight_decay, clip_grad_norm=clip_grad_norm, augment=augment,
     )  # fmt: skip
-    if augment not in AUGMENTS:
-        raise ValueError(f"augment: expected one of {AUGMENTS}, got {augment!r}")
     check_data(wrapper, train_loader, val_loader, checkpoint_dir)
 
     # ------------------------------------------------------------ build: device, what trains, optimizer, precision

@@ -122,6 +122,13 @@ def test_smp_outputs_features_and_spec(arch):
         assert wrap.high_key == "decoder"
     assert wrap.low_key == "enc2" and features["enc2"].shape[-2:] == (SIZE // 4, SIZE // 4)
     assert torch.equal(features["enc0"], x)
+    coarse = wrap.adapter.call_with_coarse_logits(model, x)[1]
+    if arch in ("deeplabv3plus", "fpn", "segformer", "pspnet"):  # heads ending in an upsampling: read before it
+        up = next(m for m in model.segmentation_head if isinstance(m, nn.Upsample))
+        with torch.no_grad():
+            assert coarse is not None and coarse.shape[:2] == (2, 5) and torch.equal(up(coarse), reference)
+    else:
+        assert coarse is None
     spec = json.loads(json.dumps(wrap.adapter.spec(model)))
     assert spec["family"] == "smp" and spec["config"]["arch"] == arch and spec["config"]["encoder_weights"] is None
     assert _same_architecture(build_base(spec), model)
@@ -182,6 +189,8 @@ def test_torchvision_outputs_features_and_spec(name, kwargs, keys):
     assert list(features) == keys and (wrap.low_key, wrap.high_key) == ("low", "high")
     stride = 8 if name.startswith("lraspp") else 4
     assert features["low"].shape[-2:] == (SIZE // stride, SIZE // stride)
+    coarse = wrap.adapter.call_with_coarse_logits(model, x)[1]  # before the model's own upsampling: stride 8 or 16
+    assert coarse.shape[-1] < SIZE and torch.equal(_at_input(coarse), reference)
     if "backbone" in features:
         last_conv = list(model.classifier.children())[-1]
         with torch.no_grad():

@@ -9,7 +9,7 @@ name to tensor. Adapters turn any other network into that form.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from torch import Tensor, nn
@@ -103,7 +103,9 @@ def parse_base_output(out: Any) -> BaseOutput:
 class Adapter(ABC):
     """The adapter interface: runs a base network and returns a :class:`BaseOutput`.
 
-    Subclasses implement :meth:`forward`. The rest has defaults: :attr:`name` (recorded in the
+    Subclasses implement :meth:`forward`. The rest has defaults: :meth:`forward_with_coarse_logits`
+    (``forward`` plus the logits before the base's own last upsampling, when the adapter can
+    read them; what a wrapper built with ``fuse_at_features=True`` fuses at), :attr:`name` (recorded in the
     wrapper's config), :attr:`default_features` (the adapter's static preference for the
     ``(low_level, high_level)`` features), :meth:`preferred_features` (that preference given the
     features the probe saw; by default :attr:`default_features`), :meth:`feature_module`,
@@ -124,15 +126,30 @@ class Adapter(ABC):
     def forward(self, model: nn.Module, x: Tensor) -> BaseOutput:
         """Run ``model`` on ``x`` and return its logits ``(B, C, h0, w0)`` and named feature maps."""
 
+    def forward_with_coarse_logits(self, model: nn.Module, x: Tensor) -> tuple[BaseOutput, Tensor | None]:
+        """:meth:`forward`, and the logits before the base's own last upsampling to the input (a
+        DeepLabV3+'s at stride 4) when the adapter can read them; ``None`` (the default) when not."""
+        return self.forward(model, x), None
+
     def __call__(self, model: nn.Module, x: Tensor) -> BaseOutput:
+        return self._checked(lambda: (self.forward(model, x), None), model, x)[0]
+
+    def call_with_coarse_logits(self, model: nn.Module, x: Tensor) -> tuple[BaseOutput, Tensor | None]:
+        """:meth:`forward_with_coarse_logits` with the checks of calling the adapter."""
+        return self._checked(lambda: self.forward_with_coarse_logits(model, x), model, x)
+
+    @staticmethod
+    def _checked(
+        run: Callable[[], tuple[BaseOutput, Tensor | None]], model: nn.Module, x: Tensor
+    ) -> tuple[BaseOutput, Tensor | None]:
         if is_tracing():
-            return self.forward(model, x)
+            return run()
         try:
-            out = self.forward(model, x)
+            out = run()
         except RuntimeError as exc:  # torch's device errors are deep: say which devices differ
             explain_device_mismatch(exc, model, x)
             raise
-        check_base_batch(out, x)
+        check_base_batch(out[0], x)
         return out
 
     def preferred_features(self, features: Sequence[FeatureInfo]) -> FeaturePair:
@@ -166,6 +183,17 @@ class NativeAdapter(Adapter):
 
     def forward(self, model: nn.Module, x: Tensor) -> BaseOutput:
         return parse_base_output(model(x))
+
+    def forward_with_coarse_logits(self, model: nn.Module, x: Tensor) -> tuple[BaseOutput, Tensor | None]:
+        """A native base that defines ``forward_with_coarse_logits(x) -> (output, coarse_logits)``
+        (errwrap's DeepLabV3+ does) gives its logits before their last upsampling. The method is
+        called directly, so hooks registered on the base module itself do not run (its
+        submodules' do)."""
+        method = getattr(model, "forward_with_coarse_logits", None)
+        if not callable(method):
+            return self.forward(model, x), None
+        out, coarse = method(x)
+        return parse_base_output(out), coarse
 
     def spec(self, model: nn.Module) -> dict[str, Any] | None:
         to_spec = getattr(model, "errwrap_spec", None)

@@ -186,6 +186,11 @@ class SMPAdapter(Adapter):
             )
 
     def forward(self, model: Any, x: Tensor) -> BaseOutput:
+        return self.forward_with_coarse_logits(model, x)[0]
+
+    def forward_with_coarse_logits(self, model: Any, x: Tensor) -> tuple[BaseOutput, Tensor | None]:
+        """Also the logits before the segmentation head's upsampling (DeepLabV3+, FPN, PSPNet,
+        SegFormer: stride 4 or 8), ``None`` when the head has none (Unet)."""
         if not is_tracing():
             model.check_input_shape(x)
         if self.tap is not None:
@@ -198,19 +203,24 @@ class SMPAdapter(Adapter):
         else:
             encoded = model.encoder(x)
             decoded = model.decoder(encoded)
-        if self.skip_activation:
+        head = model.segmentation_head
+        coarse = None
+        if isinstance(head, nn.Sequential):  # SegmentationHead: conv, upsampling (or Identity), activation
+            layers = list(head)[:-1] if self.skip_activation else list(head)
             logits = decoded
-            for layer in list(model.segmentation_head)[:-1]:
+            for layer in layers:
+                if isinstance(layer, nn.Upsample) and coarse is None and logits is not decoded:
+                    coarse = logits  # DeepLabV3+'s stride-4 logits: the wrapper fuses there
                 logits = layer(logits)
         else:
-            logits = model.segmentation_head(decoded)
+            logits = head(decoded)
         features = {f"enc{i}": encoded[i] for i in self.keep if i < len(encoded)}
         if self.tap is not None:
             features["reassemble0"] = self.tap.pop()["decoder.reassemble_blocks.0"]
         if self.block_tap is not None:
             features.update(self.block_tap.pop())
         features["decoder"] = decoded
-        return BaseOutput(logits, features)
+        return BaseOutput(logits, features), coarse
 
     def preferred_features(self, features: Sequence[FeatureInfo]) -> FeaturePair:
         """:attr:`default_features`, except that when the decoder ends finer than stride 4

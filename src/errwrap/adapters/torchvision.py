@@ -169,12 +169,16 @@ class TorchvisionSegmentationAdapter(Adapter):
         return out, low
 
     def forward(self, model: Any, x: Tensor) -> BaseOutput:
+        return self.forward_with_coarse_logits(model, x)[0]
+
+    def forward_with_coarse_logits(self, model: Any, x: Tensor) -> tuple[BaseOutput, Tensor | None]:
+        """Also the classifier's logits before the model's upsampling to the input (stride 8 or 16)."""
         size = x.shape[-2:]
         features, low = self._backbone(model.backbone, x)
         if self.lraspp:
-            logits = model.classifier(features)
-            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
-            return BaseOutput(logits, {"low": features["low"], "high": features["high"]})
+            coarse = model.classifier(features)
+            logits = F.interpolate(coarse, size=size, mode="bilinear", align_corners=False)
+            return BaseOutput(logits, {"low": features["low"], "high": features["high"]}), coarse
         h = features["out"]
         high = h
         layers = list(model.classifier.children())
@@ -182,9 +186,9 @@ class TorchvisionSegmentationAdapter(Adapter):
             h = layer(h)
             if not isinstance(layer, nn.modules.dropout._DropoutNd):
                 high = h
-        logits = layers[-1](h)
-        logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
-        return BaseOutput(logits, {"low": low, "backbone": features["out"], "high": high})  # type: ignore[dict-item]
+        coarse = layers[-1](h)
+        logits = F.interpolate(coarse, size=size, mode="bilinear", align_corners=False)
+        return BaseOutput(logits, {"low": low, "backbone": features["out"], "high": high}), coarse  # type: ignore[dict-item]
 
     def spec(self, model: nn.Module) -> dict[str, Any] | None:
         """See :func:`torchvision_spec`."""

@@ -248,9 +248,14 @@ class DeepLabV3Plus(nn.Module):
         return self.classifier(self.dropout(high))
 
     def forward(self, x: Tensor) -> BaseOutput:
+        return self.forward_with_coarse_logits(x)[0]
+
+    def forward_with_coarse_logits(self, x: Tensor) -> tuple[BaseOutput, Tensor]:
+        """:meth:`forward`'s output and the stride-4 logits it upsamples (errwrap's wrapper
+        fuses at them with ``fuse_at_features=True``)."""
         low, high = self.forward_features(x)
-        logits = resize(self.forward_head(high), x.shape[-2:])
-        return BaseOutput(logits, {"low": low, "high": high})
+        coarse = self.forward_head(high)
+        return BaseOutput(resize(coarse, x.shape[-2:]), {"low": low, "high": high}), coarse
 
     def extra_repr(self) -> str:
         c = self.config

@@ -24,6 +24,7 @@ EVERY_FIELD = dict(
     num_classes=7, in_channels=4, low_level="stem", high_level="layer4", low_channels=24, high_channels=96,
     error_channels=32, error_blocks=3, detail_channels=16, detail_blocks=1, fusion="learned", norm_layer="groupnorm",
     act_layer="gelu", error_prior=0.25, adapter="hooks", sample_size=128, temperature=2.5, project_features=True,
+    fuse_at_features=True,
 )  # fmt: skip
 
 
@@ -53,7 +54,7 @@ def test_config_is_frozen_and_an_integer_temperature_reads_as_a_float():
 
 def test_constructor_kwargs_are_what_the_wrapper_takes():
     kwargs = HeadConfig(**EVERY_FIELD).constructor_kwargs()
-    assert set(kwargs) == set(REQUIRED) | {"sample_size", "project_features"}
+    assert set(kwargs) == set(REQUIRED) | {"sample_size", "project_features", "fuse_at_features"}
     assert kwargs["sample_size"] == 128 and kwargs["fusion"] == "learned"
 
 
@@ -83,6 +84,7 @@ def test_constructor_kwargs_are_what_the_wrapper_takes():
         ("temperature", True, r"heads\.temperature must be a positive number"),
         ("project_features", 1, r"heads\.project_features must be true or false, got 1"),
         ("project_features", "true", r"heads\.project_features must be true or false"),
+        ("fuse_at_features", 0, r"heads\.fuse_at_features must be true or false, got 0"),
     ],
 )
 def test_each_bad_field_is_refused_by_name(key, value, match):
@@ -166,16 +168,32 @@ def test_projected_heads_are_the_default_and_saved_as_such(tmp_path):
     """New wrappers reduce each head's feature with a 1x1 conv first; the config says so, and a
     config without the key (every model saved before it) rebuilds the unprojected heads."""
     wrap = ErrorCorrectionWrapper(tiny_base(0), error_channels=8, detail_channels=8)
-    assert wrap.config.project_features is True
+    assert wrap.config.project_features is True and wrap.config.fuse_at_features is False
     assert wrap.error_head.project is not None and wrap.detail_head.project is not None
     assert wrap.error_head.blocks[0].conv.in_channels == 8 + 5 + 3  # width + classes + cues, not 16 + 5 + 3
     assert wrap.detail_head.blocks[0].conv.in_channels == 8 + 8 + 1
     wrap.save_pretrained(tmp_path)
-    assert json.loads((tmp_path / CONFIG_NAME).read_text())["heads"]["project_features"] is True
+    heads = json.loads((tmp_path / CONFIG_NAME).read_text())["heads"]
+    assert heads["project_features"] is True and "fuse_at_features" not in heads  # at its default: left out
     assert read_config(tmp_path / CONFIG_NAME).heads.project_features is True
     old = read_config(SAVED_V1 / CONFIG_NAME).heads
-    assert old.project_features is False
+    assert old.project_features is False and old.fuse_at_features is False
     assert ErrorCorrectionWrapper(tiny_base(0), **old.constructor_kwargs()).error_head.project is None
+
+
+def test_fusion_at_features_is_saved_and_gives_the_same_outputs_after_loading(tmp_path):
+    wrap = ErrorCorrectionWrapper(tiny_base(0), error_channels=8, detail_channels=8, fuse_at_features=True).eval()
+    wrap.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / CONFIG_NAME).read_text())["heads"]["fuse_at_features"] is True
+    loaded = ErrorCorrectionWrapper.from_pretrained(tmp_path, model=tiny_base(0)).eval()
+    assert loaded.config.fuse_at_features is True
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), pytest.warns(UserWarning, match="freshly initialised"):
+        expected = wrap(images)
+    with torch.no_grad():
+        got = loaded(images)
+    for name in expected._fields:
+        assert torch.equal(getattr(got, name), getattr(expected, name)), name
 
 
 @pytest.mark.parametrize("project", [False, True])

@@ -9,9 +9,9 @@ from errwrap.export import InferenceModule, export_onnx, export_program
 from .tiny import batch, tiny_base
 
 
-@pytest.fixture
-def wrap():
-    return ErrorCorrectionWrapper(tiny_base(returns="mapping")).eval()
+@pytest.fixture(params=[False, True], ids=["fuse-at-output", "fuse-at-features"])
+def wrap(request):
+    return ErrorCorrectionWrapper(tiny_base(returns="mapping"), fuse_at_features=request.param).eval()
 
 
 def test_capability_flags_native(wrap):

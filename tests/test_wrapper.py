@@ -1,4 +1,5 @@
 import gc
+import weakref
 
 import pytest
 import torch
@@ -45,6 +46,24 @@ def test_inferred_and_chosen_features():
     assert single.low_key == single.high_key == "0"
     negative = ErrorCorrectionWrapper(tiny_base(), low_level=-2)
     assert negative.low_key == "1"
+
+
+@pytest.mark.parametrize("at_features", [False, True])
+def test_features_the_heads_do_not_read_are_freed_before_they_run(at_features):
+    """The tiny base's middle feature feeds neither head: it must not be alive while the heads run
+    (the heads' peak memory then adds nothing to the base's, docs/benchmarks.md section 1)."""
+    wrap = ErrorCorrectionWrapper(tiny_base(), fuse_at_features=at_features).eval()
+    assert "1" not in (wrap.low_key, wrap.high_key)
+    middle, alive = [], []
+    hooks = [
+        wrap.base.stage2.register_forward_hook(lambda m, i, o: middle.append(weakref.ref(o))),
+        wrap.error_head.register_forward_pre_hook(lambda m, i: alive.append(middle[-1]() is not None)),
+    ]
+    with torch.no_grad(), pytest.warns(UserWarning, match="freshly initialised"):
+        wrap(batch()[0])
+    for h in hooks:
+        h.remove()
+    assert alive == [False]
 
 
 def test_feature_choice_errors_name_the_features():

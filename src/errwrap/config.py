@@ -108,6 +108,10 @@ class HeadConfig:
             conv-norm-act before its 3x3 blocks. New wrappers set it (``ErrorCorrectionWrapper``'s
             default); a saved config without it is the earlier architecture, which reads the
             features directly.
+        fuse_at_features: the fusion runs at the resolution of the base's finer map (its logits
+            before its own upsampling, or the detail head's low-level feature, never above the
+            output's) and its change to the base's distribution is upsampled onto the base's
+            logits (an option for speed; off by default and in every config without the key).
     """
 
     num_classes: int = _field(_positive_int(65536))
@@ -128,6 +132,7 @@ class HeadConfig:
     sample_size: int = _field(_positive_int(2048), default=64)
     temperature: float = _field(_temperature, constructor=False, convert=float, default=1.0)
     project_features: bool = _field(_boolean, default=False)
+    fuse_at_features: bool = _field(_boolean, default=False)
 
     # ------------------------------------------------------------------ JSON
     def to_json(self) -> dict[str, Any]:

@@ -135,6 +135,13 @@ class ErrorCorrectionWrapper(nn.Module, HubMixin):
         project_features: each head reduces its backbone feature to its width with a 1x1
             conv-norm-act before its 3x3 blocks (about half the heads' cost on a DeepLabV3+ base;
             see docs/method.md). ``False`` builds the architecture of models saved before this setting existed.
+        fuse_at_features: fuse at the resolution of the base's finer map (its logits before
+            its own upsampling, or the low-level feature; at most the input's) and upsample the
+            fusion's change to the base onto the base's logits: faster on bases with coarse
+            logits (3-5% of a DeepLabV3+ resnet50's latency, 14% of an LR-ASPP's), but the
+            error maps and corrections are worse (0.7 points of AUPR-Error on a stride-4 base,
+            3 on a stride-8 one, in the quality benchmark; docs/method.md). ``False`` (the
+            default) fuses at the input's resolution.
         freeze_base: start with the base frozen (see :meth:`freeze_base`).
         sample_size: side of the probe input used at construction.
 
@@ -166,6 +173,7 @@ class ErrorCorrectionWrapper(nn.Module, HubMixin):
         act_layer: str = "relu",
         error_prior: float = 0.1,
         project_features: bool = True,
+        fuse_at_features: bool = False,
         freeze_base: bool = True,
         sample_size: int = 64,
     ) -> None:
@@ -205,7 +213,7 @@ class ErrorCorrectionWrapper(nn.Module, HubMixin):
             low_channels=low_channels, high_channels=high_channels, error_channels=error_channels,
             error_blocks=error_blocks, detail_channels=detail_channels, detail_blocks=detail_blocks, fusion=fusion,
             norm_layer=norm_layer, act_layer=act_layer, error_prior=error_prior, adapter=self.adapter.name,
-            sample_size=sample_size, project_features=project_features,
+            sample_size=sample_size, project_features=project_features, fuse_at_features=fuse_at_features,
         )  # fmt: skip
         param = next(iter(base.parameters()), None)
         floating = param is not None and param.is_floating_point()
@@ -402,35 +410,82 @@ class ErrorCorrectionWrapper(nn.Module, HubMixin):
     # ------------------------------------------------------------------ forward
     def forward_base(self, x: Tensor) -> BaseOutput:
         """Run the base through its adapter (without gradients when the base is frozen)."""
+        return self._forward_base(x, coarse=False)[0]
+
+    def _forward_base(self, x: Tensor, coarse: bool) -> tuple[BaseOutput, Tensor | None]:
+        """:meth:`forward_base`, and with ``coarse`` the adapter's logits before the base's own
+        last upsampling (``None`` when it cannot read them)."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.base_frozen):
-            out = self.adapter(self.base, x)
+            if coarse:
+                out, coarse_logits = self.adapter.call_with_coarse_logits(self.base, x)
+            else:
+                out, coarse_logits = self.adapter(self.base, x), None
         if self.binary:
             out = BaseOutput(binary_to_two_class(out.logits), out.features)
+            coarse_logits = None if coarse_logits is None else binary_to_two_class(coarse_logits)
         if not is_tracing():
             check_logits(out.logits, self.num_classes, name="base logits")
-        return out
+            if coarse_logits is not None:
+                check_logits(coarse_logits, self.num_classes, name="base coarse logits")
+        return out, coarse_logits
 
-    def forward_heads(self, base_out: BaseOutput, size: tuple[int, int] | torch.Size) -> ErrorCorrectionOutput:
-        """Run the three heads on a base output and resize every map to ``size``."""
+    def forward_heads(
+        self,
+        base_out: BaseOutput,
+        size: tuple[int, int] | torch.Size,
+        coarse_logits: Tensor | None = None,
+    ) -> ErrorCorrectionOutput:
+        """Run the three heads on a base output and resize every map to ``size``.
+
+        ``coarse_logits``: the base's logits before its own last upsampling, where a wrapper built
+        with ``fuse_at_features=True`` fuses (ignored otherwise)."""
         base_logits = base_out.logits
         low = base_out.features[self.low_key]
         high = base_out.features[self.high_key]
         check_norm_batch(self.error_head, high, "error head")
+        size = (size[0], size[1])
+        coarse = base_logits
+        if self.config.fuse_at_features and coarse_logits is not None:
+            coarse = coarse_logits
+        at = self._fusion_size(coarse, low, size)
         full = resize(base_logits, size)
-        # The base's distribution at the output, computed once for the error head (when the base's
-        # logits are already at the output's size), the cues and the fusion.
-        base_log_probs = torch.log_softmax(full.detach().float(), dim=1)
+        z0 = resize(coarse, at) if at != size else full
+        # The base's distribution where the fusion runs, computed once for the error head (when the
+        # base's logits are already at that size), the cues, the fusion and its upsampling.
+        base_log_probs = torch.log_softmax(z0.detach().float(), dim=1)
         base_probs = base_log_probs.exp()
-        error = self.error_head(high, base_logits, base_probs if base_logits.shape[-2:] == full.shape[-2:] else None)
+        error = self.error_head(high, coarse, base_probs if coarse.shape[-2:] == z0.shape[-2:] else None)
         cues = confidence_cues(base_probs, base_log_probs)
+        # Kept only for a coarse fusion's upsampling (then small); freed before the full-resolution work.
+        coarse_log_probs = base_log_probs if at != size else None
         del base_log_probs
         error_prob_low = resize(torch.sigmoid(error), low.shape[-2:]).detach()
-        detail = resize(self.detail_head(low, high, error_prob_low), size)
-        error = self.error_head.forward_refine(resize(error, size), full, cues)
-        fused = self.fusion(full, detail, error, base_probs)
-        if self.temperature != 1.0:  # temperature scaling keeps the argmax: labels do not change
+        detail = resize(self.detail_head(low, high, error_prob_low), at)
+        error = self.error_head.forward_refine(resize(error, at), z0, cues)
+        fused = self.fusion(z0, detail, error, base_probs)
+        if at != size:
+            # What the fusion changed, log p_fused - log p_base, is upsampled and added to the base's own
+            # logits at the output: where the error head says 0, the output is exactly the base's
+            # distribution (and its labels), however coarse the fusion. A base that trains gets
+            # the gradient of its logits once, through ``full``.
+            reference = torch.log_softmax(z0.float(), dim=1) if z0.requires_grad else coarse_log_probs
+            fused = full.float() + resize(fused - reference, size)
+            if self.temperature != 1.0:
+                fused = fused / self.temperature
+            fused = torch.log_softmax(fused, dim=1)
+            error, detail = resize(error, size), resize(detail, size)
+        elif self.temperature != 1.0:  # temperature scaling keeps the argmax: labels do not change
             fused = torch.log_softmax(fused / self.temperature, dim=1)
         return ErrorCorrectionOutput(fused, full, error, detail)
+
+    def _fusion_size(self, base_logits: Tensor, low: Tensor, size: tuple[int, int]) -> tuple[int, int]:
+        """Where the fusion runs: ``size``, or with ``config.fuse_at_features`` the finer of the
+        base's logits (before its last upsampling, when known) and the low-level feature, per
+        side and at most ``size``."""
+        if not self.config.fuse_at_features:
+            return size
+        (lh, lw), (fh, fw) = base_logits.shape[-2:], low.shape[-2:]
+        return (min(size[0], max(lh, fh)), min(size[1], max(lw, fw)))
 
     def forward(self, x: Tensor) -> ErrorCorrectionOutput:
         check_images(x, self.in_channels)
@@ -447,7 +502,9 @@ class ErrorCorrectionWrapper(nn.Module, HubMixin):
                 UserWarning,
                 stacklevel=user_stacklevel(),
             )
-        return self.forward_heads(self._keep_used_features(self.forward_base(x)), x.shape[-2:])
+        base_out, coarse = self._forward_base(x, coarse=self.config.fuse_at_features)
+        base_out = self._keep_used_features(base_out)  # the other features are freed here
+        return self.forward_heads(base_out, x.shape[-2:], coarse)
 
     def _keep_used_features(self, out: BaseOutput) -> BaseOutput:
         """``out`` with only the features the heads read, so the others (a backbone's every

@@ -12,6 +12,8 @@ For each base network, one run times, in interleaved rounds (after warm-up round
 * ``all@W``: the full wrapper forward (error, detail and fusion heads, width ``W`` for both the
   error and the detail head) and what a user reads from it: ``out.labels``, ``out.error_prob``
   (the returned labels' error map) and ``out.base_error_prob``;
+* ``features@W`` (with ``--fuse-at-features``): ``all@W`` with the same heads built with
+  ``fuse_at_features=True``, fusing at the features' resolution (docs/method.md);
 
 for every width ``W`` in ``--widths`` (64 is errwrap's default). Latency is the median of the
 rounds, with the inter-quartile range; the overhead ratio is the median of the per-round
@@ -156,7 +158,9 @@ def _target_all(key: str) -> float:
     return TARGET_ALL.get(key, TARGET_ALL_LIGHT)
 
 
-def _variants(wrappers: dict[int, nn.Module], x: torch.Tensor, autocast: Any) -> dict[str, Callable[[], Any]]:
+def _variants(
+    wrappers: dict[int, nn.Module], x: torch.Tensor, autocast: Any, at_features: dict[int, nn.Module]
+) -> dict[str, Callable[[], Any]]:
     first = next(iter(wrappers.values()))
     size = x.shape[-2:]
 
@@ -190,6 +194,8 @@ def _variants(wrappers: dict[int, nn.Module], x: torch.Tensor, autocast: Any) ->
     for width, w in wrappers.items():
         fns[f"error@{width}"] = error(w)
         fns[f"all@{width}"] = full(w)
+    for width, w in at_features.items():
+        fns[f"features@{width}"] = full(w)
     return fns
 
 
@@ -229,17 +235,27 @@ def bench_model(
     for w in args.widths:
         wrap = ErrorCorrectionWrapper(base, error_channels=w, detail_channels=w, sample_size=64).to(device).eval()
         wrappers[w] = wrap
+    at_features: dict[int, nn.Module] = {}
+    if args.fuse_at_features:  # the headline width's heads, fused at the features' resolution
+        w = args.widths[0]
+        wrap = (
+            ErrorCorrectionWrapper(base, error_channels=w, detail_channels=w, sample_size=64, fuse_at_features=True)
+            .to(device)
+            .eval()
+        )
+        wrap.load_state_dict(wrappers[w].state_dict())
+        at_features[w] = wrap
     x = torch.randn(batch, 3, height, width, device=device)
     if args.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-        for wrap in wrappers.values():
+        for wrap in [*wrappers.values(), *at_features.values()]:
             wrap.to(memory_format=torch.channels_last)
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
 
     def autocast() -> Any:
         return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
-    fns = _variants(wrappers, x, autocast)
+    fns = _variants(wrappers, x, autocast, at_features)
     flops = {name: _flops(fn) for name, fn in fns.items()} if device.type != "meta" else {}
     memory = {name: _memory(fn, device) for name, fn in fns.items()}
     if args.compile:
@@ -349,6 +365,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--compile", action="store_true", help="torch.compile every variant")
     parser.add_argument("--channels-last", action="store_true", help="channels_last inputs and weights")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    parser.add_argument(
+        "--fuse-at-features", action="store_true",
+        help="also time the headline width fused at the features' resolution (variant features@W)",
+    )  # fmt: skip
     parser.add_argument("--tiny", action="store_true", help="seconds-long smoke run: a tiny model at 64x128, 3 rounds")
     parser.add_argument("--plot", metavar="PNG", help="write a bar plot of the latency ratios")
     parser.add_argument("--json", metavar="PATH", help="write the full results as JSON")

@@ -246,8 +246,12 @@ def run_cell(family: str, base_kind: str, seed: int, args: argparse.Namespace, s
         )
     base = members[0]
     say(f"  bases trained ({len(members)}, {time.perf_counter() - t0:.0f}s)")
-    widths = {} if args.head_width is None else {"error_channels": args.head_width, "detail_channels": args.head_width}
-    wrap = ErrorCorrectionWrapper(base, **widths)
+    options: dict[str, Any] = {}
+    if args.head_width is not None:
+        options.update(error_channels=args.head_width, detail_channels=args.head_width)
+    if args.head_fusion == "features":
+        options["fuse_at_features"] = True
+    wrap = ErrorCorrectionWrapper(base, **options)
     augment = {} if args.head_augment == "default" else {"augment": None}
     heads = train if args.head_data == "train" else loader("train", args.train_images, train=True, seed_offset=1)
     errwrap.finetune(wrap, heads, steps=args.head_steps, progress=False, log_every=None, **augment)
@@ -360,6 +364,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--head-width", type=int, default=None,
         help="error_channels and detail_channels of the heads (default: the wrapper's defaults)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--head-fusion", choices=("default", "features"), default="default",
+        help="where the wrapper fuses: its default (the output's resolution), or at the features' "
+        "(fuse_at_features=True, the A/B of docs/benchmarks.md section 4)",
     )  # fmt: skip
     parser.add_argument("--ensemble", type=int, default=3, help="bases in the deep ensemble (1: none)")
     parser.add_argument(

@@ -62,7 +62,7 @@ def test_help_lists_the_options():
 
 
 def test_overhead(tmp):
-    summary, data, stdout = _run("overhead", tmp, "--plot", str(tmp / "overhead.png"))
+    summary, data, stdout = _run("overhead", tmp, "--plot", str(tmp / "overhead.png"), "--fuse-at-features")
     assert summary["benchmark"] == "overhead" and summary["size"] == [[64, 128]]
     ((key, model),) = summary["models"].items()
     assert key == "tiny_deeplabv3plus_resnet18/64x128/b1" and model["target_all"] == 1.3
@@ -71,7 +71,10 @@ def test_overhead(tmp):
     assert 1.0 <= model["memory_ratio"] < 20
     assert 0 < model["added_params_pct_of_reference"] < 5  # a few hundred thousand parameters on 40 M
     rows = {r["variant"]: r for r in data["results"][0]["rows"]}
-    assert set(rows) == {"base", "error@64", "all@64", "error@16", "all@16"}
+    assert set(rows) == {"base", "error@64", "all@64", "error@16", "all@16", "features@64"}
+    # the same heads fused at the features' resolution: the same parameters, the same convolutions
+    assert rows["features@64"]["added_params"] == rows["all@64"]["added_params"]
+    assert rows["features@64"]["gflops"] == rows["all@64"]["gflops"]
     # parameters and FLOPs are exact counts: the heads only add, and a wider head adds more
     assert rows["base"]["added_params"] == 0 and rows["base"]["ratio"]["median"] == 1.0
     assert 0 < rows["error@16"]["added_params"] < rows["error@64"]["added_params"] < rows["all@64"]["added_params"]

@@ -193,13 +193,16 @@ def test_finetune_command_saves_a_loadable_model(model_dir, tmp_path, capsys):
     )
     assert tuned.preprocessing == {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
     assert "- augment: photometric" in (out / "README.md").read_text()
+    assert "- calibrated: True" in (out / "README.md").read_text() and tuned.temperature != 1.0
     plain = tmp_path / "plain"
     args = ["finetune", "--model", str(model_dir), "--data", "scenes:4", "--size", "32", "--steps", "2",
-            "--batch-size", "2", "--augment", "none", "--out", str(plain)]  # fmt: skip
+            "--batch-size", "2", "--augment", "none", "--no-calibrate", "--out", str(plain)]  # fmt: skip
     assert main(args) == 0
     assert "- augment: none" in (plain / "README.md").read_text()
+    assert "- calibrated: False" in (plain / "README.md").read_text()
     untouched = ErrorCorrectionWrapper.from_pretrained(plain)
     assert not torch.equal(untouched.error_head.classifier.weight, tuned.error_head.classifier.weight)
+    assert untouched.temperature == 1.0
 
 
 @pytest.mark.slow

@@ -243,7 +243,7 @@ def test_bf16_autocast_on_cpu_and_fp16_refused():
     wrapper = _wrapper()
     dtypes = []
     wrapper.detail_head.register_forward_hook(lambda m, a, out: dtypes.append(out.dtype))
-    result = finetune(wrapper, _loader(), steps=2, precision="bf16", log_every=None)
+    result = finetune(wrapper, _loader(), steps=2, precision="bf16", log_every=None, calibrate=False)
     assert dtypes and all(d == torch.bfloat16 for d in dtypes)
     assert all(math.isfinite(h["loss"]) for h in result.history)
     assert all(p.dtype == torch.float32 for p in wrapper.parameters())
@@ -264,6 +264,41 @@ def test_dict_batches_and_bad_arguments():
         finetune(_wrapper(), [], steps=1)
     with pytest.raises(TypeError, match="batch"):
         finetune(_wrapper(), [torch.zeros(2, 3, 8, 8)], steps=1)
+
+
+def test_calibration_fits_the_temperature_on_the_first_training_batches_and_keeps_the_rng():
+    """``calibrate=True`` (the default) equals ``calibrate_temperature`` on the first batches of the
+    loader's epoch-0 order after the same training, and leaves torch's RNG where training left it."""
+    from errwrap import calibrate_temperature
+    from errwrap.training._batches import Batches
+    from errwrap.training.loop import CALIBRATION_BATCHES
+
+    loader = _loader(n=40, batch_size=4)
+    assert len(loader) < CALIBRATION_BATCHES  # every batch of the epoch, once
+    calibrated = _wrapper()
+    finetune(calibrated, loader, steps=6, lr=1e-2, log_every=None)
+    after_calibrated = torch.get_rng_state()
+    plain = _wrapper()
+    finetune(plain, loader, steps=6, lr=1e-2, log_every=None, calibrate=False)
+    assert torch.equal(torch.get_rng_state(), after_calibrated)
+    assert plain.temperature == 1.0 and calibrated.temperature != 1.0
+    batches = Batches(loader, seed=0)
+    expected = calibrate_temperature(plain, [next(batches) for _ in range(len(loader))]).temperature
+    assert calibrated.temperature == pytest.approx(expected, rel=1e-6)
+    images = next(iter(loader))[0]
+    with torch.no_grad():
+        torch.testing.assert_close(calibrated.eval()(images).logits, plain.eval()(images).logits)
+
+
+def test_calibration_without_labelled_pixels_warns_and_keeps_the_heads():
+    dataset = [(image, torch.full_like(label, 255)) for image, label in Scenes(8, size=32)]
+    unlabelled = torch.utils.data.DataLoader(dataset, batch_size=4)
+    wrapper = _wrapper()
+    with pytest.warns(UserWarning, match="temperature was not calibrated .*no labelled pixels"):
+        result = finetune(wrapper, unlabelled, steps=1, log_every=None)
+    assert result.step == 1 and wrapper.temperature == 1.0
+    with pytest.raises(ValueError, match="calibrate: expected True or False"):
+        finetune(_wrapper(), _loader(), steps=1, calibrate="yes")
 
 
 def test_validation_runs_in_eval_and_does_not_change_training():
@@ -316,7 +351,8 @@ loader = make_loader(Scenes(16, size=32), batch_size=2, seed=0)
 assert type(loader.sampler).__name__ == "DistributedSampler"
 result = finetune(wrapper, loader, steps=3, lr=1e-2, checkpoint_dir={ckpt!r}, log_every=None)
 params = {{k: v.detach() for k, v in wrapper.named_parameters() if not k.startswith("base.")}}
-torch.save({{"params": params, "history": result.history}}, {out!r} + f"/rank{{rank}}.pt")
+torch.save({{"params": params, "history": result.history, "temperature": wrapper.temperature}},
+           {out!r} + f"/rank{{rank}}.pt")
 dist.destroy_process_group()
 """
 
@@ -337,6 +373,7 @@ def test_two_process_gloo_run_keeps_ranks_identical(tmp_path):
     for k in r0["params"]:
         assert torch.equal(r0["params"][k], r1["params"][k]), k
     assert [h["loss"] for h in r0["history"]] == [h["loss"] for h in r1["history"]]  # means over ranks
+    assert r0["temperature"] == r1["temperature"] != 1.0  # the mean of the ranks' fits, on every rank
     assert (tmp_path / "ckpt/latest").read_text().strip() == "step-000003"
     untrained = _wrapper()
     assert any(not torch.equal(p, r0["params"][k]) for k, p in untrained.named_parameters() if k in r0["params"])

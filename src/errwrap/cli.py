@@ -623,14 +623,14 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         result = finetune(wrap, loader, steps=args.steps, lr=args.lr, precision=args.precision, seed=args.seed,
                           checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
                           resume=args.resume, log_every=log_every, progress=_on_terminal() or None,
-                          augment=None if args.augment == "none" else args.augment)
+                          augment=None if args.augment == "none" else args.augment, calibrate=args.calibrate)
     last = result.history[-1] if result.history else {}
     _say(
         f"fine-tuned {args.steps} steps; last losses: "
         + ", ".join(f"{k} {v:.4f}" for k, v in last.items() if isinstance(v, float))
     )
     training = {"data": args.data, "steps": args.steps, "lr": args.lr, "augment": args.augment,
-                "preprocessing": _preprocessing_record(wrap)}
+                "calibrated": args.calibrate, "preprocessing": _preprocessing_record(wrap)}
     if args.label_map:
         training["label_map"] = args.label_map
     try:
@@ -924,6 +924,9 @@ def _add_finetune(sub: Any) -> None:
     p.add_argument("--augment", choices=["photometric", "none"], default="photometric",
                    help="photometric (default): random gain, gamma, contrast and saturation on half of the training "
                         "images, as errwrap.finetune does; none: the images as they are")
+    p.add_argument("--no-calibrate", dest="calibrate", action="store_false",
+                   help="keep the temperature at 1; by default it is fitted on the first 32 training batches after "
+                        "the last step, as errwrap.finetune does")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default: 0)")
     p.add_argument("--checkpoint-dir", default=None, help="write resumable checkpoints here")
     p.add_argument(

@@ -41,6 +41,7 @@ def check_arguments(
     weight_decay: float,
     clip_grad_norm: float | None,
     augment: str | None = None,
+    calibrate: bool = True,
 ) -> None:
     """Refuse out-of-range numbers and unknown choices with a ``ValueError`` naming the argument."""
     for name, value, low in (("steps", steps, 1), ("accumulate", accumulate, 1), ("warmup_steps", warmup_steps, 0)):
@@ -55,6 +56,8 @@ def check_arguments(
         raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
     if augment not in AUGMENTS:
         raise ValueError(f"augment: expected one of {AUGMENTS}, got {augment!r}")
+    if not isinstance(calibrate, bool):
+        raise ValueError(f"calibrate: expected True or False, got {calibrate!r}")
     numbers = (("lr", lr, "> 0"), ("weight_decay", weight_decay, ">= 0"))
     for name, number, rule in (*numbers, ("clip_grad_norm", clip_grad_norm, "> 0 (None: no clipping)")):
         if name == "clip_grad_norm" and number is None:

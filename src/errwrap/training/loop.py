@@ -15,6 +15,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -27,7 +28,8 @@ from tqdm.auto import tqdm
 
 from .. import _distributed
 from .._validate import input_dtype
-from ._batches import Batches, seed_everything
+from ..calibration import calibrate_temperature
+from ._batches import Batches, rng_state, seed_everything, set_rng_state
 from ._setup import check_arguments, check_data, check_room, place, select_trained
 from ._validation import validate
 from .augment import PhotometricAugment, build_augment
@@ -39,6 +41,9 @@ __all__ = ["FinetuneResult", "NonFiniteLossError", "finetune"]
 logger = logging.getLogger("errwrap.training")
 
 _TERMS = ("error", "detail", "fused", "base")
+#: Batches of the training loader (epoch 0's order) on which ``finetune(calibrate=True)`` fits the
+#: fused temperature.
+CALIBRATION_BATCHES = 32
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -78,6 +83,28 @@ class FinetuneResult(NamedTuple):
     step: int
     checkpoint: Path | None
     validation: list[dict[str, Any]]
+
+
+def _calibrate(wrapper: nn.Module, loader: Iterable, seed: int, device: torch.device) -> bool:
+    """Fit ``wrapper.temperature`` on the first :data:`CALIBRATION_BATCHES` batches of the
+    loader's epoch-0 order (the RNG state is kept); ``False``, with a warning, when it cannot."""
+    state = rng_state()
+    batches = Batches(loader, seed)
+    count = min(CALIBRATION_BATCHES, len(loader)) if hasattr(loader, "__len__") else CALIBRATION_BATCHES
+    try:
+        fit = calibrate_temperature(wrapper, (next(batches) for _ in range(count)), device=device)
+    except ValueError as exc:  # no labelled pixels, or a temperature out of range: the heads stay trained
+        warnings.warn(f"finetune: the temperature was not calibrated ({exc}); it stays 1", UserWarning, stacklevel=3)
+        wrapper.temperature = 1.0
+        return False
+    finally:
+        set_rng_state(state)
+    temperature = fit.temperature
+    if _distributed.is_initialized():  # every rank fitted on its share: all keep the mean
+        temperature = _distributed.sum_over_processes([temperature])[0] / _distributed.world_size()
+        wrapper.temperature = temperature
+    logger.info("calibrated the fused temperature on %d training pixels: %.4f", fit.pixels, temperature)
+    return True
 
 
 @dataclasses.dataclass
@@ -219,6 +246,7 @@ def finetune(
     precision: str = "fp32",
     seed: int = 0,
     augment: str | None = "photometric",
+    calibrate: bool = True,
     loss: nn.Module | None = None,
     device: str | torch.device | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
@@ -277,6 +305,16 @@ def finetune(
             ``wrapper.preprocessing`` (recorded from the loader's ``Normalize``: errwrap's,
             torchvision's or albumentations'), images outside ``[0, 1]`` are read through the
             first batch's per-channel range, and a ``UserWarning`` says so.
+        calibrate: after the last step, fit the temperature of the fused probabilities
+            (:func:`~errwrap.calibrate_temperature`) on the first ``CALIBRATION_BATCHES`` (32)
+            batches of the training loader, as the loader gives them (no augmentation), and set
+            ``wrapper.temperature`` (saved by ``save_pretrained``); under ``torchrun`` the mean
+            of the ranks' fits. The heads' training pulls the error maps toward ranking errors,
+            not toward calibrated probabilities, and leaves them underconfident; the heads are
+            small, so their own training images fit the same temperature as held-out ones did
+            in the benchmarks (docs/training.md). The final validation and checkpoint come after
+            it. ``False``: temperature 1, or what :func:`~errwrap.calibrate_temperature` fits on
+            data of your choice afterwards.
         loss: an :class:`~errwrap.ErrorCorrectionLoss` (default: ``ErrorCorrectionLoss()``).
         device: where to train; default: the wrapper's device. Given and different, the wrapper
             is moved there (logged). Batches are moved to it.
@@ -313,7 +351,7 @@ def finetune(
     check_arguments(
         steps=steps, accumulate=accumulate, warmup_steps=warmup_steps, checkpoint_every=checkpoint_every,
         val_every=val_every, log_every=log_every, schedule=schedule, precision=precision, lr=lr,
-        weight_decay=weight_decay, clip_grad_norm=clip_grad_norm, augment=augment,
+        weight_decay=weight_decay, clip_grad_norm=clip_grad_norm, augment=augment, calibrate=calibrate,
     )  # fmt: skip
     check_data(wrapper, train_loader, val_loader, checkpoint_dir)
 
@@ -344,13 +382,18 @@ def finetune(
     validating = val_fn is not None or val_loader is not None
     was_training = wrapper.training
     model.train()
+    calibrated = False
     try:
         while run.step < steps:
             shown.update(stepper.step())
+            if calibrate and run.step == steps:
+                calibrated = _calibrate(wrapper, train_loader, seed, target)
             if validating and ((val_every is not None and run.step % val_every == 0) or run.step == steps):
                 run.validation.append(validate(wrapper, run.step, val_fn, val_loader))
             if saver.due(run):
                 saver.save(run)
+        if calibrate and not calibrated:  # a resumed run that had already done its steps
+            _calibrate(wrapper, train_loader, seed, target)
         if saver.missing_last(run):
             saver.save(run)
     finally:

@@ -2,18 +2,19 @@
 
 For each data family (``errwrap.data.generated``: ``scenes``, ``aerial``, ``cells``), base and
 seed, the base is trained from scratch with cross-entropy, wrapped, and its heads fine-tuned with
-the base frozen (the demo's learning rates). The bases are the quality benchmark's
-(``benchmarks/quality.py``): ``deeplabv3plus``, a small DeepLabV3+ (resnet18, output stride 16,
-the demo's widths), and ``stride8``, a timm resnet18 at output stride 8 with a 1x1 classifier that
-returns logits only.
+the base frozen (the demo's learning rates; ``finetune``'s default ``calibrate=True`` then fits the
+fused temperature on the heads' first 32 training batches, so ``errwrap`` is what a user gets).
+The bases are the quality benchmark's (``benchmarks/quality.py``): ``deeplabv3plus``, a small
+DeepLabV3+ (resnet18, output stride 16, the demo's widths), and ``stride8``, a timm resnet18 at
+output stride 8 with a 1x1 classifier that returns logits only.
 Then, with the labels hidden from the estimators:
 
 * the ATC threshold is fitted (:func:`errwrap.fit_atc`) on the labelled ``"test"`` split;
 * :func:`errwrap.compare_estimates` runs on the held-out ``"val"`` split as it is (in
   distribution) and under each :class:`errwrap.data.Corrupt` shift (default: every kind at
   severity 3), applied to the ``[0, 1]`` image before normalisation;
-* it runs again after :func:`errwrap.calibrate_temperature` has fitted the temperature of the fused
-  probabilities on the same labelled ``"test"`` split (``errwrap+T``; the labels do not change);
+* it runs again after :func:`errwrap.calibrate_temperature` has refitted the temperature of the
+  fused probabilities on the same labelled ``"test"`` split (``errwrap+T``; the labels do not change);
 * for errwrap, errwrap+T, average confidence and ATC it reports the absolute error of the data-set
   pixel accuracy and mIoU estimates, and the per-image MAE and Spearman correlation with the
   truth. errwrap's estimate describes the corrected labels, the baselines the base labels; each is

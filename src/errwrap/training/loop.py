@@ -16,7 +16,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sized
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -85,12 +85,12 @@ class FinetuneResult(NamedTuple):
     validation: list[dict[str, Any]]
 
 
-def _calibrate(wrapper: nn.Module, loader: Iterable, seed: int, device: torch.device) -> bool:
+def _calibrate(wrapper: Any, loader: Iterable, seed: int, device: torch.device) -> bool:
     """Fit ``wrapper.temperature`` on the first :data:`CALIBRATION_BATCHES` batches of the
     loader's epoch-0 order (the RNG state is kept); ``False``, with a warning, when it cannot."""
     state = rng_state()
     batches = Batches(loader, seed)
-    count = min(CALIBRATION_BATCHES, len(loader)) if hasattr(loader, "__len__") else CALIBRATION_BATCHES
+    count = min(CALIBRATION_BATCHES, len(loader)) if isinstance(loader, Sized) else CALIBRATION_BATCHES
     try:
         fit = calibrate_temperature(wrapper, (next(batches) for _ in range(count)), device=device)
     except ValueError as exc:  # no labelled pixels, or a temperature out of range: the heads stay trained

@@ -37,4 +37,9 @@ def test_readme_names_the_two_commands_and_links_exist():
     text = (ROOT / "README.md").read_text()
     assert "errwrap demo" in text and "python -m pytest" in text
     for link in re.findall(r"\]\((docs/[^)]+)\)", text):
-        assert (ROOT / link).exists(), f"README links to missing {link}"
+        path, _, anchor = link.partition("#")
+        assert (ROOT / path).exists(), f"README links to missing {path}"
+        if anchor:  # GitHub's heading ids: lower case, punctuation dropped, spaces as hyphens
+            headings = re.findall(r"^#+ (.+)$", (ROOT / path).read_text(), flags=re.M)
+            ids = {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+            assert anchor in ids, f"README links to {link}, but {path} has no such heading"

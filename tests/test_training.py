@@ -123,8 +123,10 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
 def test_resume_from_an_explicit_directory_and_a_finished_run(tmp_path):
     wrapper = _wrapper()
     finetune(wrapper, _loader(), steps=3, checkpoint_dir=tmp_path, log_every=None)
-    again = finetune(_wrapper(seed=5), _loader(), steps=3, resume=tmp_path / "step-000003", log_every=None)
+    resumed = _wrapper(seed=5)
+    again = finetune(resumed, _loader(), steps=3, resume=tmp_path / "step-000003", log_every=None)
     assert again.step == 3 and len(again.history) == 3  # nothing left to do
+    assert resumed.temperature == pytest.approx(wrapper.temperature, rel=1e-6)  # fitted again, the same
     with pytest.raises(FileNotFoundError, match="state.pt"):
         finetune(_wrapper(), _loader(), steps=3, resume=tmp_path / "missing")
     fresh = finetune(_wrapper(), _loader(), steps=1, checkpoint_dir=tmp_path / "empty", resume="latest", log_every=None)

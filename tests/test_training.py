@@ -1,7 +1,9 @@
 import math
 import os
+import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -296,8 +298,11 @@ def test_calibration_without_labelled_pixels_warns_and_keeps_the_heads():
     dataset = [(image, torch.full_like(label, 255)) for image, label in Scenes(8, size=32)]
     unlabelled = torch.utils.data.DataLoader(dataset, batch_size=4)
     wrapper = _wrapper()
-    with pytest.warns(UserWarning, match="temperature was not calibrated .*no labelled pixels"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         result = finetune(wrapper, unlabelled, steps=1, log_every=None)
+    messages = [str(w.message) for w in caught if "temperature" in str(w.message)]
+    assert len(messages) == 1 and re.search("temperature was not calibrated .*no labelled pixels", messages[0])
     assert result.step == 1 and wrapper.temperature == 1.0
     with pytest.raises(ValueError, match="calibrate: expected True or False"):
         finetune(_wrapper(), _loader(), steps=1, calibrate="yes")
@@ -351,34 +356,57 @@ torch.manual_seed(0)
 wrapper = ErrorCorrectionWrapper(tiny_base(0, num_classes=11), error_channels=8, detail_channels=8)
 loader = make_loader(Scenes(16, size=32), batch_size=2, seed=0)
 assert type(loader.sampler).__name__ == "DistributedSampler"
+import errwrap.training.loop as loop
+own_fits, fit = [], loop.calibrate_temperature
+def recorded_fit(*args, **kwargs):  # this rank's own temperature; one rank may fail (no labels in its share)
+    if rank == {failing_rank}:
+        raise ValueError("no labelled pixels here")
+    result = fit(*args, **kwargs)
+    own_fits.append(result.temperature)
+    return result
+loop.calibrate_temperature = recorded_fit
 result = finetune(wrapper, loader, steps=3, lr=1e-2, checkpoint_dir={ckpt!r}, log_every=None)
 params = {{k: v.detach() for k, v in wrapper.named_parameters() if not k.startswith("base.")}}
-torch.save({{"params": params, "history": result.history, "temperature": wrapper.temperature}},
+torch.save({{"params": params, "history": result.history, "temperature": wrapper.temperature, "own": own_fits}},
            {out!r} + f"/rank{{rank}}.pt")
 dist.destroy_process_group()
 """
 
 
-@pytest.mark.slow
-def test_two_process_gloo_run_keeps_ranks_identical(tmp_path):
+def _two_process_run(tmp_path: Path, failing_rank: int = -1) -> tuple[dict, dict, str]:
     root = str(Path(__file__).resolve().parents[1])
     script = tmp_path / "ddp.py"
-    script.write_text(DDP_SCRIPT.format(root=root, ckpt=str(tmp_path / "ckpt"), out=str(tmp_path)))
+    script.write_text(
+        DDP_SCRIPT.format(root=root, ckpt=str(tmp_path / "ckpt"), out=str(tmp_path), failing_rank=failing_rank)
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)],
         capture_output=True, text=True, timeout=240, env=env,
-    )
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    return r0, r1, proc.stderr
+
+
+@pytest.mark.slow
+def test_two_process_gloo_run_keeps_ranks_identical(tmp_path):
+    r0, r1, _ = _two_process_run(tmp_path)
     assert r0["params"].keys() == r1["params"].keys() and r0["params"]
     for k in r0["params"]:
         assert torch.equal(r0["params"][k], r1["params"][k]), k
     assert [h["loss"] for h in r0["history"]] == [h["loss"] for h in r1["history"]]  # means over ranks
-    assert r0["temperature"] == r1["temperature"] != 1.0  # the mean of the ranks' fits, on every rank
+    assert r0["temperature"] == r1["temperature"] == pytest.approx((r0["own"][0] + r1["own"][0]) / 2)
     assert (tmp_path / "ckpt/latest").read_text().strip() == "step-000003"
     untrained = _wrapper()
     assert any(not torch.equal(p, r0["params"][k]) for k, p in untrained.named_parameters() if k in r0["params"])
+    # One rank cannot fit (e.g. no labelled pixel in its share): it warns and both keep the other
+    # rank's fit, instead of the others waiting for it forever.
+    (tmp_path / "failing").mkdir()
+    single, other, stderr = _two_process_run(tmp_path / "failing", failing_rank=1)
+    assert other["own"] == [] and len(single["own"]) == 1
+    assert single["temperature"] == other["temperature"] == pytest.approx(single["own"][0])
+    assert "this process could not fit the temperature (no labelled pixels here)" in stderr
 
 
 def test_images_of_different_sizes_are_explained_and_train_one_by_one():

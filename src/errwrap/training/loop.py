@@ -85,26 +85,38 @@ class FinetuneResult(NamedTuple):
     validation: list[dict[str, Any]]
 
 
-def _calibrate(wrapper: Any, loader: Iterable, seed: int, device: torch.device) -> bool:
+def _calibrate(wrapper: Any, loader: Iterable, seed: int, device: torch.device) -> None:
     """Fit ``wrapper.temperature`` on the first :data:`CALIBRATION_BATCHES` batches of the
-    loader's epoch-0 order (the RNG state is kept); ``False``, with a warning, when it cannot."""
+    loader's epoch-0 order (the RNG state is kept); it stays 1, with a warning, when it cannot.
+
+    Under torchrun every rank fits on its share and all keep the mean of the ranks that could fit;
+    a rank whose fit failed still joins that mean (it warns), so no rank waits for it."""
     state = rng_state()
     batches = Batches(loader, seed)
     count = min(CALIBRATION_BATCHES, len(loader)) if isinstance(loader, Sized) else CALIBRATION_BATCHES
+    error: ValueError | None = None
     try:
         fit = calibrate_temperature(wrapper, (next(batches) for _ in range(count)), device=device)
+        total, fitted, pixels = fit.temperature, 1.0, float(fit.pixels)
     except ValueError as exc:  # no labelled pixels, or a temperature out of range: the heads stay trained
-        warnings.warn(f"finetune: the temperature was not calibrated ({exc}); it stays 1", UserWarning, stacklevel=3)
-        wrapper.temperature = 1.0
-        return False
+        error, total, fitted, pixels = exc, 0.0, 0.0, 0.0
     finally:
         set_rng_state(state)
-    temperature = fit.temperature
-    if _distributed.is_initialized():  # every rank fitted on its share: all keep the mean
-        temperature = _distributed.sum_over_processes([temperature])[0] / _distributed.world_size()
-        wrapper.temperature = temperature
-    logger.info("calibrated the fused temperature on %d training pixels: %.4f", fit.pixels, temperature)
-    return True
+    if _distributed.is_initialized():
+        total, fitted, pixels = _distributed.sum_over_processes([total, fitted, pixels])
+    if fitted == 0:
+        warnings.warn(f"finetune: the temperature was not calibrated ({error}); it stays 1", UserWarning, stacklevel=3)
+        wrapper.temperature = 1.0
+        return
+    if error is not None:
+        warnings.warn(
+            f"finetune: this process could not fit the temperature ({error}); it keeps the mean of the "
+            f"{fitted:.0f} processes that did",
+            UserWarning,
+            stacklevel=3,
+        )
+    wrapper.temperature = total / fitted
+    logger.info("calibrated the fused temperature on %d training pixels: %.4f", pixels, wrapper.temperature)
 
 
 @dataclasses.dataclass
@@ -382,12 +394,13 @@ def finetune(
     validating = val_fn is not None or val_loader is not None
     was_training = wrapper.training
     model.train()
-    calibrated = False
+    calibrated = False  # tried, whether or not it could fit
     try:
         while run.step < steps:
             shown.update(stepper.step())
             if calibrate and run.step == steps:
-                calibrated = _calibrate(wrapper, train_loader, seed, target)
+                _calibrate(wrapper, train_loader, seed, target)
+                calibrated = True
             if validating and ((val_every is not None and run.step % val_every == 0) or run.step == steps):
                 run.validation.append(validate(wrapper, run.step, val_fn, val_loader))
             if saver.due(run):

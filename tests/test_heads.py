@@ -143,43 +143,6 @@ def test_heads_with_configurable_layers(norm, act):
     assert head(torch.randn(2, 6, 4, 4), torch.randn(2, 3, 4, 4)).shape == (2, 1, 4, 4)
 
 
-@pytest.mark.parametrize("affine", [True, False])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_inference_folds_the_batch_norm_into_the_convolution(affine, dtype):
-    """eval() without gradients runs one convolution with the norm folded in: the same values as
-    the convolution then the norm (float rounding), and neither the norm's forward nor training
-    changes."""
-    from errwrap.layers import ConvNormAct
-
-    torch.manual_seed(0)
-    block = ConvNormAct(8, 16, 3, act_layer="silu")
-    block.norm = torch.nn.BatchNorm2d(16, affine=affine)
-    block.norm.running_mean.normal_()
-    block.norm.running_var.uniform_(0.2, 3.0)
-    if affine:
-        block.norm.weight.data.normal_()
-        block.norm.bias.data.normal_()
-    block = block.to(dtype).eval()
-    x = torch.randn(2, 8, 12, 20, dtype=dtype)
-    calls = []
-    block.norm.register_forward_hook(lambda *args: calls.append(1))
-    with torch.no_grad():
-        folded = block(x)
-    assert calls == []  # the norm did not run
-    unfolded = block.act(block.norm(block.conv(x))).detach()  # with gradients: the plain path
-    assert folded.dtype == dtype and folded.shape == (2, 16, 12, 20)
-    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 0.1, "rtol": 0.05}
-    torch.testing.assert_close(folded, unfolded, **tol)
-    with torch.inference_mode():
-        torch.testing.assert_close(block(x), folded)
-    assert block(x).requires_grad and calls == [1, 1]  # eval with gradients: the plain path
-    block.train()
-    before = block.norm.running_mean.clone()
-    with torch.no_grad():
-        block(x)
-    assert not torch.equal(before, block.norm.running_mean)  # training still updates the statistics
-
-
 def test_unknown_layer_names_are_refused():
     with pytest.raises(ValueError, match="norm_layer"):
         ErrorHead(6, 3, norm_layer="layernorm2000")

@@ -11,8 +11,6 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ._validate import is_tracing
-
 __all__ = ["NORM_LAYERS", "ACT_LAYERS", "make_norm", "make_act", "ConvNormAct", "resize"]
 
 LayerSpec = str | Callable[..., nn.Module]
@@ -64,11 +62,6 @@ def make_act(spec: LayerSpec) -> nn.Module:
 class ConvNormAct(nn.Sequential):
     """``Conv2d`` (no bias) -> norm -> activation, with 'same' padding.
 
-    In inference (``eval()`` and no gradient, eager), a batch norm is folded into the convolution:
-    one convolution with a bias instead of a convolution and a normalisation pass over its output,
-    equal to float rounding and about a tenth faster for the heads' blocks on the CPU (the norm
-    module's own forward hooks then do not run).
-
     Shapes:
         input ``(B, in_channels, H, W)``, output ``(B, out_channels, H, W)``.
     """
@@ -100,25 +93,6 @@ class ConvNormAct(nn.Sequential):
         self.norm = make_norm(norm_layer, out_channels, device=device, dtype=dtype)
         self.act = make_act(act_layer)
         nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        norm = self.norm
-        if (
-            self.training
-            or torch.is_grad_enabled()
-            or type(norm) is not nn.BatchNorm2d
-            or norm.running_var is None
-            or is_tracing()
-        ):
-            return super().forward(x)
-        scale = norm.running_var.float().add(norm.eps).rsqrt_()
-        bias = -norm.running_mean.float() * scale  # type: ignore[union-attr]
-        if norm.affine:
-            scale = scale.mul_(norm.weight.float())
-            bias = bias.mul_(norm.weight.float()).add_(norm.bias.float())
-        conv = self.conv
-        weight = (conv.weight.float() * scale.view(-1, 1, 1, 1)).to(conv.weight.dtype)
-        return self.act(conv._conv_forward(x, weight, bias.to(conv.weight.dtype)))
 
 
 def resize(x: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:

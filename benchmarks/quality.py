@@ -252,9 +252,11 @@ def run_cell(family: str, base_kind: str, seed: int, args: argparse.Namespace, s
     if args.head_fusion == "features":
         options["fuse_at_features"] = True
     wrap = ErrorCorrectionWrapper(base, **options)
-    augment = {} if args.head_augment == "default" else {"augment": None}
+    extra: dict[str, Any] = {} if args.head_augment == "default" else {"augment": None}
+    if args.head_focus is not None:
+        extra["loss"] = errwrap.ErrorCorrectionLoss(focus=args.head_focus)
     heads = train if args.head_data == "train" else loader("train", args.train_images, train=True, seed_offset=1)
-    errwrap.finetune(wrap, heads, steps=args.head_steps, progress=False, log_every=None, **augment)
+    errwrap.finetune(wrap, heads, steps=args.head_steps, progress=False, log_every=None, **extra)
     wrap.eval()
     say(f"  heads trained ({time.perf_counter() - t0:.0f}s)")
     temp_msp = TemperatureMSPScore.fit(wrap, loader("test", args.val_images))
@@ -369,6 +371,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--head-fusion", choices=("default", "features"), default="default",
         help="where the wrapper fuses: its default (the output's resolution), or at the features' "
         "(fuse_at_features=True, the A/B of docs/benchmarks.md section 4)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--head-focus", type=float, default=None,
+        help="focus of the detail loss (extra weight of the base's wrong pixels; default: ErrorCorrectionLoss's, 4)",
     )  # fmt: skip
     parser.add_argument("--ensemble", type=int, default=3, help="bases in the deep ensemble (1: none)")
     parser.add_argument(

@@ -108,8 +108,9 @@ def test_training_cost(tmp):
 
 
 def test_quality_over_families_bases_and_shifts(tmp):
-    summary, data, stdout = _run("quality", tmp)
+    summary, data, stdout = _run("quality", tmp, "--head-focus", "4")  # the loss's default, passed explicitly
     assert summary["benchmark"] == "quality" and set(summary["worst"]) == {"aupr", "aurc", "miou"}
+    assert data["config"]["head_focus"] == 4.0
     for key, worst in summary["worst"].items():
         assert math.isfinite(worst["margin"]) and 0 <= worst["cells_met"] <= worst["cells"] == 2
         assert summary["targets_met"][key] == (worst["margin"] >= 0)
